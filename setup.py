@@ -1,0 +1,37 @@
+"""elf_jax: ELF (Embedded Language Flows) in JAX/Flax. Lower bounds are the versions tested."""
+from setuptools import find_packages, setup
+
+setup(
+    name="elf_jax",
+    version="0.1.0",
+    description="ELF: Embedded Language Flows — flow-matching language models in JAX/Flax, TPU-first.",
+    packages=find_packages(include=["elf_jax", "elf_jax.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "jax>=0.10.2",
+        "flax>=0.12.8",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12.8",
+        "grain>=0.2.18",
+        "tensorflow-datasets>=4.9.10",
+        "ml_collections>=1.1.0",
+        "transformers>=5.24.0",
+        "tokenizers>=0.23.3",
+        "safetensors>=0.8.0",
+        "absl-py>=2.5.1",
+        "numpy>=2.4",
+        "sacrebleu>=2.6.0",
+        "rouge-score>=0.1.2",
+        "matplotlib>=3.11",
+        "tensorboardX>=2.6.5",
+        "tqdm>=4.70",
+    ],
+    extras_require={
+        # Parity tests against Hugging Face's PyTorch models; torch is the CPU build kept on disk.
+        "test": ["pytest>=9.0", "torch==2.13.0"],
+        "tpu": ["jax[tpu]>=0.10.2"],
+        "gpu": ["jax[cuda12]>=0.10.2"],
+        # Ahead-of-time compilation for TPU topologies on a CPU machine (--mode=compile).
+        "compile": ["libtpu"],
+    },
+)
