@@ -1,0 +1,134 @@
+"""Optimisation (spec §7): learning rate, warm-up schedule, Muon / AdamW with clipping, accumulation, EMA.
+
+Step counting: every schedule in this module counts *optimizer updates*. With gradient accumulation
+(`optim.grad_accum_steps = k > 1`) the optimizer is wrapped in `optax.MultiSteps`: the train step calls
+`optimizer.update` once per micro-batch with that micro-batch's gradient; the wrapper averages k of them and applies
+the inner update (clip → Muon/AdamW → learning rate) on every k-th call only, returning zero updates otherwise.
+The inner optimizer's step counter, hence the schedule, advances on applied updates only. `is_update_step` tells the
+train step whether the call it just made applied an update (to advance `TrainState.step` and the EMA).
+
+Parameter routing under Muon: every 2-D leaf (Dense kernels, including `proj_kernel` and `unembed_kernel`, layout
+(in, out)) is orthogonalised by Muon; every other leaf — biases, norm weights and the learned (1, 4, H) token
+tensors — goes to Muon's internal AdamW. The tokens are 3-D only because of their leading broadcast axis; they are
+embeddings, not linear maps, so Newton–Schulz orthogonalisation would be meaningless for them.
+"""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+_OPTIMIZERS = ("muon", "adamw")
+_SCHEDULES = ("constant", "cosine")
+
+
+def learning_rate(optim_config: ml_collections.ConfigDict, global_batch_size: int) -> float:
+  """Peak learning rate `base_lr * global_batch_size / 256` (linear scaling rule).
+
+  Args:
+    optim_config: the `optim` group of the config (`base_lr`).
+    global_batch_size: examples per optimizer update, summed over devices and accumulation micro-batches.
+  """
+  return optim_config.base_lr * global_batch_size / 256
+
+
+def warmup_steps(optim_config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+  """Warm-up length in optimizer updates: `warmup_steps`, or `round(warmup_epochs * steps_per_epoch)` if that is 0."""
+  if optim_config.warmup_steps > 0:
+    return int(optim_config.warmup_steps)
+  return int(round(optim_config.warmup_epochs * steps_per_epoch))
+
+
+def make_schedule(optim_config: ml_collections.ConfigDict, steps_per_epoch: int,
+                  total_steps: int) -> optax.Schedule:
+  """Learning rate per optimizer update: linear warm-up from 0, then constant or cosine decay to 0.
+
+  Args:
+    optim_config: the `optim` group (`base_lr`, `global_batch_size`, `warmup_steps`, `warmup_epochs`, `schedule`).
+    steps_per_epoch: optimizer updates per epoch (used when `warmup_steps == 0`).
+    total_steps: optimizer updates of the whole run; the cosine schedule reaches 0 there.
+
+  Returns:
+    An optax schedule: step (int) → learning rate (float32 scalar).
+  """
+  if optim_config.schedule not in _SCHEDULES:
+    raise ValueError(f"config.optim.schedule={optim_config.schedule!r} is not one of {_SCHEDULES}.")
+  peak = learning_rate(optim_config, optim_config.global_batch_size)
+  warmup = warmup_steps(optim_config, steps_per_epoch)
+  if optim_config.schedule == "constant":
+    after = optax.constant_schedule(peak)
+  else:
+    if total_steps <= warmup:
+      raise ValueError(f"cosine schedule needs total_steps ({total_steps}) > warm-up steps ({warmup}); "
+                       "lower config.optim.warmup_steps / warmup_epochs or train longer.")
+    after = optax.cosine_decay_schedule(peak, decay_steps=total_steps - warmup)
+  if warmup == 0:
+    return after
+  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], boundaries=[warmup])
+
+
+def muon_dimension_numbers(params):
+  """Muon routing: `MuonDimensionNumbers(reduction_axis=0, output_axis=1)` for 2-D leaves, None (→ AdamW) else."""
+  return jax.tree.map(lambda p: optax.contrib.MuonDimensionNumbers() if p.ndim == 2 else None, params)
+
+
+def _is_matrix(params):
+  """Weight-decay mask: True for 2-D leaves (kernels); biases, norm weights and learned tokens are not decayed."""
+  return jax.tree.map(lambda p: p.ndim == 2, params)
+
+
+def make_optimizer(optim_config: ml_collections.ConfigDict,
+                   schedule: optax.ScalarOrSchedule) -> optax.GradientTransformation:
+  """Global-norm clipping then Muon or AdamW, wrapped in `optax.MultiSteps` when `grad_accum_steps > 1`.
+
+  Muon: Nesterov momentum `b1` on 2-D leaves; its internal AdamW (b1, b2, also Nesterov, as optax's `muon`
+  builds it) on all other leaves (see the module docstring). AdamW: (b1, b2). `weight_decay` applies to 2-D kernels only, in both optimizers. `grad_clip == 0`
+  disables clipping. With accumulation, the clip acts on the averaged gradient of the k micro-batches.
+
+  Args:
+    optim_config: the `optim` group (`optimizer`, `b1`, `b2`, `weight_decay`, `grad_clip`, `grad_accum_steps`).
+    schedule: learning rate, a float or a schedule over optimizer updates (`make_schedule`).
+  """
+  if optim_config.optimizer not in _OPTIMIZERS:
+    raise ValueError(f"config.optim.optimizer={optim_config.optimizer!r} is not one of {_OPTIMIZERS}.")
+  if optim_config.grad_accum_steps < 1:
+    raise ValueError(f"config.optim.grad_accum_steps must be >= 1, got {optim_config.grad_accum_steps}.")
+  if optim_config.grad_clip < 0:
+    raise ValueError(f"config.optim.grad_clip must be >= 0 (0 disables clipping), got {optim_config.grad_clip}.")
+  if optim_config.optimizer == "muon":
+    base = optax.contrib.muon(
+        schedule, beta=optim_config.b1, weight_decay=optim_config.weight_decay, adam_b1=optim_config.b1,
+        adam_b2=optim_config.b2, muon_weight_dimension_numbers=muon_dimension_numbers)
+  else:
+    base = optax.adamw(schedule, b1=optim_config.b1, b2=optim_config.b2, weight_decay=optim_config.weight_decay,
+                       mask=_is_matrix)
+  if optim_config.grad_clip > 0:
+    base = optax.chain(optax.clip_by_global_norm(optim_config.grad_clip), base)
+  if optim_config.grad_accum_steps > 1:
+    return optax.MultiSteps(base, every_k_schedule=optim_config.grad_accum_steps).gradient_transformation()
+  return base
+
+
+def is_update_step(opt_state, optim_config: ml_collections.ConfigDict) -> jax.Array:
+  """Whether the `optimizer.update` call that returned `opt_state` applied an update (bool scalar).
+
+  Without accumulation every call does. With `optax.MultiSteps` the call that completes k micro-batches resets the
+  micro-step counter to 0 and increments the gradient-step counter.
+  """
+  if optim_config.grad_accum_steps > 1:
+    return jnp.logical_and(opt_state.mini_step == 0, opt_state.gradient_step > 0)
+  return jnp.asarray(True)
+
+
+def ema_update(ema_params, params, decay: float, apply: jax.Array):
+  """`ema ← decay·ema + (1 − decay)·params` where `apply` is True, else `ema` unchanged; float32 result.
+
+  Args:
+    ema_params: the EMA tree (same structure as `params`).
+    params: the current parameters (any float dtype).
+    decay: EMA decay per optimizer update, e.g. 0.9999.
+    apply: bool scalar, `is_update_step(...)` of this step, so the EMA follows optimizer updates only.
+  """
+  def update(ema, p):
+    ema = ema.astype(jnp.float32)
+    return jnp.where(apply, decay * ema + (1.0 - decay) * p.astype(jnp.float32), ema)
+  return jax.tree.map(update, ema_params, params)
