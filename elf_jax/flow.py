@@ -1,0 +1,67 @@
+"""Pure flow math (spec §2-4, §6): time sampling, the path, x̂ → v, the guided target, decoder inputs, time grids.
+
+Conventions: t = 0 is noise, t = 1 is data; latents are (B, S, C); per-example scalars are (B,).
+"""
+import jax
+import jax.numpy as jnp
+
+
+def _bcast(s: jax.Array, like: jax.Array) -> jax.Array:
+  """(B,) → (B, 1, ..., 1) to broadcast against `like`."""
+  return s.reshape(s.shape + (1,) * (like.ndim - s.ndim))
+
+
+def sample_time(rng, shape, schedule: str, p_mean: float, p_std: float) -> jax.Array:
+  """Training times: `logit_normal` t = sigmoid(N(p_mean, p_std)) or `uniform` U(0, 1)."""
+  if schedule == "logit_normal":
+    return jax.nn.sigmoid(p_mean + p_std * jax.random.normal(rng, shape))
+  if schedule == "uniform":
+    return jax.random.uniform(rng, shape)
+  raise ValueError(f"flow.time_schedule={schedule!r}: expected 'logit_normal' or 'uniform'")
+
+
+def sample_guidance_scale(rng, shape, w_min: float, w_max: float) -> jax.Array:
+  """Log-uniform guidance scale: w = a (b / a)^u − 1 with a = 1 + w_min, b = 1 + w_max, u ~ U(0, 1)."""
+  a, b = 1.0 + w_min, 1.0 + w_max
+  return a * (b / a) ** jax.random.uniform(rng, shape) - 1.0
+
+
+def interpolate(x0, eps, t, sigma: float):
+  """The path z_t = t·x0 + (1 − t)·σ·ε; x0, eps (B, S, C), t (B,) or (B, S)."""
+  t = _bcast(t, x0)
+  return t * x0 + (1.0 - t) * sigma * eps
+
+
+def velocity(x_hat, z, t, t_eps: float):
+  """v = (x̂ − z) / max(1 − t, t_eps); used for the prediction v̂ and (with x0) the target v."""
+  return (x_hat - z) / jnp.maximum(1.0 - _bcast(t, z), t_eps)
+
+
+def guided_target(v, v_cond, v_uncond, w):
+  """Self-conditioning guidance target: v + (1 − 1/w)(v_cond − v_uncond), w (B,)."""
+  return v + (1.0 - 1.0 / _bcast(w, v)) * (v_cond - v_uncond)
+
+
+def masked_mean(values, mask):
+  """Mean of `values` (B, S) over positions where mask (B, S) is true; 0 if none."""
+  mask = mask.astype(values.dtype)
+  return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def time_grid(steps: int, kind: str, rng=None, p_mean: float = -1.5, p_std: float = 0.8, batch: int | None = None):
+  """Sampling grid of `steps` intervals: (steps + 1,) points from 0 to 1 (or (batch, steps + 1) if `batch`).
+
+  `uniform`: linspace. `logit_normal`: steps − 1 sorted draws of sigmoid(N(p_mean, p_std)) between fixed 0 and 1,
+  drawn from `rng` (one grid per batch element when `batch` is given).
+  """
+  if kind == "uniform":
+    grid = jnp.linspace(0.0, 1.0, steps + 1, dtype=jnp.float32)
+    return grid if batch is None else jnp.broadcast_to(grid, (batch, steps + 1))
+  if kind == "logit_normal":
+    if rng is None:
+      raise ValueError("a logit_normal time grid is random: pass an rng")
+    shape = (steps - 1,) if batch is None else (batch, steps - 1)
+    inner = jnp.sort(jax.nn.sigmoid(p_mean + p_std * jax.random.normal(rng, shape)), axis=-1)
+    zero, one = jnp.zeros(shape[:-1] + (1,)), jnp.ones(shape[:-1] + (1,))
+    return jnp.concatenate([zero, inner, one], axis=-1)
+  raise ValueError(f"sample.grid={kind!r}: expected 'uniform' or 'logit_normal'")

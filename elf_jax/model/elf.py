@@ -1,0 +1,171 @@
+"""The ELF flow transformer (spec §5): one network for denoising (x-prediction) and decoding (token logits).
+
+    x (B, S, 2C) = concat[z, x_sc] ─ self_cond_proj ─ proj1 ─ proj2 ─┐
+    [4 time tokens][4 guidance tokens][4 mode tokens][S data tokens] ─ blocks ─┬─ final_layer → x̂ (B, S, C)
+                                                                               └─ readout head → logits (B, S, V)
+
+`decode` is a static flag: False gives x̂ (mode tokens multiplied by zero, no logits computed); True switches the
+mode tokens on and returns logits from the factored unembedding. Parameter names are those of §9.
+"""
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from elf_jax.model import layers
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Static hyper-parameters of the flow transformer. `latent_dim` is C, the frozen encoder's width."""
+  latent_dim: int = 512
+  hidden_size: int = 768
+  depth: int = 12
+  num_heads: int = 12
+  bottleneck_dim: int = 128
+  vocab_size: int = 32100
+  mlp_ratio: float = 4.0
+  mlp_hidden: int | None = None  # SwiGLU hidden width; None = floor(floor(mlp_ratio · H) · 2 / 3)
+  num_time_tokens: int = 4
+  num_guidance_tokens: int = 4
+  num_mode_tokens: int = 4
+  rope_theta: float = 10000.0
+  dropout_rate: float = 0.0
+  compute_dtype: str = "float32"
+  attention_impl: str = "xla"
+  remat: str = "none"
+
+  @property
+  def num_prefix(self) -> int:
+    return self.num_time_tokens + self.num_guidance_tokens + self.num_mode_tokens
+
+  @property
+  def swiglu_hidden(self) -> int:
+    return self.mlp_hidden or int(int(self.mlp_ratio * self.hidden_size) * 2 / 3)
+
+  @classmethod
+  def from_params(cls, params, **overrides) -> "ModelConfig":
+    """Reads every dimension off a parameter tree with the §9 names (e.g. a published checkpoint)."""
+    p = nn.unbox(params)
+    hidden = p["t_emb_tokens"].shape[-1]
+    dims = dict(
+        latent_dim=p["self_cond_proj"]["kernel"].shape[1], hidden_size=hidden,
+        depth=sum(1 for k in p if k.startswith("blocks_")),
+        num_heads=hidden // p["blocks_0"]["attn"]["q_norm"]["weight"].shape[0],
+        bottleneck_dim=p["text_proj"]["proj1"]["kernel"].shape[1], vocab_size=p["unembed_kernel"].shape[1],
+        mlp_hidden=p["blocks_0"]["mlp"]["w3"]["kernel"].shape[0], num_time_tokens=p["t_emb_tokens"].shape[1],
+        num_guidance_tokens=p["self_cond_cfg_tokens"].shape[1], num_mode_tokens=p["mode_tokens"].shape[1])
+    return cls(**{**dims, **overrides})
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> "ModelConfig":
+    """Builds the model config from a full run config (`config.model` plus `config.encoder.dim`)."""
+    m = config.model
+    return cls(latent_dim=config.encoder.dim, hidden_size=m.hidden_size, depth=m.depth, num_heads=m.num_heads,
+               bottleneck_dim=m.bottleneck_dim, vocab_size=m.vocab_size, mlp_ratio=m.mlp_ratio,
+               num_time_tokens=m.num_time_tokens, num_guidance_tokens=m.num_guidance_tokens,
+               num_mode_tokens=m.num_mode_tokens, rope_theta=m.rope_theta, dropout_rate=m.dropout_rate,
+               compute_dtype=m.compute_dtype, attention_impl=m.attention_impl, remat=m.remat)
+
+
+class FinalLayer(nn.Module):
+  """RMSNorm → Dense(H → C), zero-initialised."""
+  latent_dim: int
+
+  @nn.compact
+  def __call__(self, h):
+    h = layers.RMSNorm(name="norm_final", axis_name="embed")(h)
+    return layers.Dense(self.latent_dim, ("embed", "latent"), kernel_init=layers.zeros, name="linear")(h)
+
+
+class ELF(nn.Module):
+  """The flow transformer.
+
+  __call__(x, t, w, mask=None, *, decode=False, deterministic=True):
+    x: (B, S, 2C) float, concat[z, x_sc]; t: (B,) time in [0, 1]; w: (B,) guidance scale;
+    mask: (B, S) padding mask (1/True = valid) or None; decode: static bool.
+    Returns x̂ (B, S, C) float32 if not decode, else logits (B, S, V) float32.
+  """
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, t, w, mask=None, *, decode: bool = False, deterministic: bool = True):
+    cfg = self.config
+    dtype = jnp.dtype(cfg.compute_dtype)
+    b, s, _ = x.shape
+    hsize = cfg.hidden_size
+    token_init = layers.logical(nn.initializers.normal(0.02), None, None, "embed")
+
+    x = layers.Dense(cfg.latent_dim, ("latent2", "latent"), dtype=dtype, name="self_cond_proj")(x.astype(dtype))
+    h = TextProj(cfg.bottleneck_dim, hsize, dtype, name="text_proj")(x)
+
+    time_tokens = self.param("t_emb_tokens", token_init, (1, cfg.num_time_tokens, hsize), jnp.float32)
+    time_tokens = time_tokens + layers.TimestepEmbedder(hsize, name="t_embedder")(t)[:, None]
+    guide_tokens = self.param("self_cond_cfg_tokens", token_init, (1, cfg.num_guidance_tokens, hsize), jnp.float32)
+    guide_tokens = guide_tokens + layers.TimestepEmbedder(hsize, name="self_cond_cfg_embedder")(w)[:, None]
+    mode_tokens = self.param("mode_tokens", token_init, (1, cfg.num_mode_tokens, hsize), jnp.float32)
+    mode_tokens = mode_tokens * (1.0 if decode else 0.0)
+    prefix = jnp.concatenate([time_tokens, guide_tokens, jnp.broadcast_to(mode_tokens, (b,) + mode_tokens.shape[1:])],
+                             axis=1)
+    h = jnp.concatenate([prefix.astype(dtype), h.astype(dtype)], axis=1)  # (B, P + S, H)
+
+    data_mask = jnp.ones((b, s), bool) if mask is None else mask.astype(bool)
+    key_mask = jnp.concatenate([jnp.ones((b, cfg.num_prefix), bool), data_mask], axis=1)
+
+    block_cls = layers.Block
+    if REMAT_POLICIES.get(cfg.remat, "?") == "?":
+      raise ValueError(f"model.remat={cfg.remat!r}: expected one of {sorted(REMAT_POLICIES)}")
+    if cfg.remat != "none":
+      block_cls = nn.remat(layers.Block, policy=REMAT_POLICIES[cfg.remat], static_argnums=(3,))
+    lo, hi = cfg.depth // 4, cfg.depth - cfg.depth // 4  # dropout only in the middle half of the blocks
+    for i in range(cfg.depth):
+      rate = cfg.dropout_rate if lo <= i < hi else 0.0
+      h = block_cls(cfg.num_heads, cfg.num_prefix, cfg.swiglu_hidden, cfg.rope_theta, rate, dtype, cfg.attention_impl,
+                    name=f"blocks_{i}")(h, key_mask, deterministic)
+    h = h[:, cfg.num_prefix:].astype(jnp.float32)  # data positions (B, S, H)
+
+    want_latent = not decode or self.is_initializing()
+    want_logits = decode or self.is_initializing()
+    x_hat = FinalLayer(cfg.latent_dim, name="final_layer")(h) if want_latent else None
+    logits = self._readout(h) if want_logits else None
+    return logits if decode else x_hat
+
+  def _readout(self, h):
+    """Factored unembedding: gelu(h W1 + b1) W2 + b2, (B, S, H) → (B, S, V)."""
+    cfg = self.config
+    w1 = self.param("proj_kernel", layers.logical(layers.xavier, "embed", "latent"), (cfg.hidden_size, cfg.latent_dim))
+    b1 = self.param("proj_bias", layers.logical(layers.zeros, "latent"), (cfg.latent_dim,))
+    w2 = self.param("unembed_kernel", layers.logical(layers.xavier, "latent", "vocab"), (cfg.latent_dim, cfg.vocab_size))
+    b2 = self.param("unembed_bias", layers.logical(layers.zeros, "vocab"), (cfg.vocab_size,))
+    return nn.gelu(h @ w1 + b1) @ w2 + b2
+
+
+class TextProj(nn.Module):
+  """Bottleneck: proj1 (C → bottleneck, no bias) → proj2 (bottleneck → H)."""
+  bottleneck_dim: int
+  hidden_size: int
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x):
+    x = layers.Dense(self.bottleneck_dim, ("latent", "bottleneck"), use_bias=False, dtype=self.dtype, name="proj1")(x)
+    return layers.Dense(self.hidden_size, ("bottleneck", "embed"), dtype=self.dtype, name="proj2")(x)
+
+
+def init_params(model: ELF, rng: jax.Array, seq_len: int = 8):
+  """Initialises every parameter (denoiser and readout heads). Returns the boxed tree (LogicallyPartitioned leaves)."""
+  c = model.config.latent_dim
+  x = jnp.zeros((1, seq_len, 2 * c), jnp.float32)
+  return model.init(rng, x, jnp.zeros((1,)), jnp.ones((1,)))["params"]
+
+
+def count_params(params) -> int:
+  return sum(int(p.size) for p in jax.tree_util.tree_leaves(nn.unbox(params)))

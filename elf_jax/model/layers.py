@@ -1,0 +1,148 @@
+"""Building blocks of the flow transformer (spec §5): RMSNorm, rotary embedding, SwiGLU, timestep embedder, block.
+
+Parameter names follow the published checkpoints (spec §9). Every parameter carries logical axis names
+(`embed`, `qkv`, `heads`, `mlp`, `latent`, `vocab`, ...) that `elf_jax.parallel.sharding` maps to mesh axes.
+"""
+import math
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from elf_jax.ops.attention import attention
+
+Dtype = jnp.dtype
+
+xavier = nn.initializers.xavier_uniform()
+zeros = nn.initializers.zeros_init()
+ones = nn.initializers.ones_init()
+
+
+def logical(init: Callable, *names) -> Callable:
+  """An initializer whose parameter is annotated with logical axis names (one per dimension)."""
+  return nn.with_logical_partitioning(init, names)
+
+
+class Dense(nn.Module):
+  """y = x W + b with float32 params, computed in `dtype`; `axes` names the kernel's (in, out) dimensions."""
+  features: int
+  axes: tuple[str | None, str | None]
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+  kernel_init: Callable = xavier
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", logical(self.kernel_init, *self.axes), (x.shape[-1], self.features), jnp.float32)
+    y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype), preferred_element_type=self.dtype)
+    if self.use_bias:
+      bias = self.param("bias", logical(zeros, self.axes[1]), (self.features,), jnp.float32)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+class RMSNorm(nn.Module):
+  """x / sqrt(mean(x², -1) + eps) · weight, computed in float32, returned in the input dtype."""
+  eps: float = 1e-6
+  axis_name: str | None = "norm"
+
+  @nn.compact
+  def __call__(self, x):
+    weight = self.param("weight", logical(ones, self.axis_name), (x.shape[-1],), jnp.float32)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+    return (y * weight).astype(x.dtype)
+
+
+def timestep_features(s: jax.Array, dim: int = 256, max_period: float = 10000.0) -> jax.Array:
+  """Sinusoidal features of a raw scalar per example: (B,) → (B, dim), `dim/2` cosines then `dim/2` sines."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = s.astype(jnp.float32)[:, None] * freqs[None]
+  return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+class TimestepEmbedder(nn.Module):
+  """Scalar (B,) → (B, H): sinusoidal features → Dense(H) → SiLU → Dense(H); kernels init normal(0.02)."""
+  hidden_size: int
+  frequency_dim: int = 256
+
+  @nn.compact
+  def __call__(self, s):
+    init = nn.initializers.normal(0.02)
+    h = Dense(self.hidden_size, ("freq", "embed"), kernel_init=init, name="mlp_0")(timestep_features(s, self.frequency_dim))
+    return Dense(self.hidden_size, ("mlp", "embed"), kernel_init=init, name="mlp_2")(nn.silu(h))
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding with adjacent pairs: dims (2i, 2i+1) rotate by angle pos · theta^(-2i/D).
+
+  x: (B, L, N, D) with D even; positions: (L,) float. Computed in float32, returned in x's dtype.
+  """
+  d = x.shape[-1]
+  inv_freq = theta ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)  # (D/2,)
+  angles = positions.astype(jnp.float32)[:, None] * inv_freq[None]  # (L, D/2)
+  cos, sin = jnp.cos(angles)[None, :, None], jnp.sin(angles)[None, :, None]
+  x32 = x.astype(jnp.float32).reshape(*x.shape[:-1], d // 2, 2)
+  even, odd = x32[..., 0], x32[..., 1]
+  rotated = jnp.stack([even * cos - odd * sin, even * sin + odd * cos], axis=-1)
+  return rotated.reshape(x.shape).astype(x.dtype)
+
+
+class Attention(nn.Module):
+  """Fused-qkv multi-head attention with QK-norm and RoPE on the data tokens only.
+
+  Input (B, L, H) with L = num_prefix + S; the first `num_prefix` tokens (time / guidance / mode) are not rotated.
+  """
+  num_heads: int
+  num_prefix: int
+  rope_theta: float
+  dtype: Dtype
+  attention_impl: str
+
+  @nn.compact
+  def __call__(self, x, key_mask):
+    b, l, h = x.shape
+    d = h // self.num_heads
+    qkv = Dense(3 * h, ("embed", "qkv"), dtype=self.dtype, name="qkv")(x)
+    q, k, v = jnp.moveaxis(qkv.reshape(b, l, 3, self.num_heads, d), 2, 0)  # each (B, L, N, D), layout [q|k|v][head][dim]
+    q = RMSNorm(name="q_norm", axis_name="head_dim")(q)
+    k = RMSNorm(name="k_norm", axis_name="head_dim")(k)
+    positions = jnp.arange(l - self.num_prefix)
+    q = q.at[:, self.num_prefix:].set(apply_rope(q[:, self.num_prefix:], positions, self.rope_theta))
+    k = k.at[:, self.num_prefix:].set(apply_rope(k[:, self.num_prefix:], positions, self.rope_theta))
+    out = attention(q, k, v, key_mask, impl=self.attention_impl)
+    return Dense(h, ("heads", "embed"), dtype=self.dtype, name="proj")(out.reshape(b, l, h))
+
+
+class SwiGLU(nn.Module):
+  """Fused w12 (output [gate | value]) → silu(gate) · value → w3 back to the input width."""
+  hidden: int
+  dtype: Dtype
+
+  @nn.compact
+  def __call__(self, x):
+    h = x.shape[-1]
+    gate, value = jnp.split(Dense(2 * self.hidden, ("embed", "mlp"), dtype=self.dtype, name="w12")(x), 2, axis=-1)
+    return Dense(h, ("mlp", "embed"), dtype=self.dtype, name="w3")(nn.silu(gate) * value)
+
+
+class Block(nn.Module):
+  """Pre-norm transformer block: x += Attn(RMSNorm(x)); x += SwiGLU(RMSNorm(x)). (B, L, H) → (B, L, H)."""
+  num_heads: int
+  num_prefix: int
+  mlp_hidden: int
+  rope_theta: float
+  dropout_rate: float
+  dtype: Dtype
+  attention_impl: str
+
+  @nn.compact
+  def __call__(self, x, key_mask, deterministic: bool = True):
+    drop = nn.Dropout(self.dropout_rate)
+    a = Attention(self.num_heads, self.num_prefix, self.rope_theta, self.dtype, self.attention_impl, name="attn")(
+        RMSNorm(name="norm1", axis_name="embed")(x), key_mask)
+    x = x + drop(a, deterministic=deterministic)
+    m = SwiGLU(self.mlp_hidden, self.dtype, name="mlp")(RMSNorm(name="norm2", axis_name="embed")(x))
+    return x + drop(m, deterministic=deterministic)

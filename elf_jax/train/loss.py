@@ -1,0 +1,159 @@
+"""The ELF training objective (spec §2-4): denoiser branch with trained self-conditioning guidance, decoder branch.
+
+The global batch is split into `num_groups` contiguous groups; each group is either a denoising or a decoding step,
+by a coin with probability `decoder_prob` (the reference draws one coin per device). A group evaluates only its own
+branch (`lax.cond`), so decoding groups never run the self-conditioning passes. The loss is the mean over groups of
+each group's masked-mean loss.
+
+Cost of a denoising group: one no-gradient pass with x_sc = 0 (it is both the first self-conditioning pass and
+the v_uncond pass of the guidance target) plus one forward/backward. For self-conditioned examples the main pass
+input concat[z_t, stopgrad(x̂_uncond)] is exactly the v_cond pass input, so v_cond is the stop-gradient of the
+main pass's own prediction (a separate deterministic pass is run instead when dropout is active).
+
+All randomness is drawn for the whole global batch by `draw_noise` before the per-group programs run, so the
+result depends only on the seed — not on how the batch is sharded.
+"""
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from elf_jax import flow
+from elf_jax.model.elf import ELF
+
+
+@dataclasses.dataclass(frozen=True)
+class FlowConfig:
+  """Static objective hyper-parameters (from `config.flow`, spec §2-4)."""
+  denoiser_noise_scale: float = 2.0
+  time_schedule: str = "logit_normal"
+  P_mean: float = -1.5
+  P_std: float = 0.8
+  t_eps: float = 0.05
+  self_cond_prob: float = 0.5
+  guidance_min: float = 0.5
+  guidance_max: float = 5.0
+  decoder_prob: float = 0.2
+  decoder_noise_scale: float = 5.0
+  decoder_m_mean: float = 0.8
+  decoder_m_std: float = 0.8
+  label_drop_prob: float = 0.1
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> "FlowConfig":
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in config.flow.items() if k in names})
+
+
+def draw_noise(rng, batch_size: int, seq_len: int, latent_dim: int, fc: FlowConfig, num_groups: int,
+               conditional: bool = False) -> dict[str, jax.Array]:
+  """Every random quantity of one training step, for the whole global batch.
+
+  Returns eps (B,S,C) Gaussian noise; t (B,) times; w (B,) guidance scales; self_cond (B,) bool;
+  decoder_lambda (B,S) per-token decoder signal level; drop_condition (B,) bool (label dropping, conditional
+  tasks only); group_decode (G,) bool, the decoder coin per group; dropout (key) for dropout masks.
+  """
+  names = ("eps", "t", "w", "self_cond", "lambda", "drop", "coin", "dropout")
+  k = dict(zip(names, jax.random.split(rng, len(names))))
+  b, s, c = batch_size, seq_len, latent_dim
+  drop = jax.random.bernoulli(k["drop"], fc.label_drop_prob, (b,)) if conditional else jnp.zeros((b,), bool)
+  return dict(
+      eps=jax.random.normal(k["eps"], (b, s, c)),
+      t=flow.sample_time(k["t"], (b,), fc.time_schedule, fc.P_mean, fc.P_std),
+      w=flow.sample_guidance_scale(k["w"], (b,), fc.guidance_min, fc.guidance_max),
+      self_cond=jax.random.bernoulli(k["self_cond"], fc.self_cond_prob, (b,)),
+      decoder_lambda=jax.nn.sigmoid(fc.decoder_m_mean + fc.decoder_m_std * jax.random.normal(k["lambda"], (b, s))),
+      drop_condition=drop,
+      group_decode=jax.random.bernoulli(k["coin"], fc.decoder_prob, (num_groups,)),
+      dropout=k["dropout"],
+  )
+
+
+def _per_token_sq_error(pred, target):
+  return jnp.mean(jnp.square(pred - target), axis=-1)
+
+
+def denoiser_loss(model: ELF, params, batch, noise, fc: FlowConfig, dropout_rng):
+  """Flow-matching loss of one group (spec §2-3). batch: x0 (b,S,C), valid, cond_mask, loss_mask (b,S)."""
+  x0, cond = batch["x0"], batch["cond_mask"][..., None]
+  t, w, valid = noise["t"], noise["w"], batch["valid"]
+  z = jnp.where(cond, x0, flow.interpolate(x0, noise["eps"], t, fc.denoiser_noise_scale))  # condition kept clean
+  v = flow.velocity(x0, z, t, fc.t_eps)
+
+  apply = lambda x_sc, **kw: model.apply({"params": params}, jnp.concatenate([z, x_sc], -1), t, w, valid, **kw)
+  x_uncond = jax.lax.stop_gradient(apply(jnp.zeros_like(z)))
+  use_sc = noise["self_cond"][:, None, None]
+  x_sc = jnp.where(use_sc, x_uncond, 0.0)
+  dropout = model.config.dropout_rate > 0
+  x_hat = apply(x_sc, deterministic=not dropout, rngs={"dropout": dropout_rng} if dropout else None)
+  x_cond = jax.lax.stop_gradient(apply(x_sc) if dropout else x_hat)
+
+  v_uncond = flow.velocity(x_uncond, z, t, fc.t_eps)
+  v_cond = flow.velocity(x_cond, z, t, fc.t_eps)
+  target = jnp.where(use_sc, flow.guided_target(v, v_cond, v_uncond, w), v)
+  v_hat = flow.velocity(x_hat, z, t, fc.t_eps)
+  return flow.masked_mean(_per_token_sq_error(v_hat, target), batch["loss_mask"])
+
+
+def decoder_loss(model: ELF, params, batch, noise, fc: FlowConfig, dropout_rng):
+  """Token cross-entropy of one group decoded at t = 1 from a partially noised x0 (spec §4)."""
+  x0, cond = batch["x0"], batch["cond_mask"][..., None]
+  lam = noise["decoder_lambda"][..., None]
+  z = jnp.where(cond, x0, lam * x0 + (1.0 - lam) * fc.decoder_noise_scale * noise["eps"])
+  x = jnp.concatenate([z, jnp.zeros_like(z)], -1)
+  dropout = model.config.dropout_rate > 0
+  logits = model.apply({"params": params}, x, jnp.ones_like(noise["t"]), noise["w"], batch["valid"], decode=True,
+                       deterministic=not dropout, rngs={"dropout": dropout_rng} if dropout else None)
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, batch["ids"][..., None], axis=-1)[..., 0]
+  return flow.masked_mean(nll, batch["loss_mask"])
+
+
+def grouped_loss(model: ELF, params, batch, noise, fc: FlowConfig, group_offset=0):
+  """Sum over the groups of this batch of each group's loss, with per-branch sums.
+
+  batch/noise hold `g = len(noise['group_decode'])` groups of equal size along axis 0 (g ≥ 1); `group_offset`
+  is the global index of the first group (for dropout keys). Returns (loss_sum, denoise_sum, decode_sum, num_decode).
+  """
+  g = noise["group_decode"].shape[0]
+  per_example = {k: v for k, v in noise.items() if k not in ("group_decode", "dropout")}
+  split = lambda x: x.reshape((g, x.shape[0] // g) + x.shape[1:])
+  groups = jax.tree_util.tree_map(split, (batch, per_example))
+
+  def one_group(args):
+    (gb, gn), is_decode, index = args
+    rng = jax.random.fold_in(noise["dropout"], group_offset + index)
+    branches = (lambda: denoiser_loss(model, params, gb, gn, fc, rng),
+                lambda: decoder_loss(model, params, gb, gn, fc, rng))
+    return jax.lax.cond(is_decode, branches[1], branches[0])
+
+  if g == 1:
+    losses = one_group((jax.tree_util.tree_map(lambda x: x[0], groups), noise["group_decode"][0], 0))[None]
+  else:
+    losses = jax.lax.map(one_group, (groups, noise["group_decode"], jnp.arange(g)))
+  is_decode = noise["group_decode"].astype(jnp.float32)
+  return (jnp.sum(losses), jnp.sum(losses * (1 - is_decode)), jnp.sum(losses * is_decode), jnp.sum(is_decode))
+
+
+def summarize(sums, num_groups: int) -> tuple[jax.Array, dict[str, Any]]:
+  """(loss_sum, denoise_sum, decode_sum, num_decode) over all groups → (loss, metrics)."""
+  loss_sum, den_sum, dec_sum, n_dec = sums
+  n_den = num_groups - n_dec
+  metrics = dict(loss=loss_sum / num_groups,
+                 denoise_loss=jnp.where(n_den > 0, den_sum / jnp.maximum(n_den, 1), jnp.nan),
+                 decode_loss=jnp.where(n_dec > 0, dec_sum / jnp.maximum(n_dec, 1), jnp.nan),
+                 decode_fraction=n_dec / num_groups)
+  return loss_sum / num_groups, metrics
+
+
+def loss_fn(params, batch, rng, *, model: ELF, fc: FlowConfig, num_groups: int = 1):
+  """Single-program ELF loss: (params, batch, rng) → (loss, metrics); ready for jax.jit / jax.grad.
+
+  batch: x0 (B,S,C) normalised latents (condition latents already zeroed for dropped examples), ids (B,S) int32,
+  valid / cond_mask / loss_mask (B,S) bool. The sharded train step runs `grouped_loss` per batch shard instead.
+  """
+  b, s, c = batch["x0"].shape
+  noise = draw_noise(rng, b, s, c, fc, num_groups)
+  return summarize(grouped_loss(model, params, batch, noise, fc), num_groups)

@@ -1,0 +1,132 @@
+"""The training objective: flow math by hand, the guided target, stop-gradients, branch skipping, clean conditions."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from elf_jax import flow
+from elf_jax.model.elf import ELF, ModelConfig, init_params
+from elf_jax.train import loss as L
+
+C = 8
+
+
+def test_path_velocity_and_guided_target_by_hand():
+  x0, eps = jnp.full((2, 1, 1), 2.0), jnp.full((2, 1, 1), 0.5)
+  t = jnp.array([0.25, 0.98])
+  z = flow.interpolate(x0, eps, t, sigma=2.0)  # t·2 + (1 − t)·2·0.5
+  np.testing.assert_allclose(z.ravel(), [1.25, 1.98], rtol=1e-6)
+  v = flow.velocity(x0, z, t, t_eps=0.05)  # (2 − z) / max(1 − t, 0.05)
+  np.testing.assert_allclose(v.ravel(), [0.75 / 0.75, 0.02 / 0.05], rtol=1e-5)
+  g = flow.guided_target(jnp.ones((2, 1, 1)), jnp.full((2, 1, 1), 3.0), jnp.ones((2, 1, 1)), jnp.array([2.0, 1.0]))
+  np.testing.assert_allclose(g.ravel(), [1 + 0.5 * 2, 1.0], rtol=1e-6)  # w = 1: no guidance
+
+
+def test_guidance_scale_and_time_distributions():
+  w = flow.sample_guidance_scale(jax.random.key(0), (20000,), 0.5, 5.0)
+  assert 0.5 <= float(w.min()) and float(w.max()) <= 5.0
+  np.testing.assert_allclose(float(jnp.median(jnp.log1p(w))), 0.5 * (np.log(1.5) + np.log(6.0)), atol=0.02)
+  t = flow.sample_time(jax.random.key(1), (20000,), "logit_normal", -1.5, 0.8)
+  np.testing.assert_allclose(float(jnp.median(t)), 1 / (1 + np.exp(1.5)), atol=0.01)
+  grid = flow.time_grid(8, "logit_normal", jax.random.key(2))
+  assert grid.shape == (9,) and grid[0] == 0 and grid[-1] == 1 and bool(jnp.all(jnp.diff(grid) >= 0))
+  with pytest.raises(ValueError, match="rng"):
+    flow.time_grid(8, "logit_normal")
+
+
+def _model_and_params(seed=0):
+  mc = ModelConfig(latent_dim=C, hidden_size=32, depth=2, num_heads=4, bottleneck_dim=8, vocab_size=11)
+  model = ELF(mc)
+  params = nn.unbox(init_params(model, jax.random.key(seed)))
+  # Perturb every leaf so the zero-initialised final layer carries signal.
+  leaves, tree = jax.tree_util.tree_flatten(params)
+  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+  params = jax.tree_util.tree_unflatten(tree, [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+  return model, params
+
+
+def _batch(b=4, s=6, cond_len=0, seed=3):
+  valid = jnp.ones((b, s), bool).at[0, -2:].set(False)
+  cond = jnp.zeros((b, s), bool).at[:, :cond_len].set(True)
+  return dict(x0=jax.random.normal(jax.random.key(seed), (b, s, C)),
+              ids=jax.random.randint(jax.random.key(seed + 1), (b, s), 0, 11),
+              valid=valid, cond_mask=cond, loss_mask=valid & ~cond)
+
+
+def test_denoiser_loss_and_gradients_match_independent_computation():
+  """Loss value and gradient equal a plain computation in which the guidance target and the self-conditioning
+  input are constants from separate passes (three passes, as the reference runs them)."""
+  model, params = _model_and_params()
+  batch = _batch(cond_len=2)
+  fc = L.FlowConfig(self_cond_prob=0.5)
+  noise = L.draw_noise(jax.random.key(7), 4, 6, C, fc, 1)
+  noise["self_cond"] = jnp.array([True, False, True, False])
+
+  t, w, x0 = noise["t"], noise["w"], batch["x0"]
+  cond = batch["cond_mask"][..., None]
+  z = np.where(cond, x0, flow.interpolate(x0, noise["eps"], t, fc.denoiser_noise_scale))
+  run = lambda p, x_sc: model.apply({"params": p}, jnp.concatenate([z, x_sc], -1), t, w, batch["valid"])
+  vel = lambda x: flow.velocity(x, z, t, fc.t_eps)
+  x_a = np.asarray(run(params, np.zeros_like(z)))  # first self-conditioning pass == v_uncond pass
+  x_sc = np.where(noise["self_cond"][:, None, None], x_a, 0.0)
+  x_b = np.asarray(run(params, x_sc))  # v_cond pass
+  w_ = np.asarray(w)[:, None, None]
+  target = np.where(noise["self_cond"][:, None, None], vel(x0) + (1 - 1 / w_) * (vel(x_b) - vel(x_a)), vel(x0))
+  target = np.asarray(target)
+
+  def reference(p):
+    err = jnp.mean(jnp.square(vel(run(p, x_sc)) - target), -1)
+    m = batch["loss_mask"]
+    return jnp.sum(err * m) / jnp.sum(m)
+
+  ours = lambda p: L.denoiser_loss(model, p, batch, noise, fc, jax.random.key(0))
+  np.testing.assert_allclose(ours(params), reference(params), rtol=1e-5)
+  g_ours, g_ref = jax.grad(ours)(params), jax.grad(reference)(params)
+  for a, b in zip(jax.tree_util.tree_leaves(g_ours), jax.tree_util.tree_leaves(g_ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+class SpyELF(ELF):
+  """ELF that reports (decode flag, network input) of every evaluation that actually runs."""
+
+  def __call__(self, x, t, w, mask=None, *, decode=False, deterministic=True):
+    jax.debug.callback(lambda xx: CALLS.append((decode, np.asarray(xx))), x)
+    return super().__call__(x, t, w, mask, decode=decode, deterministic=deterministic)
+
+
+CALLS = []
+
+
+@pytest.mark.parametrize("coins", [(True, True), (False, True), (False, False)])
+def test_decoding_groups_skip_self_conditioning_passes(coins):
+  _, params = _model_and_params()
+  spy = SpyELF(ModelConfig(latent_dim=C, hidden_size=32, depth=2, num_heads=4, bottleneck_dim=8, vocab_size=11))
+  batch = _batch(b=4, cond_len=2)
+  fc = L.FlowConfig()
+  noise = L.draw_noise(jax.random.key(0), 4, 6, C, fc, num_groups=2)
+  noise["group_decode"] = jnp.array(coins)
+  CALLS.clear()
+  jax.block_until_ready(jax.jit(lambda p: L.grouped_loss(spy, p, batch, noise, fc))(params))
+  jax.effects_barrier()
+  n_dec = sum(coins)
+  assert sorted(d for d, _ in CALLS) == [False] * (2 * (2 - n_dec)) + [True] * n_dec
+  # Condition latents are never noised: the z half of every input equals x0 at condition positions (per group).
+  for _, x in CALLS:
+    group = 0 if np.allclose(x[:, :2, :C], batch["x0"][:2, :2]) else 1
+    np.testing.assert_array_equal(x[:, :2, :C], batch["x0"][2 * group:2 * group + 2, :2])
+
+
+def test_loss_fn_metrics_and_group_coins():
+  model, params = _model_and_params()
+  batch = _batch(b=8)
+  fc = L.FlowConfig(decoder_prob=0.5)
+  (loss, m), grads = jax.jit(jax.value_and_grad(
+      lambda p: L.loss_fn(p, batch, jax.random.key(1), model=model, fc=fc, num_groups=4), has_aux=True))(params)
+  assert np.isfinite(loss) and all(np.isfinite(g).all() for g in jax.tree_util.tree_leaves(grads))
+  frac = float(m["decode_fraction"])
+  expected = (1 - frac) * (0 if np.isnan(m["denoise_loss"]) else m["denoise_loss"]) + frac * (
+      0 if np.isnan(m["decode_loss"]) else m["decode_loss"])
+  np.testing.assert_allclose(loss, expected, rtol=1e-5)
+  coins = [float(L.draw_noise(jax.random.key(i), 8, 6, C, fc, 4)["group_decode"].mean()) for i in range(200)]
+  np.testing.assert_allclose(np.mean(coins), 0.5, atol=0.05)

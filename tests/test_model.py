@@ -1,0 +1,106 @@
+"""The flow transformer: parity with the reference implementation's outputs, parameter names and counts."""
+import dataclasses
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from elf_jax import checkpoint
+from elf_jax.model.elf import ELF, ModelConfig, count_params, init_params
+
+
+def _fixture_model(fixture_dir, **overrides):
+  cfg = json.loads((fixture_dir / "config.json").read_text())
+  mc = ModelConfig(latent_dim=cfg["text_encoder_dim"], hidden_size=cfg["hidden_size"], depth=cfg["depth"],
+                   num_heads=cfg["num_heads"], bottleneck_dim=cfg["bottleneck_dim"], vocab_size=cfg["vocab_size"],
+                   num_time_tokens=cfg["num_time_tokens"], num_guidance_tokens=cfg["num_self_cond_cfg_tokens"],
+                   num_mode_tokens=cfg["num_model_mode_tokens"], **overrides)
+  return ELF(mc)
+
+
+@pytest.mark.parametrize("layout", ["checkpoint_7", "orbax_checkpoint_7"])
+def test_reference_forward_parity(fixture_dir, layout):
+  """Denoiser x̂ (with and without mask) and decoder logits equal the reference network's to 1e-5."""
+  model = _fixture_model(fixture_dir)
+  expected = jax.eval_shape(lambda: nn.unbox(init_params(model, jax.random.key(0))))
+  params = checkpoint.load_published_elf(fixture_dir / layout, which="ema", expected=expected)
+  assert ModelConfig.from_params(params) == dataclasses.replace(model.config, mlp_hidden=model.config.swiglu_hidden)
+  ref = np.load(fixture_dir / "reference.npz")
+  x, t, w, mask = ref["x"], ref["t"], ref["w"], ref["mask"]
+  assert np.abs(ref["out_den"] - ref["out_den_nomask"]).max() > 1e-3  # the mask matters in this fixture
+
+  out = model.apply({"params": params}, x, t, w, mask)
+  np.testing.assert_allclose(out, ref["out_den"], atol=1e-5, rtol=0)
+  out = model.apply({"params": params}, x, t, w)
+  np.testing.assert_allclose(out, ref["out_den_nomask"], atol=1e-5, rtol=0)
+  logits = model.apply({"params": params}, x, jnp.ones_like(t), w, mask, decode=True)
+  np.testing.assert_allclose(logits, ref["logits"], atol=1e-5, rtol=0)
+
+
+def test_raw_params_differ_from_ema(fixture_dir):
+  """`which='raw'` returns the raw parameters (the fixture's EMA copy is 0.9 × raw), giving other outputs."""
+  model = _fixture_model(fixture_dir)
+  raw = checkpoint.load_published_elf(fixture_dir / "checkpoint_7", which="raw")
+  ref = np.load(fixture_dir / "reference.npz")
+  out = model.apply({"params": raw}, ref["x"], ref["t"], ref["w"], ref["mask"])
+  assert np.abs(out - ref["out_den"]).max() > 1e-3
+
+
+# (depth, hidden, heads) of ELF-B/M/L; the spec's totals count every parameter of the network with C = 512 and
+# V = 32100, the readout head (proj_* + unembed_*) included; the frozen T5 encoder is not part of it.
+SIZES = {"B": ((12, 768, 12), 104.58e6, 16.86e6), "M": ((24, 1056, 16), 342.54e6, 17.01e6),
+         "L": ((32, 1280, 16), 652.10e6, 17.12e6)}
+
+
+@pytest.mark.parametrize("size", sorted(SIZES))
+def test_parameter_counts(size):
+  (depth, hidden, heads), total, head = SIZES[size]
+  mc = ModelConfig(latent_dim=512, vocab_size=32100, depth=depth, hidden_size=hidden, num_heads=heads)
+  shapes = nn.unbox(jax.eval_shape(lambda: init_params(ELF(mc), jax.random.key(0))))
+  assert abs(count_params(shapes) - total) < 0.005e6
+  readout = sum(int(np.prod(shapes[k].shape)) for k in ("proj_kernel", "proj_bias", "unembed_kernel", "unembed_bias"))
+  assert abs(readout - head) < 0.005e6
+
+
+def test_parameter_names_match_spec():
+  """Every §9 name is present with the documented shape; nothing else is."""
+  mc = ModelConfig(latent_dim=16, hidden_size=32, depth=2, num_heads=4, bottleneck_dim=8, vocab_size=20)
+  p = nn.unbox(init_params(ELF(mc), jax.random.key(0)))
+  flat = {"/".join(k.key for k in path): leaf.shape for path, leaf in jax.tree_util.tree_flatten_with_path(p)[0]}
+  h, c, v, f = 32, 16, 20, int(int(4 * 32) * 2 / 3)
+  expected = {
+      "self_cond_proj/kernel": (2 * c, c), "self_cond_proj/bias": (c,), "text_proj/proj1/kernel": (c, 8),
+      "text_proj/proj2/kernel": (8, h), "text_proj/proj2/bias": (h,), "mode_tokens": (1, 4, h),
+      "t_emb_tokens": (1, 4, h), "self_cond_cfg_tokens": (1, 4, h), "proj_kernel": (h, c), "proj_bias": (c,),
+      "unembed_kernel": (c, v), "unembed_bias": (v,), "final_layer/norm_final/weight": (h,),
+      "final_layer/linear/kernel": (h, c), "final_layer/linear/bias": (c,)}
+  for emb in ("t_embedder", "self_cond_cfg_embedder"):
+    expected.update({f"{emb}/mlp_0/kernel": (256, h), f"{emb}/mlp_0/bias": (h,), f"{emb}/mlp_2/kernel": (h, h),
+                     f"{emb}/mlp_2/bias": (h,)})
+  for i in range(2):
+    b = f"blocks_{i}"
+    expected.update({
+        f"{b}/norm1/weight": (h,), f"{b}/norm2/weight": (h,), f"{b}/attn/qkv/kernel": (h, 3 * h),
+        f"{b}/attn/qkv/bias": (3 * h,), f"{b}/attn/q_norm/weight": (h // 4,), f"{b}/attn/k_norm/weight": (h // 4,),
+        f"{b}/attn/proj/kernel": (h, h), f"{b}/attn/proj/bias": (h,), f"{b}/mlp/w12/kernel": (h, 2 * f),
+        f"{b}/mlp/w12/bias": (2 * f,), f"{b}/mlp/w3/kernel": (f, h), f"{b}/mlp/w3/bias": (h,)})
+  assert flat == expected
+
+
+def test_zero_init_final_layer_and_padding_invariance():
+  """Fresh init predicts x̂ = 0; valid positions do not depend on padded positions' content."""
+  mc = ModelConfig(latent_dim=16, hidden_size=32, depth=2, num_heads=4, bottleneck_dim=8, vocab_size=20)
+  model = ELF(mc)
+  params = nn.unbox(init_params(model, jax.random.key(0)))
+  x = jax.random.normal(jax.random.key(1), (2, 6, 32))
+  t, w = jnp.array([0.3, 0.7]), jnp.array([1.0, 2.0])
+  assert np.abs(model.apply({"params": params}, x, t, w)).max() == 0.0
+  mask = jnp.array([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]], bool)
+  x2 = x.at[0, 4:].set(123.0)
+  l1 = model.apply({"params": params}, x, t, w, mask, decode=True)
+  l2 = model.apply({"params": params}, x2, t, w, mask, decode=True)
+  np.testing.assert_allclose(l1[0, :4], l2[0, :4], atol=1e-5)
+  assert np.abs(l1[0, 4:] - l2[0, 4:]).max() > 1e-3
