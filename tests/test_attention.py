@@ -93,5 +93,7 @@ def test_bad_arguments_raise_clear_errors():
     attn.attention(q, k, v, mask, impl="flash")
   with pytest.raises(ValueError, match="key_mask must be"):
     attn.attention(q, k, v, mask[:, :-1], impl="pallas", **BLOCKS)
+  with pytest.raises(ValueError, match="pass interpret=True"):
+    attn.attention(q, k, v, mask, impl="pallas", interpret=False)
   with pytest.raises(ValueError, match="share one dtype"):
     attn.attention(q, k.astype(jnp.bfloat16), v, mask, impl="pallas", **BLOCKS)

@@ -61,7 +61,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array | No
     key_mask: (B, L) bool, True = key may be attended; None = all keys valid.
     impl: "xla" | "pallas" | "auto" (see module docstring).
     interpret: Pallas only: run the kernel in the Pallas interpreter; None = iff the backend is CPU.
-    block_q, block_k: Pallas only: query / key block lengths; None = the kernel defaults (128).
+    block_q, block_k: Pallas only: query / key block lengths; None = the kernel's per-platform defaults.
 
   Returns:
     (B, L, N, D) in q's dtype: softmax(q k^T / sqrt(D)) v per head, softmax and accumulation in float32.
@@ -70,7 +70,4 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array | No
     return xla_attention(q, k, v, key_mask)
   if interpret is None:
     interpret = jax.default_backend() == "cpu"
-  return flash.flash_attention(
-      q, k, v, key_mask, interpret=interpret,
-      block_q=flash.DEFAULT_BLOCK_Q if block_q is None else block_q,
-      block_k=flash.DEFAULT_BLOCK_K if block_k is None else block_k)
+  return flash.flash_attention(q, k, v, key_mask, block_q=block_q, block_k=block_k, interpret=interpret)

@@ -20,8 +20,10 @@ from jax.experimental import pallas as pl
 
 # Finite stand-in for -inf on masked scores: a fully masked row then degrades to a uniform average, not NaN.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
-DEFAULT_BLOCK_Q = 128
-DEFAULT_BLOCK_K = 128
+# Default (block_q, block_k) per platform. GPU: 64 keeps a float32 query block plus two pipelined key/value blocks
+# of head dim 128 within shared memory; TPU: 128 = the lane width, so key-mask blocks are lane-dense.
+DEFAULT_BLOCKS = {"gpu": (64, 64), "tpu": (128, 128), "interpret": (128, 128)}
+PLATFORMS = tuple(DEFAULT_BLOCKS)
 _TPU_LANES = 128  # TPU vreg lane width: head dims are padded to a multiple of it
 _GPU_MIN_DIM = 16  # Triton's tl.dot needs every dimension >= 16 (and a power of two)
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
@@ -134,12 +136,10 @@ def _specs(block_q, block_k, seq_len, head_dim, num_k_blocks, over_keys):
   return [block(block_q), whole(head_dim), whole(head_dim), mask, block(block_q), row, row]
 
 
-def _call(kernel, grid_axis_len, out_shape, in_specs, out_specs, q, interpret):
-  batch, heads = q.shape[:2]
-  platform = _platform(interpret)
+def _call(kernel, grid, out_shape, in_specs, out_specs, interpret):
   return pl.pallas_call(
-      kernel, out_shape=out_shape, grid=(batch, heads, grid_axis_len), in_specs=in_specs, out_specs=out_specs,
-      compiler_params=_compiler_params(platform, 3), interpret=interpret)
+      kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
+      compiler_params=_compiler_params(_platform(interpret), len(grid)), interpret=interpret)
 
 
 def _forward(q, k, v, mask, block_q, block_k, scale, interpret):
@@ -149,7 +149,7 @@ def _forward(q, k, v, mask, block_q, block_k, scale, interpret):
   out_shape = (jax.ShapeDtypeStruct(q.shape, q.dtype),
                jax.ShapeDtypeStruct((batch, heads, seq_len, 1), jnp.float32))
   kernel = functools.partial(_fwd_kernel, block_k=block_k, scale=scale)
-  call = _call(kernel, seq_len // block_q, out_shape, specs[:4], [specs[0], specs[5]], q, interpret)
+  call = _call(kernel, (batch, heads, seq_len // block_q), out_shape, specs[:4], [specs[0], specs[5]], interpret)
   return call(q, k, v, mask)
 
 
@@ -165,20 +165,21 @@ def _flash_fwd(q, k, v, mask, block_q, block_k, scale, interpret):
 
 def _flash_bwd(block_q, block_k, scale, interpret, residuals, d_out):
   q, k, v, mask, out, lse = residuals
-  seq_len, head_dim = q.shape[2:]
+  batch, heads, seq_len, head_dim = q.shape
   num_k_blocks = mask.shape[1]
   delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
   args = (q, k, v, mask, d_out, lse, delta)
 
   q_specs = _specs(block_q, block_k, seq_len, head_dim, num_k_blocks, over_keys=False)
   dq_kernel = functools.partial(_dq_kernel, block_k=block_k, scale=scale)
-  dq = _call(dq_kernel, seq_len // block_q, jax.ShapeDtypeStruct(q.shape, q.dtype), q_specs, q_specs[0], q,
-             interpret)(*args)
+  dq = _call(dq_kernel, (batch, heads, seq_len // block_q), jax.ShapeDtypeStruct(q.shape, q.dtype), q_specs,
+             q_specs[0], interpret)(*args)
 
   k_specs = _specs(block_q, block_k, seq_len, head_dim, num_k_blocks, over_keys=True)
   dkv_kernel = functools.partial(_dkv_kernel, block_q=block_q, scale=scale)
   out_shape = (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype))
-  dk, dv = _call(dkv_kernel, num_k_blocks, out_shape, k_specs, [k_specs[1], k_specs[2]], q, interpret)(*args)
+  dk, dv = _call(dkv_kernel, (batch, heads, num_k_blocks), out_shape, k_specs, [k_specs[1], k_specs[2]],
+                 interpret)(*args)
   return dq, dk, dv, None
 
 
@@ -186,15 +187,15 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array | None, *,
-                    block_q: int = DEFAULT_BLOCK_Q, block_k: int = DEFAULT_BLOCK_K,
-                    interpret: bool = False) -> jax.Array:
+                    block_q: int | None = None, block_k: int | None = None, interpret: bool = False) -> jax.Array:
   """Non-causal softmax(q k^T / sqrt(D)) v with a key-padding mask, differentiable in q, k, v.
 
   Args:
     q, k, v: (B, L, N, D) float32 or bfloat16 (same dtype), any L and D.
     key_mask: (B, L) bool, True = key may be attended; None = all keys valid.
-    block_q, block_k: query / key block lengths (L is padded to a multiple of both). On TPU multiples of 128
-      (lane-dense key mask), on GPU powers of two >= 16; anything >= 1 in interpret mode.
+    block_q, block_k: query / key block lengths (L is padded to a multiple of both); None = DEFAULT_BLOCKS of
+      the platform. On TPU multiples of 128 (lane-dense key mask), on GPU powers of two >= 16; any size >= 1 in
+      interpret mode.
     interpret: run the Pallas interpreter (CPU) instead of compiling with Mosaic / Triton.
 
   Returns:
@@ -209,11 +210,18 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Arra
     key_mask = jnp.ones((batch, seq_len), bool)
   if key_mask.shape != (batch, seq_len):
     raise ValueError(f"key_mask must be (B, L) = {(batch, seq_len)}; got {key_mask.shape}")
+  platform = _platform(interpret)
+  if platform not in PLATFORMS:
+    raise ValueError(f"Pallas kernels compile only for TPU (Mosaic) or GPU (Triton), not {platform!r}; pass "
+                     "interpret=True to run them in the Pallas interpreter, or use impl='xla'")
+  default_q, default_k = DEFAULT_BLOCKS[platform]
+  block_q = default_q if block_q is None else block_q
+  block_k = default_k if block_k is None else block_k
   if block_q < 1 or block_k < 1:
     raise ValueError(f"block sizes must be positive; got block_q={block_q}, block_k={block_k}")
 
   padded_len = pl.cdiv(seq_len, math.lcm(block_q, block_k)) * math.lcm(block_q, block_k)
-  padded_dim = padded_head_dim(head_dim, _platform(interpret))
+  padded_dim = padded_head_dim(head_dim, platform)
 
   def to_kernel_layout(x):  # (B, L, N, D) -> (B, N, Lp, Dp)
     x = jnp.pad(x, ((0, 0), (0, padded_len - seq_len), (0, 0), (0, padded_dim - head_dim)))
