@@ -81,8 +81,9 @@ def make_optimizer(optim_config: ml_collections.ConfigDict,
   """Global-norm clipping then Muon or AdamW, wrapped in `optax.MultiSteps` when `grad_accum_steps > 1`.
 
   Muon: Nesterov momentum `b1` on 2-D leaves; its internal AdamW (b1, b2, also Nesterov, as optax's `muon`
-  builds it) on all other leaves (see the module docstring). AdamW: (b1, b2). `weight_decay` applies to 2-D kernels only, in both optimizers. `grad_clip == 0`
-  disables clipping. With accumulation, the clip acts on the averaged gradient of the k micro-batches.
+  builds it) on all other leaves (see the module docstring). AdamW: (b1, b2). `weight_decay` applies to 2-D
+  kernels only, in both optimizers. `grad_clip == 0` disables clipping. With accumulation, the clip acts on the
+  averaged gradient of the k micro-batches.
 
   Args:
     optim_config: the `optim` group (`optimizer`, `b1`, `b2`, `weight_decay`, `grad_clip`, `grad_accum_steps`).
