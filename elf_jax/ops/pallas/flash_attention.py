@@ -26,6 +26,7 @@ DEFAULT_BLOCKS = {"gpu": (64, 64), "tpu": (128, 128), "interpret": (128, 128)}
 PLATFORMS = tuple(DEFAULT_BLOCKS)
 _TPU_LANES = 128  # TPU vreg lane width: head dims are padded to a multiple of it
 _GPU_MIN_DIM = 16  # Triton's tl.dot needs every dimension >= 16 (and a power of two)
+_NN = (((1,), (0,)), ((), ()))  # a @ b
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
 _TN = (((0,), (0,)), ((), ()))  # a.T @ b
 
@@ -74,7 +75,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, mask_ref, o_ref, lse_ref, *, block_k, scale
     alpha = jnp.exp(m - m_new)
     p = jnp.exp(s - m_new)
     l = alpha * l + jnp.sum(p, axis=1, keepdims=True)
-    acc = alpha * acc + _dot(p.astype(v.dtype), v, (((1,), (0,)), ((), ())))
+    acc = alpha * acc + _dot(p.astype(v.dtype), v, _NN)
     return m_new, l, acc
 
   init = (jnp.full((block_q, 1), MASK_VALUE, jnp.float32), jnp.zeros((block_q, 1), jnp.float32),
@@ -94,7 +95,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, mask_ref, do_ref, lse_ref, delta_ref, dq_ref
     k = k_ref[keys, :]
     p = jnp.exp(_scores(q, k, mask_ref[j] != 0, scale) - lse)
     ds = p * (_dot(do, v_ref[keys, :], _NT) - delta)
-    return dq + _dot(ds.astype(k.dtype), k, (((1,), (0,)), ((), ())))
+    return dq + _dot(ds.astype(k.dtype), k, _NN)
 
   dq = lax.fori_loop(0, mask_ref.shape[0], body, jnp.zeros(q.shape, jnp.float32))
   dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
