@@ -1,0 +1,166 @@
+"""Generative perplexity and unigram entropy of sample texts under a GPT-2 scorer (spec §8).
+
+Protocol, per sample text:
+  1. GPT-2 token ids: `tokenizer(text, add_special_tokens=False)`, truncated to the first `max_length` ids.
+     A literal "<|endoftext|>" in the text is GPT-2's EOS token, as the tokenizer produces it.
+  2. Entropy: the unigram entropy (nats) of these ids, from their own counts; 0 for an empty sample.
+     Reported entropy = mean over samples (empty samples included).
+  3. Scored sequence: the ids with EOS appended, cut to `max_length` tokens: `(ids + [eos])[:max_length]`.
+     A sample of `max_length` tokens or more therefore has no EOS in its window. No BOS is prepended, so the
+     first token is context only; every later token t is predicted from tokens < t.
+  4. Which predictions count: token t (t >= 1) of the scored sequence counts unless it is an EOS that is not the
+     sequence's first EOS. The appended EOS counts (when the text holds no EOS of its own); a second EOS in the
+     text does not. Batches are right-padded with EOS, so padding is told apart by position (t < length), never
+     by token id: otherwise the first padding EOS after a truncated sample would count as its "first EOS".
+Gen. PPL = exp(sum of NLL over counted predictions / number of counted predictions), over all samples.
+
+Batching: samples are sorted by length and scored `batch_size` at a time, padded to a bucketed length (powers of
+two from `min_bucket`, capped at `max_length`), so the jitted scorer compiles once per bucket. With a mesh, the
+batch dimension is sharded over its 'data' axis and the GPT-2 params are replicated.
+"""
+from collections.abc import Sequence
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from elf_jax.eval import gpt2
+
+
+def unigram_entropy(ids: Sequence[int] | np.ndarray) -> float:
+  """Entropy (nats) of the empirical unigram distribution of a 1-D id sequence; 0.0 when empty."""
+  ids = np.asarray(ids).reshape(-1)
+  if ids.size == 0:
+    return 0.0
+  _, counts = np.unique(ids, return_counts=True)
+  p = counts / ids.size
+  return float(-(p * np.log(p)).sum())
+
+
+def scored_sequence(ids: Sequence[int], eos_id: int, max_length: int) -> list[int]:
+  """The sequence GPT-2 scores for one sample: `(ids + [eos_id])[:max_length]`."""
+  return (list(ids) + [eos_id])[:max_length]
+
+
+def counted_predictions(input_ids: np.ndarray, lengths: np.ndarray, eos_id: int) -> np.ndarray:
+  """Which next-token predictions enter Gen. PPL.
+
+  Args:
+    input_ids: (B,T) scored sequences, right-padded (any pad id, EOS in practice).
+    lengths: (B,) number of real tokens of each row.
+    eos_id: the EOS token id.
+
+  Returns:
+    (B,T-1) bool; entry t is True when token t+1 is real (t+1 < length) and is not an EOS other than the first
+    EOS among the row's real tokens.
+  """
+  positions = np.arange(input_ids.shape[1])
+  real = positions[None, :] < np.asarray(lengths)[:, None]
+  eos = (input_ids == eos_id) & real
+  first_eos = eos & (np.cumsum(eos, axis=1) == 1)
+  return (real & (~eos | first_eos))[:, 1:]
+
+
+def bucket_length(length: int, max_length: int, min_bucket: int = 16) -> int:
+  """Padded length for a batch whose longest row has `length` tokens: a power of two, capped at max_length."""
+  return min(max_length, max(min_bucket, 1 << max(length - 1, 0).bit_length()))
+
+
+class GenPPLScorer:
+  """Scores sample texts: Gen. PPL and unigram entropy under a GPT-2 model (protocol in the module docstring).
+
+  Args:
+    config: GPT-2 shapes (from `gpt2.load_hf_gpt2`).
+    params: GPT-2 Flax params tree (the "params" collection).
+    tokenizer: a Hugging Face GPT-2 tokenizer (`AutoTokenizer.from_pretrained(dir)`); its eos_token_id is EOS.
+    batch_size: rows per forward pass; a multiple of the mesh's 'data' axis size when a mesh is given.
+    mesh: optional `jax.sharding.Mesh` with a 'data' axis; the batch is sharded over it.
+    max_length: tokens per scored sequence (GPT-2's context: at most n_positions).
+    compute_dtype: matmul dtype of GPT-2 (float32 or bfloat16); the NLL is float32.
+    min_bucket: shortest padded length.
+  """
+
+  def __init__(self, config: gpt2.GPT2Config, params: Any, tokenizer: Any, *, batch_size: int = 8,
+               mesh: jax.sharding.Mesh | None = None, max_length: int = 1024, compute_dtype: Any = jnp.float32,
+               min_bucket: int = 16):
+    if not 2 <= max_length <= config.n_positions:
+      raise ValueError(f"max_length={max_length} must be in [2, n_positions={config.n_positions}]")
+    if tokenizer.eos_token_id is None:
+      raise ValueError("the GPT-2 tokenizer has no eos_token_id; load the tokenizer saved with the GPT-2 weights")
+    if len(tokenizer) > config.vocab_size:
+      raise ValueError(f"tokenizer has {len(tokenizer)} tokens but GPT-2 vocab_size is {config.vocab_size}: "
+                       "tokenizer and weights come from different models")
+    self.tokenizer = tokenizer
+    self.eos_id = int(tokenizer.eos_token_id)
+    self.batch_size = batch_size
+    self.max_length = max_length
+    self.min_bucket = min_bucket
+    self._model = gpt2.GPT2LMHeadModel(config, dtype=compute_dtype)
+    if mesh is None:
+      self._batch_sharding = None
+      self._params = jax.device_put(params)
+    else:
+      if "data" not in mesh.axis_names:
+        raise ValueError(f"mesh axes {mesh.axis_names} have no 'data' axis to shard the batch over")
+      if batch_size % mesh.shape["data"]:
+        raise ValueError(f"batch_size={batch_size} is not a multiple of the mesh 'data' axis ({mesh.shape['data']})")
+      mesh = jax.sharding.Mesh(mesh.devices, mesh.axis_names)  # Auto axes: jit propagates shardings itself
+      self._batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+      self._params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    self._row_nll = jax.jit(self._row_nll_impl)
+
+  @classmethod
+  def from_pretrained(cls, name_or_path: str, **kwargs) -> "GenPPLScorer":
+    """Scorer from a Hugging Face GPT-2 directory or hub id (weights and tokenizer), e.g. "gpt2-large"."""
+    import transformers  # pylint: disable=import-outside-toplevel
+    directory = gpt2.resolve_hf_dir(name_or_path)
+    config, params = gpt2.load_hf_gpt2(str(directory))
+    return cls(config, params, transformers.AutoTokenizer.from_pretrained(str(directory)), **kwargs)
+
+  def _row_nll_impl(self, params, input_ids, attention_mask, counted):
+    """(B,T) ids and mask, (B,T-1) counted -> (B,) float32 sum of counted next-token NLLs (nats) per row."""
+    logits = self._model.apply({"params": params}, input_ids, attention_mask)[:, :-1]
+    target_logit = jnp.take_along_axis(logits, input_ids[:, 1:, None], axis=-1)[..., 0]
+    nll = jax.nn.logsumexp(logits, axis=-1) - target_logit
+    return jnp.where(counted, nll, 0.0).sum(axis=-1)
+
+  def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
+    """GPT-2 ids of each text, truncated to max_length (step 1 of the protocol)."""
+    encoded = self.tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
+    return [list(ids[:self.max_length]) for ids in encoded]
+
+  def score(self, texts: Sequence[str]) -> dict[str, float]:
+    """Gen. PPL and entropy of `texts`.
+
+    Returns:
+      dict with gen_ppl (exp of nll), entropy (mean unigram entropy, nats), nll (mean NLL per counted token,
+      nats), num_tokens (counted predictions), num_samples.
+    """
+    if len(texts) == 0:
+      raise ValueError("no texts to score")
+    ids = self.token_ids(texts)
+    sequences = [scored_sequence(x, self.eos_id, self.max_length) for x in ids]
+    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+    total_nll, num_tokens = 0.0, 0
+    for start in range(0, len(order), self.batch_size):
+      rows = [sequences[i] for i in order[start:start + self.batch_size]]
+      length = bucket_length(max(map(len, rows)), self.max_length, self.min_bucket)
+      input_ids = np.full((self.batch_size, length), self.eos_id, np.int32)
+      lengths = np.zeros(self.batch_size, np.int32)  # unused rows keep length 0: nothing counted
+      for r, seq in enumerate(rows):
+        input_ids[r, :len(seq)] = seq
+        lengths[r] = len(seq)
+      attention_mask = (np.arange(length)[None, :] < lengths[:, None]).astype(np.int32)
+      counted = counted_predictions(input_ids, lengths, self.eos_id)
+      batch = (input_ids, attention_mask, counted)
+      if self._batch_sharding is not None:
+        batch = jax.device_put(batch, self._batch_sharding)
+      total_nll += float(np.asarray(self._row_nll(self._params, *batch), np.float64).sum())
+      num_tokens += int(counted.sum())
+    if num_tokens == 0:
+      raise ValueError("no predicted tokens: every sample is shorter than two GPT-2 tokens including EOS")
+    nll = total_nll / num_tokens
+    return {"gen_ppl": math.exp(nll), "entropy": float(np.mean([unigram_entropy(x) for x in ids])), "nll": nll,
+            "num_tokens": num_tokens, "num_samples": len(texts)}

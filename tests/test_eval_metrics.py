@@ -1,0 +1,153 @@
+"""Gen. PPL / entropy against a plain PyTorch re-statement of the protocol; BLEU, ROUGE, MAUVE wrappers."""
+import collections
+import math
+import sys
+
+import jax
+import numpy as np
+import pytest
+from rouge_score import rouge_scorer
+import sacrebleu
+import torch
+
+from elf_jax.eval import gen_ppl
+from elf_jax.eval import gpt2
+from elf_jax.eval import text_metrics
+from test_gpt2 import build_tiny_gpt2, EOS  # tests/ is on sys.path (pytest rootdir-relative import)
+
+MAX_LENGTH = 24
+TEXTS = [
+    "",
+    "The fox.",
+    "The quick brown fox jumps over the lazy dog.",
+    f"A flow{EOS} of words{EOS} embedded.",  # EOS inside the text: only the first counts
+    f"{EOS}Perplexity measures surprise.",  # first EOS at position 0 (context only): the appended one is a later one
+    "Numbers like 1024 and 3.14 appear too; so do commas, colons: and dashes - here. " * 3,  # > MAX_LENGTH
+    "Unseen bytes: é, ß, 漢字 ✓",
+]
+
+
+def reference_scores(model, tokenizer, texts, max_length):
+  """The §8 protocol written plainly: one text at a time, unpadded, in PyTorch."""
+  eos = tokenizer.eos_token_id
+  nll_sum, num_tokens, entropies = 0.0, 0, []
+  for text in texts:
+    ids = tokenizer.encode(text, add_special_tokens=False)[:max_length]
+    counts = collections.Counter(ids)
+    entropies.append(-sum(c / len(ids) * math.log(c / len(ids)) for c in counts.values()))
+    seq = (ids + [eos])[:max_length]
+    with torch.no_grad():
+      logp = torch.log_softmax(model(torch.tensor([seq])).logits[0].double(), dim=-1)
+    eos_seen = 0
+    for t, token in enumerate(seq):
+      eos_seen += token == eos
+      if t >= 1 and (token != eos or eos_seen == 1):
+        nll_sum -= float(logp[t - 1, token])
+        num_tokens += 1
+  nll = nll_sum / num_tokens
+  return {"gen_ppl": math.exp(nll), "entropy": sum(entropies) / len(entropies), "nll": nll,
+          "num_tokens": num_tokens}
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2(tmp_path_factory):
+  return build_tiny_gpt2(tmp_path_factory.mktemp("tiny_gpt2"))
+
+
+@pytest.fixture(scope="module")
+def gpt2_and_reference(tiny_gpt2):
+  config, params = gpt2.load_hf_gpt2(str(tiny_gpt2.directory))
+  want = reference_scores(tiny_gpt2.torch_model, tiny_gpt2.tokenizer, TEXTS, MAX_LENGTH)
+  return config, params, want
+
+
+def test_texts_exercise_truncation_and_eos(tiny_gpt2):
+  lengths = [len(tiny_gpt2.tokenizer.encode(t)) for t in TEXTS]
+  assert lengths[0] == 0 and max(lengths) > MAX_LENGTH
+  assert tiny_gpt2.tokenizer.encode(TEXTS[3]).count(tiny_gpt2.tokenizer.eos_token_id) == 2
+
+
+def test_gen_ppl_and_entropy_match_pytorch(tiny_gpt2, gpt2_and_reference):
+  config, params, want = gpt2_and_reference
+  scorer = gen_ppl.GenPPLScorer(config, params, tiny_gpt2.tokenizer, batch_size=3, max_length=MAX_LENGTH,
+                                min_bucket=8)
+  got = scorer.score(TEXTS)
+  assert got["num_tokens"] == want["num_tokens"] and got["num_samples"] == len(TEXTS)
+  for key in ("gen_ppl", "entropy", "nll"):
+    assert got[key] == pytest.approx(want[key], rel=1e-4), key
+  assert got["gen_ppl"] == pytest.approx(math.exp(got["nll"]), rel=1e-12)
+
+
+@pytest.mark.parametrize("mesh_kind", ["auto", "explicit"])
+def test_sharded_scoring_equals_unsharded(tiny_gpt2, gpt2_and_reference, mesh_kind):
+  config, params, _ = gpt2_and_reference
+  if mesh_kind == "auto":
+    mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(8), ("data",))
+  else:  # jax.make_mesh gives Explicit axes; a second axis holds nothing of the batch
+    mesh = jax.make_mesh((4, 2), ("data", "tensor"))
+  kwargs = {"batch_size": 8, "max_length": MAX_LENGTH, "min_bucket": 8}
+  sharded = gen_ppl.GenPPLScorer(config, params, tiny_gpt2.tokenizer, mesh=mesh, **kwargs).score(TEXTS)
+  plain = gen_ppl.GenPPLScorer(config, params, tiny_gpt2.tokenizer, **kwargs).score(TEXTS)
+  assert sharded["num_tokens"] == plain["num_tokens"]
+  for key in ("gen_ppl", "entropy", "nll"):
+    assert sharded[key] == pytest.approx(plain[key], rel=1e-6), key
+  with pytest.raises(ValueError, match="multiple of the mesh 'data' axis"):
+    gen_ppl.GenPPLScorer(config, params, tiny_gpt2.tokenizer, mesh=mesh, batch_size=3, max_length=MAX_LENGTH)
+
+
+def test_from_pretrained_loads_weights_and_tokenizer(tiny_gpt2, gpt2_and_reference):
+  _, _, want = gpt2_and_reference
+  scorer = gen_ppl.GenPPLScorer.from_pretrained(str(tiny_gpt2.directory), batch_size=4, max_length=MAX_LENGTH)
+  assert scorer.score(TEXTS)["nll"] == pytest.approx(want["nll"], rel=1e-4)
+
+
+def test_counted_predictions_tell_padding_from_eos():
+  e = 0
+  ids = np.array([[5, 6, e, e, e],  # text "5 6" + appended EOS (length 3) + padding
+                  [5, 6, 7, 8, e],  # truncated sample without EOS (length 4) + one padding EOS
+                  [e, 5, e, 6, e]])  # EOS at position 0 is the first one; the one at 2 is a later one
+  got = gen_ppl.counted_predictions(ids, np.array([3, 4, 5]), eos_id=e)
+  np.testing.assert_array_equal(got, [[1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 1, 0]])
+
+
+def test_scored_sequence_and_buckets():
+  assert gen_ppl.scored_sequence([1, 2], eos_id=0, max_length=4) == [1, 2, 0]
+  assert gen_ppl.scored_sequence([1, 2, 3, 4], eos_id=0, max_length=4) == [1, 2, 3, 4]
+  assert [gen_ppl.bucket_length(n, 1024) for n in (1, 16, 17, 600, 1024)] == [16, 16, 32, 1024, 1024]
+  assert gen_ppl.bucket_length(70, 100) == 100
+
+
+def test_unigram_entropy_by_hand():
+  assert gen_ppl.unigram_entropy([7, 7, 3, 9]) == pytest.approx(1.5 * math.log(2), rel=1e-12)
+  assert gen_ppl.unigram_entropy(list(range(10))) == pytest.approx(math.log(10), rel=1e-12)
+  assert gen_ppl.unigram_entropy([4, 4, 4]) == 0.0
+  assert gen_ppl.unigram_entropy([]) == 0.0
+
+
+HYPS = ["The cat sat on the mat.", "Running dogs were barking loudly", "A completely unrelated sentence here"]
+REFS = ["the cat sat on the red mat .", "the dog runs and barks loudly", "Something else entirely, really."]
+
+
+def test_bleu_is_lowercased_sacrebleu():
+  want = sacrebleu.corpus_bleu(HYPS, [REFS], lowercase=True).score
+  assert text_metrics.bleu(HYPS, REFS) == pytest.approx(want, rel=1e-12)
+  lowered = sacrebleu.corpus_bleu([h.lower() for h in HYPS], [[r.lower() for r in REFS]]).score
+  assert text_metrics.bleu(HYPS, REFS) == pytest.approx(lowered, rel=1e-12)
+  assert text_metrics.bleu(["The Same Words Here Now"], ["the same words here now"]) == pytest.approx(100.0)
+  with pytest.raises(ValueError, match="paired by index"):
+    text_metrics.bleu(HYPS, REFS[:2])
+
+
+def test_rouge_is_stemmed_fmeasure_mean():
+  scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+  per_example = [scorer.score(r, h) for h, r in zip(HYPS, REFS)]
+  got = text_metrics.rouge(HYPS, REFS)
+  for key in ("rouge1", "rouge2", "rougeL"):
+    assert got[key] == pytest.approx(100 * np.mean([s[key].fmeasure for s in per_example]), rel=1e-12)
+  assert text_metrics.rouge(["dogs running"], ["dog runs"])["rouge1"] == pytest.approx(100.0)  # stemming on
+
+
+def test_mauve_absent_names_the_install(monkeypatch):
+  monkeypatch.setitem(sys.modules, "mauve", None)
+  with pytest.raises(ImportError, match="pip install mauve-text"):
+    text_metrics.mauve_score(["a"], ["b"])
