@@ -6,6 +6,16 @@ to change lives here, with a comment; `validate` checks values before anything c
 """
 import ml_collections
 
+# Logical parameter axis → mesh axis (None = replicated). `embed` (H) is split over fsdp (ZeRO-3 style);
+# heads / MLP hidden / vocabulary over tensor. Unlisted logical axes are replicated.
+SHARDING_RULES = (
+    ("embed", "fsdp"),
+    ("qkv", "tensor"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+)
+
 
 def base_config() -> ml_collections.ConfigDict:
   """Reference defaults (ELF-B on OpenWebText shapes); specific configs override fields."""
@@ -66,7 +76,8 @@ def base_config() -> ml_collections.ConfigDict:
   # Data.
   c.data = d = ml_collections.ConfigDict()
   d.source = "synthetic"  # synthetic | tfds | hf_arrow | jsonl | text
-  d.path = ""  # dataset name (tfds) or path (hf_arrow / jsonl / text)
+  d.path = ""  # dataset name (tfds) or path (hf_arrow / jsonl / text); "{split}" is replaced by the split name
+  d.data_dir = ""  # tfds: the TFDS data dir ("" = TFDS_DATA_DIR or ~/tensorflow_datasets)
   d.split = "train"
   d.eval_split = "validation"
   d.conditional = False  # [condition ; target] sequences (XSum, WMT)
@@ -100,7 +111,7 @@ def base_config() -> ml_collections.ConfigDict:
   o.num_steps = -1  # if > 0, overrides num_epochs
   o.steps_per_epoch = -1  # if > 0, used when the data source cannot tell its size
 
-  # Sampling (spec §6); presets in configs/sampling.py.
+  # Sampling (spec §6); named presets in elf_jax/sample.py (PRESETS).
   c.sample = s = ml_collections.ConfigDict()
   s.preset = ""  # owt_sde32 | owt_sde64 | cond_ode64 | "" (fields below)
   s.method = "sde"  # ode | sde
@@ -125,6 +136,8 @@ def base_config() -> ml_collections.ConfigDict:
   h.data = -1
   h.fsdp = 1
   h.tensor = 1
+  h.preset = ""  # v5p-64 | v5p-64-fsdp | gpu | gpu-fsdp | cpu-8 (elf_jax/parallel/mesh.py); overrides the sizes
+  h.rules = SHARDING_RULES  # logical axis → mesh axis table (elf_jax/parallel/sharding.py)
   h.compile_topology = ""  # --mode=compile: e.g. v5p-64
 
   c.checkpoint = k = ml_collections.ConfigDict()
@@ -138,3 +151,56 @@ def base_config() -> ml_collections.ConfigDict:
   g.eval_every_steps = 0
   g.tensorboard = True
   return c
+
+
+class ConfigError(ValueError):
+  """A bad configuration value; the message names the field and the fix."""
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks values that would otherwise fail late (or silently) — before anything is built or compiled."""
+  m, f, d, o, s = config.model, config.flow, config.data, config.optim, config.sample
+  problems = []
+
+  def need(ok, msg):
+    if not ok:
+      problems.append(msg)
+
+  need(o.base_lr > 0, f"optim.base_lr={o.base_lr} must be > 0")
+  need(o.global_batch_size > 0, f"optim.global_batch_size={o.global_batch_size} must be > 0")
+  need(o.grad_accum_steps >= 1 and o.global_batch_size % o.grad_accum_steps == 0,
+       f"optim.grad_accum_steps={o.grad_accum_steps} must be >= 1 and divide optim.global_batch_size="
+       f"{o.global_batch_size}")
+  need(0.0 <= o.ema_decay < 1.0, f"optim.ema_decay={o.ema_decay} must be in [0, 1)")
+  need(o.optimizer in ("muon", "adamw"), f"optim.optimizer={o.optimizer!r}: expected 'muon' or 'adamw'")
+  need(o.schedule in ("constant", "cosine"), f"optim.schedule={o.schedule!r}: expected 'constant' or 'cosine'")
+  for name in ("decoder_prob", "self_cond_prob", "label_drop_prob"):
+    need(0.0 <= f[name] <= 1.0, f"flow.{name}={f[name]} must be in [0, 1]")
+  need(f.time_schedule in ("logit_normal", "uniform"),
+       f"flow.time_schedule={f.time_schedule!r}: expected 'logit_normal' or 'uniform'")
+  need(f.pad_token in ("pad", "eos"), f"flow.pad_token={f.pad_token!r}: expected 'pad' or 'eos'")
+  need(0.0 < f.t_eps <= 1.0, f"flow.t_eps={f.t_eps} must be in (0, 1]")
+  need(0.0 <= f.guidance_min <= f.guidance_max, f"flow.guidance_min/max={f.guidance_min}/{f.guidance_max}: need "
+       "0 <= min <= max")
+  need(f.denoiser_noise_scale > 0 and f.decoder_noise_scale > 0, "flow.*_noise_scale must be > 0")
+  need(m.hidden_size % m.num_heads == 0, f"model.hidden_size={m.hidden_size} must be divisible by model.num_heads="
+       f"{m.num_heads}")
+  need((m.hidden_size // max(m.num_heads, 1)) % 2 == 0, "model.hidden_size / model.num_heads (the head dim) must be "
+       "even for the rotary embedding")
+  need(m.compute_dtype in ("float32", "bfloat16"), f"model.compute_dtype={m.compute_dtype!r}: expected float32 or "
+       "bfloat16")
+  need(m.attention_impl in ("xla", "pallas", "auto"), f"model.attention_impl={m.attention_impl!r}: expected xla, "
+       "pallas or auto")
+  need(m.remat in ("none", "full", "dots_saveable"), f"model.remat={m.remat!r}: expected none, full or "
+       "dots_saveable")
+  need(d.max_length > 0, f"data.max_length={d.max_length} must be > 0")
+  if d.conditional:
+    need(0 < d.max_condition_length < d.max_length,
+         f"data.max_length={d.max_length} must be longer than data.max_condition_length={d.max_condition_length} "
+         "(> 0) so that target tokens fit after the condition")
+  need(s.method in ("ode", "sde"), f"sample.method={s.method!r}: expected 'ode' or 'sde'")
+  need(s.grid in ("uniform", "logit_normal"), f"sample.grid={s.grid!r}: expected 'uniform' or 'logit_normal'")
+  need(s.steps >= 1, f"sample.steps={s.steps} must be >= 1")
+  need(s.gamma >= 0, f"sample.gamma={s.gamma} must be >= 0")
+  if problems:
+    raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))

@@ -1,0 +1,62 @@
+r"""ELF command line: train, sample, evaluate, or compile ahead of time for a TPU topology.
+
+  python -m elf_jax.main --config=configs/tiny.py --workdir=runs/tiny                 # offline default
+  python -m elf_jax.main --config=configs/owt_b.py --workdir=gs://bucket/elf_b        # ELF-B on OpenWebText
+  python -m elf_jax.main --config=configs/owt_b.py --workdir=DIR --mode=sample --config.sample.preset=owt_sde32
+  python -m elf_jax.main --config=configs/owt_b.py --workdir=DIR --mode=eval --config.eval.num_seeds=3
+  python -m elf_jax.main --config=configs/owt_b.py --workdir=DIR --mode=compile --config.mesh.compile_topology=v5p-64
+
+Any config field can be overridden with --config.group.field=value. Sample and eval use the EMA parameters of the
+latest checkpoint in --workdir (or --config.init_from).
+"""
+import json
+import logging
+import os
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from elf_jax.parallel.mesh import initialize_distributed
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/ (get_config()).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, samples (local or gs://).")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "compile"], "What to do.")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", None, "Call jax.distributed.initialize() (multi-host); default: "
+                                 "the ELF_DISTRIBUTED environment variable.")
+flags.mark_flags_as_required(["config"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.getLogger().setLevel(logging.INFO)
+  initialize_distributed(_DISTRIBUTED.value)
+  import jax  # after distributed initialisation
+
+  config = _CONFIG.value
+  print("Resolved config:\n" + config.to_json_best_effort(indent=2), flush=True)
+  workdir = _WORKDIR.value
+  mode = _MODE.value
+  if mode == "compile":
+    from elf_jax.parallel import aot
+    aot.main(config)
+    return
+  if not workdir:
+    raise app.UsageError("--workdir is required for train, sample and eval")
+  from elf_jax.train import loop
+  loop.check_workdir(workdir)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, f"config_{mode}.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+  from elf_jax import generate
+  if mode == "train":
+    loop.train(config, workdir, hooks=generate.training_hook)
+  elif mode == "sample":
+    generate.sample_mode(config, workdir)
+  else:
+    print(json.dumps(generate.eval_mode(config, workdir), indent=2))
+
+
+if __name__ == "__main__":
+  app.run(main)

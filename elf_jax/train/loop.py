@@ -1,0 +1,289 @@
+"""Training orchestration: mesh, data, encoder, sharded state, checkpoints, logging, sample/eval hooks.
+
+Everything numerical lives in pure modules (`train/step.py`, `train/loss.py`, `sample.py`); this file wires them to
+the outside world. What a person sees: a progress bar with step time and ETA, `DIR/metrics.jsonl`, TensorBoard
+events in `DIR/tb`, `DIR/loss_curve.png` at the end, samples in `DIR/samples/`.
+"""
+import dataclasses
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+import tqdm
+
+from elf_jax import checkpoint
+from elf_jax.config import ConfigError, validate
+from elf_jax.data import pipeline, sources, tokenizer as tokenizers_
+from elf_jax.model.elf import ELF, ModelConfig, init_params
+from elf_jax.model.latents import LatentEncoder, build_encoder, measure_latent_stats
+from elf_jax.parallel import mesh as mesh_lib
+from elf_jax.parallel import sharding
+from elf_jax.train import loss as loss_lib
+from elf_jax.train import optim
+from elf_jax.train import step as step_lib
+from elf_jax.train.state import TrainState
+
+LATENT_STATS_FILE = "latent_stats.json"
+
+
+@dataclasses.dataclass
+class Setup:
+  """What every mode builds from a config: mesh, tokenizer, language, encoder (with latent stats), model."""
+  config: ml_collections.ConfigDict
+  mesh: jax.sharding.Mesh
+  tokenizer: Any
+  language: Any
+  encoder: LatentEncoder
+  encoder_params: Any
+  model: ELF
+
+
+def check_workdir(workdir: str) -> None:
+  """Creates `workdir` and checks that it is writable (before anything is compiled)."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, ".write_test")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise ConfigError(f"--workdir={workdir!r} is not writable ({e}); pass a directory you can write to") from e
+
+
+def build(config: ml_collections.ConfigDict, workdir: str | None = None) -> Setup:
+  """Validates the config and builds the static pieces; measures (or reloads) latent statistics if asked."""
+  validate(config)
+  if config.mesh.preset:
+    mesh_lib.apply_mesh_preset(config, config.mesh.preset)
+  mesh = mesh_lib.make_mesh(config.mesh)
+  language = sources.make_language(config.data) if config.data.source == "synthetic" else None
+  tok = tokenizers_.load_tokenizer(config.data.tokenizer, language)
+  encoder, encoder_params = build_encoder(config)
+  if len(tok) > encoder.vocab_size or len(tok) > config.model.vocab_size:
+    raise ConfigError(f"the tokenizer {config.data.tokenizer!r} has {len(tok)} tokens but the encoder embeds "
+                      f"{encoder.vocab_size} and the model head predicts model.vocab_size={config.model.vocab_size}; "
+                      "use the encoder's own tokenizer or set --config.model.vocab_size to the tokenizer's size")
+  batch = config.optim.global_batch_size // config.optim.grad_accum_steps
+  shards = mesh_lib.num_batch_shards(mesh)
+  if batch % shards:
+    raise ConfigError(f"the per-step batch {batch} (optim.global_batch_size / optim.grad_accum_steps) is not divisible"
+                      f" by the {shards} data-parallel shards of {mesh_lib.describe_mesh(mesh)}; change the batch or "
+                      "--config.mesh.*")
+  if config.model.num_heads % mesh.shape["tensor"]:
+    raise ConfigError(f"model.num_heads={config.model.num_heads} is not divisible by mesh.tensor="
+                      f"{mesh.shape['tensor']}; pick a tensor size that divides the heads")
+  encoder = _latent_stats(config, workdir, encoder, encoder_params, tok, language)
+  model = ELF(ModelConfig.from_config(config))
+  return Setup(config, mesh, tok, language, encoder, encoder_params, model)
+
+
+def _latent_stats(config, workdir, encoder, encoder_params, tok, language) -> LatentEncoder:
+  """Latent mean/std: from the config, or measured once from training data and kept in the workdir."""
+  if not config.encoder.measure_latent_stats:
+    return encoder
+  path = os.path.join(workdir, LATENT_STATS_FILE) if workdir else None
+  if path and os.path.exists(path):
+    with open(path) as f:
+      stats = json.load(f)
+    return encoder.with_stats(stats["mean"], stats["std"])
+  ds = pipeline.make_dataset(config, tok, config.data.split, language=language, seed=config.seed + 1)
+  mean, std = measure_latent_stats(encoder, encoder_params, iter(ds))
+  if path:
+    with open(path, "w") as f:
+      json.dump({"mean": mean, "std": std}, f)
+  return encoder.with_stats(mean, std)
+
+
+def steps_per_epoch(config, source_len: int) -> int:
+  if config.optim.steps_per_epoch > 0:
+    return int(config.optim.steps_per_epoch)
+  return max(1, source_len // config.optim.global_batch_size)
+
+
+def total_steps(config, per_epoch: int) -> int:
+  if config.optim.num_steps > 0:
+    return int(config.optim.num_steps)
+  return max(1, int(round(config.optim.num_epochs * per_epoch)))
+
+
+def abstract_and_shardings(setup: Setup, optimizer):
+  """(abstract TrainState with shardings, TrainState of NamedShardings) without allocating anything."""
+  seq = setup.config.data.max_length
+  rng = jax.random.PRNGKey(setup.config.seed)
+  boxed = jax.eval_shape(lambda: init_params(setup.model, rng, seq))
+  specs = sharding.param_specs(boxed, sharding.rules_from_config(setup.config))
+  shapes = jax.eval_shape(lambda: step_lib.init_state(setup.model, optimizer, rng, seq))
+  sharding.check_divisible(shapes.params, specs, setup.mesh)
+  shardings = sharding.state_shardings(setup.mesh, optimizer, shapes, specs)
+  abstract = jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
+                                    shardings)
+  return abstract, shardings
+
+
+def create_state(setup: Setup, optimizer, shardings) -> TrainState:
+  """A sharded fresh state (`jax.jit(init, out_shardings=...)`), optionally starting from `config.init_from`."""
+  seq, config = setup.config.data.max_length, setup.config
+  rng = jax.random.PRNGKey(config.seed)
+  state = jax.jit(lambda: step_lib.init_state(setup.model, optimizer, rng, seq), out_shardings=shardings)()
+  if config.init_from:
+    expected = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state.params)
+    params = checkpoint.load_params_from(config.init_from, expected)
+    params = jax.device_put(params, shardings.params)
+    logging.info("initialised params and EMA from %s", config.init_from)
+    state = state.replace(params=params, ema_params=params, opt_state=jax.jit(
+        optimizer.init, out_shardings=shardings.opt_state)(params))
+  return state
+
+
+def global_batch(mesh, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+  """This process's numpy batch → global arrays sharded over the batch axes."""
+  sh = sharding.batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sh, local[k]) for k in step_lib.BATCH_KEYS}
+
+
+class MetricsWriter:
+  """metrics.jsonl (always) and TensorBoard event files (config.logging.tensorboard), process 0 only."""
+
+  def __init__(self, workdir: str, tensorboard: bool):
+    self.active = jax.process_index() == 0
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.tb = None
+    if self.active and tensorboard:
+      import tensorboardX  # optional at import time: only the writer needs it
+      self.tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tb"))
+
+  def write(self, step: int, metrics: dict[str, Any], kind: str = "train"):
+    if not self.active:
+      return
+    row = {"step": int(step), "kind": kind, **{k: _py(v) for k, v in metrics.items()}}
+    with open(self.path, "a") as f:
+      f.write(json.dumps(row) + "\n")
+    if self.tb is not None:
+      for k, v in row.items():
+        if isinstance(v, (int, float)) and k != "step":
+          self.tb.add_scalar(f"{kind}/{k}", v, step)
+      self.tb.flush()
+
+  def close(self):
+    if self.tb is not None:
+      self.tb.close()
+
+
+def _py(v):
+  v = np.asarray(v)
+  return v.item() if v.size == 1 else v.tolist()
+
+
+def plot_loss_curve(workdir: str) -> str | None:
+  """Draws DIR/loss_curve.png from DIR/metrics.jsonl (train loss and its branches); returns the path."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return None
+  rows = [json.loads(line) for line in open(path) if line.strip()]
+  rows = [r for r in rows if r.get("kind") == "train"]
+  if not rows:
+    return None
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(7, 4))
+  steps = [r["step"] for r in rows]
+  for key in ("loss", "denoise_loss", "decode_loss"):
+    vals = [r.get(key, float("nan")) for r in rows]
+    ax.plot(steps, vals, label=key)
+  ax.set_xlabel("optimizer step")
+  ax.set_ylabel("loss")
+  ax.set_yscale("log")
+  ax.legend()
+  ax.grid(alpha=0.3)
+  ax.set_title("ELF training loss")
+  out = os.path.join(workdir, "loss_curve.png")
+  fig.tight_layout()
+  fig.savefig(out, dpi=120)
+  plt.close(fig)
+  return out
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, hooks=None) -> TrainState:
+  """Trains per `config` in `workdir` (auto-resuming), returns the final state.
+
+  hooks: optional callable(setup, state, step, writer, final: bool) run every `logging.sample_every_steps` and
+  at the end (sampling + evaluation, see `elf_jax.main`).
+  """
+  check_workdir(workdir)
+  setup = build(config, workdir)
+  mesh = setup.mesh
+  logging.info("%s", mesh_lib.describe_mesh(mesh))
+  source_len = len(sources.make_source(config.data, config.data.split, setup.language))
+  per_epoch = steps_per_epoch(config, source_len)
+  n_steps = total_steps(config, per_epoch)
+  schedule = optim.make_schedule(config.optim, per_epoch, n_steps)
+  optimizer = optim.make_optimizer(config.optim, schedule)
+  abstract, shardings = abstract_and_shardings(setup, optimizer)
+
+  batch_size = config.optim.global_batch_size // config.optim.grad_accum_steps
+  dataset = pipeline.make_dataset(config, setup.tokenizer, config.data.split, language=setup.language,
+                                  process_index=jax.process_index(), process_count=jax.process_count(),
+                                  batch_size=batch_size)
+  data_iter = iter(dataset)
+  manager = checkpoint.CheckpointManager(checkpoint.checkpoint_dir(workdir), max_to_keep=config.checkpoint.max_to_keep,
+                                         async_save=config.checkpoint.async_save)
+  state = manager.restore(abstract, data_iterator=data_iter)
+  if state is None:
+    state = create_state(setup, optimizer, shardings)
+    logging.info("starting from scratch: %d optimizer steps (%d per epoch)", n_steps, per_epoch)
+  else:
+    logging.info("resumed from step %d of %d", int(state.step), n_steps)
+
+  obj = step_lib.Objective(setup.model, setup.encoder, loss_lib.FlowConfig.from_config(config),
+                           step_lib.resolve_num_groups(config, mesh, batch_size), config.data.conditional)
+  train_step = step_lib.make_train_step(obj, optimizer, config.optim, mesh, shardings)
+  encoder_params = jax.device_put(setup.encoder_params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  writer = MetricsWriter(workdir, config.logging.tensorboard)
+  preempted = checkpoint.install_preemption_handler()
+  accum = config.optim.grad_accum_steps
+  start = int(state.step)
+  bar = tqdm.tqdm(total=n_steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
+                  disable=jax.process_index() != 0)
+  step, window, t_last = start, [], time.perf_counter()
+  try:
+    while step < n_steps:
+      for _ in range(accum):
+        state, metrics = train_step(state, encoder_params, global_batch(mesh, next(data_iter)))
+      step += 1
+      window.append(metrics)
+      bar.update(1)
+      if step % config.logging.log_every_steps == 0 or step == n_steps:
+        host = jax.device_get(window)
+        now = time.perf_counter()
+        summary = {k: float(np.nanmean([m[k] for m in host])) for k in host[0]}
+        summary.update(lr=float(schedule(step)), step_time_s=(now - t_last) / len(window),
+                       epoch=step / per_epoch)
+        window, t_last = [], now
+        writer.write(step, summary)
+        bar.set_postfix(loss=f"{summary['loss']:.4f}", s_per_step=f"{summary['step_time_s']:.3f}")
+      if step % config.checkpoint.every_steps == 0 or step == n_steps or preempted():
+        manager.save(step, state, data_iter, force=True)
+      if preempted():
+        logging.warning("SIGTERM received: saved step %d to %s, exiting", step, workdir)
+        manager.wait()
+        break
+      every = config.logging.sample_every_steps
+      if hooks is not None and every > 0 and step % every == 0 and step < n_steps:
+        hooks(setup, state, step, writer, False)
+  finally:
+    bar.close()
+    manager.wait()
+  if step >= n_steps:
+    plot_loss_curve(workdir)
+    if hooks is not None:
+      hooks(setup, state, step, writer, True)
+  writer.close()
+  manager.close()
+  return state
