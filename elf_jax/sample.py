@@ -1,0 +1,293 @@
+"""Pure-functional ODE/SDE sampler (spec §6): trained self-conditioning guidance, classifier-free guidance,
+conditional prefixes and token decoding.
+
+    z = z0 (= σ·ε), x_prev = 0
+    for each interval [t, t_next] of the grid (the last one always ODE):
+      α = clip(1 − γ (t_next − t), 0, 1) (SDE; α = 1 for ODE),  t_b = α t,  z_b = α z + (1 − α) σ ε'
+      x̂ = network(concat[z_b, x_prev], t_b, w)            (CFG: x̂ = x̂_u + s (x̂_c − x̂_u), one batched call)
+      z ← z_b + (t_next − t_b) (x̂ − z_b) / max(1 − t_b, t_eps);  x_prev ← x̂
+    ids = argmax network(concat[z, 0], t = 1, w, mode tokens on); strip the condition; from the first EOS on → pad
+
+Conditional sampling (details pinned down by the reference fixture): condition positions hold the clean condition
+latents in BOTH halves of the conditional input (z and the self-conditioning x_prev, from the first step on) and
+get zero velocity; the unconditional CFG input has zeros in both halves there. x_prev is the CFG-combined x̂ (with
+the clean condition at condition positions). The padding mask given to the network during sampling is `mask`
+(None = all positions valid, as the reference samples). Decoding sees the clean condition latents in z.
+
+Randomness (initial noise, SDE noise ε' per step, a random time grid) is always drawn for the global batch from
+explicit keys, so a seed gives the same samples on any number of devices.
+"""
+from collections.abc import Callable, Mapping
+import dataclasses
+import functools
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from elf_jax import flow
+
+# Reference sampling settings per task (spec §6). `apply_preset` copies one into `config.sample`.
+PRESETS: dict[str, dict[str, Any]] = {
+    # OpenWebText headline: SDE, 32 steps, churn 1.5, self-conditioning guidance 3.
+    "owt_sde32": dict(method="sde", steps=32, gamma=1.5, guidance_scale=3.0, cfg_scale=1.0, grid="uniform"),
+    # OpenWebText, more steps and less churn.
+    "owt_sde64": dict(method="sde", steps=64, gamma=1.0, guidance_scale=3.0, cfg_scale=1.0, grid="uniform"),
+    # Conditional tasks (XSum, WMT14 De-En): ODE, 64 steps, classifier-free guidance 2, no self-cond. guidance.
+    "cond_ode64": dict(method="ode", steps=64, gamma=0.0, guidance_scale=1.0, cfg_scale=2.0, grid="uniform"),
+}
+METHODS = ("ode", "sde")
+
+
+def apply_preset(sample_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Returns a copy of `config.sample` with the fields of `sample_config.preset` filled in (if it is non-empty).
+
+  The input is not modified. Raises ValueError naming the known presets if the preset is unknown.
+  """
+  out = ml_collections.ConfigDict(sample_config.to_dict())
+  name = out.get("preset", "")
+  if not name:
+    return out
+  if name not in PRESETS:
+    raise ValueError(f"sample.preset={name!r} is unknown; choose one of {sorted(PRESETS)} or '' (use the fields)")
+  out.update(PRESETS[name])
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleConfig:
+  """Static sampler settings (hashable: `make_sampler` compiles once per config).
+
+  method: "ode" | "sde"; steps: grid intervals (= denoiser evaluations); grid: "uniform" | "logit_normal";
+  gamma: SDE churn γ; guidance_scale: default self-conditioning guidance w; cfg_scale: classifier-free guidance s
+  (1 = off; conditional only); noise_scale: σ of the initial and churn noise; t_eps: velocity denominator floor;
+  p_mean / p_std: logit-normal grid; eos_id / pad_id: token ids; return_trajectory: keep x̂ of every step.
+  """
+  method: str = "ode"
+  steps: int = 32
+  grid: str = "uniform"
+  gamma: float = 0.0
+  guidance_scale: float = 1.0
+  cfg_scale: float = 1.0
+  noise_scale: float = 1.0
+  t_eps: float = 0.05
+  p_mean: float = -1.5
+  p_std: float = 0.8
+  eos_id: int = 1
+  pad_id: int = 0
+  return_trajectory: bool = False
+
+  def __post_init__(self):
+    if self.method not in METHODS:
+      raise ValueError(f"sample.method={self.method!r}: expected one of {METHODS}")
+    if self.steps < 1:
+      raise ValueError(f"sample.steps={self.steps}: need at least one step")
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict, **overrides) -> "SampleConfig":
+    """From a full run config: `config.sample` (after `apply_preset`) and σ, t_eps, P_mean, P_std of `config.flow`."""
+    s, f = apply_preset(config.sample), config.flow
+    fields = dict(method=s.method, steps=s.steps, grid=s.grid, gamma=s.gamma, guidance_scale=s.guidance_scale,
+                  cfg_scale=s.cfg_scale, noise_scale=f.denoiser_noise_scale, t_eps=f.t_eps, p_mean=f.P_mean,
+                  p_std=f.P_std, return_trajectory=s.save_trajectory)
+    return cls(**{**fields, **overrides})
+
+
+class SampleOutput(NamedTuple):
+  """latents (B, S, C) final z; ids (B, S) int32 target tokens after EOS masking (conditional: condition stripped,
+  targets left-aligned, padded with pad_id); raw_ids (B, S) int32 argmax over the full sequence before any masking;
+  trajectory (steps, B, S, C) x̂ of every step or None; trajectory_t (steps, B) the time each x̂ was evaluated at
+  (t_b for SDE) or None."""
+  latents: jax.Array
+  ids: jax.Array
+  raw_ids: jax.Array
+  trajectory: jax.Array | None
+  trajectory_t: jax.Array | None
+
+
+def evaluations_per_sample(steps: int, cfg: bool) -> int:
+  """Network evaluations per sample: one per step (two with CFG, run as one batched call) plus one decode."""
+  return steps * (2 if cfg else 1) + 1
+
+
+def draw_initial_noise(rng: jax.Array, batch: int, seq_len: int, latent_dim: int, noise_scale: float) -> jax.Array:
+  """z0 = σ·ε, ε ~ N(0, I), shape (batch, seq_len, latent_dim) float32, drawn for the global batch."""
+  return noise_scale * jax.random.normal(rng, (batch, seq_len, latent_dim), jnp.float32)
+
+
+def draw_inputs(rng: jax.Array, config: SampleConfig, batch: int, seq_len: int, latent_dim: int):
+  """All randomness of one sampling run from one key: (z0 (B, S, C), grid (steps + 1,), sde_rng).
+
+  The grid is one per batch (random for `logit_normal`, spec §6); everything has global shapes.
+  """
+  k_noise, k_grid, k_sde = jax.random.split(rng, 3)
+  z0 = draw_initial_noise(k_noise, batch, seq_len, latent_dim, config.noise_scale)
+  grid = flow.time_grid(config.steps, config.grid, k_grid, config.p_mean, config.p_std)
+  return z0, grid, k_sde
+
+
+def strip_condition(ids: jax.Array, cond_mask: jax.Array, pad_id: int) -> jax.Array:
+  """Target tokens left-aligned per example: non-condition positions of ids (B, S) in order, then pad_id."""
+  order = jnp.argsort(cond_mask.astype(jnp.int32), axis=-1, stable=True)  # targets first, in order
+  is_target = jnp.take_along_axis(~cond_mask.astype(bool), order, axis=-1)
+  return jnp.where(is_target, jnp.take_along_axis(ids, order, axis=-1), pad_id)
+
+
+def mask_after_eos(ids: jax.Array, eos_id: int, pad_id: int) -> jax.Array:
+  """ids (B, S) with everything from the first EOS on (the EOS included) replaced by pad_id."""
+  return jnp.where(jnp.cumsum(ids == eos_id, axis=-1) > 0, pad_id, ids)
+
+
+def finalize_ids(raw_ids, cond_mask=None, mask=None, *, eos_id: int = 1, pad_id: int = 0) -> jax.Array:
+  """raw argmax ids (B, S) → target ids: padded positions → pad_id, condition stripped, EOS masking."""
+  ids = raw_ids if mask is None else jnp.where(mask.astype(bool), raw_ids, pad_id)
+  if cond_mask is not None:
+    ids = strip_condition(ids, cond_mask, pad_id)
+  return mask_after_eos(ids, eos_id, pad_id)
+
+
+def _per_example(x, batch: int) -> jax.Array:
+  return jnp.broadcast_to(jnp.asarray(x, jnp.float32), (batch,))
+
+
+def _guided_x_hat(params, model, z, x_prev, t, w, mask, cond_latents, keep, cfg_scale: float):
+  """One (CFG-combined) denoiser evaluation → x̂ (B, S, C), clean condition latents at condition positions."""
+  apply = lambda x, tt, ww, m: model.apply({"params": params}, x, tt, ww, m)
+  if cond_latents is None:
+    return apply(jnp.concatenate([z, x_prev], -1), t, w, mask)
+  z_c, x_c = jnp.where(keep, cond_latents, z), jnp.where(keep, cond_latents, x_prev)
+  x_in = jnp.concatenate([z_c, x_c], -1)
+  if cfg_scale == 1.0:
+    x_hat = apply(x_in, t, w, mask)
+  else:  # conditional and unconditional halves in one batched call
+    x_unc = jnp.where(keep, 0.0, jnp.concatenate([z, x_prev], -1))
+    two = lambda a: None if a is None else jnp.concatenate([a, a], 0)
+    both = apply(jnp.concatenate([x_in, x_unc], 0), two(t), two(w), two(mask))
+    x_cond, x_uncond = jnp.split(both, 2, axis=0)
+    x_hat = x_uncond + cfg_scale * (x_cond - x_uncond)
+  return jnp.where(keep, cond_latents, x_hat)
+
+
+def sample(params, model: nn.Module, z0: jax.Array, grid: jax.Array, *, method: str = "ode", gamma: float = 0.0,
+           guidance_scale=1.0, cfg_scale: float = 1.0, noise_scale: float = 1.0, t_eps: float = 0.05,
+           cond_latents: jax.Array | None = None, cond_mask: jax.Array | None = None, mask: jax.Array | None = None,
+           rng: jax.Array | None = None, eos_id: int = 1, pad_id: int = 0,
+           return_trajectory: bool = False) -> SampleOutput:
+  """Samples token sequences with the ELF flow (spec §6); pure and jit-compatible.
+
+  Args:
+    params: the network's parameter tree (EMA params for sampling).
+    model: the `ELF` module (static).
+    z0: (B, S, C) initial latents, already σ·ε (see `draw_initial_noise`).
+    grid: (steps + 1,) shared or (B, steps + 1) per-example times, 0 → 1 non-decreasing.
+    method: "ode" (Euler) or "sde" (churn γ on every interval but the last); static.
+    gamma: SDE churn γ.
+    guidance_scale: self-conditioning guidance w, scalar or (B,); also used for decoding.
+    cfg_scale: classifier-free guidance s (static; 1 = off, one network call per step); needs a condition.
+    noise_scale: σ of the SDE churn noise.
+    t_eps: velocity denominator floor.
+    cond_latents: (B, S, C) clean condition latents (only condition positions are read) or None.
+    cond_mask: (B, S) true at condition positions; required with cond_latents.
+    mask: (B, S) padding mask for the network (1 = valid) or None (all valid, as the reference samples).
+    rng: key for the SDE noise (required for method="sde").
+    eos_id, pad_id: token ids for the EOS masking.
+    return_trajectory: also return x̂ of every step (static).
+
+  Returns:
+    SampleOutput (see its docstring).
+  """
+  if method not in METHODS:
+    raise ValueError(f"method={method!r}: expected one of {METHODS}")
+  if (cond_latents is None) != (cond_mask is None):
+    raise ValueError("conditional sampling needs both cond_latents (B, S, C) and cond_mask (B, S); pass both or none")
+  if cfg_scale != 1.0 and cond_latents is None:
+    raise ValueError(f"cfg_scale={cfg_scale} needs a condition (cond_latents, cond_mask); use cfg_scale=1.0")
+  if method == "sde" and rng is None:
+    raise ValueError("method='sde' draws churn noise: pass rng")
+  batch = z0.shape[0]
+  w = _per_example(guidance_scale, batch)
+  grid = jnp.broadcast_to(jnp.asarray(grid, jnp.float32), (batch, jnp.shape(grid)[-1]))
+  steps = grid.shape[1] - 1
+  keep = None if cond_mask is None else cond_mask.astype(bool)[..., None]
+  hold = (lambda a, clean: a) if keep is None else (lambda a, clean: jnp.where(keep, clean, a))
+  z = hold(z0.astype(jnp.float32), cond_latents)
+
+  def step(carry, xs):
+    z, x_prev = carry
+    i, t, t_next = xs  # t, t_next: (B,)
+    alpha = jnp.ones_like(t)
+    if method == "sde":
+      alpha = jnp.where(i == steps - 1, 1.0, jnp.clip(1.0 - gamma * (t_next - t), 0.0, 1.0))
+      eps = jax.random.normal(jax.random.fold_in(rng, i), z.shape, z.dtype)
+      a = alpha[:, None, None]
+      z = hold(a * z + (1.0 - a) * noise_scale * eps, cond_latents)
+      t = alpha * t
+    x_hat = _guided_x_hat(params, model, z, x_prev, t, w, mask, cond_latents, keep, cfg_scale)
+    v = hold(flow.velocity(x_hat, z, t, t_eps), 0.0)
+    z = z + (t_next - t)[:, None, None] * v
+    return (z, x_hat), ((x_hat, t) if return_trajectory else None)
+
+  xs = (jnp.arange(steps), grid[:, :-1].T, grid[:, 1:].T)
+  (z, _), traj = jax.lax.scan(step, (z, jnp.zeros_like(z)), xs)
+  logits = model.apply({"params": params}, jnp.concatenate([z, jnp.zeros_like(z)], -1), jnp.ones((batch,)), w, mask,
+                       decode=True)
+  raw_ids = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  ids = finalize_ids(raw_ids, cond_mask, mask, eos_id=eos_id, pad_id=pad_id)
+  x_traj, t_traj = traj if return_trajectory else (None, None)
+  return SampleOutput(z, ids, raw_ids, x_traj, t_traj)
+
+
+def make_sampler(model: nn.Module, config: SampleConfig) -> Callable[..., SampleOutput]:
+  """A jit-compiled `run(params, z0, grid, rng=None, guidance_scale=None, cond_latents=None, cond_mask=None,
+  mask=None) -> SampleOutput` with the static settings of `config` (guidance_scale None = config's).
+
+  Compiled once per input structure and shapes; inputs may be sharded (see `shard_batch`), the output follows.
+  """
+
+  def run(params, z0, grid, rng=None, guidance_scale=None, cond_latents=None, cond_mask=None, mask=None):
+    w = config.guidance_scale if guidance_scale is None else guidance_scale
+    return sample(params, model, z0, grid, method=config.method, gamma=config.gamma, guidance_scale=w,
+                  cfg_scale=config.cfg_scale, noise_scale=config.noise_scale, t_eps=config.t_eps,
+                  cond_latents=cond_latents, cond_mask=cond_mask, mask=mask, rng=rng, eos_id=config.eos_id,
+                  pad_id=config.pad_id, return_trajectory=config.return_trajectory)
+
+  return jax.jit(run)
+
+
+def shard_batch(mesh: jax.sharding.Mesh, tree, axis: str = "data"):
+  """Places every array of `tree` with its leading (batch) dimension split over mesh axis `axis` (None leaves
+  stay None). Single-process placement of global arrays; the batch must divide by the axis size."""
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axis))
+  size = mesh.shape[axis]
+
+  def put(x):
+    if x.shape[0] % size:
+      raise ValueError(f"batch {x.shape[0]} does not divide over mesh axis {axis!r} of size {size}; "
+                       f"use a batch that is a multiple of {size}")
+    return jax.device_put(x, sharding)
+
+  return jax.tree_util.tree_map(put, tree)
+
+
+def sample_from_seed(sampler: Callable[..., SampleOutput], params, rng: jax.Array, config: SampleConfig, *,
+                     batch: int, seq_len: int, latent_dim: int, mesh: jax.sharding.Mesh | None = None,
+                     axis: str = "data", guidance_scale=None, cond: Mapping[str, jax.Array] | None = None,
+                     mask: jax.Array | None = None) -> SampleOutput:
+  """Draws z0, the grid and the SDE key for the global batch from `rng`, shards the batch over `mesh[axis]` (if
+  given; params are replicated) and runs `sampler` (from `make_sampler(model, config)`).
+
+  Samples depend only on `rng`, not on the device count. `cond` = {"latents": (B, S, C), "mask": (B, S)} or None.
+  """
+  draw = jax.jit(functools.partial(draw_inputs, config=config, batch=batch, seq_len=seq_len, latent_dim=latent_dim))
+  z0, grid, sde_rng = draw(rng)
+  cond = dict(cond or {})
+  w = config.guidance_scale if guidance_scale is None else guidance_scale
+  batch_args = dict(z0=z0, guidance_scale=_per_example(w, batch), cond_latents=cond.get("latents"),
+                    cond_mask=cond.get("mask"), mask=mask)
+  if mesh is not None:
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    params, grid, sde_rng = jax.device_put((params, grid, sde_rng), replicated)
+    batch_args = shard_batch(mesh, batch_args, axis)
+  return sampler(params, grid=grid, rng=sde_rng, **batch_args)
