@@ -19,7 +19,6 @@ explicit keys, so a seed gives the same samples on any number of devices.
 """
 from collections.abc import Callable, Mapping
 import dataclasses
-import functools
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -126,6 +125,9 @@ def draw_inputs(rng: jax.Array, config: SampleConfig, batch: int, seq_len: int, 
   z0 = draw_initial_noise(k_noise, batch, seq_len, latent_dim, config.noise_scale)
   grid = flow.time_grid(config.steps, config.grid, k_grid, config.p_mean, config.p_std)
   return z0, grid, k_sde
+
+
+_draw_inputs_jit = jax.jit(draw_inputs, static_argnums=(1, 2, 3, 4))
 
 
 def strip_condition(ids: jax.Array, cond_mask: jax.Array, pad_id: int) -> jax.Array:
@@ -280,8 +282,7 @@ def sample_from_seed(sampler: Callable[..., SampleOutput], params, rng: jax.Arra
 
   Samples depend only on `rng`, not on the device count. `cond` = {"latents": (B, S, C), "mask": (B, S)} or None.
   """
-  draw = jax.jit(functools.partial(draw_inputs, config=config, batch=batch, seq_len=seq_len, latent_dim=latent_dim))
-  z0, grid, sde_rng = draw(rng)
+  z0, grid, sde_rng = _draw_inputs_jit(rng, config, batch, seq_len, latent_dim)
   cond = dict(cond or {})
   w = config.guidance_scale if guidance_scale is None else guidance_scale
   batch_args = dict(z0=z0, guidance_scale=_per_example(w, batch), cond_latents=cond.get("latents"),

@@ -1,0 +1,99 @@
+"""Sampler benchmark: samples/s, tokens/s and network evaluations per sample of the ELF sampler (spec §6).
+
+Builds the flow transformer at a size preset with random parameters, compiles the sampler once (warm-up) and
+reports the median wall time over --repeats runs on whatever backend jax finds. With --cfg the first half of
+every sequence is a (random) condition and classifier-free guidance runs as one batched call per step.
+
+  python benchmarks/sample.py                                   # tiny model, CPU-friendly (< 1 min)
+  python benchmarks/sample.py --size ELF-B --batch 64 --seq_len 1024 --preset owt_sde32
+  python benchmarks/sample.py --size ELF-B --batch 64 --seq_len 1024 --preset cond_ode64 --cfg
+"""
+import argparse
+import dataclasses
+import statistics
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from elf_jax import sample as S
+from elf_jax.model.elf import ELF, ModelConfig, count_params, init_params
+
+# name -> (depth, hidden, heads, latent dim C, vocab V); ELF-B/M/L as in spec §5 with T5-small latents.
+SIZES = {"tiny": (2, 64, 4, 32, 128), "ELF-B": (12, 768, 12, 512, 32100), "ELF-M": (24, 1056, 16, 512, 32100),
+         "ELF-L": (32, 1280, 16, 512, 32100)}
+
+
+def _parse_args():
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--size", choices=sorted(SIZES), default="tiny", help="model size preset")
+  p.add_argument("--latent_dim", type=int, default=None, help="override C of the size preset")
+  p.add_argument("--vocab_size", type=int, default=None, help="override V of the size preset")
+  p.add_argument("--batch", type=int, default=8, help="global batch (samples per sampler call)")
+  p.add_argument("--seq_len", type=int, default=64, help="tokens per sample S")
+  p.add_argument("--preset", choices=sorted(S.PRESETS), default=None,
+                 help="sampling preset (overrides --method/--steps/--gamma/--guidance_scale/--cfg_scale)")
+  p.add_argument("--method", choices=S.METHODS, default="sde")
+  p.add_argument("--steps", type=int, default=16)
+  p.add_argument("--gamma", type=float, default=1.5, help="SDE churn")
+  p.add_argument("--guidance_scale", type=float, default=3.0, help="self-conditioning guidance w")
+  p.add_argument("--noise_scale", type=float, default=2.0, help="σ of the initial / churn noise (OpenWebText: 2)")
+  p.add_argument("--cfg", action="store_true", help="conditional sampling with classifier-free guidance")
+  p.add_argument("--cfg_scale", type=float, default=2.0, help="CFG scale s (with --cfg)")
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
+  p.add_argument("--attention_impl", choices=("xla", "pallas", "auto"), default="xla")
+  p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--warmup", type=int, default=1)
+  return p.parse_args()
+
+
+def _sample_config(args) -> S.SampleConfig:
+  fields = dict(method=args.method, steps=args.steps, gamma=args.gamma, guidance_scale=args.guidance_scale,
+                cfg_scale=args.cfg_scale if args.cfg else 1.0)
+  if args.preset:
+    fields = dict(S.PRESETS[args.preset])
+    if fields["cfg_scale"] != 1.0 and not args.cfg:
+      raise SystemExit(f"--preset {args.preset} uses classifier-free guidance, which needs a condition: add --cfg")
+  return S.SampleConfig(noise_scale=args.noise_scale, **fields)
+
+
+def main():
+  args = _parse_args()
+  depth, hidden, heads, latent, vocab = SIZES[args.size]
+  mc = ModelConfig(latent_dim=args.latent_dim or latent, hidden_size=hidden, depth=depth, num_heads=heads,
+                   vocab_size=args.vocab_size or vocab, compute_dtype=args.dtype, attention_impl=args.attention_impl)
+  model = ELF(mc)
+  params = nn.unbox(jax.jit(lambda k: init_params(model, k))(jax.random.key(0)))
+  config = _sample_config(args)
+  sampler = S.make_sampler(model, config)
+  cond = None
+  if args.cfg:
+    k = jax.random.key(1)
+    cond = {"latents": jax.random.normal(k, (args.batch, args.seq_len, mc.latent_dim)),
+            "mask": jnp.broadcast_to(jnp.arange(args.seq_len) < args.seq_len // 2, (args.batch, args.seq_len))}
+
+  def run(seed):
+    out = S.sample_from_seed(sampler, params, jax.random.key(seed), config, batch=args.batch, seq_len=args.seq_len,
+                             latent_dim=mc.latent_dim, cond=cond)
+    return jax.block_until_ready(out.ids)
+
+  for i in range(args.warmup):
+    run(i)
+  times = []
+  for i in range(args.repeats):
+    start = time.perf_counter()
+    run(args.warmup + i)
+    times.append(time.perf_counter() - start)
+  sec = statistics.median(times)
+  evals = S.evaluations_per_sample(config.steps, config.cfg_scale != 1.0)
+  print(f"backend={jax.default_backend()} devices={jax.device_count()} model={args.size} "
+        f"params={count_params(params) / 1e6:.2f}M dtype={args.dtype} attention={args.attention_impl}")
+  print(f"batch={args.batch} seq_len={args.seq_len} {dataclasses.asdict(config)}")
+  print(f"median {sec * 1e3:.1f} ms per call over {args.repeats} repeats: {args.batch / sec:.2f} samples/s, "
+        f"{args.batch * args.seq_len / sec:.0f} tokens/s, {evals} network evaluations per sample "
+        f"({config.steps} steps{' x 2 (CFG, batched)' if config.cfg_scale != 1.0 else ''} + 1 decode)")
+
+
+if __name__ == "__main__":
+  main()
