@@ -1,6 +1,5 @@
 """The sampler: parity with the reference sampler's outputs, SDE/ODE/grid invariants, EOS masking, network-call
 counts, sharded == unsharded, presets, and the trajectory view."""
-import dataclasses
 import json
 
 import jax
