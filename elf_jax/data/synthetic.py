@@ -24,6 +24,7 @@ log-normal factor.
 start[s_1] emit[s_1, w_1] prod_t trans[s_{t-1}, s_t] emit[s_t, w_t] end[s_n] (forward algorithm, natural log);
 out-of-vocabulary and ungrammatical sentences get -inf.
 """
+import bisect
 import collections
 from collections.abc import Iterable, Mapping, Sequence
 import math
@@ -68,7 +69,8 @@ _ADJECTIVES = {
                ["brown", "white", "black", "grey", "hungry", "sleepy", "lazy", "happy"]),
     "person": (["young", "tall", "nice", "strange", "good", "kind"],
                ["happy", "hungry", "tired", "clever", "busy", "sad", "brave", "lazy"]),
-    "food": (["big", "small", "little", "nice", "strange"], ["red", "green", "yellow", "brown", "sweet", "fresh", "warm"]),
+    "food": (["big", "small", "little", "nice", "strange"],
+             ["red", "green", "yellow", "brown", "sweet", "fresh", "warm"]),
     "readable": (["long", "short", "new", "good", "strange", "funny"], ["red", "blue", "green", "white", "black"]),
     "thing": (["big", "small", "little", "tiny", "huge", "new", "nice", "strange"], _COLOURS),
     "place": (["big", "small", "quiet", "busy", "dark", "nice", "sunny"], ["green", "white", "grey"]),
@@ -165,9 +167,9 @@ class HiddenMarkovLanguage:
       raise ValueError("start, each row of [transition | end] and each emission row must sum to 1")
     self._word_id = {w: i for i, w in enumerate(self.vocabulary)}
     self._emission_by_word = np.ascontiguousarray(self.emission.T)  # (V, K)
-    self._cum_start = np.cumsum(self.start)
-    self._cum_next = np.cumsum(np.concatenate([self.transition, self.end[:, None]], axis=1), axis=1)  # (K, K+1)
-    self._cum_emission = np.cumsum(self.emission, axis=1)
+    self._draw_start = _sparse_categorical(self.start)
+    self._draw_next = [_sparse_categorical(row) for row in np.concatenate([self.transition, self.end[:, None]], 1)]
+    self._draw_word = [_sparse_categorical(row) for row in self.emission]
     self.max_words = _longest_path(self.transition > 0, self.start > 0, self.end > 0)
 
   def sample(self, n: int, rng: np.random.Generator) -> list[str]:
@@ -176,11 +178,11 @@ class HiddenMarkovLanguage:
 
   def _sample_one(self, rng: np.random.Generator) -> str:
     k = len(self.start)
-    state = _draw(self._cum_start, rng)
+    state = _draw(self._draw_start, rng)
     words = []
     while True:
-      words.append(self.vocabulary[_draw(self._cum_emission[state], rng)])
-      state = _draw(self._cum_next[state], rng)
+      words.append(self.vocabulary[_draw(self._draw_word[state], rng)])
+      state = _draw(self._draw_next[state], rng)  # index K: the end event
       if state == k:  # the end event
         return " ".join(words)
 
@@ -249,7 +251,7 @@ class SyntheticLanguage(HiddenMarkovLanguage):
   Args:
     seed: fixes word and branch probabilities (the grammar and vocabulary are the same for all seeds).
     words_per_class: if set, keep only the first k words of every word class (a smaller, easier language;
-      classes keep their most common words first). None: the full vocabulary (about 350 words).
+      classes keep their most common words first). None: the full vocabulary (399 words; words_per_class=3 gives 156).
   """
 
   def __init__(self, seed: int = 0, words_per_class: int | None = None):
@@ -259,9 +261,16 @@ class SyntheticLanguage(HiddenMarkovLanguage):
     super().__init__(*_english_grammar(seed, words_per_class))
 
 
-def _draw(cumulative: np.ndarray, rng: np.random.Generator) -> int:
-  """Index drawn from a distribution given by its cumulative sums."""
-  return min(int(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right")), len(cumulative) - 1)
+def _sparse_categorical(p: np.ndarray) -> tuple[list[float], list[int]]:
+  """(cumulative sums, indices) of the nonzero entries of a probability vector, for `_draw`."""
+  nonzero = np.flatnonzero(p)
+  return np.cumsum(p[nonzero]).tolist(), nonzero.tolist()
+
+
+def _draw(categorical: tuple[list[float], list[int]], rng: np.random.Generator) -> int:
+  """An index drawn from a `_sparse_categorical` distribution (pure Python: this runs once per word)."""
+  cumulative, indices = categorical
+  return indices[min(bisect.bisect_right(cumulative, rng.random() * cumulative[-1]), len(indices) - 1)]
 
 
 def _unigram_entropy(tokens: Sequence[str]) -> float:

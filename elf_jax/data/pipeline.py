@@ -1,0 +1,175 @@
+"""grain input pipeline: shard per process, shuffle, tokenize, pad / pack, condition masks, batch.
+
+Batches are dicts of numpy arrays for this process's share of the global batch, b = global_batch_size /
+process_count, with S = config.data.max_length:
+  ids        (b, S) int32  token ids
+  valid      (b, S) bool   positions the encoder attends to (real tokens; everything when padding is EOS)
+  cond_mask  (b, S) bool   condition positions (conditional tasks; all False otherwise)
+  loss_mask  (b, S) bool   positions the loss counts: valid & ~cond_mask
+The (b, S, S) encoder mask is built later from (valid, cond_mask) and the label-drop coin of the train step.
+
+Rules:
+  * Tokenization appends EOS (T5's tokenizer and the word tokenizer do; it is added when missing).
+  * Truncation keeps EOS as the last token (as a Hugging Face tokenizer with truncation=True does), so every
+    condition and target segment ends with EOS.
+  * Padding (config.flow.pad_token): "pad" -> pad id (0) with valid = real tokens; "eos" -> the EOS id with
+    valid all True, so the model learns to emit EOS after the text.
+  * Conditional: [condition (<= max_condition_length tokens) ; target (<= max_length - condition length)], then
+    padding; cond_mask marks the condition.
+  * packing = True (unconditional only): tokenized documents (each ending with EOS) are concatenated and cut into
+    rows of exactly S tokens (grain's ConcatThenSplitIterDataset); a document may continue on the next row, and all
+    positions are valid (the final row of a finite run is padded as above).
+  * Sharding: process p reads records p, p + P, p + 2P, ... (P = process_count) of the source, before shuffling,
+    so processes read disjoint shards deterministically; each shard is shuffled with `seed` and reshuffled every
+    epoch.
+  * The iterator's get_state() / set_state() restore the exact position (store it in checkpoints).
+  * config.data.num_workers > 0 runs the pipeline in that many worker processes (grain mp_prefetch); 0 runs it
+    in this process (records are prefetched by threads, except under packing).
+"""
+import dataclasses
+
+import grain
+import ml_collections
+import numpy as np
+import transformers
+
+from elf_jax.data import sources
+from elf_jax.data import synthetic
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """How token sequences become fixed-length rows (see the module docstring).
+
+  Attributes:
+    max_length: S, tokens per row.
+    max_condition_length: condition tokens kept (conditional tasks).
+    pad_id: id of the padding token ("pad" mode).
+    eos_id: id of EOS.
+    pad_with_eos: config.flow.pad_token == "eos".
+  """
+  max_length: int
+  max_condition_length: int
+  pad_id: int
+  eos_id: int
+  pad_with_eos: bool
+
+  def encode(self, value: str | np.ndarray, tokenizer: transformers.PreTrainedTokenizerBase) -> np.ndarray:
+    """Text (tokenized) or pre-tokenized ids -> int32 ids ending with EOS."""
+    ids = np.asarray(tokenizer(value)["input_ids"] if isinstance(value, str) else value, np.int32)
+    if ids.size == 0 or ids[-1] != self.eos_id:
+      ids = np.append(ids, np.int32(self.eos_id))
+    return ids
+
+  def truncate(self, ids: np.ndarray, length: int) -> np.ndarray:
+    """At most `length` tokens; a cut sequence keeps EOS as its last token."""
+    if len(ids) <= length:
+      return ids
+    return np.append(ids[:length - 1], np.int32(self.eos_id))
+
+  def row(self, target: np.ndarray, condition: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """One example: [condition ; target] truncated and padded to S, with its masks (each (S,))."""
+    condition = np.zeros(0, np.int32) if condition is None else self.truncate(condition, self.max_condition_length)
+    target = self.truncate(target, self.max_length - len(condition))
+    n_cond, n = len(condition), len(condition) + len(target)
+    ids = np.full(self.max_length, self.eos_id if self.pad_with_eos else self.pad_id, np.int32)
+    ids[:n_cond], ids[n_cond:n] = condition, target
+    positions = np.arange(self.max_length)
+    valid = np.ones(self.max_length, bool) if self.pad_with_eos else positions < n
+    cond_mask = positions < n_cond
+    return {"ids": ids, "valid": valid, "cond_mask": cond_mask, "loss_mask": valid & ~cond_mask}
+
+
+def make_layout(config: ml_collections.ConfigDict, tokenizer: transformers.PreTrainedTokenizerBase) -> Layout:
+  """The Layout of config.data / config.flow.pad_token with the tokenizer's pad and EOS ids; checks lengths."""
+  d = config.data
+  if config.flow.pad_token not in ("pad", "eos"):
+    raise ValueError(f"config.flow.pad_token must be 'pad' or 'eos', got {config.flow.pad_token!r}")
+  if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
+    raise ValueError(f"the tokenizer {type(tokenizer).__name__} needs pad and EOS tokens (T5's: pad 0, EOS 1)")
+  if d.max_length < 2:
+    raise ValueError(f"config.data.max_length must be >= 2, got {d.max_length}")
+  if d.conditional and not 0 < d.max_condition_length < d.max_length:
+    raise ValueError(f"conditional data needs 0 < config.data.max_condition_length < config.data.max_length (room "
+                     f"for the target), got {d.max_condition_length} and {d.max_length}")
+  if d.conditional and d.packing:
+    raise ValueError("config.data.packing is for unconditional data; set it False for conditional tasks")
+  return Layout(d.max_length, d.max_condition_length, tokenizer.pad_token_id, tokenizer.eos_token_id,
+                config.flow.pad_token == "eos")
+
+
+def make_dataset(config: ml_collections.ConfigDict, tokenizer: transformers.PreTrainedTokenizerBase, split: str, *,
+                 language: synthetic.HiddenMarkovLanguage | None = None, process_index: int = 0,
+                 process_count: int = 1, seed: int | None = None, shuffle: bool | None = None,
+                 num_epochs: int | None = None, drop_remainder: bool = True) -> grain.IterDataset:
+  """This process's batches of `split` (module docstring); iterate with iter(...).
+
+  Args:
+    config: the full config (data, flow.pad_token, optim.global_batch_size, seed).
+    tokenizer: from `elf_jax.data.tokenizer.load_tokenizer`.
+    split: split name.
+    language: the synthetic language (source "synthetic"); default built from config.data.
+    process_index, process_count: this process and the number of processes (jax.process_index() / _count()).
+    seed: shuffle seed; default config.seed.
+    shuffle: default config.data.shuffle.
+    num_epochs: passes over the data; None = repeat forever.
+    drop_remainder: drop a last incomplete batch (finite runs).
+  """
+  d = config.data
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+  if config.optim.global_batch_size % process_count:
+    raise ValueError(f"config.optim.global_batch_size = {config.optim.global_batch_size} is not divisible by the "
+                     f"{process_count} processes")
+  batch_size = config.optim.global_batch_size // process_count
+  layout = make_layout(config, tokenizer)
+  source = sources.make_source(d, split, language)
+  if len(source) < process_count:
+    raise ValueError(f"split {split!r} has {len(source)} records, fewer than the {process_count} processes")
+  ds = grain.MapDataset.source(source)[process_index::process_count]
+  if d.shuffle if shuffle is None else shuffle:
+    ds = ds.shuffle(seed=config.seed if seed is None else seed)
+  ds = ds.repeat(num_epochs).map(_Tokenize(layout, tokenizer, d.conditional))
+  if d.packing:  # no per-element thread prefetch: grain scans its whole buffer per element, costing more than it saves
+    rows = grain.experimental.ConcatThenSplitIterDataset(ds.to_iter_dataset(grain.ReadOptions(num_threads=0)),
+                                                         length_struct={"ids": layout.max_length})
+    it = rows.map(_PackedRow(layout)).batch(batch_size, drop_remainder=drop_remainder)
+  else:
+    it = ds.map(_Row(layout)).batch(batch_size, drop_remainder=drop_remainder).to_iter_dataset()
+  if d.num_workers > 0:  # worker processes; outside an absl app call absl.flags.FLAGS.mark_as_parsed() first
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.num_workers))
+  return it
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tokenize:
+  """Record -> {"ids"} (unconditional) or {"condition", "target"} int32 ids, each ending with EOS."""
+  layout: Layout
+  tokenizer: transformers.PreTrainedTokenizerBase
+  conditional: bool
+
+  def __call__(self, record: dict) -> dict[str, np.ndarray]:
+    if self.conditional:
+      return {"condition": self.layout.encode(record["input"], self.tokenizer),
+              "target": self.layout.encode(record["output"], self.tokenizer)}
+    return {"ids": self.layout.encode(record["text"], self.tokenizer)}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Row:
+  """Tokenized record -> one padded / truncated example."""
+  layout: Layout
+
+  def __call__(self, tokens: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    if "ids" in tokens:
+      return self.layout.row(tokens["ids"])
+    return self.layout.row(tokens["target"], tokens["condition"])
+
+
+@dataclasses.dataclass(frozen=True)
+class _PackedRow:
+  """A ConcatThenSplit row (segment id 0 = filler of the last row) -> one example."""
+  layout: Layout
+
+  def __call__(self, packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return self.layout.row(packed["ids"][packed["ids_segment_ids"] > 0])

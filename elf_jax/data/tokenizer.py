@@ -1,0 +1,62 @@
+"""Tokenizers: a word-level tokenizer for the synthetic language, and loading of Hugging Face tokenizers.
+
+Both follow T5's conventions, which the pipeline relies on: pad id 0, EOS id 1, and encoding appends EOS.
+"""
+import os
+
+import tokenizers
+from tokenizers import models, pre_tokenizers, processors
+import transformers
+
+from elf_jax.data import synthetic
+
+PAD, EOS, UNK = "<pad>", "</s>", "<unk>"  # ids 0, 1, 2 (T5's names and pad / EOS ids)
+
+
+def build_word_tokenizer(vocabulary: list[str], save_dir: str | None = None
+                        ) -> transformers.PreTrainedTokenizerFast:
+  """A word-level tokenizer: ids 0, 1, 2 = pad, EOS, unknown; word i of `vocabulary` = id 3 + i.
+
+  Text is split on whitespace only; encoding appends EOS; decoding joins words with single spaces.
+
+  Args:
+    vocabulary: distinct words without whitespace.
+    save_dir: if given, the tokenizer is also written there with `save_pretrained` (loadable by AutoTokenizer).
+  """
+  specials = [PAD, EOS, UNK]
+  bad = [w for w in vocabulary if not w or w.split() != [w] or w in specials]
+  if bad or len(set(vocabulary)) != len(vocabulary):
+    raise ValueError(f"vocabulary words must be distinct, non-empty, without whitespace and not in {specials}; "
+                     f"offending: {bad[:5] or 'duplicates'}")
+  vocab = {w: i for i, w in enumerate(specials + list(vocabulary))}
+  tok = tokenizers.Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+  tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+  tok.post_processor = processors.TemplateProcessing(single=f"$A {EOS}", pair=f"$A {EOS} $B {EOS}",
+                                                     special_tokens=[(EOS, vocab[EOS])])
+  hf = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS, unk_token=UNK)
+  if save_dir:
+    hf.save_pretrained(save_dir)
+  return hf
+
+
+def load_tokenizer(name_or_path: str, language: synthetic.HiddenMarkovLanguage | None = None
+                   ) -> transformers.PreTrainedTokenizerBase:
+  """The tokenizer named by config.data.tokenizer.
+
+  Args:
+    name_or_path: "synthetic" (word tokenizer of `language`), a local directory with a saved Hugging Face
+      tokenizer, or a hub id (needs network access or the Hugging Face cache).
+    language: the synthetic language; required for "synthetic".
+  """
+  if name_or_path == "synthetic":
+    if language is None:
+      raise ValueError('config.data.tokenizer = "synthetic" needs the SyntheticLanguage: pass language=...')
+    return build_word_tokenizer(language.vocabulary)
+  try:
+    return transformers.AutoTokenizer.from_pretrained(name_or_path)
+  except (OSError, ValueError) as e:
+    where = "local directory" if os.path.isdir(name_or_path) else "hub id (no such local directory)"
+    raise OSError(
+        f"could not load the tokenizer {name_or_path!r} (config.data.tokenizer, read as a {where}): {e}\n"
+        "Offline, point config.data.tokenizer at a directory holding a saved tokenizer (tokenizer.json, e.g. "
+        'written by save_pretrained) or use "synthetic" with the synthetic language.') from e
