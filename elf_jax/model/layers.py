@@ -106,12 +106,13 @@ class Attention(nn.Module):
     b, l, h = x.shape
     d = h // self.num_heads
     qkv = Dense(3 * h, ("embed", "qkv"), dtype=self.dtype, name="qkv")(x)
-    q, k, v = jnp.moveaxis(qkv.reshape(b, l, 3, self.num_heads, d), 2, 0)  # each (B, L, N, D), layout [q|k|v][head][dim]
+    # Output layout [q | k | v][head][dim].
+    q, k, v = (qkv[..., i * h:(i + 1) * h].reshape(b, l, self.num_heads, d) for i in range(3))
     q = RMSNorm(name="q_norm", axis_name="head_dim")(q)
     k = RMSNorm(name="k_norm", axis_name="head_dim")(k)
-    positions = jnp.arange(l - self.num_prefix)
-    q = q.at[:, self.num_prefix:].set(apply_rope(q[:, self.num_prefix:], positions, self.rope_theta))
-    k = k.at[:, self.num_prefix:].set(apply_rope(k[:, self.num_prefix:], positions, self.rope_theta))
+    # Prefix tokens get angle 0 (the identity rotation); data token j gets position j.
+    positions = jnp.maximum(jnp.arange(l) - self.num_prefix, 0)
+    q, k = apply_rope(q, positions, self.rope_theta), apply_rope(k, positions, self.rope_theta)
     out = attention(q, k, v, key_mask, impl=self.attention_impl)
     return Dense(h, ("heads", "embed"), dtype=self.dtype, name="proj")(out.reshape(b, l, h))
 

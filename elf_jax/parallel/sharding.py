@@ -9,10 +9,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
-import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from elf_jax.parallel.mesh import batch_axes
+from elf_jax.parallel.mesh import batch_axes, num_batch_shards
 from elf_jax.train.state import TrainState
 
 
@@ -25,6 +24,20 @@ def rules_from_config(config) -> tuple[tuple[str, Any], ...]:
 def param_specs(boxed_params, rules) -> Any:
   """PartitionSpecs for a parameter tree whose leaves are `nn.LogicallyPartitioned` (e.g. from `jax.eval_shape`)."""
   return nn.logical_to_mesh(nn.get_partition_spec(boxed_params), rules)
+
+
+def check_mesh(mesh: jax.sharding.Mesh, num_heads: int, batch_size: int) -> None:
+  """The mesh must split the heads (tensor) and the per-step batch (data x fsdp) evenly: one clear error if not."""
+  shards = num_batch_shards(mesh)
+  problems = []
+  if num_heads % mesh.shape["tensor"]:
+    problems.append(f"model.num_heads={num_heads} is not divisible by mesh.tensor={mesh.shape['tensor']}")
+  if batch_size % shards:
+    problems.append(f"the per-step batch {batch_size} (optim.global_batch_size / optim.grad_accum_steps) is not "
+                    f"divisible by the {shards} batch shards (mesh.data x mesh.fsdp)")
+  if problems:
+    raise ValueError(f"the mesh {dict(mesh.shape)} does not fit: " + "; ".join(problems) +
+                     ". Fix: choose --config.mesh.data/fsdp/tensor (or --config.mesh.preset) accordingly.")
 
 
 def check_divisible(shapes, specs, mesh: jax.sharding.Mesh, what: str = "parameter"):
@@ -44,19 +57,35 @@ def check_divisible(shapes, specs, mesh: jax.sharding.Mesh, what: str = "paramet
                      " and the vocabulary) or --config.mesh.rules.")
 
 
-def opt_state_specs(optimizer: optax.GradientTransformation, opt_state_shapes, specs_of_params):
-  """Specs for an optimizer state: parameter-shaped leaves follow their parameter; everything else replicated."""
-  return optax.tree_map_params(optimizer, lambda _, spec: spec, opt_state_shapes, specs_of_params,
-                               transform_non_params=lambda _: P(),
-                               is_leaf=lambda x: isinstance(x, P))
+def _key_name(k) -> Any:
+  return getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))
 
 
-def state_shardings(mesh, optimizer, state_shapes: TrainState, specs_of_params) -> TrainState:
+def opt_state_specs(opt_state_shapes, param_shapes, specs_of_params):
+  """Specs for an optimizer state: a leaf whose path ends with a parameter's path (and has its shape) takes that
+  parameter's spec (Adam / Muon moments); everything else (counters, scalars) is replicated."""
+  by_path = {}
+  for (path, leaf), spec in zip(jax.tree_util.tree_flatten_with_path(param_shapes)[0],
+                                jax.tree_util.tree_leaves(specs_of_params, is_leaf=lambda x: isinstance(x, P))):
+    by_path[tuple(_key_name(k) for k in path)] = (leaf.shape, spec)
+
+  def spec_for(path, leaf):
+    names = tuple(_key_name(k) for k in path)
+    for start in range(len(names)):
+      hit = by_path.get(names[start:])
+      if hit is not None and hit[0] == leaf.shape:
+        return hit[1]
+    return P()
+
+  return jax.tree_util.tree_map_with_path(spec_for, opt_state_shapes)
+
+
+def state_shardings(mesh, state_shapes: TrainState, specs_of_params) -> TrainState:
   """NamedShardings for a whole TrainState (params and EMA alike, optimizer state mirrored)."""
   named = lambda spec: NamedSharding(mesh, spec)
   is_spec = lambda x: isinstance(x, P)
   p = jax.tree_util.tree_map(named, specs_of_params, is_leaf=is_spec)
-  o = jax.tree_util.tree_map(named, opt_state_specs(optimizer, state_shapes.opt_state, specs_of_params),
+  o = jax.tree_util.tree_map(named, opt_state_specs(state_shapes.opt_state, state_shapes.params, specs_of_params),
                              is_leaf=is_spec)
   return TrainState(step=named(P()), params=p, ema_params=p, opt_state=o, rng=named(P()))
 

@@ -69,15 +69,7 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None) -> Setu
     raise ConfigError(f"the tokenizer {config.data.tokenizer!r} has {len(tok)} tokens but the encoder embeds "
                       f"{encoder.vocab_size} and the model head predicts model.vocab_size={config.model.vocab_size}; "
                       "use the encoder's own tokenizer or set --config.model.vocab_size to the tokenizer's size")
-  batch = config.optim.global_batch_size // config.optim.grad_accum_steps
-  shards = mesh_lib.num_batch_shards(mesh)
-  if batch % shards:
-    raise ConfigError(f"the per-step batch {batch} (optim.global_batch_size / optim.grad_accum_steps) is not divisible"
-                      f" by the {shards} data-parallel shards of {mesh_lib.describe_mesh(mesh)}; change the batch or "
-                      "--config.mesh.*")
-  if config.model.num_heads % mesh.shape["tensor"]:
-    raise ConfigError(f"model.num_heads={config.model.num_heads} is not divisible by mesh.tensor="
-                      f"{mesh.shape['tensor']}; pick a tensor size that divides the heads")
+  sharding.check_mesh(mesh, config.model.num_heads, config.optim.global_batch_size // config.optim.grad_accum_steps)
   encoder = _latent_stats(config, workdir, encoder, encoder_params, tok, language)
   model = ELF(ModelConfig.from_config(config))
   return Setup(config, mesh, tok, language, encoder, encoder_params, model)
@@ -120,7 +112,7 @@ def abstract_and_shardings(setup: Setup, optimizer):
   specs = sharding.param_specs(boxed, sharding.rules_from_config(setup.config))
   shapes = jax.eval_shape(lambda: step_lib.init_state(setup.model, optimizer, rng, seq))
   sharding.check_divisible(shapes.params, specs, setup.mesh)
-  shardings = sharding.state_shardings(setup.mesh, optimizer, shapes, specs)
+  shardings = sharding.state_shardings(setup.mesh, shapes, specs)
   abstract = jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
                                     shardings)
   return abstract, shardings

@@ -111,11 +111,13 @@ def decoder_loss(model: ELF, params, batch, noise, fc: FlowConfig, dropout_rng):
   return flow.masked_mean(nll, batch["loss_mask"])
 
 
-def grouped_loss(model: ELF, params, batch, noise, fc: FlowConfig, group_offset=0):
+def grouped_loss(model: ELF, params, batch, noise, fc: FlowConfig, group_offset=0, skip_other_branch: bool = True):
   """Sum over the groups of this batch of each group's loss, with per-branch sums.
 
   batch/noise hold `g = len(noise['group_decode'])` groups of equal size along axis 0 (g ≥ 1); `group_offset`
-  is the global index of the first group (for dropout keys). Returns (loss_sum, denoise_sum, decode_sum, num_decode).
+  is the global index of the first group (for dropout keys). `skip_other_branch=False` evaluates both branches and
+  selects one: needed when the branches hold collectives (tensor parallelism), since devices taking different
+  `lax.cond` branches would then wait on each other forever. Returns (loss_sum, denoise_sum, decode_sum, num_decode).
   """
   g = noise["group_decode"].shape[0]
   per_example = {k: v for k, v in noise.items() if k not in ("group_decode", "dropout")}
@@ -127,7 +129,9 @@ def grouped_loss(model: ELF, params, batch, noise, fc: FlowConfig, group_offset=
     rng = jax.random.fold_in(noise["dropout"], group_offset + index)
     branches = (lambda: denoiser_loss(model, params, gb, gn, fc, rng),
                 lambda: decoder_loss(model, params, gb, gn, fc, rng))
-    return jax.lax.cond(is_decode, branches[1], branches[0])
+    if skip_other_branch:
+      return jax.lax.cond(is_decode, branches[1], branches[0])
+    return jnp.where(is_decode, branches[1](), branches[0]())
 
   if g == 1:
     losses = one_group((jax.tree_util.tree_map(lambda x: x[0], groups), noise["group_decode"][0], 0))[None]

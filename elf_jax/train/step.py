@@ -63,15 +63,18 @@ def compute_loss(params, encoder_params, batch, rng, obj: Objective, mesh: jax.s
                           batch["cond_mask"] if obj.conditional else None, noise["drop_condition"])
   data = dict(batch, x0=x0)
   shards = 1 if mesh is None else num_batch_shards(mesh)
-  if shards == 1:
+  if shards == 1:  # every device evaluates the same group at the same time
     return L.summarize(L.grouped_loss(obj.model, params, data, noise, obj.flow), obj.num_groups)
+  # Tensor-parallel collectives inside lax.cond branches that differ between batch shards would deadlock:
+  # evaluate both branches and select instead.
+  skip = mesh.shape.get("tensor", 1) == 1
 
   axes = batch_axes(mesh)
   per_shard = obj.num_groups // shards
 
   def local(params, data, noise):
     offset = jax.lax.axis_index(axes) * per_shard
-    sums = L.grouped_loss(obj.model, params, data, noise, obj.flow, group_offset=offset)
+    sums = L.grouped_loss(obj.model, params, data, noise, obj.flow, group_offset=offset, skip_other_branch=skip)
     return jax.tree_util.tree_map(lambda x: jax.lax.psum(x, axes), sums)
 
   noise_specs = {k: (P() if k == "dropout" else P(axes)) for k in noise}
@@ -90,7 +93,7 @@ def train_step(state: TrainState, encoder_params, batch, *, obj: Objective, opti
   params = optax.apply_updates(state.params, updates)
   applied = optim.is_update_step(opt_state, optim_config)
   ema = optim.ema_update(state.ema_params, params, optim_config.ema_decay, applied)
-  metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+  metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
   new_state = TrainState(step=state.step + applied.astype(state.step.dtype), params=params, ema_params=ema,
                          opt_state=opt_state, rng=rng)
   return new_state, metrics
