@@ -92,6 +92,7 @@ def base_config() -> ml_collections.ConfigDict:
   d.num_workers = 0  # grain worker processes
   d.synthetic_num_sentences = 200_000  # synthetic language: size of the training corpus
   d.synthetic_seed = 1234
+  d.synthetic_words_per_class = 0  # 0 = the full vocabulary (399 words); a small number gives an easier language
 
   # Optimisation (spec §7).
   c.optim = o = ml_collections.ConfigDict()

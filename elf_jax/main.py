@@ -10,10 +10,10 @@ Any config field can be overridden with --config.group.field=value. Sample and e
 latest checkpoint in --workdir (or --config.init_from).
 """
 import json
-import logging
 import os
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from elf_jax.parallel.mesh import initialize_distributed
@@ -30,7 +30,8 @@ flags.mark_flags_as_required(["config"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.getLogger().setLevel(logging.INFO)
+  if not flags.FLAGS["verbosity"].present:  # library INFO logs (orbax, jax) drown the progress output
+    absl_logging.set_verbosity(absl_logging.WARNING)
   initialize_distributed(_DISTRIBUTED.value)
   import jax  # after distributed initialisation
 

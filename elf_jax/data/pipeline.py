@@ -101,7 +101,8 @@ def make_layout(config: ml_collections.ConfigDict, tokenizer: transformers.PreTr
 def make_dataset(config: ml_collections.ConfigDict, tokenizer: transformers.PreTrainedTokenizerBase, split: str, *,
                  language: synthetic.HiddenMarkovLanguage | None = None, process_index: int = 0,
                  process_count: int = 1, seed: int | None = None, shuffle: bool | None = None,
-                 num_epochs: int | None = None, drop_remainder: bool = True) -> grain.IterDataset:
+                 num_epochs: int | None = None, drop_remainder: bool = True,
+                 batch_size: int | None = None) -> grain.IterDataset:
   """This process's batches of `split` (module docstring); iterate with iter(...).
 
   Args:
@@ -114,14 +115,17 @@ def make_dataset(config: ml_collections.ConfigDict, tokenizer: transformers.PreT
     shuffle: default config.data.shuffle.
     num_epochs: passes over the data; None = repeat forever.
     drop_remainder: drop a last incomplete batch (finite runs).
+    batch_size: global examples per batch (default optim.global_batch_size; the train loop passes the micro-batch
+      global_batch_size / grad_accum_steps); each process yields batch_size / process_count of them.
   """
   d = config.data
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-  if config.optim.global_batch_size % process_count:
-    raise ValueError(f"config.optim.global_batch_size = {config.optim.global_batch_size} is not divisible by the "
-                     f"{process_count} processes")
-  batch_size = config.optim.global_batch_size // process_count
+  global_batch = config.optim.global_batch_size if batch_size is None else batch_size
+  if global_batch % process_count:
+    raise ValueError(f"the global batch {global_batch} (config.optim.global_batch_size / grad_accum_steps) is not "
+                     f"divisible by the {process_count} processes")
+  batch_size = global_batch // process_count
   layout = make_layout(config, tokenizer)
   source = sources.make_source(d, split, language)
   if len(source) < process_count:

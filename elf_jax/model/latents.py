@@ -4,7 +4,6 @@
 as a pytree so jit sees them as arguments, not constants.
 """
 import dataclasses
-import logging
 
 import jax
 import jax.numpy as jnp
@@ -87,5 +86,5 @@ def measure_latent_stats(encoder: LatentEncoder, params, batches, max_batches: i
     raise ValueError("measure_latent_stats: the batches hold no valid tokens")
   mean = total / count
   std = float(np.sqrt(max(total_sq / count - mean ** 2, 1e-12)))
-  logging.info("measured latent stats: mean %.4f std %.4f over %d values", mean, std, count)
+  print(f"measured latent stats: mean {mean:.4f} std {std:.4f} over {count} values", flush=True)
   return float(mean), std

@@ -6,7 +6,6 @@ events in `DIR/tb`, `DIR/loss_curve.png` at the end, samples in `DIR/samples/`.
 """
 import dataclasses
 import json
-import logging
 import os
 import time
 from typing import Any
@@ -42,6 +41,12 @@ class Setup:
   encoder: LatentEncoder
   encoder_params: Any
   model: ELF
+
+
+def say(message: str) -> None:
+  """Progress output for a person (process 0 only; library logs stay at WARNING unless --verbosity is given)."""
+  if jax.process_index() == 0:
+    print(message, flush=True)
 
 
 def check_workdir(workdir: str) -> None:
@@ -127,7 +132,7 @@ def create_state(setup: Setup, optimizer, shardings) -> TrainState:
     expected = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state.params)
     params = checkpoint.load_params_from(config.init_from, expected)
     params = jax.device_put(params, shardings.params)
-    logging.info("initialised params and EMA from %s", config.init_from)
+    say(f"initialised params and EMA from {config.init_from}")
     state = state.replace(params=params, ema_params=params, opt_state=jax.jit(
         optimizer.init, out_shardings=shardings.opt_state)(params))
   return state
@@ -158,7 +163,7 @@ class MetricsWriter:
       f.write(json.dumps(row) + "\n")
     if self.tb is not None:
       for k, v in row.items():
-        if isinstance(v, (int, float)) and k != "step":
+        if isinstance(v, (int, float)) and k != "step" and np.isfinite(v):
           self.tb.add_scalar(f"{kind}/{k}", v, step)
       self.tb.flush()
 
@@ -205,13 +210,13 @@ def plot_loss_curve(workdir: str) -> str | None:
 def train(config: ml_collections.ConfigDict, workdir: str, hooks=None) -> TrainState:
   """Trains per `config` in `workdir` (auto-resuming), returns the final state.
 
-  hooks: optional callable(setup, state, step, writer, final: bool) run every `logging.sample_every_steps` and
+  hooks: optional callable(setup, workdir, state, step, writer, final: bool) run every `logging.sample_every_steps` and
   at the end (sampling + evaluation, see `elf_jax.main`).
   """
   check_workdir(workdir)
   setup = build(config, workdir)
   mesh = setup.mesh
-  logging.info("%s", mesh_lib.describe_mesh(mesh))
+  say(mesh_lib.describe_mesh(mesh))
   source_len = len(sources.make_source(config.data, config.data.split, setup.language))
   per_epoch = steps_per_epoch(config, source_len)
   n_steps = total_steps(config, per_epoch)
@@ -229,9 +234,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, hooks=None) -> TrainS
   state = manager.restore(abstract, data_iterator=data_iter)
   if state is None:
     state = create_state(setup, optimizer, shardings)
-    logging.info("starting from scratch: %d optimizer steps (%d per epoch)", n_steps, per_epoch)
+    say(f"starting from scratch: {n_steps} optimizer steps ({per_epoch} per epoch), workdir {workdir}")
   else:
-    logging.info("resumed from step %d of %d", int(state.step), n_steps)
+    say(f"resumed from step {int(state.step)} of {n_steps} ({checkpoint.checkpoint_dir(workdir)})")
 
   obj = step_lib.Objective(setup.model, setup.encoder, loss_lib.FlowConfig.from_config(config),
                            step_lib.resolve_num_groups(config, mesh, batch_size), config.data.conditional)
@@ -263,19 +268,19 @@ def train(config: ml_collections.ConfigDict, workdir: str, hooks=None) -> TrainS
       if step % config.checkpoint.every_steps == 0 or step == n_steps or preempted():
         manager.save(step, state, data_iter, force=True)
       if preempted():
-        logging.warning("SIGTERM received: saved step %d to %s, exiting", step, workdir)
+        say(f"SIGTERM received: saved step {step} to {workdir}; exiting (rerun the same command to resume)")
         manager.wait()
         break
       every = config.logging.sample_every_steps
       if hooks is not None and every > 0 and step % every == 0 and step < n_steps:
-        hooks(setup, state, step, writer, False)
+        hooks(setup, workdir, state, step, writer, False)
   finally:
     bar.close()
     manager.wait()
   if step >= n_steps:
     plot_loss_curve(workdir)
     if hooks is not None:
-      hooks(setup, state, step, writer, True)
+      hooks(setup, workdir, state, step, writer, True)
   writer.close()
   manager.close()
   return state

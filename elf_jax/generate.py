@@ -1,0 +1,213 @@
+"""Sampling and evaluation runs: `--mode=sample`, `--mode=eval`, and the periodic hook of the training loop.
+
+Samples are drawn with the EMA parameters of the latest checkpoint (or `config.init_from`), decoded to text and
+written to `DIR/samples/<name>.jsonl` (one `{"text", ...}` per line) and `DIR/samples/<name>.txt`. Scores (spec §8):
+the synthetic language's exact Gen. PPL and entropy (offline default), GPT-2 Gen. PPL and entropy (OpenWebText),
+BLEU / ROUGE (conditional tasks).
+"""
+import json
+import math
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from elf_jax import checkpoint
+from elf_jax import sample as sampling
+from elf_jax.data import pipeline, sources
+from elf_jax.model.elf import init_params
+from elf_jax.parallel.mesh import num_batch_shards
+from elf_jax.train import loop
+
+
+def load_ema_params(setup: loop.Setup, workdir: str):
+  """EMA parameters of the latest checkpoint in `workdir`, else of `config.init_from`; clear error if neither."""
+  expected = jax.eval_shape(
+      lambda: nn.unbox(init_params(setup.model, jax.random.PRNGKey(0), setup.config.data.max_length)))
+  ckpt_dir = checkpoint.checkpoint_dir(workdir)
+  for source in (workdir if os.path.isdir(ckpt_dir) else None, setup.config.init_from or None):
+    if source:
+      return checkpoint.load_params_from(source, expected)
+  raise FileNotFoundError(f"no checkpoint in {ckpt_dir} and no --config.init_from: train first "
+                          "(--mode=train) or point --config.init_from at a published ELF checkpoint")
+
+
+def _decode(tokenizer, ids: np.ndarray) -> list[str]:
+  return [tokenizer.decode([int(i) for i in row], skip_special_tokens=True).strip() for row in ids]
+
+
+def generate(setup: loop.Setup, params, num_samples: int, seed: int, sample_config: sampling.SampleConfig | None = None,
+             conditions: dict[str, np.ndarray] | None = None) -> dict[str, list]:
+  """Draws `num_samples` samples (rounded up to whole batches, then cut) and decodes them.
+
+  conditions: for conditional tasks, a batch-major dict of `ids`, `valid`, `cond_mask` (num_samples, S) whose
+  condition parts are encoded and kept clean; the target parts are ignored (they are the references).
+  Returns {"texts": [...], "ids": [...]} (+ "conditions" / "references" for conditional tasks).
+  """
+  config, mesh = setup.config, setup.mesh
+  sc = sample_config or sampling.SampleConfig.from_config(config, eos_id=setup.tokenizer.eos_token_id,
+                                                         pad_id=setup.tokenizer.pad_token_id)
+  sampler = sampling.make_sampler(setup.model, sc)
+  shards = num_batch_shards(mesh)
+  batch = max(shards, config.sample.batch_size // shards * shards)
+  s, c = config.data.max_length, setup.encoder.dim
+  encode = jax.jit(lambda p, ids, valid, cm: setup.encoder.encode(p, ids, valid, cm))
+  texts, ids_out = [], []
+  for b in range(math.ceil(num_samples / batch)):
+    cond = None
+    if conditions is not None:
+      part = {k: _take_rows(v, b * batch, batch) for k, v in conditions.items()}
+      latents = encode(setup.encoder_params, part["ids"], part["valid"], part["cond_mask"])
+      cond = {"latents": jnp.where(part["cond_mask"][..., None], latents, 0.0), "mask": jnp.asarray(part["cond_mask"])}
+    out = sampling.sample_from_seed(sampler, params, jax.random.fold_in(jax.random.PRNGKey(seed), b), sc, batch=batch,
+                                    seq_len=s, latent_dim=c, mesh=mesh, cond=cond)
+    ids = np.asarray(jax.device_get(out.ids))
+    ids_out.extend(ids.tolist())
+    texts.extend(_decode(setup.tokenizer, ids))
+  result = {"texts": texts[:num_samples], "ids": ids_out[:num_samples]}
+  if conditions is not None:
+    ids, cm = conditions["ids"][:num_samples], conditions["cond_mask"][:num_samples]
+    result["conditions"] = _decode(setup.tokenizer, np.where(cm, ids, setup.tokenizer.pad_token_id))
+    result["references"] = _decode(setup.tokenizer, np.where(cm | ~conditions["loss_mask"][:num_samples],
+                                                             setup.tokenizer.pad_token_id, ids))
+  return result
+
+
+def _take_rows(x: np.ndarray, start: int, n: int) -> np.ndarray:
+  """Rows [start, start + n) of x, wrapping around so that the last batch is full."""
+  return x[np.arange(start, start + n) % len(x)]
+
+
+def eval_conditions(setup: loop.Setup, num: int) -> dict[str, np.ndarray] | None:
+  """The first `num` examples of the evaluation split (conditional tasks), unshuffled; None if unconditional."""
+  config = setup.config
+  if not config.data.conditional:
+    return None
+  ds = pipeline.make_dataset(config, setup.tokenizer, config.data.eval_split, language=setup.language, shuffle=False,
+                             num_epochs=1, drop_remainder=False, batch_size=config.sample.batch_size)
+  rows: dict[str, list] = {}
+  for batch in ds:
+    for k, v in batch.items():
+      rows.setdefault(k, []).append(v)
+    if sum(len(v) for v in rows["ids"]) >= num:
+      break
+  return {k: np.concatenate(v)[:num] for k, v in rows.items()}
+
+
+def held_out_texts(setup: loop.Setup, num: int) -> list[str]:
+  """`num` true texts of the evaluation split (the synthetic language's reference figures)."""
+  source = sources.make_source(setup.config.data, setup.config.data.eval_split, setup.language)
+  return [source[i]["text"] for i in range(min(num, len(source)))]
+
+
+def score(setup: loop.Setup, result: dict[str, list]) -> dict[str, float]:
+  """Spec §8 scores of decoded samples: exact (synthetic language), GPT-2 Gen. PPL, or BLEU / ROUGE."""
+  config, texts = setup.config, result["texts"]
+  if setup.language is not None:
+    figures = setup.language.gen_ppl_and_entropy(texts)
+    true = setup.language.gen_ppl_and_entropy(held_out_texts(setup, len(texts)))
+    return {**figures, "true_gen_ppl": true["gen_ppl"], "true_entropy": true["entropy"],
+            "gen_ppl_ratio": figures["gen_ppl"] / true["gen_ppl"], "entropy_ratio": figures["entropy"] / true["entropy"]}
+  if config.data.conditional:
+    from elf_jax.eval import text_metrics
+    return {"bleu": text_metrics.bleu(texts, result["references"]),
+            **text_metrics.rouge(texts, result["references"])}
+  from elf_jax.eval.gen_ppl import GenPPLScorer
+  scorer = GenPPLScorer.from_pretrained(config.eval.gpt2, batch_size=config.eval.batch_size, mesh=setup.mesh)
+  return scorer.score(texts)
+
+
+def write_samples(workdir: str, name: str, result: dict[str, list]) -> str:
+  """DIR/samples/<name>.jsonl (one record per sample) and <name>.txt (the texts, one per line)."""
+  out_dir = os.path.join(workdir, "samples")
+  os.makedirs(out_dir, exist_ok=True)
+  path = os.path.join(out_dir, f"{name}.jsonl")
+  keys = [k for k in ("texts", "conditions", "references", "ids") if k in result]
+  with open(path, "w") as f:
+    for i in range(len(result["texts"])):
+      f.write(json.dumps({k.rstrip("s") if k != "ids" else "ids": result[k][i] for k in keys}) + "\n")
+  with open(os.path.join(out_dir, f"{name}.txt"), "w") as f:
+    f.write("\n".join(result["texts"]) + "\n")
+  return path
+
+
+def read_samples(path: str) -> dict[str, list]:
+  """Reads a samples JSONL written by `write_samples` (or any JSONL with a "text" field per line)."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"samples file {path!r} (config.eval.samples_path) does not exist")
+  rows = [json.loads(line) for line in open(path) if line.strip()]
+  if not rows or "text" not in rows[0]:
+    raise ValueError(f"{path!r} holds no JSON lines with a 'text' field")
+  result = {"texts": [r["text"] for r in rows]}
+  if "reference" in rows[0]:
+    result["references"] = [r["reference"] for r in rows]
+  return result
+
+
+def _print_samples(texts: list[str], n: int = 8):
+  print("\n".join(f"  [{i}] {t}" for i, t in enumerate(texts[:n])), flush=True)
+
+
+def training_hook(setup: loop.Setup, workdir: str, state, step: int, writer: loop.MetricsWriter, final: bool):
+  """Periodic (and final) sampling + evaluation with the EMA parameters during training."""
+  if jax.process_index() != 0 and not final:
+    return
+  config = setup.config
+  num = config.sample.num_samples
+  result = generate(setup, state.ema_params, num, config.seed, conditions=eval_conditions(setup, num))
+  name = f"step_{step}"
+  path = write_samples(workdir, name, result)
+  metrics = score(setup, result)
+  writer.write(step, metrics, kind="eval")
+  print(f"\nSamples at step {step} ({path}):", flush=True)
+  _print_samples(result["texts"])
+  print(format_table({"step": step, **metrics}), flush=True)
+
+
+def format_table(metrics: dict[str, Any]) -> str:
+  width = max(len(k) for k in metrics)
+  lines = [f"  {k:<{width}}  {v:.4f}" if isinstance(v, float) else f"  {k:<{width}}  {v}" for k, v in metrics.items()]
+  return "\n".join(lines)
+
+
+def sample_mode(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """--mode=sample: draws config.sample.num_samples samples with the EMA parameters and writes them."""
+  setup = loop.build(config, workdir)
+  params = load_ema_params(setup, workdir)
+  num = config.sample.num_samples
+  result = generate(setup, params, num, config.seed, conditions=eval_conditions(setup, num))
+  name = f"sample_{sampling.apply_preset(config.sample).method}{config.sample.steps}_seed{config.seed}"
+  path = write_samples(workdir, name, result)
+  print(f"wrote {len(result['texts'])} samples to {path}", flush=True)
+  _print_samples(result["texts"])
+  return path
+
+
+def eval_mode(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """--mode=eval: scores `config.eval.samples_path`, or samples `eval.num_seeds` times from the checkpoint and
+  reports mean ± std over seeds; appends to DIR/metrics.jsonl."""
+  setup = loop.build(config, workdir)
+  writer = loop.MetricsWriter(workdir, tensorboard=False)
+  if config.eval.samples_path:
+    runs = [score(setup, read_samples(config.eval.samples_path))]
+  else:
+    params = load_ema_params(setup, workdir)
+    num = config.sample.num_samples
+    conditions = eval_conditions(setup, num)
+    runs = []
+    for i in range(config.eval.num_seeds):
+      result = generate(setup, params, num, config.seed + i, conditions=conditions)
+      write_samples(workdir, f"eval_seed{config.seed + i}", result)
+      runs.append(score(setup, result))
+  keys = [k for k, v in runs[0].items() if isinstance(v, (int, float))]
+  summary = {k: float(np.mean([r[k] for r in runs])) for k in keys}
+  summary.update({f"{k}_std": float(np.std([r[k] for r in runs])) for k in keys})
+  summary["num_seeds"] = len(runs)
+  writer.write(0, summary, kind="eval")
+  print(format_table(summary), flush=True)
+  print(f"eval over {len(runs)} seed(s) appended to {writer.path}", flush=True)
+  return summary
