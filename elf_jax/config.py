@@ -90,6 +90,9 @@ def base_config() -> ml_collections.ConfigDict:
   d.packing = False  # pack documents into max_length rows (unconditional) instead of pad/truncate
   d.shuffle = True
   d.num_workers = 0  # grain worker processes
+  # Unconditional data: a directory written by `python -m elf_jax.data.latent_cache` holding the rows and their
+  # raw (unnormalised) frozen-encoder outputs; the pipeline then reads them and the train step skips the encoder.
+  d.latent_cache_dir = ""
   d.synthetic_num_sentences = 200_000  # synthetic language: size of the training corpus
   d.synthetic_seed = 1234
   d.synthetic_words_per_class = 0  # 0 = the full vocabulary (399 words); a small number gives an easier language
@@ -195,6 +198,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   need(m.remat in ("none", "full", "dots_saveable"), f"model.remat={m.remat!r}: expected none, full or "
        "dots_saveable")
   need(d.max_length > 0, f"data.max_length={d.max_length} must be > 0")
+  need(not (d.conditional and d.get("latent_cache_dir")), "data.latent_cache_dir is for unconditional data (label "
+       "dropping changes the encoder input of conditional tasks); set --config.data.latent_cache_dir=''")
   if d.conditional:
     need(0 < d.max_condition_length < d.max_length,
          f"data.max_length={d.max_length} must be longer than data.max_condition_length={d.max_condition_length} "

@@ -54,14 +54,22 @@ def resolve_num_groups(config: ml_collections.ConfigDict, mesh: jax.sharding.Mes
 def compute_loss(params, encoder_params, batch, rng, obj: Objective, mesh: jax.sharding.Mesh | None = None):
   """ids-level ELF loss: (params, encoder params, batch, rng) → (loss, metrics).
 
-  batch: ids (B,S) int32, valid / cond_mask / loss_mask (B,S) bool. With a mesh of several batch shards each
+  batch: ids (B,S) int32, valid / cond_mask / loss_mask (B,S) bool, and optionally `latents` (B,S,C) float32, the
+  raw encoder outputs from a latent cache (unconditional data; `elf_jax.data.latent_cache`): then the encoder is
+  not run and only the normalisation (latents − mean) / std is applied. With a mesh of several batch shards each
   shard evaluates its own groups (shard_map over the batch axes; other axes stay automatic).
   """
   b, s = batch["ids"].shape
   noise = L.draw_noise(rng, b, s, obj.encoder.dim, obj.flow, obj.num_groups, obj.conditional)
-  x0 = obj.encoder.encode(encoder_params, batch["ids"], batch["valid"],
-                          batch["cond_mask"] if obj.conditional else None, noise["drop_condition"])
-  data = dict(batch, x0=x0)
+  if "latents" in batch:
+    if obj.conditional:
+      raise ValueError("cached latents are for unconditional data (label dropping changes the encoder mask); "
+                       "unset data.latent_cache_dir for conditional tasks")
+    x0 = (batch["latents"].astype(jnp.float32) - obj.encoder.latent_mean) / obj.encoder.latent_std
+  else:
+    x0 = obj.encoder.encode(encoder_params, batch["ids"], batch["valid"],
+                            batch["cond_mask"] if obj.conditional else None, noise["drop_condition"])
+  data = dict({k: v for k, v in batch.items() if k != "latents"}, x0=x0)
   shards = 1 if mesh is None else num_batch_shards(mesh)
   if shards == 1:  # every device evaluates the same group at the same time
     return L.summarize(L.grouped_loss(obj.model, params, data, noise, obj.flow), obj.num_groups)
