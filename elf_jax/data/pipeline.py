@@ -23,6 +23,9 @@ Rules:
     so processes read disjoint shards deterministically; each shard is shuffled with `seed` and reshuffled every
     epoch.
   * The iterator's get_state() / set_state() restore the exact position (store it in checkpoints).
+  * config.data.latent_cache_dir (unconditional data): rows are read from a latent cache (elf_jax/data/
+    latent_cache.py) and carry `latents` (b, S, C) float32, the raw encoder outputs, so the train step skips the
+    encoder; shuffling is over cached rows, the rest of the rules above applied when the cache was written.
   * config.data.num_workers > 0 runs the pipeline in that many worker processes (grain mp_prefetch); 0 runs it
     in this process (records are prefetched by threads, except under packing).
 """
@@ -33,6 +36,7 @@ import ml_collections
 import numpy as np
 import transformers
 
+from elf_jax.data import latent_cache
 from elf_jax.data import sources
 from elf_jax.data import synthetic
 
@@ -127,14 +131,19 @@ def make_dataset(config: ml_collections.ConfigDict, tokenizer: transformers.PreT
                      f"divisible by the {process_count} processes")
   batch_size = global_batch // process_count
   layout = make_layout(config, tokenizer)
-  source = sources.make_source(d, split, language)
+  cached = bool(d.get("latent_cache_dir", ""))
+  source = latent_cache.open_cache(config, split) if cached else sources.make_source(d, split, language)
   if len(source) < process_count:
     raise ValueError(f"split {split!r} has {len(source)} records, fewer than the {process_count} processes")
   ds = grain.MapDataset.source(source)[process_index::process_count]
   if d.shuffle if shuffle is None else shuffle:
     ds = ds.shuffle(seed=config.seed if seed is None else seed)
-  ds = ds.repeat(num_epochs).map(_Tokenize(layout, tokenizer, d.conditional))
-  if d.packing:  # no per-element thread prefetch: grain scans its whole buffer per element, costing more than it saves
+  ds = ds.repeat(num_epochs)
+  if not cached:  # cached rows were already tokenized and padded / packed when the cache was written
+    ds = ds.map(_Tokenize(layout, tokenizer, d.conditional))
+  if cached:
+    it = ds.batch(batch_size, drop_remainder=drop_remainder).to_iter_dataset()
+  elif d.packing:  # no per-element thread prefetch: grain scans its whole buffer per element, costing more than it saves
     rows = grain.experimental.ConcatThenSplitIterDataset(ds.to_iter_dataset(grain.ReadOptions(num_threads=0)),
                                                          length_struct={"ids": layout.max_length})
     it = rows.map(_PackedRow(layout)).batch(batch_size, drop_remainder=drop_remainder)
