@@ -126,7 +126,7 @@ def base_config() -> ml_collections.ConfigDict:
   s.cfg_scale = 1.0  # s (classifier-free guidance, conditional tasks)
   s.num_samples = 1000
   s.batch_size = 64
-  s.save_trajectory = False
+  s.save_trajectory = False  # --mode=sample: also write DIR/samples/trajectory.{html,jsonl,png} (first 8 samples)
 
   # Evaluation (spec §8).
   c.eval = v = ml_collections.ConfigDict()
@@ -134,6 +134,9 @@ def base_config() -> ml_collections.ConfigDict:
   v.num_seeds = 1
   v.samples_path = ""  # --mode=eval on an existing samples JSONL instead of sampling
   v.batch_size = 8
+  # --mode=eval: also sweep sampling settings and plot Gen. PPL against entropy (DIR/frontier.png), e.g.
+  # "guidance_scale=1,2,3;steps=16,32" (fields of elf_jax.sample.SampleConfig; the grid of all combinations).
+  v.sweep = ""
 
   # Device mesh; -1 = fill with the remaining devices.
   c.mesh = h = ml_collections.ConfigDict()
@@ -151,8 +154,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.logging = g = ml_collections.ConfigDict()
   g.log_every_steps = 50
-  g.sample_every_steps = 0  # 0 = only at the end
-  g.eval_every_steps = 0
+  g.sample_every_steps = 0  # sample + evaluate every N steps during training; 0 = only at the end
   g.tensorboard = True
   return c
 

@@ -5,6 +5,8 @@ written to `DIR/samples/<name>.jsonl` (one `{"text", ...}` per line) and `DIR/sa
 the synthetic language's exact Gen. PPL and entropy (offline default), GPT-2 Gen. PPL and entropy (OpenWebText),
 BLEU / ROUGE (conditional tasks).
 """
+import dataclasses
+import itertools
 import json
 import math
 import os
@@ -18,6 +20,7 @@ import numpy as np
 
 from elf_jax import checkpoint
 from elf_jax import sample as sampling
+from elf_jax import trajectory
 from elf_jax.data import pipeline, sources
 from elf_jax.model.elf import init_params
 from elf_jax.parallel.mesh import num_batch_shards
@@ -46,7 +49,8 @@ def generate(setup: loop.Setup, params, num_samples: int, seed: int, sample_conf
 
   conditions: for conditional tasks, a batch-major dict of `ids`, `valid`, `cond_mask` (num_samples, S) whose
   condition parts are encoded and kept clean; the target parts are ignored (they are the references).
-  Returns {"texts": [...], "ids": [...]} (+ "conditions" / "references" for conditional tasks).
+  Returns {"texts": [...], "ids": [...]} (+ "conditions" / "references" for conditional tasks, and "first" = the
+  SampleOutput of the first batch with its condition mask when the sampler keeps trajectories).
   """
   config, mesh = setup.config, setup.mesh
   sc = sample_config or sampling.SampleConfig.from_config(config, eos_id=setup.tokenizer.eos_token_id,
@@ -65,10 +69,14 @@ def generate(setup: loop.Setup, params, num_samples: int, seed: int, sample_conf
       cond = {"latents": jnp.where(part["cond_mask"][..., None], latents, 0.0), "mask": jnp.asarray(part["cond_mask"])}
     out = sampling.sample_from_seed(sampler, params, jax.random.fold_in(jax.random.PRNGKey(seed), b), sc, batch=batch,
                                     seq_len=s, latent_dim=c, mesh=mesh, cond=cond)
+    if b == 0 and sc.return_trajectory:
+      first = (out, None if cond is None else cond["mask"])
     ids = np.asarray(jax.device_get(out.ids))
     ids_out.extend(ids.tolist())
     texts.extend(_decode(setup.tokenizer, ids))
   result = {"texts": texts[:num_samples], "ids": ids_out[:num_samples]}
+  if sc.return_trajectory:
+    result["first"] = first
   if conditions is not None:
     ids, cm = conditions["ids"][:num_samples], conditions["cond_mask"][:num_samples]
     result["conditions"] = _decode(setup.tokenizer, np.where(cm, ids, setup.tokenizer.pad_token_id))
@@ -119,6 +127,57 @@ def score(setup: loop.Setup, result: dict[str, list]) -> dict[str, float]:
   from elf_jax.eval.gen_ppl import GenPPLScorer
   scorer = GenPPLScorer.from_pretrained(config.eval.gpt2, batch_size=config.eval.batch_size, mesh=setup.mesh)
   return scorer.score(texts)
+
+
+def parse_sweep(spec: str) -> list[dict[str, Any]]:
+  """'guidance_scale=1,2;steps=16,32' → every combination as SampleConfig overrides (values cast to the field type)."""
+  types = {f.name: f.type for f in dataclasses.fields(sampling.SampleConfig)}
+  axes = []
+  for part in filter(None, (p.strip() for p in spec.split(";"))):
+    name, _, values = part.partition("=")
+    name = name.strip()
+    if name not in types or not values:
+      raise ValueError(f"eval.sweep entry {part!r}: expected FIELD=v1,v2 with FIELD one of {sorted(types)}")
+    kind = types[name] if isinstance(types[name], str) else types[name].__name__
+    cast = {"int": int, "float": float, "str": str, "bool": lambda v: v.lower() in ("1", "true")}[kind]
+    axes.append([(name, cast(v.strip())) for v in values.split(",")])
+  return [dict(combo) for combo in itertools.product(*axes)]
+
+
+def frontier(setup: loop.Setup, params, workdir: str, writer: loop.MetricsWriter) -> list[dict[str, Any]]:
+  """Scores every sampling setting of `config.eval.sweep` and plots Gen. PPL against entropy (DIR/frontier.png)."""
+  config = setup.config
+  rows = []
+  for overrides in parse_sweep(config.eval.sweep):
+    sc = sampling.SampleConfig.from_config(config, eos_id=setup.tokenizer.eos_token_id,
+                                           pad_id=setup.tokenizer.pad_token_id, **overrides)
+    result = generate(setup, params, config.sample.num_samples, config.seed, sample_config=sc)
+    row = {**overrides, **score(setup, result)}
+    writer.write(0, row, kind="frontier")
+    rows.append(row)
+    print(format_table(row), flush=True)
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(6, 4.5))
+  ax.plot([r["entropy"] for r in rows], [r["gen_ppl"] for r in rows], "o")
+  for r in rows:
+    label = ", ".join(f"{k}={r[k]}" for k in parse_sweep(config.eval.sweep)[0])
+    ax.annotate(label, (r["entropy"], r["gen_ppl"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+  if "true_gen_ppl" in rows[0]:
+    ax.plot([rows[0]["true_entropy"]], [rows[0]["true_gen_ppl"]], "r*", markersize=12, label="true text")
+    ax.legend()
+  ax.set_xlabel("entropy (nats)")
+  ax.set_ylabel("Gen. PPL")
+  ax.set_yscale("log")
+  ax.grid(alpha=0.3)
+  ax.set_title("quality / diversity frontier")
+  fig.tight_layout()
+  path = os.path.join(workdir, "frontier.png")
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  print(f"frontier plot: {path}", flush=True)
+  return rows
 
 
 def write_samples(workdir: str, name: str, result: dict[str, list]) -> str:
@@ -180,10 +239,21 @@ def sample_mode(config: ml_collections.ConfigDict, workdir: str) -> str:
   params = load_ema_params(setup, workdir)
   num = config.sample.num_samples
   result = generate(setup, params, num, config.seed, conditions=eval_conditions(setup, num))
-  name = f"sample_{sampling.apply_preset(config.sample).method}{config.sample.steps}_seed{config.seed}"
+  s = sampling.apply_preset(config.sample)
+  name = f"sample_{s.method}{s.steps}_w{s.guidance_scale:g}_seed{config.seed}"
   path = write_samples(workdir, name, result)
   print(f"wrote {len(result['texts'])} samples to {path}", flush=True)
   _print_samples(result["texts"])
+  if config.sample.save_trajectory:
+    out, cond_mask = result["first"]
+    n = min(8, out.ids.shape[0])
+    out = out._replace(latents=out.latents[:n], ids=out.ids[:n], raw_ids=out.raw_ids[:n],
+                       trajectory=out.trajectory[:, :n], trajectory_t=out.trajectory_t[:, :n])
+    paths = trajectory.render_trajectory(
+        os.path.join(workdir, "samples"), params, setup.model, out, setup.tokenizer, guidance_scale=s.guidance_scale,
+        cond_mask=None if cond_mask is None else cond_mask[:n], eos_id=setup.tokenizer.eos_token_id,
+        pad_id=setup.tokenizer.pad_token_id, png=True)
+    print(f"denoising trajectory of {n} samples: {paths['html']}", flush=True)
   return path
 
 
@@ -208,6 +278,9 @@ def eval_mode(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
   summary.update({f"{k}_std": float(np.std([r[k] for r in runs])) for k in keys})
   summary["num_seeds"] = len(runs)
   writer.write(0, summary, kind="eval")
-  print(format_table(summary), flush=True)
+  print(f"evaluation over {len(runs)} seed(s), mean ± std:", flush=True)
+  print(format_table({k: f"{summary[k]:.4f} ± {summary[k + '_std']:.4f}" for k in keys}), flush=True)
+  if config.eval.sweep:
+    summary["frontier"] = frontier(setup, load_ema_params(setup, workdir), workdir, writer)
   print(f"eval over {len(runs)} seed(s) appended to {writer.path}", flush=True)
   return summary

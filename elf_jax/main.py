@@ -9,7 +9,6 @@ r"""ELF command line: train, sample, evaluate, or compile ahead of time for a TP
 Any config field can be overridden with --config.group.field=value. Sample and eval use the EMA parameters of the
 latest checkpoint in --workdir (or --config.init_from).
 """
-import json
 import os
 
 from absl import app, flags
@@ -56,7 +55,7 @@ def main(argv):
   elif mode == "sample":
     generate.sample_mode(config, workdir)
   else:
-    print(json.dumps(generate.eval_mode(config, workdir), indent=2))
+    generate.eval_mode(config, workdir)
 
 
 if __name__ == "__main__":
