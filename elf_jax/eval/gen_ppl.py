@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from elf_jax import hf_weights
 from elf_jax.eval import gpt2
 
 
@@ -115,7 +116,8 @@ class GenPPLScorer:
   def from_pretrained(cls, name_or_path: str, **kwargs) -> "GenPPLScorer":
     """Scorer from a Hugging Face GPT-2 directory or hub id (weights and tokenizer), e.g. "gpt2-large"."""
     import transformers  # pylint: disable=import-outside-toplevel
-    directory = gpt2.resolve_hf_dir(name_or_path)
+    # The scorer needs the tokenizer files (vocab.json, merges.txt, tokenizer*.json) beside config.json.
+    directory = hf_weights.resolve_dir(name_or_path, "GPT-2", allow_patterns=["*.json", "*.txt"])
     config, params = gpt2.load_hf_gpt2(str(directory))
     return cls(config, params, transformers.AutoTokenizer.from_pretrained(str(directory)), **kwargs)
 

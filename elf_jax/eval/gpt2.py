@@ -12,7 +12,6 @@ Parameter tree (under "params"): `wte/embedding (V,E)`, `wpe/embedding (P,E)`,
 """
 import dataclasses
 import functools
-import json
 import pathlib
 import re
 from typing import Any
@@ -22,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from elf_jax import hf_weights
+
 # Hugging Face `activation_function` names -> Flax functions. gelu_new is the tanh approximation.
 _ACTIVATIONS = {
     "gelu_new": functools.partial(nn.gelu, approximate=True),
@@ -30,8 +31,6 @@ _ACTIVATIONS = {
 }
 # Checkpoint entries that are not weights: causal-mask buffers of older GPT-2 checkpoints.
 _BUFFER_KEY = re.compile(r"(^|\.)attn\.(bias|masked_bias)$")
-_SAFETENSORS = "model.safetensors"
-_TORCH_BIN = "pytorch_model.bin"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,64 +206,13 @@ def convert_hf_state_dict(config: GPT2Config, state: dict[str, np.ndarray]) -> d
   return params
 
 
-def resolve_hf_dir(name_or_path: str) -> pathlib.Path:
-  """A local Hugging Face model directory, or a hub id downloaded (cached) with huggingface_hub when online."""
-  path = pathlib.Path(name_or_path).expanduser()
-  if path.is_dir():
-    return path
-  if path.exists() or name_or_path.startswith(("/", ".", "~")):
-    raise FileNotFoundError(f"GPT-2 checkpoint directory {name_or_path!r} does not exist (or is not a directory)")
-  try:
-    import huggingface_hub  # pylint: disable=import-outside-toplevel
-    return pathlib.Path(huggingface_hub.snapshot_download(name_or_path, allow_patterns=["*.json", "*.txt",
-                                                                                       "*.safetensors"]))
-  except Exception as e:  # offline, unknown id, no huggingface_hub: all need the same fix
-    raise OSError(
-        f"{name_or_path!r} is neither a local directory nor downloadable from the Hugging Face hub "
-        f"({type(e).__name__}: {e}). Offline? On a machine with internet run `huggingface-cli download "
-        f"{name_or_path} --local-dir DIR`, copy DIR here and pass its path instead of the hub id.") from e
-
-
-def _read_safetensors(files: list[pathlib.Path]) -> dict[str, np.ndarray]:
-  from safetensors import safe_open  # pylint: disable=import-outside-toplevel
-  state = {}
-  for file in files:
-    with safe_open(str(file), framework="flax") as f:  # flax: bfloat16 files load too (numpy cannot)
-      state.update({k: np.asarray(f.get_tensor(k), np.float32) for k in f.keys()})
-  return state
-
-
-def _read_torch(files: list[pathlib.Path]) -> dict[str, np.ndarray]:
-  try:
-    import torch  # pylint: disable=import-outside-toplevel
-  except ImportError as e:
-    raise ImportError(f"{files[0].name} is a PyTorch checkpoint and needs torch (`pip install torch`), or "
-                      "convert it to model.safetensors on a machine that has torch") from e
-  state = {}
-  for file in files:
-    loaded = torch.load(file, map_location="cpu", weights_only=True)
-    state.update({k: v.float().numpy() for k, v in loaded.items()})
-  return state
-
-
-def read_hf_state_dict(directory: pathlib.Path) -> dict[str, np.ndarray]:
-  """Weights of a Hugging Face model directory: model.safetensors, sharded safetensors or pytorch_model.bin."""
-  for base, reader in ((_SAFETENSORS, _read_safetensors), (_TORCH_BIN, _read_torch)):
-    if (directory / base).exists():
-      return reader([directory / base])
-    index = directory / f"{base}.index.json"
-    if index.exists():
-      shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-      return reader([directory / s for s in shards])
-  raise FileNotFoundError(f"no GPT-2 weights in {directory}: expected {_SAFETENSORS}, {_SAFETENSORS}.index.json, "
-                          f"{_TORCH_BIN} or {_TORCH_BIN}.index.json")
+def read_hf_state_dict(directory: pathlib.Path | str) -> dict[str, np.ndarray]:
+  """Every weight of a Hugging Face GPT-2 directory (safetensors or pytorch .bin, single or sharded), float32."""
+  return hf_weights.read_state_dict(directory, what="GPT-2")
 
 
 def load_hf_gpt2(name_or_path: str) -> tuple[GPT2Config, dict[str, Any]]:
   """Loads a Hugging Face GPT-2 checkpoint (local directory or hub id) as (config, Flax params tree)."""
-  directory = resolve_hf_dir(name_or_path)
-  config_file = directory / "config.json"
-  if not config_file.exists():
-    raise FileNotFoundError(f"{config_file} is missing: not a Hugging Face model directory")
-  config = GPT2Config.from_hf_dict(json.loads(config_file.read_text()))
+  directory = hf_weights.resolve_dir(name_or_path, "GPT-2", allow_patterns=["config.json"])
+  config = GPT2Config.from_hf_dict(hf_weights.read_config(directory))
   return config, convert_hf_state_dict(config, read_hf_state_dict(directory))

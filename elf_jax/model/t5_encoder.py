@@ -25,9 +25,7 @@ Parameter tree (`params`, without the outer {"params": ...}), with the Hugging F
 The relative-attention table sits at the top level rather than in block 0 because every block uses it.
 """
 import dataclasses
-import json
 import math
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -35,6 +33,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from elf_jax import hf_weights
 
 _FEED_FORWARD_PROJ = ("relu", "gated-gelu")
 
@@ -253,63 +253,6 @@ def _hf_name(path: tuple[str, ...]) -> str:
   return f"encoder.block.{i}.{sub}{proj}.weight"
 
 
-def _resolve_dir(name_or_path: str) -> str:
-  """A local checkpoint directory, downloading a hub id (config + encoder weights) when online."""
-  name_or_path = os.path.expanduser(name_or_path)
-  if os.path.isdir(name_or_path):
-    return name_or_path
-  if os.path.exists(name_or_path) or name_or_path.startswith((".", "/", "~")):
-    raise FileNotFoundError(f"{name_or_path!r} is not a directory; pass the Hugging Face checkpoint directory "
-                            "holding config.json and model.safetensors (or pytorch_model.bin)")
-  import huggingface_hub  # pylint: disable=g-import-not-at-top
-  try:
-    path = huggingface_hub.snapshot_download(name_or_path, allow_patterns=["config.json", "*.safetensors*"])
-    if not any(f.endswith(".safetensors") for f in os.listdir(path)):
-      path = huggingface_hub.snapshot_download(name_or_path, allow_patterns=["config.json", "pytorch_model*"])
-  except Exception as e:  # hub errors have many types (offline, not found, gated); all need the same fix
-    raise OSError(f"could not fetch T5 checkpoint {name_or_path!r} from the Hugging Face hub ({type(e).__name__}: "
-                  f"{e}). Offline? Pass a local directory with config.json and model.safetensors instead (e.g. "
-                  "written by `T5EncoderModel.from_pretrained(...).save_pretrained(dir)` on a connected "
-                  "machine).") from e
-  return path
-
-
-def _weight_files(directory: str) -> list[str]:
-  """The checkpoint's weight files: single or sharded safetensors, else single or sharded pytorch .bin."""
-  for single, index in (("model.safetensors", "model.safetensors.index.json"),
-                        ("pytorch_model.bin", "pytorch_model.bin.index.json")):
-    if os.path.exists(os.path.join(directory, single)):
-      return [os.path.join(directory, single)]
-    if os.path.exists(os.path.join(directory, index)):
-      with open(os.path.join(directory, index)) as f:
-        shards = sorted(set(json.load(f)["weight_map"].values()))
-      return [os.path.join(directory, s) for s in shards]
-  raise FileNotFoundError(f"no weights in {directory!r}: expected model.safetensors, pytorch_model.bin or a "
-                          "sharded index json of either")
-
-
-def _read_tensors(files: list[str]) -> dict[str, np.ndarray]:
-  """Every `shared.*` / `encoder.*` tensor of the files, as float32 numpy arrays."""
-  wanted = lambda key: key.startswith(("shared.", "encoder."))
-  tensors = {}
-  for file in files:
-    if file.endswith(".safetensors"):
-      from safetensors import safe_open  # pylint: disable=g-import-not-at-top
-      with safe_open(file, framework="flax") as f:  # flax, not numpy: numpy has no bfloat16
-        for key in filter(wanted, f.keys()):
-          tensors[key] = np.asarray(f.get_tensor(key), np.float32)
-    else:
-      try:
-        import torch  # pylint: disable=g-import-not-at-top
-      except ImportError as e:
-        raise ImportError(f"{file} is a PyTorch checkpoint and reading it needs torch (pip install torch), or "
-                          "convert it to model.safetensors with save_pretrained(..., safe_serialization=True)") from e
-      state = torch.load(file, map_location="cpu", weights_only=True)
-      for key in filter(wanted, state):
-        tensors[key] = state[key].float().numpy()
-  return tensors
-
-
 def load_hf_t5_encoder(name_or_path: str) -> tuple[T5EncoderConfig, dict]:
   """Config and float32 `params` of the encoder of a Hugging Face T5 checkpoint.
 
@@ -321,10 +264,9 @@ def load_hf_t5_encoder(name_or_path: str) -> tuple[T5EncoderConfig, dict]:
   Raises:
     ValueError listing every missing, unexpected or mis-shaped encoder weight.
   """
-  directory = _resolve_dir(name_or_path)
-  with open(os.path.join(directory, "config.json")) as f:
-    config = T5EncoderConfig.from_hf_config(json.load(f))
-  tensors = _read_tensors(_weight_files(directory))
+  directory = hf_weights.resolve_dir(name_or_path, "T5", allow_patterns=["config.json"])
+  config = T5EncoderConfig.from_hf_config(hf_weights.read_config(directory))
+  tensors = hf_weights.read_state_dict(directory, keep=lambda key: key.startswith(("shared.", "encoder.")))
   tied = tensors.pop("encoder.embed_tokens.weight", None)  # tied to shared.weight; older files keep only this one
   if "shared.weight" not in tensors and tied is not None:
     tensors["shared.weight"] = tied
