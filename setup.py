@@ -32,6 +32,6 @@ setup(
         "tpu": ["jax[tpu]>=0.10.2"],
         "gpu": ["jax[cuda12]>=0.10.2"],
         # Ahead-of-time compilation for TPU topologies on a CPU machine (--mode=compile).
-        "compile": ["libtpu"],
+        "compile": ["libtpu>=0.0.52"],
     },
 )

@@ -1,0 +1,212 @@
+"""Ahead-of-time compilation of the sharded train step for a TPU slice, on any host (`--mode=compile`).
+
+  JAX_PLATFORMS=cpu python -m elf_jax.main --config=configs/owt_b.py --mode=compile \
+      --config.mesh.compile_topology=v5p-64
+
+needs `pip install -e .[compile]` (libtpu, which jax uses as the TPU compiler without a TPU). Nothing is allocated
+and no weights are loaded: the mesh is built over the topology's abstract devices, the TrainState, the frozen
+encoder's parameters and the global batch are `jax.ShapeDtypeStruct`s with their shardings, and the real train step
+(`make_train_step`: declared in/out shardings, donated state) is lowered and compiled. The report gives per-chip
+memory (XLA's `memory_analysis`) and per-chip FLOPs (XLA's `cost_analysis`) of one micro-step.
+"""
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from elf_jax.config import ConfigError, validate
+from elf_jax.model.elf import ELF, ModelConfig
+from elf_jax.model.latents import LatentEncoder
+from elf_jax.model.t5_encoder import T5Encoder, T5EncoderConfig, random_t5_encoder_params
+from elf_jax.parallel import mesh as mesh_lib
+from elf_jax.parallel import sharding
+from elf_jax.train import loss as loss_lib
+from elf_jax.train import loop
+from elf_jax.train import optim
+from elf_jax.train import step as step_lib
+
+# Slice name → jax topology name ("<generation>:<chip grid>"). v5p-N counts TensorCores (2 per chip, so N / 2
+# chips on a 3-D torus); v5litepod-N and v6e-N count chips (2-D). Chip grids are the slice shapes Cloud TPU offers.
+_V5P_GRIDS = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8",
+              512: "8x8x8"}
+_LITE_GRIDS = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
+TOPOLOGIES: dict[str, str] = {
+    **{f"v5p-{2 * chips}": f"v5p:{grid}" for chips, grid in _V5P_GRIDS.items()},
+    **{f"v5litepod-{chips}": f"v5e:{grid}" for chips, grid in _LITE_GRIDS.items()},
+    **{f"v6e-{chips}": f"v6e:{grid}" for chips, grid in _LITE_GRIDS.items()},
+}
+
+# The frozen encoders whose architecture is known without their files (the published T5-small).
+KNOWN_ENCODERS = {
+    "t5-small": T5EncoderConfig(vocab_size=32128, d_model=512, num_layers=6, num_heads=8, d_kv=64, d_ff=2048),
+}
+
+_GIB = 1 << 30
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileReport:
+  """Per-chip figures of one compiled micro-step. Bytes are per device; `flops` is XLA's per-device count."""
+  topology: str
+  num_devices: int
+  device_kind: str
+  mesh_shape: dict[str, int]
+  batch_shape: tuple[int, int]
+  num_params: int
+  argument_bytes: int
+  output_bytes: int
+  alias_bytes: int
+  temp_bytes: int
+  code_bytes: int
+  flops: float
+
+  @property
+  def total_bytes(self) -> int:
+    """Peak estimate: arguments + outputs − outputs aliased to donated arguments + temporaries + generated code."""
+    return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes + self.code_bytes
+
+  def describe(self) -> str:
+    """Human-readable lines for the console."""
+    mesh = " ".join(f"{k}={v}" for k, v in self.mesh_shape.items())
+    gib = lambda b: f"{b / _GIB:8.3f} GiB"
+    return "\n".join([
+        f"compiled train step for {self.topology}: {self.num_devices} x {self.device_kind}, mesh {mesh}, "
+        f"global batch {self.batch_shape[0]} x {self.batch_shape[1]}, {self.num_params / 1e6:.2f}M parameters",
+        "per-chip memory:",
+        f"  arguments        {gib(self.argument_bytes)}",
+        f"  outputs          {gib(self.output_bytes)}  ({gib(self.alias_bytes).strip()} aliased to donated state)",
+        f"  temporaries      {gib(self.temp_bytes)}",
+        f"  generated code   {gib(self.code_bytes)}",
+        f"  total            {gib(self.total_bytes)}",
+        f"per-chip FLOPs of one step: {self.flops:.4e} (XLA cost analysis)",
+    ])
+
+
+def topology_devices(name: str) -> list:
+  """The abstract devices of the TPU slice `name` (e.g. "v5p-64"), via libtpu; nothing needs a TPU.
+
+  Raises:
+    ValueError: `name` is not in TOPOLOGIES (the message lists them).
+    ImportError: libtpu is missing (the message says how to install it).
+  """
+  if name not in TOPOLOGIES:
+    raise ValueError(f"unknown compile topology {name!r}; known: {', '.join(TOPOLOGIES)}. "
+                     "Fix: --config.mesh.compile_topology=<one of these>.")
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  try:
+    return list(topologies.get_topology_desc(platform="tpu", topology_name=TOPOLOGIES[name]).devices)
+  except Exception as e:  # jax raises a RuntimeError / JaxRuntimeError naming the missing TPU plug-in
+    import importlib.util  # pylint: disable=g-import-not-at-top
+    if importlib.util.find_spec("libtpu") is None:
+      raise ImportError(f"compiling for {name} needs libtpu; install it with `pip install -e .[compile]` "
+                        "(or `pip install libtpu`) and run with JAX_PLATFORMS=cpu") from e
+    raise
+
+
+def abstract_encoder(config: ml_collections.ConfigDict) -> tuple[LatentEncoder, dict]:
+  """The frozen encoder module and its parameter *shapes* (ShapeDtypeStructs), without loading any weights.
+
+  The architecture comes from the "random" fields, KNOWN_ENCODERS, or a local Hugging Face directory's
+  config.json. Latent statistics are the config's (they do not change the compiled program).
+  """
+  e = config.encoder
+  if e.name_or_path == "random":
+    t5_config = T5EncoderConfig(vocab_size=config.model.vocab_size, d_model=e.dim, num_layers=e.random_num_layers,
+                                num_heads=e.random_num_heads, d_kv=e.random_d_kv, d_ff=e.random_d_ff)
+  elif e.name_or_path in KNOWN_ENCODERS:
+    t5_config = KNOWN_ENCODERS[e.name_or_path]
+  elif os.path.isfile(os.path.join(e.name_or_path, "config.json")):
+    with open(os.path.join(e.name_or_path, "config.json")) as f:
+      t5_config = T5EncoderConfig.from_hf_config(json.load(f))
+  else:
+    raise ConfigError(f"encoder.name_or_path={e.name_or_path!r}: its architecture is unknown offline; use one of "
+                      f"{sorted(KNOWN_ENCODERS)}, 'random', or a local directory with a T5 config.json")
+  if t5_config.d_model != e.dim:
+    raise ConfigError(f"encoder {e.name_or_path!r} has width {t5_config.d_model} but config.encoder.dim={e.dim}; "
+                      f"set --config.encoder.dim={t5_config.d_model}")
+  shapes = jax.eval_shape(lambda: random_t5_encoder_params(t5_config, 0))
+  t5 = T5Encoder(t5_config, dtype=jnp.dtype(e.compute_dtype))
+  return LatentEncoder(t5, e.latent_mean, e.latent_std), shapes
+
+
+def compile_train_step(config: ml_collections.ConfigDict, devices: Sequence[jax.Device],
+                       topology: str = "") -> CompileReport:
+  """Lowers and compiles the train step of `config` for a mesh over `devices` (real or abstract).
+
+  Args:
+    config: a full run config; `config.mesh` (or `config.mesh.preset`) gives the mesh sizes, `optim` the batch
+      (global_batch_size / grad_accum_steps rows of data.max_length tokens per micro-step).
+    devices: the devices of the mesh, e.g. `topology_devices("v5p-64")` or `jax.devices()`.
+    topology: a label for the report (default: the device count and kind).
+
+  Returns:
+    The CompileReport of the compiled executable.
+  """
+  validate(config)
+  if config.mesh.preset:
+    mesh_lib.apply_mesh_preset(config, config.mesh.preset)
+  mesh = mesh_lib.make_mesh(config.mesh, devices)
+  batch_size = config.optim.global_batch_size // config.optim.grad_accum_steps
+  sharding.check_mesh(mesh, config.model.num_heads, batch_size)
+  encoder, encoder_shapes = abstract_encoder(config)
+  model = ELF(ModelConfig.from_config(config))
+  setup = loop.Setup(config, mesh, tokenizer=None, language=None, encoder=encoder, encoder_params=encoder_shapes,
+                     model=model)
+  # The schedule's constants (warm-up length, decay horizon) do not change the compiled program's shapes.
+  per_epoch = loop.steps_per_epoch(config, config.optim.global_batch_size)
+  schedule = optim.make_schedule(config.optim, per_epoch, loop.total_steps(config, per_epoch))
+  optimizer = optim.make_optimizer(config.optim, schedule)
+  abstract_state, state_shardings = loop.abstract_and_shardings(setup, optimizer)
+
+  obj = step_lib.Objective(model, encoder, loss_lib.FlowConfig.from_config(config),
+                           step_lib.resolve_num_groups(config, mesh, batch_size), config.data.conditional)
+  train_step = step_lib.make_train_step(obj, optimizer, config.optim, mesh, state_shardings)
+  replicated = NamedSharding(mesh, P())
+  encoder_params = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
+                                          encoder_shapes)
+  rows = (batch_size, config.data.max_length)
+  batch_sh = sharding.batch_sharding(mesh)
+  batch = {k: jax.ShapeDtypeStruct(rows, jnp.int32 if k == "ids" else jnp.bool_, sharding=batch_sh)
+           for k in step_lib.BATCH_KEYS}
+  compiled = train_step.lower(abstract_state, encoder_params, batch).compile()
+
+  memory = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # older jax returned one dict per computation
+  device = mesh.devices.flat[0]
+  return CompileReport(
+      topology=topology or f"{mesh.devices.size} x {device.device_kind}", num_devices=int(mesh.devices.size),
+      device_kind=device.device_kind, mesh_shape=dict(mesh.shape), batch_shape=rows,
+      num_params=int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(abstract_state.params))),
+      argument_bytes=int(memory.argument_size_in_bytes), output_bytes=int(memory.output_size_in_bytes),
+      alias_bytes=int(memory.alias_size_in_bytes), temp_bytes=int(memory.temp_size_in_bytes),
+      code_bytes=int(memory.generated_code_size_in_bytes), flops=float(cost.get("flops", 0.0)))
+
+
+def compile_for_topology(config: ml_collections.ConfigDict, name: str) -> CompileReport:
+  """`compile_train_step` over the abstract devices of the TPU slice `name`.
+
+  The mesh sizes come from `config.mesh.preset`, else from the preset named like the slice when one exists
+  (e.g. "v5p-64" in `elf_jax.parallel.mesh.MESH_PRESETS`), else from `config.mesh.data/fsdp/tensor`.
+  """
+  devices = topology_devices(name)
+  if not config.mesh.preset and name in mesh_lib.MESH_PRESETS:
+    mesh_lib.apply_mesh_preset(config, name)
+  return compile_train_step(config, devices, topology=name)
+
+
+def main(config: ml_collections.ConfigDict) -> CompileReport:
+  """`--mode=compile`: compiles for `config.mesh.compile_topology` and prints the report."""
+  name = config.mesh.compile_topology
+  if not name:
+    raise ConfigError("--mode=compile needs a target slice: set --config.mesh.compile_topology (one of "
+                      f"{', '.join(TOPOLOGIES)})")
+  report = compile_for_topology(config, name)
+  print(report.describe(), flush=True)
+  return report
