@@ -10,6 +10,8 @@ Any config field can be overridden with --config.group.field=value. Sample and e
 latest checkpoint in --workdir (or --config.init_from).
 """
 import os
+import re
+import sys
 
 from absl import app, flags
 from absl import logging as absl_logging
@@ -24,6 +26,27 @@ _MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "compile"
 _DISTRIBUTED = flags.DEFINE_bool("distributed", None, "Call jax.distributed.initialize() (multi-host); default: "
                                  "the ELF_DISTRIBUTED environment variable.")
 flags.mark_flags_as_required(["config"])
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, plus one clear message for an override of a config field that does not exist.
+
+  ml_collections reports `--config.model.nonexistent=1` as a bare AttributeError / KeyError naming only the last
+  key, with a traceback; this names the flag and the fix instead and exits with status 1.
+  """
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:
+    detail = e
+    while isinstance(detail, BaseException) and detail.args:  # AttributeError(KeyError("'key'\nDid you mean ..."))
+      detail = detail.args[0]
+    detail = str(detail)
+    key = re.match(r"\W*(\w+)", detail)
+    overrides = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
+    named = [a for a in overrides if key and key.group(1) in a.split(".")[1:]] or overrides
+    sys.exit(f"FATAL Flags parsing error: {', '.join(named)}: no such config field ({' '.join(detail.split())}).\n"
+             "Fix the field name: every field is listed, with a comment, in elf_jax/config.py (base_config) and the "
+             "resolved config is printed at the start of every run.")
 
 
 def main(argv):
@@ -59,4 +82,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

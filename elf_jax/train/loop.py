@@ -7,6 +7,7 @@ events in `DIR/tb`, `DIR/loss_curve.png` at the end, samples in `DIR/samples/`.
 import dataclasses
 import json
 import os
+import signal
 import time
 from typing import Any
 
@@ -67,14 +68,20 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None) -> Setu
   if config.mesh.preset:
     mesh_lib.apply_mesh_preset(config, config.mesh.preset)
   mesh = mesh_lib.make_mesh(config.mesh)
+  batch_size = config.optim.global_batch_size // config.optim.grad_accum_steps
+  sharding.check_mesh(mesh, config.model.num_heads, batch_size)
+  step_lib.resolve_num_groups(config, mesh, batch_size)  # flow.decoder_groups vs the batch shards
   language = sources.make_language(config.data) if config.data.source == "synthetic" else None
   tok = tokenizers_.load_tokenizer(config.data.tokenizer, language)
+  if len(tok) > config.model.vocab_size:  # checked before the encoder is built (a random one uses this size too)
+    raise ConfigError(f"the tokenizer {config.data.tokenizer!r} has {len(tok)} tokens but the model head predicts "
+                      f"model.vocab_size={config.model.vocab_size}; set --config.model.vocab_size={len(tok)} (or "
+                      "more) or use the tokenizer the model was built for")
   encoder, encoder_params = build_encoder(config)
-  if len(tok) > encoder.vocab_size or len(tok) > config.model.vocab_size:
-    raise ConfigError(f"the tokenizer {config.data.tokenizer!r} has {len(tok)} tokens but the encoder embeds "
-                      f"{encoder.vocab_size} and the model head predicts model.vocab_size={config.model.vocab_size}; "
-                      "use the encoder's own tokenizer or set --config.model.vocab_size to the tokenizer's size")
-  sharding.check_mesh(mesh, config.model.num_heads, config.optim.global_batch_size // config.optim.grad_accum_steps)
+  if len(tok) > encoder.vocab_size:
+    raise ConfigError(f"the tokenizer {config.data.tokenizer!r} has {len(tok)} tokens but the encoder "
+                      f"{config.encoder.name_or_path!r} embeds only {encoder.vocab_size}; use the encoder's own "
+                      "tokenizer (--config.data.tokenizer) or an encoder with that vocabulary")
   encoder = _latent_stats(config, workdir, encoder, encoder_params, tok, language)
   model = ELF(ModelConfig.from_config(config))
   return Setup(config, mesh, tok, language, encoder, encoder_params, model)
@@ -172,6 +179,13 @@ class MetricsWriter:
       self.tb.close()
 
 
+def _nanmean(values) -> float:
+  """Mean over the non-NaN values (e.g. decode_loss of steps that drew no decoding group); NaN if there are none."""
+  v = np.asarray(values, np.float64)
+  v = v[~np.isnan(v)]
+  return float(v.mean()) if v.size else float("nan")
+
+
 def _py(v):
   v = np.asarray(v)
   return v.item() if v.size == 1 else v.tolist()
@@ -243,6 +257,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, hooks=None) -> TrainS
   train_step = step_lib.make_train_step(obj, optimizer, config.optim, mesh, shardings)
   encoder_params = jax.device_put(setup.encoder_params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
   writer = MetricsWriter(workdir, config.logging.tensorboard)
+  previous_sigterm = signal.getsignal(signal.SIGTERM)
   preempted = checkpoint.install_preemption_handler()
   accum = config.optim.grad_accum_steps
   start = int(state.step)
@@ -259,7 +274,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, hooks=None) -> TrainS
       if step % config.logging.log_every_steps == 0 or step == n_steps:
         host = jax.device_get(window)
         now = time.perf_counter()
-        summary = {k: float(np.nanmean([m[k] for m in host])) for k in host[0]}
+        summary = {k: _nanmean([m[k] for m in host]) for k in host[0]}
         summary.update(lr=float(schedule(step)), step_time_s=(now - t_last) / len(window),
                        epoch=step / per_epoch)
         window, t_last = [], now
@@ -275,6 +290,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, hooks=None) -> TrainS
       if hooks is not None and every > 0 and step % every == 0 and step < n_steps:
         hooks(setup, workdir, state, step, writer, False)
   finally:
+    signal.signal(signal.SIGTERM, previous_sigterm)  # SIGTERM during sampling / after training ends the process
     bar.close()
     manager.wait()
   if step >= n_steps:

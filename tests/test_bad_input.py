@@ -1,0 +1,124 @@
+"""Bad input gets one clear error, naming the field and the fix, before anything is compiled (issue 4, item 9).
+
+"Before anything is compiled": `jax.jit` is replaced by a function that fails the test, and the run must leave no
+checkpoint directory and no metrics behind.
+"""
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from elf_jax.config import ConfigError
+from elf_jax.data import tokenizer as tokenizers
+from elf_jax.train import loop
+from test_train_loop import REPO, small_config  # tests/ is on sys.path (pytest rootdir-relative import)
+
+
+@pytest.fixture
+def no_jit(monkeypatch):
+  def refuse(*args, **kwargs):
+    raise AssertionError("jax.jit was called before the bad input was reported")
+
+  monkeypatch.setattr(jax, "jit", refuse)
+
+
+def train_error(workdir, exception=ValueError, **overrides) -> str:
+  """Runs loop.train on small_config(**overrides); returns the message of the `exception` it must raise."""
+  with pytest.raises(exception) as err:
+    loop.train(small_config(**overrides), str(workdir))
+  assert not os.path.exists(os.path.join(workdir, "checkpoints"))
+  assert not os.path.exists(os.path.join(workdir, "metrics.jsonl"))
+  return str(err.value)
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ({"optim.base_lr": 0.0}, ["optim.base_lr=0.0 must be > 0"]),
+    ({"optim.base_lr": -1e-3}, ["optim.base_lr=-0.001 must be > 0"]),
+    ({"flow.decoder_prob": 1.5}, ["flow.decoder_prob=1.5 must be in [0, 1]"]),
+    ({"flow.decoder_prob": -0.1}, ["flow.decoder_prob=-0.1 must be in [0, 1]"]),
+    ({"data.conditional": True, "data.max_condition_length": 16},
+     ["data.max_length=16 must be longer than data.max_condition_length=16"]),
+    ({"data.conditional": True, "data.max_condition_length": 20},
+     ["data.max_length=16 must be longer than data.max_condition_length=20"]),
+])
+def test_bad_values_fail_validation(tmp_path, no_jit, overrides, expected):
+  message = train_error(tmp_path, ConfigError, **overrides)
+  assert message.startswith("invalid config:") and message.count("\n  - ") == 1  # exactly one problem
+  for text in expected:
+    assert text in message
+
+
+def test_every_bad_value_is_listed_in_one_error(tmp_path, no_jit):
+  message = train_error(tmp_path, ConfigError, **{"optim.base_lr": 0.0, "flow.decoder_prob": 2.0})
+  assert "optim.base_lr" in message and "flow.decoder_prob" in message
+
+
+def test_batch_not_divisible_by_the_data_parallel_size(tmp_path, no_jit):
+  message = train_error(tmp_path, **{"optim.global_batch_size": 12})  # 8 CPU devices -> 8 batch shards
+  assert "per-step batch 12" in message and "8 batch shards" in message
+  assert "--config.mesh.data/fsdp/tensor" in message
+
+
+def test_decoder_groups_not_fitting_the_mesh(tmp_path, no_jit):
+  message = train_error(tmp_path, **{"flow.decoder_groups": 4})
+  assert "flow.decoder_groups=4" in message and "--config.flow.decoder_groups=-1" in message
+
+
+@pytest.fixture(scope="module")
+def word_tokenizer_dir(tmp_path_factory):
+  """A saved 5-word tokenizer (8 tokens with pad, EOS, unknown), loadable through config.data.tokenizer."""
+  path = tmp_path_factory.mktemp("tokenizer")
+  tokenizers.build_word_tokenizer(["the", "cat", "sat", "on", "mat"], save_dir=str(path))
+  return str(path)
+
+
+@pytest.mark.parametrize("source, name", [("jsonl", "train.jsonl"), ("text", "train.txt"), ("hf_arrow", "arrow")])
+def test_missing_data_path(tmp_path, no_jit, word_tokenizer_dir, source, name):
+  path = str(tmp_path / "no_such_dir" / name)
+  message = train_error(tmp_path / "run", FileNotFoundError, **{"data.source": source, "data.path": path,
+                                                                 "data.tokenizer": word_tokenizer_dir})
+  assert f"config.data.path = {path!r}" in message and "does not exist" in message
+  assert f"set config.data.path to your {source} data" in message
+
+
+def test_tokenizer_larger_than_the_model_head(tmp_path, no_jit):
+  message = train_error(tmp_path, ConfigError, **{"model.vocab_size": 100})  # the word tokenizer has 402 tokens
+  assert "has 402 tokens" in message and "model.vocab_size=100" in message
+  assert "--config.model.vocab_size=402" in message
+
+
+def test_tokenizer_larger_than_the_encoder_vocabulary(tmp_path, no_jit):
+  """A local Hugging Face T5 encoder with 100 embeddings under the 402-token word tokenizer."""
+  import transformers  # only this test needs torch
+  encoder_dir = tmp_path / "t5"
+  t5 = transformers.T5Config(vocab_size=100, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
+  transformers.T5EncoderModel(t5).save_pretrained(encoder_dir)
+  message = train_error(tmp_path / "run", ConfigError, **{"encoder.name_or_path": str(encoder_dir)})
+  assert "has 402 tokens" in message and f"encoder {str(encoder_dir)!r} embeds only 100" in message
+  assert "--config.data.tokenizer" in message
+
+
+@pytest.mark.parametrize("blocked", ["file_as_parent", "file_as_workdir"])
+def test_workdir_not_writable(tmp_path, no_jit, blocked):
+  # Tests run as root, which chmod does not stop: a regular file in the way blocks everyone.
+  (tmp_path / "a_file").write_text("not a directory")
+  workdir = tmp_path / "a_file" / "run" if blocked == "file_as_parent" else tmp_path / "a_file"
+  with pytest.raises(ConfigError, match=f"--workdir='{workdir}' is not writable .*pass a directory you can write to"):
+    loop.train(small_config(), str(workdir))
+
+
+@pytest.mark.parametrize("override, hint", [("--config.model.nonexistent=1", "('nonexistent')"),
+                                            ("--config.model.depht=2", 'Did you mean "depth" instead of "depht"?')])
+def test_unknown_config_field_on_the_command_line(tmp_path, override, hint):
+  workdir = tmp_path / "run"
+  result = subprocess.run(
+      [sys.executable, "-m", "elf_jax.main", "--config=configs/tiny.py", f"--workdir={workdir}", override],
+      cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert result.returncode == 1
+  flag = override.split("=")[0]
+  assert f"FATAL Flags parsing error: {flag}: no such config field" in result.stderr
+  assert hint in result.stderr and "elf_jax/config.py" in result.stderr
+  assert "Traceback" not in result.stderr  # one message, not a stack
+  assert not workdir.exists()  # stopped while parsing flags, before anything ran

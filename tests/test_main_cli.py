@@ -1,0 +1,113 @@
+"""`python -m elf_jax.main` end to end (issue 4, items 1, 6, 7): train, then --mode=sample and --mode=eval on the
+same workdir, and --mode=eval on a samples file. One training run (small overrides of configs/tiny.py, one CPU
+device as on a fresh machine) is shared by the tests."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from elf_jax.data import sources
+from test_train_loop import REPO, SMALL, small_config  # tests/ is on sys.path (pytest rootdir-relative import)
+
+OVERRIDES = [f"--config.{key}={value}" for key, value in SMALL.items()]
+
+
+def run_main(workdir, *args) -> str:
+  """Runs the CLI on configs/tiny.py + OVERRIDES + args; returns stdout (the test fails, with the output, on rc != 0)."""
+  xla_flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+  result = subprocess.run(
+      [sys.executable, "-m", "elf_jax.main", "--config=configs/tiny.py", f"--workdir={workdir}", *OVERRIDES, *args],
+      cwd=REPO, capture_output=True, text=True, timeout=300,
+      env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags})
+  assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+  return result.stdout
+
+
+def printed_figures(stdout: str) -> dict[str, float]:
+  """`  name   value` lines of the printed tables (the last value of each name)."""
+  return {m.group(1): float(m.group(2)) for m in re.finditer(r"^  (\w+)\s+(-?[\d.]+|nan)\b", stdout, re.M)}
+
+
+def metric_rows(workdir, kind: str) -> list[dict]:
+  rows = [json.loads(line) for line in open(workdir / "metrics.jsonl") if line.strip()]
+  return [r for r in rows if r["kind"] == kind]
+
+
+def read_texts(path) -> list[str]:
+  return [json.loads(line)["text"] for line in open(path)]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("cli")
+  return workdir, run_main(workdir)
+
+
+def test_train_prints_and_saves_the_config_and_writes_every_artefact(trained):
+  workdir, stdout = trained
+  assert stdout.startswith("Resolved config:\n")
+  saved = json.loads((workdir / "config_train.json").read_text())
+  assert saved["model"]["hidden_size"] == 32 and saved["optim"]["num_steps"] == 6  # the overrides took effect
+  assert saved["data"]["tokenizer"] == "synthetic"  # the rest is configs/tiny.py
+  assert json.dumps(saved, indent=2) in stdout  # the printed config is the saved one
+
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["3", "6"]
+  assert [r["step"] for r in metric_rows(workdir, "train")] == [1, 2, 3, 4, 5, 6]
+  assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir / "tb"))
+  assert (workdir / "loss_curve.png").read_bytes().startswith(b"\x89PNG")
+  texts = read_texts(workdir / "samples" / "step_6.jsonl")
+  assert len(texts) == 8 and (workdir / "samples" / "step_6.txt").read_text().splitlines() == texts
+
+
+def test_train_prints_the_final_quality_figures(trained):
+  workdir, stdout = trained
+  (final,) = metric_rows(workdir, "eval")
+  printed = printed_figures(stdout.split("Samples at step 6")[1])
+  for key in ("gen_ppl", "entropy", "true_gen_ppl", "true_entropy"):
+    assert printed[key] == pytest.approx(final[key], abs=1e-4)  # printed with 4 decimals
+  # They are the synthetic language's exact figures of the samples written.
+  language = sources.make_language(small_config().data)
+  exact = language.gen_ppl_and_entropy(read_texts(workdir / "samples" / "step_6.jsonl"))
+  assert final["gen_ppl"] == pytest.approx(exact["gen_ppl"]) and final["entropy"] == pytest.approx(exact["entropy"])
+
+
+def test_sample_mode_reproduces_the_final_samples_from_the_checkpoint(trained):
+  workdir, _ = trained
+  stdout = run_main(workdir, "--mode=sample")
+  path = re.search(r"wrote 8 samples to (\S+\.jsonl)", stdout).group(1)
+  assert os.path.dirname(path) == str(workdir / "samples") and os.path.exists(path[:-len("jsonl")] + "txt")
+  # Same EMA params (restored from step 6), seed and sampler as the end-of-training samples: the same texts.
+  assert read_texts(path) == read_texts(workdir / "samples" / "step_6.jsonl")
+  assert json.loads((workdir / "config_sample.json").read_text())["model"]["hidden_size"] == 32
+
+
+def test_eval_mode_reports_mean_and_std_over_seeds(trained):
+  workdir, _ = trained
+  stdout = run_main(workdir, "--mode=eval", "--config.eval.num_seeds=2")
+  summary = metric_rows(workdir, "eval")[-1]
+  assert summary["num_seeds"] == 2
+  language = sources.make_language(small_config().data)
+  per_seed = [language.gen_ppl_and_entropy(read_texts(workdir / "samples" / f"eval_seed{s}.jsonl")) for s in (0, 1)]
+  for key in ("gen_ppl", "entropy"):
+    values = [r[key] for r in per_seed]
+    assert summary[key] == pytest.approx(np.mean(values)) and summary[f"{key}_std"] == pytest.approx(np.std(values))
+    assert re.search(rf"^  {key}\s+{summary[key]:.4f} ± {summary[key + '_std']:.4f}$", stdout, re.M)
+  # Two seeds, two different sets of samples (gen_ppl may still agree: 6 steps in, every sample is ungrammatical).
+  assert summary["entropy_std"] > 0
+  # Seed 0 is the seed of the end-of-training samples.
+  assert read_texts(workdir / "samples" / "eval_seed0.jsonl") == read_texts(workdir / "samples" / "step_6.jsonl")
+
+
+def test_eval_mode_scores_a_samples_file(trained):
+  workdir, _ = trained
+  samples = workdir / "samples" / "step_6.jsonl"
+  run_main(workdir, "--mode=eval", f"--config.eval.samples_path={samples}")
+  summary = metric_rows(workdir, "eval")[-1]
+  (final,) = [r for r in metric_rows(workdir, "eval") if r["step"] == 6]  # what training measured on that file
+  assert summary["num_seeds"] == 1 and summary["gen_ppl_std"] == 0.0
+  for key in ("gen_ppl", "entropy", "true_gen_ppl"):
+    assert summary[key] == pytest.approx(final[key])
