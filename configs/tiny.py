@@ -35,7 +35,6 @@ def get_config():
   c.flow.time_schedule, c.flow.P_mean, c.flow.P_std = "logit_normal", -0.4, 1.0
   c.flow.decoder_prob = 0.2
   c.flow.decoder_noise_scale = 1.0
-  c.flow.decoder_groups = 4
   # Data: the synthetic language, 16 tokens per row (every sentence + EOS fits).
   c.data.source = "synthetic"
   c.data.tokenizer = "synthetic"

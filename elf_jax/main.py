@@ -73,12 +73,16 @@ def main(argv):
     with open(os.path.join(workdir, f"config_{mode}.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
   from elf_jax import generate
-  if mode == "train":
-    loop.train(config, workdir, hooks=generate.training_hook)
-  elif mode == "sample":
-    generate.sample_mode(config, workdir)
-  else:
-    generate.eval_mode(config, workdir)
+  from elf_jax.config import ConfigError
+  try:
+    if mode == "train":
+      loop.train(config, workdir, hooks=generate.training_hook)
+    elif mode == "sample":
+      generate.sample_mode(config, workdir)
+    else:
+      generate.eval_mode(config, workdir)
+  except (ConfigError, FileNotFoundError) as e:  # bad input: the message names the problem and the fix
+    sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

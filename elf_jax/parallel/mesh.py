@@ -17,6 +17,8 @@ import jax
 from jax.experimental import mesh_utils
 import numpy as np
 
+from elf_jax.config import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
@@ -59,22 +61,22 @@ def resolve_mesh_shape(mesh_config: Mapping[str, Any], num_devices: int) -> tupl
   spec = " ".join(f"{axis}={size}" for axis, size in sizes.items())
   bad = [axis for axis, size in sizes.items() if not isinstance(size, (int, np.integer)) or size == 0 or size < -1]
   if bad:
-    raise ValueError(f"mesh {spec}: {', '.join(bad)} must be a positive integer or -1 (fill with the remaining "
+    raise ConfigError(f"mesh {spec}: {', '.join(bad)} must be a positive integer or -1 (fill with the remaining "
                      "devices); fix --config.mesh.<axis>.")
   fill = [axis for axis, size in sizes.items() if size == -1]
   if len(fill) > 1:
-    raise ValueError(f"mesh {spec}: at most one axis may be -1, got {len(fill)} ({', '.join(fill)}); give explicit "
+    raise ConfigError(f"mesh {spec}: at most one axis may be -1, got {len(fill)} ({', '.join(fill)}); give explicit "
                      "sizes to all but one of them.")
   fixed = math.prod(size for size in sizes.values() if size != -1)
   hint = (f"Fix: set --config.mesh.data/fsdp/tensor so that their product is {num_devices}, or set one of them to "
           "-1 to fill the remaining devices.")
   if fill:
     if num_devices % fixed:
-      raise ValueError(f"mesh {spec}: the fixed axes multiply to {fixed}, which does not divide the {num_devices} "
+      raise ConfigError(f"mesh {spec}: the fixed axes multiply to {fixed}, which does not divide the {num_devices} "
                        f"available devices, so {fill[0]}=-1 cannot fill them. {hint}")
     sizes[fill[0]] = num_devices // fixed
   elif fixed != num_devices:
-    raise ValueError(f"mesh {spec} needs {fixed} devices, but {num_devices} are available. {hint}")
+    raise ConfigError(f"mesh {spec} needs {fixed} devices, but {num_devices} are available. {hint}")
   return tuple(int(sizes[axis]) for axis in MESH_AXES)
 
 
@@ -107,7 +109,7 @@ def make_mesh(mesh_config: Mapping[str, Any], devices: Sequence[jax.Device] | No
 def apply_mesh_preset(config, name: str):
   """Sets `config.mesh.data/fsdp/tensor` from `MESH_PRESETS[name]` (in place) and returns `config`."""
   if name not in MESH_PRESETS:
-    raise ValueError(f"unknown mesh preset {name!r}; known presets: {', '.join(sorted(MESH_PRESETS))}.")
+    raise ConfigError(f"unknown mesh preset {name!r}; known presets: {', '.join(sorted(MESH_PRESETS))}.")
   for axis, size in MESH_PRESETS[name].items():
     config.mesh[axis] = size
   return config
@@ -120,7 +122,7 @@ def _env_int(name: str) -> int | None:
   try:
     return int(value)
   except ValueError:
-    raise ValueError(f"environment variable {name}={value!r} must be an integer; fix or unset it.") from None
+    raise ConfigError(f"environment variable {name}={value!r} must be an integer; fix or unset it.") from None
 
 
 def distributed_requested(flag: bool | None = None) -> bool:
@@ -129,7 +131,7 @@ def distributed_requested(flag: bool | None = None) -> bool:
     return bool(flag)
   value = os.environ.get(_ENV_FLAG, "")
   if value not in ("", "0", "1"):
-    raise ValueError(f"environment variable {_ENV_FLAG}={value!r} must be 1 (multi-host start-up) or 0/unset "
+    raise ConfigError(f"environment variable {_ENV_FLAG}={value!r} must be 1 (multi-host start-up) or 0/unset "
                      "(single process).")
   return value == "1"
 

@@ -11,6 +11,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from elf_jax.config import ConfigError
 from elf_jax.parallel.mesh import batch_axes, num_batch_shards
 from elf_jax.train.state import TrainState
 
@@ -36,7 +37,7 @@ def check_mesh(mesh: jax.sharding.Mesh, num_heads: int, batch_size: int) -> None
     problems.append(f"the per-step batch {batch_size} (optim.global_batch_size / optim.grad_accum_steps) is not "
                     f"divisible by the {shards} batch shards (mesh.data x mesh.fsdp)")
   if problems:
-    raise ValueError(f"the mesh {dict(mesh.shape)} does not fit: " + "; ".join(problems) +
+    raise ConfigError(f"the mesh {dict(mesh.shape)} does not fit: " + "; ".join(problems) +
                      ". Fix: choose --config.mesh.data/fsdp/tensor (or --config.mesh.preset) accordingly.")
 
 
@@ -52,7 +53,7 @@ def check_divisible(shapes, specs, mesh: jax.sharding.Mesh, what: str = "paramet
       if dim % size:
         problems.append(f"{jax.tree_util.keystr(path)} dim {dim} over mesh axes {axes} (size {size})")
   if problems:
-    raise ValueError(f"the mesh {dict(mesh.shape)} does not divide these {what}s: " + "; ".join(problems) +
+    raise ConfigError(f"the mesh {dict(mesh.shape)} does not divide these {what}s: " + "; ".join(problems) +
                      ". Fix: change --config.mesh.fsdp/tensor (e.g. a tensor size that divides the number of heads"
                      " and the vocabulary) or --config.mesh.rules.")
 
