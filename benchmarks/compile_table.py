@@ -5,8 +5,8 @@ r"""Per-chip memory and FLOPs of the compiled ELF-B / M / L train step on a TPU 
 
 Needs libtpu (`pip install -e .[compile]`). Each size uses its OpenWebText config (configs/owt_{b,m,l}.py: global
 batch 512 x 1024 tokens) with the mesh of the slice's preset (`elf_jax.parallel.mesh.MESH_PRESETS`, pure data
-parallelism on v5p-64) unless --mesh_preset is given. A size that fails to compile is recorded with its error. The
-table is rewritten after every size, so a long run leaves partial results.
+parallelism on v5p-64) unless --mesh_preset is given. A size that fails to compile (e.g. out of HBM) is recorded with
+its error. --append adds rows to an existing table (e.g. a second run with --remat=full).
 """
 import argparse
 import importlib.metadata
@@ -34,18 +34,27 @@ def _version(package: str) -> str:
     return "not installed"
 
 
-def _row(name: str, report: aot.CompileReport | None, seconds: float, error: str = "") -> str:
+def _row(name: str, remat: str, report: aot.CompileReport | None, seconds: float, error: str = "") -> str:
   if report is None:
-    return f"| {name} | — | — | — | — | — | — | — | — | {seconds:.0f} | failed: `{error}` |"
+    return f"| {name} | {remat} | — | — | — | — | — | — | — | — | {seconds:.0f} | failed: `{error}` |"
   gib = lambda b: f"{b / _GIB:.2f}"
   mesh = "×".join(str(v) for v in report.mesh_shape.values())
-  return (f"| {name} | {report.num_params / 1e6:.1f}M | {mesh} | {gib(report.argument_bytes)} | "
+  return (f"| {name} | {remat} | {report.num_params / 1e6:.1f}M | {mesh} | {gib(report.argument_bytes)} | "
           f"{gib(report.output_bytes)} | {gib(report.temp_bytes)} | {gib(report.code_bytes)} | "
           f"{gib(report.total_bytes)} | {report.flops / 1e12:.2f} | {seconds:.0f} | ok |")
 
 
-def _write(path: str, topology: str, command: str, rows: list[str]) -> None:
-  header = [
+_TABLE_HEAD = ("| model | remat | params | mesh | arguments | outputs | temporaries | code | total | TFLOPs/chip "
+               "| compile s | status |\n" + "|---" * 12 + "|")
+
+
+def _start(path: str, topology: str, command: str, append: bool) -> None:
+  """Writes the page header (or, with `append`, a note of this command) and an empty table head."""
+  if append:
+    with open(path, "a") as f:
+      f.write(f"\nMore rows, from:\n\n```\n{command}\n```\n\n{_TABLE_HEAD}\n")
+    return
+  lines = [
       f"# ELF train step compiled ahead of time for TPU {topology}",
       "",
       f"Written by `benchmarks/compile_table.py` on a CPU host ({os.cpu_count()} cores): "
@@ -60,13 +69,17 @@ def _write(path: str, topology: str, command: str, rows: list[str]) -> None:
       "from XLA's `memory_analysis()`; total = arguments + outputs − outputs aliased to the donated state +",
       "temporaries + generated code. TFLOPs are per chip per step from XLA's `cost_analysis()` (the encoder, the",
       "flow network's forward/backward and the self-conditioning pass; XLA counts a `lax.cond` once per branch it",
-      "compiles). Mesh = data × fsdp × tensor.",
+      "compiles). Mesh = data × fsdp × tensor; remat = `model.remat` (activation checkpointing per block).",
       "",
-      "| model | params | mesh | arguments | outputs | temporaries | code | total | TFLOPs/chip | compile s | status |",
-      "|---|---|---|---|---|---|---|---|---|---|---|",
+      _TABLE_HEAD,
   ]
   with open(path, "w") as f:
-    f.write("\n".join(header + rows) + "\n")
+    f.write("\n".join(lines) + "\n")
+
+
+def _add_row(path: str, row: str) -> None:
+  with open(path, "a") as f:
+    f.write(row + "\n")
 
 
 def main():
@@ -74,6 +87,8 @@ def main():
   parser.add_argument("--topology", default="v5p-64", help=f"one of {', '.join(aot.TOPOLOGIES)}")
   parser.add_argument("--mesh_preset", default="", help="elf_jax.parallel.mesh preset; default: the slice's own")
   parser.add_argument("--sizes", default="b,m,l", help="comma-separated subset of b,m,l, compiled in this order")
+  parser.add_argument("--remat", default="none", help="model.remat for every size: none | full | dots_saveable")
+  parser.add_argument("--append", action="store_true", help="add the rows (and this command) to an existing --out")
   parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                     "compile_v5p64.md"))
   args = parser.parse_args()
@@ -81,13 +96,14 @@ def main():
     parser.error("run with JAX_PLATFORMS=cpu: libtpu serves only as the compiler here")
   command = "JAX_PLATFORMS=cpu python " + " ".join([os.path.relpath(__file__)] + sys.argv[1:])
   names = dict((size, name) for name, size in SIZES)
-  rows = []
+  _start(args.out, args.topology, command, args.append)
   for size in args.sizes.split(","):  # in the order given
     if size not in names:
       parser.error(f"--sizes: unknown size {size!r}; expected a subset of b,m,l")
     name = names[size]
     config = owt_b.get_config(size)
     config.mesh.preset = args.mesh_preset
+    config.model.remat = args.remat
     start = time.perf_counter()
     try:
       report, error = aot.compile_for_topology(config, args.topology), ""
@@ -95,8 +111,7 @@ def main():
     except Exception as e:  # record the failure in the table and go on with the next size
       traceback.print_exc()
       report, error = None, f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
-    rows.append(_row(name, report, time.perf_counter() - start, error))
-    _write(args.out, args.topology, command, rows)
+    _add_row(args.out, _row(name, args.remat, report, time.perf_counter() - start, error))
   print(f"wrote {args.out}")
 
 

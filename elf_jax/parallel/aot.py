@@ -10,7 +10,6 @@ encoder's parameters and the global batch are `jax.ShapeDtypeStruct`s with their
 memory (XLA's `memory_analysis`) and per-chip FLOPs (XLA's `cost_analysis`) of one micro-step.
 """
 import dataclasses
-import json
 import os
 from collections.abc import Sequence
 
@@ -20,6 +19,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from elf_jax import hf_weights
 from elf_jax.config import ConfigError, validate
 from elf_jax.model.elf import ELF, ModelConfig
 from elf_jax.model.latents import LatentEncoder
@@ -122,8 +122,7 @@ def abstract_encoder(config: ml_collections.ConfigDict) -> tuple[LatentEncoder, 
   elif e.name_or_path in KNOWN_ENCODERS:
     t5_config = KNOWN_ENCODERS[e.name_or_path]
   elif os.path.isfile(os.path.join(e.name_or_path, "config.json")):
-    with open(os.path.join(e.name_or_path, "config.json")) as f:
-      t5_config = T5EncoderConfig.from_hf_config(json.load(f))
+    t5_config = T5EncoderConfig.from_hf_config(hf_weights.read_config(e.name_or_path))
   else:
     raise ConfigError(f"encoder.name_or_path={e.name_or_path!r}: its architecture is unknown offline; use one of "
                       f"{sorted(KNOWN_ENCODERS)}, 'random', or a local directory with a T5 config.json")

@@ -19,6 +19,7 @@ import ml_collections
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from elf_jax.config import ConfigError
 from elf_jax.model.elf import ELF, init_params
 from elf_jax.model.latents import LatentEncoder
 from elf_jax.parallel.mesh import batch_axes, num_batch_shards
@@ -44,9 +45,9 @@ def resolve_num_groups(config: ml_collections.ConfigDict, mesh: jax.sharding.Mes
   shards = 1 if mesh is None else num_batch_shards(mesh)
   groups = shards if config.flow.decoder_groups == -1 else int(config.flow.decoder_groups)
   if groups < 1 or batch_size % groups:
-    raise ValueError(f"flow.decoder_groups={groups} must be >= 1 and divide the per-step batch {batch_size}")
+    raise ConfigError(f"flow.decoder_groups={groups} must be >= 1 and divide the per-step batch {batch_size}")
   if groups % shards:
-    raise ValueError(f"flow.decoder_groups={groups} must be a multiple of the {shards} batch shards of the mesh "
+    raise ConfigError(f"flow.decoder_groups={groups} must be a multiple of the {shards} batch shards of the mesh "
                      f"(data x fsdp); set --config.flow.decoder_groups=-1 for one group per shard")
   return groups
 
@@ -114,7 +115,12 @@ def make_train_step(obj: Objective, optimizer, optim_config, mesh=None, state_sh
     return jax.jit(fn, donate_argnums=(0,))
   batch_sh = {k: NamedSharding(mesh, P(batch_axes(mesh))) for k in BATCH_KEYS}
   replicated = NamedSharding(mesh, P())
-  return jax.jit(fn, in_shardings=(state_shardings, replicated, batch_sh),
+
+  def traced_under_mesh(*args):  # per-shard kernels (the Pallas attention) read the mesh while tracing
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args)
+
+  return jax.jit(traced_under_mesh, in_shardings=(state_shardings, replicated, batch_sh),
                  out_shardings=(state_shardings, replicated), donate_argnums=(0,))
 
 

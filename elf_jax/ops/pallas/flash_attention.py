@@ -31,8 +31,16 @@ _NT = (((1,), (1,)), ((), ()))  # a @ b.T
 _TN = (((0,), (0,)), ((), ()))  # a.T @ b
 
 
+def trace_platform() -> str:
+  """The platform being traced for: the active abstract mesh's ("tpu" when compiling ahead of time for a TPU slice
+  from a CPU host), else jax.default_backend()."""
+  mesh = jax.sharding.get_abstract_mesh()
+  device = None if mesh.empty else mesh.abstract_device
+  return getattr(device, "platform", None) or jax.default_backend()
+
+
 def _platform(interpret: bool) -> str:
-  return "interpret" if interpret else jax.default_backend()
+  return "interpret" if interpret else trace_platform()
 
 
 def padded_head_dim(head_dim: int, platform: str) -> int:

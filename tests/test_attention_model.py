@@ -1,0 +1,140 @@
+"""The whole ELF model with the Pallas attention (interpret mode) equals the XLA one: forward, loss gradient, and the
+sharded train step, where the kernel must run per (batch, head) shard of the mesh."""
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from elf_jax.config import base_config
+from elf_jax.model.elf import ELF, ModelConfig, init_params
+from elf_jax.model.latents import build_encoder
+from elf_jax.ops import attention as attn
+from elf_jax.parallel import sharding
+from elf_jax.parallel.mesh import make_mesh
+from elf_jax.train import loss as L
+from elf_jax.train import step as S
+
+B, SEQ, GROUPS, HEADS = 8, 8, 4, 4
+LR = 1e3  # SGD step: new params = params - LR * grads, so the step's gradient is read back to ~1e-7 relative
+
+
+def _config():
+  c = base_config()
+  c.model.update(hidden_size=48, depth=1, num_heads=HEADS, bottleneck_dim=8, vocab_size=40)
+  c.encoder.update(name_or_path="random", dim=16, random_num_layers=1, random_num_heads=2, random_d_kv=8,
+                   random_d_ff=32)
+  c.flow.update(decoder_groups=GROUPS, decoder_prob=0.5)
+  c.optim.update(global_batch_size=B)
+  return c
+
+
+@pytest.fixture(scope="module")
+def setup():
+  c = _config()
+  encoder, enc_params = build_encoder(c)
+  models = {}
+  for impl in ("xla", "pallas"):
+    c.model.attention_impl = impl
+    models[impl] = ELF(ModelConfig.from_config(c))
+  params = jax.jit(lambda: init_params(models["xla"], jax.random.PRNGKey(0), SEQ))()
+  leaves, tree = jax.tree_util.tree_flatten(params)  # noise on every leaf: no zero-initialised layer, no zero grad
+  keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+  params = jax.tree_util.tree_unflatten(tree, [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+  rs = np.random.RandomState(0)
+  valid = np.ones((B, SEQ), bool)
+  valid[1::2, 5:] = False  # half the rows padded: the key mask matters
+  batch = dict(ids=jnp.asarray(rs.randint(3, 40, (B, SEQ)), jnp.int32), valid=jnp.asarray(valid),
+               cond_mask=jnp.zeros((B, SEQ), bool), loss_mask=jnp.asarray(valid))
+  return c, encoder, enc_params, models, params, batch
+
+
+def _tree_rel(a, b):
+  """||a - b|| / ||b|| over all leaves together."""
+  diff = sum(float(jnp.sum(jnp.square(x - y))) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+  return (diff / sum(float(jnp.sum(jnp.square(y))) for y in jax.tree_util.tree_leaves(b))) ** 0.5
+
+
+def test_forward_and_loss_gradient_match_without_mesh(setup):
+  c, encoder, enc_params, models, params, batch = setup
+  x = jax.random.normal(jax.random.PRNGKey(2), (B, SEQ, 2 * encoder.dim))
+  t, w = jnp.linspace(0.1, 0.9, B), jnp.full((B,), 2.0)
+  outs = {}
+  for impl, model in models.items():
+    # x̂ of the denoiser; the loss covers both branches (denoising and decoding groups, decoder_prob 0.5).
+    fwd = jax.jit(lambda p, model=model: model.apply({"params": p}, x, t, w, batch["valid"]))
+    obj = S.Objective(model, encoder, L.FlowConfig.from_config(c), GROUPS)
+    grad = jax.jit(jax.value_and_grad(
+        lambda p, obj=obj: S.compute_loss(p, enc_params, batch, jax.random.PRNGKey(5), obj)[0]))
+    outs[impl] = (fwd(params), *grad(params))
+  np.testing.assert_allclose(outs["pallas"][0], outs["xla"][0], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(outs["pallas"][1], outs["xla"][1], rtol=1e-5)
+  assert _tree_rel(outs["pallas"][2], outs["xla"][2]) < 1e-5
+
+
+def _pallas_operand_shapes(jaxpr):
+  """Shapes of the first operand (q in kernel layout (B, N, Lp, Dp)) of every pallas_call, nested jaxprs included."""
+  shapes = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "pallas_call":
+      shapes.append(eqn.invars[0].aval.shape)
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      shapes += _pallas_operand_shapes(sub)
+  return shapes
+
+
+def _train_step(c, encoder, model, mesh):
+  """One real train step (SGD, lr LR) on `mesh` (None = one device) and its state shardings."""
+  obj = S.Objective(model, encoder, L.FlowConfig.from_config(c), GROUPS)
+  optimizer = optax.sgd(LR)
+  shardings = None
+  if mesh is not None:
+    specs = sharding.param_specs(jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0), SEQ)),
+                                 sharding.rules_from_config(c))
+    shapes = jax.eval_shape(lambda: S.init_state(model, optimizer, jax.random.PRNGKey(0), SEQ))
+    shardings = sharding.state_shardings(mesh, shapes, specs)
+  return S.make_train_step(obj, optimizer, c.optim, mesh, shardings), optimizer, shardings
+
+
+def _state(model, optimizer, params, shardings):
+  """A fresh state holding copies of `params` (the step donates its state)."""
+  copy = lambda: jax.tree_util.tree_map(jnp.copy, params)
+  state = S.init_state(model, optimizer, jax.random.PRNGKey(0), SEQ).replace(params=copy(), ema_params=copy())
+  return state if shardings is None else jax.device_put(state, shardings)
+
+
+@pytest.fixture(scope="module")
+def single_device_xla(setup):
+  """Loss and state after one step of the XLA model on one device: the reference of every mesh."""
+  c, encoder, enc_params, models, params, batch = setup
+  step, optimizer, _ = _train_step(c, encoder, models["xla"], None)
+  return step(_state(models["xla"], optimizer, params, None), enc_params, batch)
+
+
+@pytest.mark.parametrize("shape", [(2, 2, 2), (1, 1, 4)])
+def test_sharded_train_step_with_pallas_matches_single_device_xla(setup, single_device_xla, shape):
+  c, encoder, enc_params, models, params, batch = setup
+  want_state, want = single_device_xla
+  c.mesh.update(data=shape[0], fsdp=shape[1], tensor=shape[2])
+  mesh = make_mesh(c.mesh, jax.devices()[:int(np.prod(shape))])
+  step, optimizer, shardings = _train_step(c, encoder, models["pallas"], mesh)
+  state = _state(models["pallas"], optimizer, params, shardings)
+  traced = step.trace(state, enc_params, batch)
+  # The kernel (forward, dQ, dK/dV) runs per shard: each of its calls sees one coin group's rows (groups are
+  # split over data x fsdp by the loss's shard_map, or mapped over on one batch shard) and HEADS / tensor heads.
+  local = _pallas_operand_shapes(traced.jaxpr.jaxpr)
+  assert local and {s[:2] for s in local} == {(B // GROUPS, HEADS // shape[2])}, local
+  got_state, got = traced.lower().compile()(state, enc_params, batch)
+
+  np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-5)
+  grad = lambda new: jax.tree_util.tree_map(lambda p, q: (p - q) / LR, params, new.params)
+  assert _tree_rel(grad(got_state), grad(want_state)) < 1e-5
+
+
+def test_shard_axes_split_only_what_divides():
+  mesh = make_mesh(dict(data=2, fsdp=2, tensor=2)).abstract_mesh
+  assert attn.shard_axes(mesh, batch=8, heads=4) == (("data", "fsdp"), "tensor")
+  assert attn.shard_axes(mesh, batch=6, heads=3) == (("data",), None)  # 6 splits 2 ways, not 4; 3 heads not 2
+  manual = mesh.update_axis_types({"data": jax.sharding.AxisType.Manual})  # inside a shard_map over "data"
+  assert attn.shard_axes(manual, batch=4, heads=4) == (("fsdp",), "tensor")
