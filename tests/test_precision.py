@@ -69,13 +69,14 @@ def _train(dtype: str, steps: int):
 
 
 def test_bfloat16_training_matches_float32_and_keeps_float32_state():
-  steps, window = 160, 40
+  steps, window = 120, 30
   state32, _, loss32 = _train("float32", steps)
   state16, metrics16, loss16 = _train("bfloat16", steps)
   # Same seed: both runs draw the same noise and decoder coins, so the windows are paired.
   end32, end16 = loss32[-window:].mean(), loss16[-window:].mean()
-  assert end32 < 0.6 * loss32[:window].mean(), "float32 training did not learn; the comparison would be empty"
-  assert abs(end16 - end32) / end32 < 0.05, (end16, end32)
+  start32 = loss32[:window].mean()
+  assert end32 < 0.6 * start32, f"float32 training did not learn ({start32} -> {end32}); the comparison is empty"
+  assert abs(end16 - end32) / end32 < 0.05, (start32, end32, end16)
   for tree in (state16.params, state16.ema_params):
     assert {x.dtype for x in jax.tree_util.tree_leaves(tree)} == {jnp.dtype(jnp.float32)}
   assert all(m.dtype == jnp.float32 for m in jax.tree_util.tree_leaves(metrics16))
@@ -110,8 +111,8 @@ def test_bfloat16_policy_in_the_program():
 
 
 def _grads(remat: str):
-  """Gradients of the grouped loss with dropout active (the middle half of 4 blocks), and the compiled temp bytes."""
-  model = ELF(_model_config(remat=remat, dropout_rate=0.1, depth=4))
+  """Gradients of the grouped loss with dropout active (both blocks), and the compiled temp bytes."""
+  model = ELF(_model_config(remat=remat, dropout_rate=0.1))
   params = nn.unbox(init_params(model, jax.random.key(1), S))
   params = jax.tree_util.tree_map(lambda p: p + 0.01, params)  # the final layer is zero-initialised
   rng = np.random.default_rng(1)
@@ -119,8 +120,9 @@ def _grads(remat: str):
                valid=jnp.ones((B, S), bool), cond_mask=jnp.zeros((B, S), bool), loss_mask=jnp.ones((B, S), bool))
   fc = dataclasses.replace(L.FlowConfig(), decoder_prob=0.5)
   grad_fn = jax.jit(jax.grad(lambda p: L.loss_fn(p, batch, jax.random.key(2), model=model, fc=fc, num_groups=2)[0]))
-  temp = grad_fn.lower(params).compile().memory_analysis()
-  return grad_fn(params), (temp.temp_size_in_bytes if temp is not None else None)
+  compiled = grad_fn.lower(params).compile()
+  temp = compiled.memory_analysis()
+  return compiled(params), (temp.temp_size_in_bytes if temp is not None else None)
 
 
 def test_remat_policies_give_identical_gradients():
