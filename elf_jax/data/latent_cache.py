@@ -162,7 +162,7 @@ def _define_flags():
   """CLI flags (defined only when run as a script: elf_jax.main defines its own --config)."""
   from absl import flags
   from ml_collections import config_flags
-  config = config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/tiny.py (--config.x=... overrides)")
+  config = config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/tiny.py (--config.x=... too)")
   out = flags.DEFINE_string("out", None, "output directory (set data.latent_cache_dir to it when training)")
   split = flags.DEFINE_string("split", None, "split to cache (default config.data.split)")
   max_rows = flags.DEFINE_integer("max_rows", None, "stop after this many rows")

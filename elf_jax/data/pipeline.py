@@ -143,7 +143,7 @@ def make_dataset(config: ml_collections.ConfigDict, tokenizer: transformers.PreT
     ds = ds.map(_Tokenize(layout, tokenizer, d.conditional))
   if cached:
     it = ds.batch(batch_size, drop_remainder=drop_remainder).to_iter_dataset()
-  elif d.packing:  # no per-element thread prefetch: grain scans its whole buffer per element, costing more than it saves
+  elif d.packing:  # no per-element thread prefetch: grain scans its whole buffer per element, costs more than it saves
     rows = grain.experimental.ConcatThenSplitIterDataset(ds.to_iter_dataset(grain.ReadOptions(num_threads=0)),
                                                          length_struct={"ids": layout.max_length})
     it = rows.map(_PackedRow(layout)).batch(batch_size, drop_remainder=drop_remainder)
