@@ -35,6 +35,9 @@ def get_config():
   c.flow.time_schedule, c.flow.P_mean, c.flow.P_std = "logit_normal", -0.4, 1.0
   c.flow.decoder_prob = 0.2
   c.flow.decoder_noise_scale = 1.0
+  # Sentences are short (mean 6 words in 16 positions): pad with EOS and learn it, as the conditional tasks do, so that
+  # the model knows what follows a sentence (with "pad", padded positions are never seen and sampling fills them).
+  c.flow.pad_token = "eos"
   # Data: the synthetic language, 16 tokens per row (every sentence + EOS fits).
   c.data.source = "synthetic"
   c.data.tokenizer = "synthetic"

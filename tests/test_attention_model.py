@@ -112,7 +112,7 @@ def single_device_xla(setup):
   return step(_state(models["xla"], optimizer, params, None), enc_params, batch)
 
 
-@pytest.mark.parametrize("shape", [(2, 2, 2), (1, 1, 4)])
+@pytest.mark.parametrize("shape", [(2, 2, 2)])  # batch over data x fsdp and heads over tensor at once
 def test_sharded_train_step_with_pallas_matches_single_device_xla(setup, single_device_xla, shape):
   c, encoder, enc_params, models, params, batch = setup
   want_state, want = single_device_xla

@@ -146,9 +146,10 @@ def create_state(setup: Setup, optimizer, shardings) -> TrainState:
 
 
 def global_batch(mesh, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-  """This process's numpy batch → global arrays sharded over the batch axes."""
+  """This process's numpy batch (ids, masks and, with a latent cache, `latents`) → global arrays sharded over the
+  batch axes."""
   sh = sharding.batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sh, local[k]) for k in step_lib.BATCH_KEYS}
+  return {k: jax.make_array_from_process_local_data(sh, v) for k, v in local.items()}
 
 
 class MetricsWriter:

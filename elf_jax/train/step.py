@@ -113,7 +113,7 @@ def make_train_step(obj: Objective, optimizer, optim_config, mesh=None, state_sh
   fn = functools.partial(train_step, obj=obj, optimizer=optimizer, optim_config=optim_config, mesh=mesh)
   if mesh is None:
     return jax.jit(fn, donate_argnums=(0,))
-  batch_sh = {k: NamedSharding(mesh, P(batch_axes(mesh))) for k in BATCH_KEYS}
+  batch_sh = NamedSharding(mesh, P(batch_axes(mesh)))  # every batch array (ids, masks, cached latents)
   replicated = NamedSharding(mesh, P())
 
   def traced_under_mesh(*args):  # per-shard kernels (the Pallas attention) read the mesh while tracing
