@@ -9,6 +9,7 @@ raw parameters under `params` and their EMA under `ema_params1`, with exactly th
 """
 from collections.abc import Callable, Mapping
 import logging
+import os
 import signal
 import threading
 import time
@@ -52,7 +53,8 @@ class CheckpointManager:
       save_interval_steps: `save` is a no-op for steps that are not a multiple of this (unless `force`; orbax
         also always saves into a directory that holds no checkpoint yet).
     """
-    self.directory = epath.Path(directory)
+    # orbax needs absolute paths: a relative workdir (e.g. README's runs/tiny) is resolved against the cwd.
+    self.directory = epath.Path(directory if "://" in str(directory) else os.path.abspath(directory))
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,

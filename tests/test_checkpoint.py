@@ -59,6 +59,18 @@ def test_round_trip_with_data_iterator(tmp_path):
   manager.close()
 
 
+def test_relative_directory_is_resolved(tmp_path, monkeypatch):
+  """README's run uses a relative workdir (runs/tiny); orbax only takes absolute paths."""
+  monkeypatch.chdir(tmp_path)
+  manager = checkpoint.CheckpointManager("runs/tiny/checkpoints", async_save=True)
+  state = _state(3, scale=2.0)
+  assert manager.save(3, state)
+  manager.wait()
+  assert (tmp_path / "runs" / "tiny" / "checkpoints" / "3").is_dir()
+  _assert_same(checkpoint.CheckpointManager("runs/tiny/checkpoints").restore(_abstract(_state(0))), state)
+  manager.close()
+
+
 def test_keeps_the_newest_n_and_honours_the_interval(tmp_path):
   manager = checkpoint.CheckpointManager(tmp_path, max_to_keep=2, async_save=False, save_interval_steps=2)
   saved = [manager.save(s, _state(s)) for s in range(1, 8)]
