@@ -4,8 +4,9 @@ Variants, all on the same network, the same batch and the same per-step noise (e
 state, so step k draws the same decoder coins in each), timed round-robin so that load on a shared machine hits
 them alike:
   ours        the library train step (`elf_jax.train.step`): a denoising group runs ONE no-gradient pass with
-              x_sc = 0 (self-conditioning input and v_uncond) + one forward/backward whose stop-gradient output is
-              v_cond; a decoding group runs one forward/backward.
+              x_sc = 0 (self-conditioning input and v_uncond) over its self-conditioned examples only (half of
+              them at self_cond_prob = 0.5) + one forward/backward whose stop-gradient output is v_cond; a
+              decoding group runs one forward/backward.
   reference   the reference schedule: a denoising group runs THREE no-gradient passes (x_sc = 0 for
               self-conditioning, x_sc = 0 again for v_uncond, x_sc = x̂_uncond for v_cond) + one forward/backward;
               a decoding group one forward/backward. It is the library step with `loss.denoiser_loss` swapped for
@@ -20,7 +21,7 @@ while loop (`lax.map` over G > 1 coin groups) ONCE, so it under-counts those ste
 0.10 CPU with a bare cond and map). "formula" counts the flow transformer only: 2 FLOPs
 per multiply-add of every matmul the pass runs (input projections over S tokens, blocks over L = S + 12 tokens,
 attention scores and weighted sum 4·L²·H per block, final layer or readout head over S tokens), a no-gradient
-pass = 1 forward, a forward/backward = 3 forwards; i.e. 2·N·tokens per no-grad pass and 6·N·tokens per
+pass = 1 forward (times the fraction of the group it runs on), a forward/backward = 3 forwards; i.e. 2·N·tokens per no-grad pass and 6·N·tokens per
 forward/backward with N the matmul parameters the pass uses, plus attention. MFU = formula FLOPs / step time /
 --peak_tflops.
 
@@ -130,9 +131,9 @@ def forward_flops(mc: ModelConfig, seq_len: int, decode: bool) -> float:
   return embed + mc.depth * block + head * seq_len
 
 
-def step_formula_flops(mc, seq_len, group_size, decode_coins, no_grad_passes: int) -> float:
-  """Formula FLOPs of one step: per denoising group `no_grad_passes` forwards + a forward/backward (3 forwards),
-  per decoding group a forward/backward."""
+def step_formula_flops(mc, seq_len, group_size, decode_coins, no_grad_passes: float) -> float:
+  """Formula FLOPs of one step: per denoising group `no_grad_passes` full-group forwards + a forward/backward
+  (3 forwards), per decoding group a forward/backward."""
   den, dec = forward_flops(mc, seq_len, False), forward_flops(mc, seq_len, True)
   n_dec = float(np.sum(decode_coins))
   n_den = len(decode_coins) - n_dec
@@ -171,17 +172,19 @@ def main():
   latents = latent_cache.raw_encode_fn(encoder)(enc_params, ids, valid)  # what the latent cache stores
   state0 = jax.jit(lambda: step_lib.init_state(ELF(mc), optimizer, rng, seq_len))()
 
-  variants = {}  # name -> (model config, batch, denoiser loss, no-grad passes per denoising group)
+  group_size = batch_size // groups
+  ours_passes = flow.num_self_conditioned(group_size, fc.self_cond_prob) / group_size  # the x_sc = 0 pass's share
+  variants = {}  # name -> (model config, batch, denoiser loss, no-grad forwards per denoising group)
   for name in args.variants.split(","):
     if name == "ours":
-      variants[name] = (mc, batch, None, 1)
+      variants[name] = (mc, batch, None, ours_passes)
     elif name == "reference":
       variants[name] = (mc, batch, reference_denoiser_loss, 3)
     else:
-      variants[name] = (mc, dict(batch, latents=latents), None, 1)
+      variants[name] = (mc, dict(batch, latents=latents), None, ours_passes)
   if args.remat:
     for policy in ("full", "dots_saveable"):
-      variants[f"remat={policy}"] = (dataclasses.replace(mc, remat=policy), batch, None, 1)
+      variants[f"remat={policy}"] = (dataclasses.replace(mc, remat=policy), batch, None, ours_passes)
 
   print(f"backend={jax.default_backend()} device={jax.devices()[0].device_kind} config={args.config} "
         f"overrides={args.set}")
@@ -216,7 +219,6 @@ def main():
       if i >= args.warmup:
         times[name].append(time.perf_counter() - start)
 
-  group_size = batch_size // groups
   print(f"decode fraction of the timed steps: {np.mean(coins):.2f}; first-step loss per variant: "
         + ", ".join(f"{n} {v:.5f}" for n, v in first_loss.items()))
   header = (f"{'variant':20} {'median ms':>10} {'tokens/s':>10} {'vs ours':>8} {'XLA GFLOP':>10} "

@@ -26,6 +26,22 @@ def sample_guidance_scale(rng, shape, w_min: float, w_max: float) -> jax.Array:
   return a * (b / a) ** jax.random.uniform(rng, shape) - 1.0
 
 
+def num_self_conditioned(group_size: int, prob: float) -> int:
+  """How many examples of a group of `group_size` are self-conditioned: round(prob · group_size).
+
+  A fixed count rather than a coin per example, so that the x_sc = 0 pass runs on a static-shape subset.
+  """
+  return int(round(prob * group_size))
+
+
+def sample_self_cond(rng, batch_size: int, num_groups: int, prob: float) -> jax.Array:
+  """(B,) bool: in each of `num_groups` contiguous groups, a uniformly random subset of exactly
+  `num_self_conditioned(B / num_groups, prob)` examples (each example is chosen with probability ≈ prob)."""
+  n = batch_size // num_groups
+  rank = jnp.argsort(jnp.argsort(jax.random.uniform(rng, (num_groups, n)), axis=-1), axis=-1)
+  return (rank < num_self_conditioned(n, prob)).reshape(batch_size)
+
+
 def interpolate(x0, eps, t, sigma: float):
   """The path z_t = t·x0 + (1 − t)·σ·ε; x0, eps (B, S, C), t (B,) or (B, S)."""
   t = _bcast(t, x0)

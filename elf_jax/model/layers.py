@@ -9,6 +9,7 @@ from typing import Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from elf_jax.ops.attention import attention
 
@@ -75,19 +76,27 @@ class TimestepEmbedder(nn.Module):
     return Dense(self.hidden_size, ("mlp", "embed"), kernel_init=init, name="mlp_2")(nn.silu(h))
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+def rope_tables(positions: np.ndarray, dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
+  """Constant (L, 1, D) cos / signed-sin tables of the adjacent-pair rotation for static integer `positions` (L,).
+
+  Pair (2i, 2i+1) turns by angle pos · theta^(-2i/D): cos is repeated over the pair, sin is (−sin, +sin).
+  """
+  angles = np.asarray(positions, np.float64)[:, None] * theta ** (-np.arange(0, dim, 2) / dim)  # (L, D/2)
+  cos = np.repeat(np.cos(angles), 2, axis=-1)
+  sin = np.stack([-np.sin(angles), np.sin(angles)], axis=-1).reshape(cos.shape)
+  return cos[:, None].astype(np.float32), sin[:, None].astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: np.ndarray, theta: float) -> jax.Array:
   """Rotary embedding with adjacent pairs: dims (2i, 2i+1) rotate by angle pos · theta^(-2i/D).
 
-  x: (B, L, N, D) with D even; positions: (L,) float. Computed in float32, returned in x's dtype.
+  x: (B, L, N, D) with D even; positions: (L,) static integers. Computed in float32 as
+  x·cos + swap_pairs(x)·sin with constant tables (no per-element trigonometry), returned in x's dtype.
   """
-  d = x.shape[-1]
-  inv_freq = theta ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)  # (D/2,)
-  angles = positions.astype(jnp.float32)[:, None] * inv_freq[None]  # (L, D/2)
-  cos, sin = jnp.cos(angles)[None, :, None], jnp.sin(angles)[None, :, None]
-  x32 = x.astype(jnp.float32).reshape(*x.shape[:-1], d // 2, 2)
-  even, odd = x32[..., 0], x32[..., 1]
-  rotated = jnp.stack([even * cos - odd * sin, even * sin + odd * cos], axis=-1)
-  return rotated.reshape(x.shape).astype(x.dtype)
+  cos, sin = rope_tables(positions, x.shape[-1], theta)
+  x32 = x.astype(jnp.float32)
+  swapped = x32.reshape(*x.shape[:-1], -1, 2)[..., ::-1].reshape(x.shape)  # (x1, x0, x3, x2, ...)
+  return (x32 * cos + swapped * sin).astype(x.dtype)
 
 
 class Attention(nn.Module):
@@ -111,7 +120,7 @@ class Attention(nn.Module):
     q = RMSNorm(name="q_norm", axis_name="head_dim")(q)
     k = RMSNorm(name="k_norm", axis_name="head_dim")(k)
     # Prefix tokens get angle 0 (the identity rotation); data token j gets position j.
-    positions = jnp.maximum(jnp.arange(l) - self.num_prefix, 0)
+    positions = np.maximum(np.arange(l) - self.num_prefix, 0)
     q, k = apply_rope(q, positions, self.rope_theta), apply_rope(k, positions, self.rope_theta)
     out = attention(q, k, v, key_mask, impl=self.attention_impl)
     return Dense(h, ("heads", "embed"), dtype=self.dtype, name="proj")(out.reshape(b, l, h))

@@ -5,10 +5,13 @@ by a coin with probability `decoder_prob` (the reference draws one coin per devi
 branch (`lax.cond`), so decoding groups never run the self-conditioning passes. The loss is the mean over groups of
 each group's masked-mean loss.
 
-Cost of a denoising group: one no-gradient pass with x_sc = 0 (it is both the first self-conditioning pass and
-the v_uncond pass of the guidance target) plus one forward/backward. For self-conditioned examples the main pass
-input concat[z_t, stopgrad(x̂_uncond)] is exactly the v_cond pass input, so v_cond is the stop-gradient of the
-main pass's own prediction (a separate deterministic pass is run instead when dropout is active).
+Cost of a denoising group: one no-gradient pass with x_sc = 0 over its self-conditioned examples only (it is both
+the first self-conditioning pass and the v_uncond pass of the guidance target; the other examples use neither)
+plus one forward/backward. For self-conditioned examples the main pass input concat[z_t, stopgrad(x̂_uncond)] is
+exactly the v_cond pass input, so v_cond is the stop-gradient of the main pass's own prediction (a separate
+deterministic pass is run instead when dropout is active). Each group self-conditions exactly
+round(self_cond_prob · group size) random examples (`flow.sample_self_cond`), so that pass has a static shape: with
+the reference's 0.5 it is half a forward pass, against the reference's three full ones.
 
 All randomness is drawn for the whole global batch by `draw_noise` before the per-group programs run, so the
 result depends only on the seed — not on how the batch is sharded.
@@ -53,7 +56,8 @@ def draw_noise(rng, batch_size: int, seq_len: int, latent_dim: int, fc: FlowConf
 
   Returns eps (B,S,C) Gaussian noise; t (B,) times; w (B,) guidance scales; self_cond (B,) bool;
   decoder_lambda (B,S) per-token decoder signal level; drop_condition (B,) bool (label dropping, conditional
-  tasks only); group_decode (G,) bool, the decoder coin per group; dropout (key) for dropout masks.
+  tasks only); group_decode (G,) bool, the decoder coin per group; dropout (key) for dropout masks. self_cond
+  holds exactly `flow.num_self_conditioned(B / num_groups, self_cond_prob)` examples per group.
   """
   names = ("eps", "t", "w", "self_cond", "lambda", "drop", "coin", "dropout")
   k = dict(zip(names, jax.random.split(rng, len(names))))
@@ -63,7 +67,7 @@ def draw_noise(rng, batch_size: int, seq_len: int, latent_dim: int, fc: FlowConf
       eps=jax.random.normal(k["eps"], (b, s, c)),
       t=flow.sample_time(k["t"], (b,), fc.time_schedule, fc.P_mean, fc.P_std),
       w=flow.sample_guidance_scale(k["w"], (b,), fc.guidance_min, fc.guidance_max),
-      self_cond=jax.random.bernoulli(k["self_cond"], fc.self_cond_prob, (b,)),
+      self_cond=flow.sample_self_cond(k["self_cond"], b, num_groups, fc.self_cond_prob),
       decoder_lambda=jax.nn.sigmoid(fc.decoder_m_mean + fc.decoder_m_std * jax.random.normal(k["lambda"], (b, s))),
       drop_condition=drop,
       group_decode=jax.random.bernoulli(k["coin"], fc.decoder_prob, (num_groups,)),
@@ -76,14 +80,24 @@ def _per_token_sq_error(pred, target):
 
 
 def denoiser_loss(model: ELF, params, batch, noise, fc: FlowConfig, dropout_rng):
-  """Flow-matching loss of one group (spec §2-3). batch: x0 (b,S,C), valid, cond_mask, loss_mask (b,S)."""
+  """Flow-matching loss of one group (spec §2-3). batch: x0 (b,S,C), valid, cond_mask, loss_mask (b,S).
+
+  noise["self_cond"] (b,) must mark exactly `flow.num_self_conditioned(b, fc.self_cond_prob)` examples.
+  """
   x0, cond = batch["x0"], batch["cond_mask"][..., None]
   t, w, valid = noise["t"], noise["w"], batch["valid"]
   z = jnp.where(cond, x0, flow.interpolate(x0, noise["eps"], t, fc.denoiser_noise_scale))  # condition kept clean
   v = flow.velocity(x0, z, t, fc.t_eps)
 
   apply = lambda x_sc, **kw: model.apply({"params": params}, jnp.concatenate([z, x_sc], -1), t, w, valid, **kw)
-  x_uncond = jax.lax.stop_gradient(apply(jnp.zeros_like(z)))
+  # The x_sc = 0 pass over the self-conditioned examples only (zeros elsewhere, where it is never used).
+  x_uncond = jnp.zeros_like(z)
+  num_sc = flow.num_self_conditioned(z.shape[0], fc.self_cond_prob)
+  if num_sc:
+    rows = jnp.argsort(~noise["self_cond"], stable=True)[:num_sc]
+    x_rows = model.apply({"params": params}, jnp.concatenate([z[rows], x_uncond[rows]], -1), t[rows], w[rows],
+                         None if valid is None else valid[rows])
+    x_uncond = x_uncond.at[rows].set(jax.lax.stop_gradient(x_rows))
   use_sc = noise["self_cond"][:, None, None]
   x_sc = jnp.where(use_sc, x_uncond, 0.0)
   dropout = model.config.dropout_rate > 0
