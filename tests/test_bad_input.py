@@ -84,19 +84,21 @@ def test_missing_data_path(tmp_path, no_jit, word_tokenizer_dir, source, name):
 
 
 def test_tokenizer_larger_than_the_model_head(tmp_path, no_jit):
-  message = train_error(tmp_path, ConfigError, **{"model.vocab_size": 100})  # the word tokenizer has 402 tokens
-  assert "has 402 tokens" in message and "model.vocab_size=100" in message
-  assert "--config.model.vocab_size=402" in message
+  tokens = small_config().model.vocab_size  # the tiny config's head fits its word tokenizer exactly
+  message = train_error(tmp_path, ConfigError, **{"model.vocab_size": tokens - 1})
+  assert f"has {tokens} tokens" in message and f"model.vocab_size={tokens - 1}" in message
+  assert f"--config.model.vocab_size={tokens}" in message
 
 
 def test_tokenizer_larger_than_the_encoder_vocabulary(tmp_path, no_jit):
-  """A local Hugging Face T5 encoder with 100 embeddings under the 402-token word tokenizer."""
+  """A local Hugging Face T5 encoder with fewer embeddings than the tiny config's word tokenizer has tokens."""
   import transformers  # only this test needs torch
+  tokens = small_config().model.vocab_size
   encoder_dir = tmp_path / "t5"
-  t5 = transformers.T5Config(vocab_size=100, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
+  t5 = transformers.T5Config(vocab_size=tokens - 8, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
   transformers.T5EncoderModel(t5).save_pretrained(encoder_dir)
   message = train_error(tmp_path / "run", ConfigError, **{"encoder.name_or_path": str(encoder_dir)})
-  assert "has 402 tokens" in message and f"encoder {str(encoder_dir)!r} embeds only 100" in message
+  assert f"has {tokens} tokens" in message and f"encoder {str(encoder_dir)!r} embeds only {tokens - 8}" in message
   assert "--config.data.tokenizer" in message
 
 

@@ -55,6 +55,8 @@ def test_train_prints_and_saves_the_config_and_writes_every_artefact(trained):
   assert saved["data"]["tokenizer"] == "synthetic"  # the rest is configs/tiny.py
   assert json.dumps(saved, indent=2) in stdout  # the printed config is the saved one
 
+  # Output to a pipe: one progress line per logging interval instead of a live bar.
+  assert re.search(r"^train step 6/6  loss [\d.]+  [\d.]+ s/step  ETA 0:00$", stdout, re.M), stdout[-2000:]
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["3", "6"]
   assert [r["step"] for r in metric_rows(workdir, "train")] == [1, 2, 3, 4, 5, 6]
   assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir / "tb"))

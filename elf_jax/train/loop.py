@@ -8,6 +8,7 @@ import dataclasses
 import json
 import os
 import signal
+import sys
 import time
 from typing import Any
 
@@ -262,8 +263,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, hooks=None) -> TrainS
   preempted = checkpoint.install_preemption_handler()
   accum = config.optim.grad_accum_steps
   start = int(state.step)
+  # A live bar on a terminal; one line per logging interval when output goes to a file (pod logs, nohup, CI).
+  interactive = sys.stderr.isatty()
   bar = tqdm.tqdm(total=n_steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
-                  disable=jax.process_index() != 0)
+                  disable=jax.process_index() != 0 or not interactive)
   step, window, t_last = start, [], time.perf_counter()
   try:
     while step < n_steps:
@@ -280,7 +283,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, hooks=None) -> TrainS
                        epoch=step / per_epoch)
         window, t_last = [], now
         writer.write(step, summary)
-        bar.set_postfix(loss=f"{summary['loss']:.4f}", s_per_step=f"{summary['step_time_s']:.3f}")
+        if interactive:
+          bar.set_postfix(loss=f"{summary['loss']:.4f}", s_per_step=f"{summary['step_time_s']:.3f}")
+        else:
+          eta = int(summary["step_time_s"] * (n_steps - step))
+          say(f"train step {step}/{n_steps}  loss {summary['loss']:.4f}  {summary['step_time_s']:.3f} s/step  "
+              f"ETA {eta // 60}:{eta % 60:02d}")
       if step % config.checkpoint.every_steps == 0 or step == n_steps or preempted():
         manager.save(step, state, data_iter, force=True)
       if preempted():
