@@ -122,6 +122,9 @@ def write_png(path: str, view: TrajectoryView, example: int = 0, max_chars: int 
                    cellLoc="left")
   table.auto_set_font_size(False)
   table.set_fontsize(8)
+  for (_, col), cell in table.get_celld().items():
+    if col == 2:
+      cell.PAD = 0.01  # matplotlib pads by a fraction of the cell's width: keep the wide text column flush left
   fig.savefig(path, dpi=120, bbox_inches="tight")
   plt.close(fig)
   return path
