@@ -57,8 +57,8 @@ def get_config():
   c.optim.global_batch_size = 128
   c.optim.warmup_steps = 100
   c.optim.schedule = "cosine"
-  c.optim.num_steps = 2200
-  c.optim.ema_decay = 0.999
+  c.optim.num_steps = 2600
+  c.optim.ema_decay = 0.998  # a ~500-step average: 0.999 lags a 2600-step run (entropy ratio 0.88 instead of 0.91)
   # Sampling + evaluation at the end: the paper's headline OpenWebText setting (the owt_sde32 preset's values).
   c.sample.method = "sde"
   c.sample.steps = 32
