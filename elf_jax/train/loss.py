@@ -90,16 +90,18 @@ def denoiser_loss(model: ELF, params, batch, noise, fc: FlowConfig, dropout_rng)
   v = flow.velocity(x0, z, t, fc.t_eps)
 
   apply = lambda x_sc, **kw: model.apply({"params": params}, jnp.concatenate([z, x_sc], -1), t, w, valid, **kw)
-  # The x_sc = 0 pass over the self-conditioned examples only (zeros elsewhere, where it is never used).
+  # The x_sc = 0 pass over the self-conditioned examples only. x_uncond stays zero on the others, so it is also
+  # the self-conditioning input x_sc of every example (x̂_uncond where self-conditioned, else 0).
   x_uncond = jnp.zeros_like(z)
   num_sc = flow.num_self_conditioned(z.shape[0], fc.self_cond_prob)
   if num_sc:
     rows = jnp.argsort(~noise["self_cond"], stable=True)[:num_sc]
-    x_rows = model.apply({"params": params}, jnp.concatenate([z[rows], x_uncond[rows]], -1), t[rows], w[rows],
-                         None if valid is None else valid[rows])
+    z_rows = z[rows]
+    x_rows = model.apply({"params": params}, jnp.concatenate([z_rows, jnp.zeros_like(z_rows)], -1), t[rows],
+                         w[rows], None if valid is None else valid[rows])
     x_uncond = x_uncond.at[rows].set(jax.lax.stop_gradient(x_rows))
   use_sc = noise["self_cond"][:, None, None]
-  x_sc = jnp.where(use_sc, x_uncond, 0.0)
+  x_sc = x_uncond
   dropout = model.config.dropout_rate > 0
   x_hat = apply(x_sc, deterministic=not dropout, rngs={"dropout": dropout_rng} if dropout else None)
   x_cond = jax.lax.stop_gradient(apply(x_sc) if dropout else x_hat)
