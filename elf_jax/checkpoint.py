@@ -37,6 +37,12 @@ def checkpoint_dir(workdir: str) -> epath.Path:
   return epath.Path(workdir) / CHECKPOINT_SUBDIR
 
 
+def absolute_path(path) -> epath.Path:
+  """orbax only takes absolute paths: a local relative path (e.g. README's runs/tiny) is resolved against the cwd;
+  URLs (gs://...) are kept."""
+  return epath.Path(path if "://" in str(path) else os.path.abspath(path))
+
+
 class CheckpointManager:
   """Saves and restores TrainState (and the grain iterator) with orbax: async, keep-N, resume past bad steps.
 
@@ -53,8 +59,7 @@ class CheckpointManager:
       save_interval_steps: `save` is a no-op for steps that are not a multiple of this (unless `force`; orbax
         also always saves into a directory that holds no checkpoint yet).
     """
-    # orbax needs absolute paths: a relative workdir (e.g. README's runs/tiny) is resolved against the cwd.
-    self.directory = epath.Path(directory if "://" in str(directory) else os.path.abspath(directory))
+    self.directory = absolute_path(directory)
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
@@ -227,6 +232,7 @@ def _read_msgpack(path: epath.Path, keys) -> Any:
 def _read_orbax(path: epath.Path, keys) -> Any:
   """Restores only the chosen top-level entry of an orbax PyTree directory, as numpy arrays."""
   checkpointer = ocp.PyTreeCheckpointer()
+  path = absolute_path(path)
   try:
     metadata = checkpointer.metadata(path).item_metadata
   except Exception as e:  # pylint: disable=broad-except  # orbax raises various types for a non-checkpoint dir

@@ -67,8 +67,6 @@ def main(argv):
     return
   if not workdir:
     raise app.UsageError("--workdir is required for train, sample and eval")
-  if "://" not in workdir:
-    workdir = os.path.abspath(workdir)  # orbax and the checkpoint import need absolute paths
   from elf_jax.train import loop
   loop.check_workdir(workdir)
   if jax.process_index() == 0:
