@@ -14,6 +14,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tqdm
@@ -141,7 +142,8 @@ def create_state(setup: Setup, optimizer, shardings) -> TrainState:
     params = checkpoint.load_params_from(config.init_from, expected)
     params = jax.device_put(params, shardings.params)
     say(f"initialised params and EMA from {config.init_from}")
-    state = state.replace(params=params, ema_params=params, opt_state=jax.jit(
+    ema = jax.tree_util.tree_map(jnp.copy, params)  # own buffers: the step donates params and EMA separately
+    state = state.replace(params=params, ema_params=ema, opt_state=jax.jit(
         optimizer.init, out_shardings=shardings.opt_state)(params))
   return state
 
