@@ -196,3 +196,15 @@ def test_resume_past_a_half_written_checkpoint_is_exact(straight, preempted, cap
   assert_same_tree(state.params, ref_state.params)
   assert_same_tree(state.ema_params, ref_state.ema_params)
   assert_same_tree(state.opt_state, ref_state.opt_state)
+
+
+def test_init_from_a_relative_workdir_trains(straight, tmp_path, monkeypatch):
+  """`init_from` names a finished run's workdir relative to the cwd; params and EMA start equal (own buffers: the
+  step donates both) and training proceeds."""
+  source, _ = straight
+  monkeypatch.chdir(source.parent)
+  config = small_config(**{"optim.num_steps": 3})
+  config.init_from = source.name
+  state = loop.train(config, str(tmp_path))
+  assert int(state.step) == 3
+  assert all(np.isfinite(r["loss"]) for r in train_rows(tmp_path))
