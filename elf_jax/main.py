@@ -21,7 +21,8 @@ from elf_jax.parallel.mesh import initialize_distributed
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/ (get_config()).",
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, samples (local or gs://).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, samples (local or gs://); "
+                               "default runs/<config name> (configs/owt_b.py -> runs/owt_b, owt.py:l -> runs/owt_l).")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "compile"], "What to do.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", None, "Call jax.distributed.initialize() (multi-host); default: "
                                  "the ELF_DISTRIBUTED environment variable.")
@@ -49,6 +50,13 @@ def parse_flags(argv: list[str]) -> list[str]:
              "resolved config is printed at the start of every run.")
 
 
+def default_workdir(config_flag_value: str) -> str:
+  """runs/<config file stem>[_<argument>] for `--config=PATH[:ARG]`."""
+  path, _, arg = config_flag_value.partition(":")
+  stem = os.path.splitext(os.path.basename(path))[0]
+  return os.path.join("runs", f"{stem}_{arg}" if arg else stem)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -59,15 +67,14 @@ def main(argv):
 
   config = _CONFIG.value
   print("Resolved config:\n" + config.to_json_best_effort(indent=2), flush=True)
-  workdir = _WORKDIR.value
+  workdir = _WORKDIR.value or default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
   mode = _MODE.value
   if mode == "compile":
     from elf_jax.parallel import aot
     aot.main(config)
     return
-  if not workdir:
-    raise app.UsageError("--workdir is required for train, sample and eval")
   from elf_jax.train import loop
+  print(f"workdir: {workdir}", flush=True)
   loop.check_workdir(workdir)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, f"config_{mode}.json"), "w") as f:
