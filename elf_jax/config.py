@@ -40,7 +40,8 @@ def base_config() -> ml_collections.ConfigDict:
   m.attention_impl = "xla"  # xla | pallas | auto (see elf_jax/ops/attention.py)
   m.remat = "none"  # none | full | dots_saveable (per block)
 
-  # Frozen T5 encoder (spec §1). `name_or_path`: a local Hugging Face directory, a hub id (online), or "random"
+  # Frozen T5 encoder (spec §1). `name_or_path`: a local Hugging Face directory, a hub id (online), an official
+  # ELF encoder `.pkl` (the published t5_small_encoder_jax.pkl format; dims read from its shapes), or "random"
   # for a T5-architecture encoder with fixed seeded weights (offline default; dims below are used then).
   c.encoder = e = ml_collections.ConfigDict()
   e.name_or_path = "t5-small"

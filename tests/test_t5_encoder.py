@@ -1,6 +1,8 @@
 """The Flax T5 encoder against Hugging Face's PyTorch T5 (tiny random checkpoints written here), its mask builder
-and its weight import."""
+and its weight import; the official ELF encoder pickle against the reference_elf_train fixture."""
 import json
+import os
+import pickle
 import shutil
 
 import huggingface_hub
@@ -12,7 +14,9 @@ import safetensors.numpy
 import torch
 import transformers
 
-from elf_jax.model import t5_encoder
+from conftest import SHARED
+from elf_jax import config as elf_config
+from elf_jax.model import latents, t5_encoder
 
 B, S = 3, 12
 TINY = dict(vocab_size=100, d_model=32, num_layers=2, num_heads=4, d_kv=8, d_ff=64)
@@ -190,3 +194,150 @@ def test_config_from_hf_and_errors(tmp_path, monkeypatch):
   monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
   with pytest.raises(OSError, match="Pass a local directory"):
     t5_encoder.load_hf_t5_encoder("no-such-org/no-such-t5")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The official ELF encoder pickle (reference_elf_train: encoder_params.pkl and the official step's encoder draws).
+
+TRAIN_FIXTURE = SHARED / "fixtures" / "reference_elf_train"
+OFFICIAL_PKL = TRAIN_FIXTURE / "encoder_params.pkl"
+CASES = ("uncond_pad", "cond_eos")
+
+
+@pytest.fixture(scope="module")
+def train_fixture():
+  """(config.json, reference.npz) of the reference_elf_train fixture."""
+  if not TRAIN_FIXTURE.exists():
+    pytest.fail(f"reference fixture not found at {TRAIN_FIXTURE}; set ELF_SHARED_DIR to the shared/ folder")
+  return json.loads((TRAIN_FIXTURE / "config.json").read_text()), np.load(TRAIN_FIXTURE / "reference.npz")
+
+
+@pytest.fixture(scope="module")
+def official_encoder(train_fixture):
+  """`build_encoder` of a config whose encoder.name_or_path is the fixture's encoder_params.pkl."""
+  fixture_config, _ = train_fixture
+  config = elf_config.base_config()
+  config.encoder.name_or_path = str(OFFICIAL_PKL)
+  config.encoder.dim = fixture_config["dims"]["C"]
+  config.encoder.latent_mean = fixture_config["latent_mean"]
+  config.encoder.latent_std = fixture_config["latent_std"]
+  return latents.build_encoder(config)
+
+
+def _rel_err(ours, ref):
+  return float(np.linalg.norm(np.asarray(ours) - ref) / np.linalg.norm(ref))
+
+
+def _case_masks(ref, case):
+  valid = ref[f"{case}/attention_mask"] > 0
+  cond = ref[f"{case}/cond_seq_mask"] > 0
+  return valid, cond, ref[f"{case}/label_drop_mask"]
+
+
+def test_official_pickle_dims_from_shapes(train_fixture, official_encoder):
+  fixture_config, _ = train_fixture
+  dims, settings = fixture_config["dims"], fixture_config["encoder"]
+  encoder, _ = official_encoder
+  assert encoder.t5.config == t5_encoder.T5EncoderConfig(
+      vocab_size=dims["V"], d_model=dims["C"], num_layers=dims["enc_layers"], num_heads=dims["enc_heads"],
+      d_kv=dims["enc_dkv"], d_ff=dims["enc_dff"],
+      relative_attention_num_buckets=settings["relative_attention_num_buckets"],
+      relative_attention_max_distance=settings["relative_attention_max_distance"],
+      layer_norm_eps=settings["layer_norm_epsilon"],
+      feed_forward_proj="gated-gelu" if settings["is_gated_act"] else "relu")
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_official_pickle_reproduces_latents(train_fixture, official_encoder, case):
+  _, ref = train_fixture
+  encoder, params = official_encoder
+  mask = ref[f"{case}/draws/encoder_attention_mask_after_drop"]
+  raw = jax.jit(encoder.t5.apply)({"params": params}, ref[f"{case}/input_ids"], mask)
+  assert _rel_err(raw, ref[f"{case}/draws/latents_raw"]) <= 1e-5
+  np.testing.assert_allclose(raw, ref[f"{case}/draws/latents_raw"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_make_encoder_mask_matches_official(train_fixture, case):
+  _, ref = train_fixture
+  valid, cond, drop = _case_masks(ref, case)
+  np.testing.assert_array_equal(np.asarray(t5_encoder.make_encoder_mask(valid, cond)),
+                                ref[f"{case}/encoder_attention_mask"] > 0)
+  np.testing.assert_array_equal(np.asarray(t5_encoder.make_encoder_mask(valid, cond, drop)),
+                                ref[f"{case}/draws/encoder_attention_mask_after_drop"] > 0)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_latent_encoder_gives_official_x0(train_fixture, official_encoder, case):
+  _, ref = train_fixture
+  encoder, params = official_encoder
+  valid, cond, drop = _case_masks(ref, case)
+  x0 = jax.jit(encoder.encode)(params, ref[f"{case}/input_ids"], valid, cond, drop)
+  assert _rel_err(x0, ref[f"{case}/draws/x0"]) <= 1e-5
+  dropped_condition = (drop[:, None] & cond)
+  if dropped_condition.any():
+    assert not np.asarray(x0)[dropped_condition].any()
+
+
+def test_official_pickle_numpy1_names(tmp_path):
+  """Files pickled under numpy 1 name numpy.core.multiarray._reconstruct; protocol 3 spells globals as text."""
+  tree = t5_encoder.read_numpy_pickle(str(OFFICIAL_PKL))
+  data = pickle.dumps(tree, protocol=3)
+  assert b"numpy._core.multiarray\n" in data
+  (tmp_path / "old.pkl").write_bytes(data.replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n"))
+  config, params = t5_encoder.load_official_t5_encoder(str(tmp_path / "old.pkl"))
+  reference_config, reference_params = t5_encoder.load_official_t5_encoder(str(OFFICIAL_PKL))
+  assert config == reference_config
+  assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), params, reference_params))
+
+
+class _CreatesFile:
+  """A pickle payload that would create `path` when unpickled by a plain `pickle.load`."""
+
+  def __init__(self, path):
+    self.path = path
+
+  def __reduce__(self):
+    return os.system, (f"touch {self.path}",)
+
+
+class _Custom:
+  pass
+
+
+def test_official_pickle_refuses_other_globals(tmp_path):
+  marker = tmp_path / "executed"
+  payloads = {"system.pkl": {"params": _CreatesFile(marker)}, "custom.pkl": {"params": {"x": _Custom()}}}
+  for name, payload in payloads.items():
+    (tmp_path / name).write_bytes(pickle.dumps(payload))
+  with pytest.raises(pickle.UnpicklingError, match=f"system.pkl: refused to load {os.system.__module__}.system"):
+    t5_encoder.load_official_t5_encoder(str(tmp_path / "system.pkl"))
+  assert not marker.exists()
+  with pytest.raises(pickle.UnpicklingError, match=r"refused to load .*_Custom: .* only dicts, lists, numpy"):
+    t5_encoder.load_official_t5_encoder(str(tmp_path / "custom.pkl"))
+  (tmp_path / "text.pkl").write_text("not a pickle")
+  with pytest.raises(pickle.UnpicklingError, match="text.pkl"):
+    t5_encoder.load_official_t5_encoder(str(tmp_path / "text.pkl"))
+
+
+def test_official_pickle_wrong_structure_names_the_problem(tmp_path):
+  tree = t5_encoder.read_numpy_pickle(str(OFFICIAL_PKL))
+  encoder = tree["params"]["encoder"]
+  del encoder["final_layer_norm"]
+  encoder["block_1"]["layer_0"]["SelfAttention"]["k"]["kernel"] = np.zeros((3, 3), np.float32)
+  encoder["extra"] = {"weight": np.ones(2, np.float32)}
+  (tmp_path / "broken.pkl").write_bytes(pickle.dumps(tree))
+  with pytest.raises(ValueError) as err:
+    t5_encoder.load_official_t5_encoder(str(tmp_path / "broken.pkl"))
+  message = str(err.value)
+  assert "missing encoder/final_layer_norm/weight" in message
+  assert "encoder/block_1/layer_0/SelfAttention/k/kernel has shape (3, 3)" in message
+  assert "unexpected encoder/extra/weight (2,)" in message
+
+  del tree["params"]["shared"]
+  (tmp_path / "no_embedding.pkl").write_bytes(pickle.dumps(tree))
+  with pytest.raises(ValueError, match="shared/embedding .* is missing"):
+    t5_encoder.load_official_t5_encoder(str(tmp_path / "no_embedding.pkl"))
+  (tmp_path / "list.pkl").write_bytes(pickle.dumps([np.zeros(2)]))
+  with pytest.raises(ValueError, match="holds a list"):
+    t5_encoder.load_official_t5_encoder(str(tmp_path / "list.pkl"))

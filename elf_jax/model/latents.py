@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from elf_jax.model.t5_encoder import (T5Encoder, T5EncoderConfig, load_hf_t5_encoder, make_encoder_mask,
-                                      random_t5_encoder_params)
+from elf_jax.model.t5_encoder import (T5Encoder, T5EncoderConfig, load_hf_t5_encoder, load_official_t5_encoder,
+                                      make_encoder_mask, random_t5_encoder_params)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +47,8 @@ class LatentEncoder:
 
 
 def build_encoder(config: ml_collections.ConfigDict) -> tuple[LatentEncoder, dict]:
-  """The frozen encoder of `config.encoder`: Hugging Face weights (local dir / hub id) or "random" seeded weights.
+  """The frozen encoder of `config.encoder`: Hugging Face weights (local dir / hub id), an official ELF encoder
+  pickle (a `.pkl` file such as `t5_small_encoder_jax.pkl`) or "random" seeded weights.
 
   Returns (encoder, params). Raises if the encoder width differs from `config.encoder.dim`.
   """
@@ -56,6 +57,8 @@ def build_encoder(config: ml_collections.ConfigDict) -> tuple[LatentEncoder, dic
     t5_config = T5EncoderConfig(vocab_size=config.model.vocab_size, d_model=e.dim, num_layers=e.random_num_layers,
                                 num_heads=e.random_num_heads, d_kv=e.random_d_kv, d_ff=e.random_d_ff)
     params = random_t5_encoder_params(t5_config, e.random_seed)
+  elif e.name_or_path.endswith(".pkl"):
+    t5_config, params = load_official_t5_encoder(e.name_or_path)
   else:
     t5_config, params = load_hf_t5_encoder(e.name_or_path)
   if t5_config.d_model != e.dim:
