@@ -5,7 +5,9 @@
                                                                                └─ readout head → logits (B, S, V)
 
 `decode` is a static flag: False gives x̂ (mode tokens multiplied by zero, no logits computed); True switches the
-mode tokens on and returns logits from the factored unembedding. Parameter names are those of §9.
+mode tokens on and returns logits from the factored unembedding. A (B,) array instead gates the mode tokens per
+example (1 = decoding) and returns both heads of the one forward, (x̂, logits): the progressive-distillation step
+trains denoising and decoding rows together (spec §11). Parameter names are those of §9.
 """
 import dataclasses
 
@@ -91,8 +93,8 @@ class ELF(nn.Module):
 
   __call__(x, t, w, mask=None, *, decode=False, deterministic=True):
     x: (B, S, 2C) float, concat[z, x_sc]; t: (B,) time in [0, 1]; w: (B,) guidance scale;
-    mask: (B, S) padding mask (1/True = valid) or None; decode: static bool.
-    Returns x̂ (B, S, C) float32 if not decode, else logits (B, S, V) float32.
+    mask: (B, S) padding mask (1/True = valid) or None; decode: static bool, or a (B,) per-example mode-token gate.
+    Returns x̂ (B, S, C) float32 if decode is False, logits (B, S, V) float32 if True, (x̂, logits) for a gate.
   """
   config: ModelConfig
 
@@ -112,7 +114,8 @@ class ELF(nn.Module):
     guide_tokens = self.param("self_cond_cfg_tokens", token_init, (1, cfg.num_guidance_tokens, hsize), jnp.float32)
     guide_tokens = guide_tokens + layers.TimestepEmbedder(hsize, name="self_cond_cfg_embedder")(w)[:, None]
     mode_tokens = self.param("mode_tokens", token_init, (1, cfg.num_mode_tokens, hsize), jnp.float32)
-    mode_tokens = mode_tokens * (1.0 if decode else 0.0)
+    gated = not isinstance(decode, bool)  # a per-example gate: both heads
+    mode_tokens = mode_tokens * (jnp.asarray(decode, jnp.float32).reshape(b, 1, 1) if gated else float(decode))
     prefix = jnp.concatenate([time_tokens, guide_tokens, jnp.broadcast_to(mode_tokens, (b,) + mode_tokens.shape[1:])],
                              axis=1)
     h = jnp.concatenate([prefix.astype(dtype), h.astype(dtype)], axis=1)  # (B, P + S, H)
@@ -132,10 +135,12 @@ class ELF(nn.Module):
                     name=f"blocks_{i}")(h, key_mask, deterministic)
     h = h[:, cfg.num_prefix:].astype(jnp.float32)  # data positions (B, S, H)
 
-    want_latent = not decode or self.is_initializing()
-    want_logits = decode or self.is_initializing()
+    want_latent = gated or not decode or self.is_initializing()
+    want_logits = gated or decode or self.is_initializing()
     x_hat = FinalLayer(cfg.latent_dim, name="final_layer")(h) if want_latent else None
     logits = self._readout(h) if want_logits else None
+    if gated:
+      return x_hat, logits
     return logits if decode else x_hat
 
   def _readout(self, h):

@@ -52,6 +52,18 @@ def resolve_num_groups(config: ml_collections.ConfigDict, mesh: jax.sharding.Mes
   return groups
 
 
+def batch_latents(encoder: LatentEncoder, encoder_params, batch, conditional: bool, drop_condition=None):
+  """Normalised latents x0 (B,S,C) of a batch: the frozen encoder on its ids, or its cached `latents` (then only
+  the normalisation is applied). drop_condition (B,) bool: label dropping (conditional tasks)."""
+  if "latents" in batch:
+    if conditional:
+      raise ValueError("cached latents are for unconditional data (label dropping changes the encoder mask); "
+                       "unset data.latent_cache_dir for conditional tasks")
+    return (batch["latents"].astype(jnp.float32) - encoder.latent_mean) / encoder.latent_std
+  return encoder.encode(encoder_params, batch["ids"], batch["valid"], batch["cond_mask"] if conditional else None,
+                        drop_condition)
+
+
 def compute_loss(params, encoder_params, batch, rng, obj: Objective, mesh: jax.sharding.Mesh | None = None):
   """ids-level ELF loss: (params, encoder params, batch, rng) → (loss, metrics).
 
@@ -62,14 +74,7 @@ def compute_loss(params, encoder_params, batch, rng, obj: Objective, mesh: jax.s
   """
   b, s = batch["ids"].shape
   noise = L.draw_noise(rng, b, s, obj.encoder.dim, obj.flow, obj.num_groups, obj.conditional)
-  if "latents" in batch:
-    if obj.conditional:
-      raise ValueError("cached latents are for unconditional data (label dropping changes the encoder mask); "
-                       "unset data.latent_cache_dir for conditional tasks")
-    x0 = (batch["latents"].astype(jnp.float32) - obj.encoder.latent_mean) / obj.encoder.latent_std
-  else:
-    x0 = obj.encoder.encode(encoder_params, batch["ids"], batch["valid"],
-                            batch["cond_mask"] if obj.conditional else None, noise["drop_condition"])
+  x0 = batch_latents(obj.encoder, encoder_params, batch, obj.conditional, noise["drop_condition"])
   data = dict({k: v for k, v in batch.items() if k != "latents"}, x0=x0)
   shards = 1 if mesh is None else num_batch_shards(mesh)
   if shards == 1:  # every device evaluates the same group at the same time
@@ -92,12 +97,15 @@ def compute_loss(params, encoder_params, batch, rng, obj: Objective, mesh: jax.s
   return L.summarize(sums, obj.num_groups)
 
 
-def train_step(state: TrainState, encoder_params, batch, *, obj: Objective, optimizer: optax.GradientTransformation,
-               optim_config: ml_collections.ConfigDict, mesh=None):
-  """One micro-step: gradients of one batch, an optimizer call, EMA and step advance when an update was applied."""
+def train_step(state: TrainState, frozen, batch, *, obj: Objective, optimizer: optax.GradientTransformation,
+               optim_config: ml_collections.ConfigDict, mesh=None, loss_fn=compute_loss):
+  """One micro-step: gradients of one batch, an optimizer call, EMA and step advance when an update was applied.
+
+  loss_fn(params, frozen, batch, rng, obj, mesh) → (loss, metrics): `compute_loss` (frozen = the encoder's
+  params) or another objective of the same shape (e.g. `distill.compute_loss`, frozen = (encoder, teacher)).
+  """
   rng, step_rng = jax.random.split(state.rng)
-  (loss, metrics), grads = jax.value_and_grad(compute_loss, has_aux=True)(
-      state.params, encoder_params, batch, step_rng, obj, mesh)
+  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, frozen, batch, step_rng, obj, mesh)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   applied = optim.is_update_step(opt_state, optim_config)
@@ -108,19 +116,24 @@ def train_step(state: TrainState, encoder_params, batch, *, obj: Objective, opti
   return new_state, metrics
 
 
-def make_train_step(obj: Objective, optimizer, optim_config, mesh=None, state_shardings: Any = None):
-  """`jax.jit`-compiled train step with declared in/out shardings and donated state (when a mesh is given)."""
-  fn = functools.partial(train_step, obj=obj, optimizer=optimizer, optim_config=optim_config, mesh=mesh)
+def make_train_step(obj: Objective, optimizer, optim_config, mesh=None, state_shardings: Any = None,
+                    loss_fn=compute_loss, frozen_shardings: Any = None):
+  """`jax.jit`-compiled train step with declared in/out shardings and donated state (when a mesh is given).
+
+  frozen_shardings: of the step's frozen inputs (default: replicated, right for the encoder's params)."""
+  fn = functools.partial(train_step, obj=obj, optimizer=optimizer, optim_config=optim_config, mesh=mesh,
+                         loss_fn=loss_fn)
   if mesh is None:
     return jax.jit(fn, donate_argnums=(0,))
   batch_sh = NamedSharding(mesh, P(batch_axes(mesh)))  # every batch array (ids, masks, cached latents)
   replicated = NamedSharding(mesh, P())
+  frozen_shardings = replicated if frozen_shardings is None else frozen_shardings
 
   def traced_under_mesh(*args):  # per-shard kernels (the Pallas attention) read the mesh while tracing
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
       return fn(*args)
 
-  return jax.jit(traced_under_mesh, in_shardings=(state_shardings, replicated, batch_sh),
+  return jax.jit(traced_under_mesh, in_shardings=(state_shardings, frozen_shardings, batch_sh),
                  out_shardings=(state_shardings, replicated), donate_argnums=(0,))
 
 
