@@ -29,6 +29,8 @@ setup(
     extras_require={
         # Parity tests against Hugging Face's PyTorch models; torch is the CPU build kept on disk.
         "test": ["pytest>=9.0", "torch==2.13.0"],
+        # Reading and writing the authors' PyTorch checkpoint files (elf_jax/torch_checkpoint.py).
+        "torch": ["torch==2.13.0"],
         "tpu": ["jax[tpu]>=0.10.2"],
         "gpu": ["jax[cuda12]>=0.10.2"],
         # Ahead-of-time compilation for TPU topologies on a CPU machine (--mode=compile).

@@ -6,7 +6,10 @@ the marker orbax writes once a step is complete. A training workdir keeps them u
 
 Published ELF checkpoints (spec §9) are either a Flax msgpack file or an orbax PyTree directory, each holding the
 raw parameters under `params` and their EMA under `ema_params1`, with exactly the parameter names our model uses.
+The authors' PyTorch checkpoint files (`torch.save` payloads, renamed and transposed by `elf_jax.torch_checkpoint`)
+load the same way; `python -m elf_jax.checkpoint export SOURCE OUT` writes ours in their layout.
 """
+import argparse
 from collections.abc import Callable, Mapping
 import logging
 import os
@@ -22,6 +25,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from elf_jax import torch_checkpoint
 from elf_jax.train.state import TrainState
 
 CHECKPOINT_SUBDIR = "checkpoints"
@@ -168,7 +172,8 @@ def load_published_elf(path: str, which: str = "ema", expected: Any = None) -> d
 
   Args:
     path: a Flax msgpack file or an orbax PyTree directory holding `params` and `ema_params1` (our own `state`
-      items, holding `params` and `ema_params`, work too).
+      items, holding `params` and `ema_params`, work too), or the authors' PyTorch checkpoint file (a `torch.save`
+      payload, recognised by its content; needs torch).
     which: "ema" (the EMA copy, used for sampling) or "raw" (the trained parameters).
     expected: optional tree of `jax.ShapeDtypeStruct`s or arrays, e.g. `jax.eval_shape` of the model's init.
       Every leaf path and shape must match; the leaves are then cast to its dtypes.
@@ -178,12 +183,14 @@ def load_published_elf(path: str, which: str = "ema", expected: Any = None) -> d
 
   Raises:
     ValueError: `expected` was given and leaves are missing, extra or mis-shaped (all are named, '/'-joined).
+    ImportError: `path` is a PyTorch checkpoint and torch is not installed.
   """
   if which not in _PARAM_KEYS:
     raise ValueError(f"which={which!r}; use 'ema' or 'raw'.")
   path = epath.Path(path)
   if path.is_file():
-    tree = _read_msgpack(path, _PARAM_KEYS[which])
+    read = _read_torch if torch_checkpoint.is_torch_checkpoint(path) else _read_msgpack
+    tree = read(path, _PARAM_KEYS[which])
   elif path.is_dir():
     tree = _read_orbax(path, _PARAM_KEYS[which])
   else:
@@ -195,13 +202,14 @@ def load_published_elf(path: str, which: str = "ema", expected: Any = None) -> d
   return tree
 
 
-def load_params_from(path: str, expected: Any = None) -> dict[str, Any]:
+def load_params_from(path: str, expected: Any = None, which: str = "ema") -> dict[str, Any]:
   """EMA parameters for `--config.init_from`: a published checkpoint, or the latest step of one of our runs.
 
   Args:
-    path: a msgpack file, an orbax PyTree directory, a training workdir, a `CheckpointManager` directory or one
-      of its step directories (then the newest step with a commit marker).
+    path: a msgpack file, a PyTorch checkpoint file, an orbax PyTree directory, a training workdir, a
+      `CheckpointManager` directory or one of its step directories (then the newest step with a commit marker).
     expected: as in `load_published_elf`.
+    which: as in `load_published_elf`; "raw" reads the trained parameters instead of their EMA.
   """
   path = epath.Path(path)
   if path.is_dir():
@@ -214,7 +222,7 @@ def load_params_from(path: str, expected: Any = None) -> dict[str, Any]:
       if (path / item).is_dir():
         path = path / item
         break
-  return load_published_elf(path, "ema", expected)
+  return load_published_elf(path, which, expected)
 
 
 def _pick_key(available, keys, path: epath.Path) -> str:
@@ -227,6 +235,11 @@ def _pick_key(available, keys, path: epath.Path) -> str:
 def _read_msgpack(path: epath.Path, keys) -> Any:
   tree = flax.serialization.msgpack_restore(path.read_bytes())
   return tree[_pick_key(tree, keys, path)]
+
+
+def _read_torch(path: epath.Path, keys) -> Any:
+  payload = torch_checkpoint.load_payload(path)
+  return torch_checkpoint.from_torch_state(payload[_pick_key(payload, keys, path)])
 
 
 def _read_orbax(path: epath.Path, keys) -> Any:
@@ -264,3 +277,37 @@ def _match_expected(tree, expected, path: epath.Path):
                      + "\nCheck that config.model (hidden_size, depth, num_heads, bottleneck_dim, vocab_size) and "
                        "config.encoder.dim match the checkpoint.")
   return jax.tree_util.tree_map_with_path(lambda k, v: np.asarray(v, dtype=want[_path_str(k)].dtype), tree)
+
+
+def export_torch_checkpoint(source: str, out: str, safetensors_out: str | None = None) -> None:
+  """Writes the parameters of `source` as the authors' PyTorch checkpoint file, and optionally the EMA weights
+  as safetensors.
+
+  Args:
+    source: anything `load_params_from` reads: a training workdir (its newest step), a published msgpack, orbax
+      or PyTorch checkpoint.
+    out: the `torch.save` file to write, holding `params` and `ema_params1` (what the authors' PyTorch code reads
+      for a teacher or a warm start) and no optimizer state, so their resume path cannot continue from it.
+    safetensors_out: if given, the EMA weights are written there too (PyTorch names and layout; needs no torch).
+  """
+  ema = load_params_from(source)
+  torch_checkpoint.export_torch(out, load_params_from(source, which="raw"), ema)
+  if safetensors_out:
+    torch_checkpoint.export_safetensors(safetensors_out, ema)
+
+
+def main(argv: list[str] | None = None) -> None:
+  """`python -m elf_jax.checkpoint export SOURCE OUT [--safetensors EMA_FILE]`."""
+  parser = argparse.ArgumentParser(prog="python -m elf_jax.checkpoint")
+  commands = parser.add_subparsers(dest="command", required=True)
+  export = commands.add_parser("export", help="write a checkpoint as the authors' PyTorch checkpoint file")
+  export.add_argument("source", help="a training workdir, or a published msgpack / orbax / PyTorch checkpoint")
+  export.add_argument("out", help="the PyTorch checkpoint file to write (params and ema_params1)")
+  export.add_argument("--safetensors", help="also write the EMA weights to this safetensors file")
+  args = parser.parse_args(argv)
+  export_torch_checkpoint(args.source, args.out, args.safetensors)
+  print(f"wrote {args.out}" + (f" and {args.safetensors}" if args.safetensors else ""))
+
+
+if __name__ == "__main__":
+  main()

@@ -21,7 +21,9 @@ def base_config() -> ml_collections.ConfigDict:
   """Reference defaults (ELF-B on OpenWebText shapes); specific configs override fields."""
   c = ml_collections.ConfigDict()
   c.seed = 0  # master seed: init, data order, noise
-  c.init_from = ""  # published ELF checkpoint (msgpack file / orbax dir) or one of our workdirs; "" = random init
+  # Published ELF checkpoint (msgpack file / orbax dir / the authors' PyTorch torch.save file) or one of our
+  # workdirs; "" = random init
+  c.init_from = ""
 
   # Flow transformer (spec §5).
   c.model = m = ml_collections.ConfigDict()
