@@ -13,6 +13,7 @@ setup(
         "optax>=0.2.8",
         "orbax-checkpoint>=0.12.8",
         "grain>=0.2.18",
+        "datasets>=5.2.0",  # the reference's pre-tokenized Hugging Face datasets (data.source = "hf_arrow")
         "tensorflow-datasets>=4.9.10",
         "ml_collections>=1.1.0",
         "transformers>=5.24.0",

@@ -1,6 +1,7 @@
-r"""ELF-L (652M) on OpenWebText: the ELF-B recipe at depth 32, hidden 1280, 16 heads.
+r"""ELF-L (652M) on OpenWebText: the ELF-B recipe at depth 32, hidden 1280, 16 heads, 3 epochs
+(the reference's train_owt_ELF-L.yml).
 
-  python -m elf_jax.main --config=configs/owt_l.py --workdir=gs://BUCKET/elf_l --config.data.path=/data/owt
+  python -m elf_jax.main --config=configs/owt_l.py --workdir=gs://BUCKET/elf_l
 """
 import os
 import sys

@@ -1,6 +1,7 @@
-r"""ELF-M (342M) on OpenWebText: the ELF-B recipe at depth 24, hidden 1056, 16 heads.
+r"""ELF-M (342M) on OpenWebText: the ELF-B recipe at depth 24, hidden 1056, 16 heads, 4 epochs
+(the reference's train_owt_ELF-M.yml).
 
-  python -m elf_jax.main --config=configs/owt_m.py --workdir=gs://BUCKET/elf_m --config.data.path=/data/owt
+  python -m elf_jax.main --config=configs/owt_m.py --workdir=gs://BUCKET/elf_m
 """
 import os
 import sys

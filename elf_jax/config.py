@@ -79,7 +79,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Data.
   c.data = d = ml_collections.ConfigDict()
   d.source = "synthetic"  # synthetic | tfds | hf_arrow | jsonl | text
-  d.path = ""  # dataset name (tfds) or path (hf_arrow / jsonl / text); "{split}" is replaced by the split name
+  # Dataset name (tfds), hub id or local directory (hf_arrow: Hugging Face datasets), or file (jsonl / text); "{split}"
+  # is replaced by the split name.
+  d.path = ""
   d.data_dir = ""  # tfds: the TFDS data dir ("" = TFDS_DATA_DIR or ~/tensorflow_datasets)
   d.split = "train"
   d.eval_split = "validation"
@@ -89,7 +91,7 @@ def base_config() -> ml_collections.ConfigDict:
   d.text_key = "text"
   d.tokenizer = "t5-small"  # Hugging Face tokenizer dir / hub id; "synthetic" = word tokenizer of the language
   d.max_length = 1024  # S, total sequence length (condition + target for conditional tasks)
-  d.max_condition_length = 0  # conditional tasks: condition tokens are truncated to this
+  d.max_condition_length = 0  # conditional tasks: condition tokens are cut to this (the reference's max_input_length)
   d.packing = False  # pack documents into max_length rows (unconditional) instead of pad/truncate
   d.shuffle = True
   d.num_workers = 0  # grain worker processes

@@ -1,20 +1,23 @@
-"""Tokenizers, record sources and the grain pipeline."""
+"""Tokenizers, record sources and the grain pipeline; rows equal the reference's collate (fixture
+reference_elf_train), and the reference's pre-tokenized Hugging Face datasets are read as they are."""
 import json
 import pickle
 import zlib
 
 import numpy as np
-import pyarrow as pa
 import pytest
 import transformers
 
-from elf_jax.config import base_config
+from conftest import SHARED
+from elf_jax.config import ConfigError, base_config
 from elf_jax.data import pipeline
 from elf_jax.data import sources
 from elf_jax.data import tokenizer as tokenizer_lib
 from elf_jax.data import synthetic
+from elf_jax.model.t5_encoder import make_encoder_mask
 
 S = 16
+TRAIN_FIXTURE = SHARED / "fixtures" / "reference_elf_train"
 
 
 @pytest.fixture(scope="module")
@@ -43,22 +46,17 @@ def _take(it, n):
 
 
 def _encode(tok, text):
-  return tok(text)["input_ids"]
+  """The ids the pipeline takes from text: no special tokens (no EOS), as the reference tokenizes raw text."""
+  return tok(text, add_special_tokens=False)["input_ids"]
 
 
-def _write_arrow_dataset(directory, columns):
-  """A directory laid out as Hugging Face `save_to_disk` writes it (two IPC stream shards)."""
-  directory.mkdir(parents=True)
-  table = pa.table(columns)
-  half = table.num_rows // 2
-  files = []
-  for i, part in enumerate((table.slice(0, half), table.slice(half))):
-    name = f"data-{i:05d}-of-00002.arrow"
-    with pa.OSFile(str(directory / name), "wb") as sink, pa.ipc.new_stream(sink, part.schema) as writer:
-      writer.write_table(part)
-    files.append({"filename": name})
-  (directory / "state.json").write_text(json.dumps({"_data_files": files, "_split": None}))
-  (directory / "dataset_info.json").write_text("{}")
+def _save_hf_dataset(directory, columns=None, **splits):
+  """save_to_disk of `datasets.Dataset.from_dict(columns)` (two shards), or of a DatasetDict {split: columns}."""
+  datasets = pytest.importorskip("datasets")
+  if columns is not None:
+    datasets.Dataset.from_dict(columns).save_to_disk(str(directory), num_shards=2)
+  else:
+    datasets.DatasetDict({k: datasets.Dataset.from_dict(v) for k, v in splits.items()}).save_to_disk(str(directory))
 
 
 # Tokenizer.
@@ -67,13 +65,14 @@ def test_word_tokenizer_ids_and_round_trip(language, tok, tmp_path):
   assert (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2)
   assert len(tok) == len(language.vocabulary) + 3
   for sentence in language.sample(20, np.random.default_rng(0)):
-    ids = _encode(tok, sentence)
-    assert ids[-1] == 1 and len(ids) == len(sentence.split()) + 1
-    assert ids[:-1] == [3 + language.vocabulary.index(w) for w in sentence.split()]
+    ids = tok(sentence)["input_ids"]
+    assert ids[-1] == 1 and len(ids) == len(sentence.split()) + 1  # T5's convention: EOS appended by default
+    assert ids[:-1] == [3 + language.vocabulary.index(w) for w in sentence.split()] == _encode(tok, sentence)
     assert tok.decode(ids, skip_special_tokens=True) == sentence
-  assert _encode(tok, "the zebra") == [3 + language.vocabulary.index("the"), 2, 1]
+  assert tok("the zebra")["input_ids"] == [3 + language.vocabulary.index("the"), 2, 1]
   tokenizer_lib.build_word_tokenizer(language.vocabulary, save_dir=str(tmp_path))
   reloaded = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+  assert reloaded("the cat sees the dog")["input_ids"] == tok("the cat sees the dog")["input_ids"]
   assert _encode(reloaded, "the cat sees the dog") == _encode(tok, "the cat sees the dog")
   assert (reloaded.pad_token_id, reloaded.eos_token_id) == (0, 1)
 
@@ -116,23 +115,65 @@ def test_text_and_jsonl_sources(tmp_path):
     sources.make_source(_config(source="jsonl", path=str(tmp_path / "pairs.jsonl")).data, "train")
 
 
-def test_arrow_source_text_ids_and_dataset_dict(tmp_path):
-  _write_arrow_dataset(tmp_path / "plain", {"text": ["a b", "c", "d e", "f"], "other": [1, 2, 3, 4]})
-  plain = sources.make_source(_config(source="hf_arrow", path=str(tmp_path / "plain")).data, "train")
-  assert [r["text"] for r in plain] == ["a b", "c", "d e", "f"]
-  assert pickle.loads(pickle.dumps(plain))[3] == {"text": "f"}
-  ids = [[5, 6, 1], [7, 1], [8, 9, 10], [11]]
-  _write_arrow_dataset(tmp_path / "dict" / "validation", {"input_ids": ids})
-  (tmp_path / "dict" / "dataset_dict.json").write_text(json.dumps({"splits": ["validation"]}))
-  tokenized = sources.make_source(_config(source="hf_arrow", path=str(tmp_path / "dict")).data, "validation")
-  assert len(tokenized) == 4
-  for record, expected in zip(tokenized, ids):
-    assert record["text"].dtype == np.int32 and record["text"].tolist() == expected
-  _write_arrow_dataset(tmp_path / "pairs", {"document": ["x y", "z"], "summary": ["x", "y"]})
-  pairs = sources.make_source(
-      _config(source="hf_arrow", path=str(tmp_path / "pairs"), conditional=True, input_key="document",
-              output_key="summary").data, "train")
-  assert pairs[1] == {"input": "z", "output": "y"}
+def test_hf_dataset_read_as_it_is(tmp_path):
+  """The reference's columns (input_ids, condition_input_ids) from save_to_disk directories: a Dataset (any split,
+  sharded), a DatasetDict (its split, or its only one), a "{split}" path; ids unchanged; length reported."""
+  ids = [[5, 6, 1], [7], [8, 9, 10, 11], [12, 1]]
+  conditions = [[20, 21], [22, 23, 24], [], [25]]
+  _save_hf_dataset(tmp_path / "plain", {"input_ids": ids, "condition_input_ids": conditions})
+  c = _config(source="hf_arrow", path=str(tmp_path / "plain"), text_key="input_ids")
+  for split in ("train", "validation"):
+    source = sources.make_source(c.data, split)
+    assert len(source) == 4
+    assert [r["text"].tolist() for r in source] == ids and all(r["text"].dtype == np.int32 for r in source)
+  assert pickle.loads(pickle.dumps(source))[3]["text"].tolist() == [12, 1]
+  c = _config(source="hf_arrow", path=str(tmp_path / "plain"), conditional=True, input_key="condition_input_ids",
+              output_key="input_ids")
+  records = list(sources.make_source(c.data, "train"))
+  assert [(r["input"].tolist(), r["output"].tolist()) for r in records] == list(zip(conditions, ids))
+  # One repository per split (the reference's XSum / WMT14), each a DatasetDict holding a single split.
+  _save_hf_dataset(tmp_path / "xsum_train_t5", train={"input_ids": ids, "condition_input_ids": conditions})
+  _save_hf_dataset(tmp_path / "xsum_validation_t5", train={"input_ids": ids[:2], "condition_input_ids": conditions[:2]})
+  c.data.path = str(tmp_path / "xsum_{split}_t5")
+  assert len(sources.make_source(c.data, "train")) == 4 and len(sources.make_source(c.data, "validation")) == 2
+  _save_hf_dataset(tmp_path / "two", validation={"input_ids": ids, "condition_input_ids": conditions},
+                   test={"input_ids": ids[:1], "condition_input_ids": conditions[:1]})
+  c.data.path = str(tmp_path / "two")
+  assert len(sources.make_source(c.data, "validation")) == 4 and len(sources.make_source(c.data, "test")) == 1
+  with pytest.raises(ValueError, match=r"splits \['test', 'validation'\], not 'train'"):
+    sources.make_source(c.data, "train")
+  with pytest.raises(KeyError, match="text_key"):
+    sources.make_source(_config(source="hf_arrow", path=str(tmp_path / "plain")).data, "train")
+
+
+def test_hf_hub_id_reads_the_downloaded_repository(tmp_path, monkeypatch):
+  """A hub id is fetched with snapshot_download (faked here: no network in tests) and read from the local copy, a
+  repository of Parquet files as `push_to_hub` writes them."""
+  huggingface_hub = pytest.importorskip("huggingface_hub")
+  datasets = pytest.importorskip("datasets")
+  repo = tmp_path / "snapshot"
+  (repo / "data").mkdir(parents=True)
+  datasets.Dataset.from_dict({"input_ids": [[5, 6], [7, 8, 9]]}).to_parquet(str(repo / "data" / "train-0.parquet"))
+  calls = []
+  monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, **kw: calls.append((repo_id, kw)) or
+                      str(repo))
+  c = _config(source="hf_arrow", path="embedded-language-flows/owt_{split}", text_key="input_ids")
+  source = sources.make_source(c.data, "train")
+  assert calls == [("embedded-language-flows/owt_train", {"repo_type": "dataset"})]
+  assert [r["text"].tolist() for r in source] == [[5, 6], [7, 8, 9]]
+
+
+def test_hf_hub_id_offline_is_one_clear_error(tmp_path, monkeypatch):
+  huggingface_hub = pytest.importorskip("huggingface_hub")
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import; set it for this process
+  monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+  c = _config(source="hf_arrow", path="embedded-language-flows/xsum_{split}_t5", conditional=True)
+  with pytest.raises(ConfigError) as err:
+    sources.make_source(c.data, "validation")
+  message = str(err.value)
+  assert "\n" not in message and "--config.data.path" in message
+  assert "'embedded-language-flows/xsum_validation_t5'" in message
 
 
 @pytest.mark.parametrize("kind", ["text", "jsonl", "hf_arrow"])
@@ -186,6 +227,37 @@ def test_tfds_known_field_mapping_with_a_fake_source(monkeypatch, name, record, 
 
 # Pipeline.
 
+@pytest.fixture(scope="module")
+def reference_train():
+  """(config.json, reference.npz arrays) of ../shared/fixtures/reference_elf_train."""
+  if not TRAIN_FIXTURE.exists():
+    pytest.fail(f"fixture not found at {TRAIN_FIXTURE}; set ELF_SHARED_DIR to the shared/ folder")
+  return json.loads((TRAIN_FIXTURE / "config.json").read_text()), np.load(TRAIN_FIXTURE / "reference.npz")
+
+
+@pytest.mark.parametrize("case", ["uncond_pad", "cond_eos"])
+def test_rows_equal_the_reference_collate(reference_train, case):
+  """Layout.row on the token lists fed to the reference's collate gives its input_ids, attention_mask (= valid)
+  and cond_seq_mask exactly, and the project's encoder mask of (valid, cond_mask) its encoder_attention_mask."""
+  cfg, ref = reference_train
+  recipe = cfg["cases"][case]
+  layout = pipeline.Layout(max_length=cfg["dims"]["S"], max_condition_length=recipe["max_input_length"] or 0,
+                           pad_id=cfg["pad_id"], eos_id=cfg["eos_id"], pad_with_eos=recipe["pad_token"] == "eos")
+  targets = ref[f"{case}/target_lists"]
+  conditions = ref[f"{case}/condition_lists"] if recipe["max_input_length"] else [None] * len(targets)
+  strip = lambda ids: None if ids is None else ids[ids >= 0]  # -1 = no token
+  rows = [layout.row(strip(t), strip(c)) for t, c in zip(targets, conditions)]
+  batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+  np.testing.assert_array_equal(batch["ids"], ref[f"{case}/input_ids"])
+  np.testing.assert_array_equal(batch["valid"], ref[f"{case}/attention_mask"].astype(bool))
+  np.testing.assert_array_equal(batch["cond_mask"], ref[f"{case}/cond_seq_mask"].astype(bool))
+  # The reference's loss mask (its train step): attention_mask ("pad") or all ones ("eos"), times 1 - cond_seq_mask.
+  learned = np.ones_like(batch["valid"]) if layout.pad_with_eos else ref[f"{case}/attention_mask"].astype(bool)
+  np.testing.assert_array_equal(batch["loss_mask"], learned & ~ref[f"{case}/cond_seq_mask"].astype(bool))
+  encoder_mask = make_encoder_mask(batch["valid"], batch["cond_mask"] if conditions[0] is not None else None)
+  np.testing.assert_array_equal(np.asarray(encoder_mask), ref[f"{case}/encoder_attention_mask"].astype(bool))
+
+
 def test_unconditional_pad_mode_rows(language, tok):
   c = _config()
   batches = _take(iter(pipeline.make_dataset(c, tok, "train", language=language)), 2)
@@ -196,29 +268,34 @@ def test_unconditional_pad_mode_rows(language, tok):
       assert b[name].shape == (4, S) and b[name].dtype == bool
     assert not b["cond_mask"].any() and (b["loss_mask"] == b["valid"]).all()
     for row in range(4):
-      expected = _encode(tok, source[4 * k + row]["text"])
+      expected = _encode(tok, source[4 * k + row]["text"])  # no EOS appended
       n = len(expected)
       assert b["ids"][row, :n].tolist() == expected and (b["ids"][row, n:] == 0).all()
       assert b["valid"][row].tolist() == [True] * n + [False] * (S - n)
 
 
 def test_unconditional_eos_mode_and_truncation(language, tok):
+  """EOS padding is learned (loss mask) but not valid; a cut row ends where it is cut (no EOS forced)."""
   c = _config(max_length=5)
   c.flow.pad_token = "eos"
   b = next(iter(pipeline.make_dataset(c, tok, "train", language=language)))
   source = sources.make_source(c.data, "train", language)
-  assert b["valid"].all() and b["loss_mask"].all() and not b["cond_mask"].any()
+  assert b["loss_mask"].all() and not b["cond_mask"].any()
+  lengths = []
   for row in range(4):
-    full = _encode(tok, source[row]["text"])
-    expected = full if len(full) <= 5 else full[:4] + [1]
+    expected = _encode(tok, source[row]["text"])[:5]
+    lengths.append(len(expected))
     assert b["ids"][row].tolist() == expected + [1] * (5 - len(expected))
+    assert b["valid"][row].tolist() == [True] * len(expected) + [False] * (5 - len(expected))
+  assert min(lengths) < 5 and max(lengths) == 5 and b["ids"][lengths.index(5), -1] != 1  # both cases are covered
 
 
 def test_packing_concatenates_documents(language, tok):
+  """Packing (not in the reference): documents, each followed by EOS, concatenated and cut into full rows."""
   c = _config(packing=True)
   batches = _take(iter(pipeline.make_dataset(c, tok, "train", language=language)), 2)
   source = sources.make_source(c.data, "train", language)
-  stream = [i for r in range(40) for i in _encode(tok, source[r]["text"])]
+  stream = [i for r in range(40) for i in _encode(tok, source[r]["text"]) + [1]]
   packed = np.concatenate([b["ids"].reshape(-1) for b in batches])
   assert packed.tolist() == stream[:len(packed)]
   assert all(b["valid"].all() and b["loss_mask"].all() and not b["cond_mask"].any() for b in batches)
@@ -238,20 +315,20 @@ def _conditional_config(tmp_path, pad_token):
 
 @pytest.mark.parametrize("pad_token", ["pad", "eos"])
 def test_conditional_jsonl_rows(tmp_path, tok, pad_token):
+  """[condition[:max_condition_length] ; target] cut to S and padded; condition, valid and loss masks."""
   c, rows = _conditional_config(tmp_path, pad_token)
   b = next(iter(pipeline.make_dataset(c, tok, "train")))
   pad = 1 if pad_token == "eos" else 0
   for row, record in enumerate(rows):
-    cond = _encode(tok, record["input"])
-    cond = cond if len(cond) <= 4 else cond[:3] + [1]
-    target = _encode(tok, record["output"])
-    target = target if len(target) <= 8 - len(cond) else target[:8 - len(cond) - 1] + [1]
-    n = len(cond) + len(target)
-    assert b["ids"][row].tolist() == cond + target + [pad] * (8 - n)
+    cond = _encode(tok, record["input"])[:4]
+    tokens = (cond + _encode(tok, record["output"]))[:8]
+    n = len(tokens)
+    assert b["ids"][row].tolist() == tokens + [pad] * (8 - n)
     assert b["cond_mask"][row].tolist() == [True] * len(cond) + [False] * (8 - len(cond))
-    valid = [True] * 8 if pad_token == "eos" else [True] * n + [False] * (8 - n)
-    assert b["valid"][row].tolist() == valid
-    assert (b["loss_mask"][row] == (b["valid"][row] & ~b["cond_mask"][row])).all()
+    assert b["valid"][row].tolist() == [True] * n + [False] * (8 - n)
+    learned = np.ones(8, bool) if pad_token == "eos" else b["valid"][row]
+    assert (b["loss_mask"][row] == (learned & ~b["cond_mask"][row])).all()
+  assert not b["valid"].all()  # some rows are padded, and their padding is not valid in either mode
 
 
 def test_conditional_length_errors(tmp_path, tok):
@@ -264,11 +341,23 @@ def test_conditional_length_errors(tmp_path, tok):
     pipeline.make_dataset(c, tok, "train")
 
 
-def test_pretokenized_ids_get_eos(tmp_path, tok):
-  _write_arrow_dataset(tmp_path / "ids", {"input_ids": [[5, 6, 1], [7], [8, 9], [10, 11, 12, 1]]})
-  c = _config(source="hf_arrow", path=str(tmp_path / "ids"), max_length=4)
+@pytest.mark.parametrize("pad_token", ["pad", "eos"])
+def test_pretokenized_ids_are_used_as_they_are(tmp_path, tok, pad_token):
+  """The reference's pre-tokenized columns through the whole pipeline: no EOS added, none forced at the cut."""
+  _save_hf_dataset(tmp_path / "ids", {"input_ids": [[5, 6, 1], [7], [8, 9], [10, 11, 12, 13, 1]],
+                                      "condition_input_ids": [[20, 21, 22, 23], [24], [25, 26], [27]]})
+  c = _config(source="hf_arrow", path=str(tmp_path / "ids"), max_length=4, text_key="input_ids")
+  c.flow.pad_token = pad_token
+  p = 1 if pad_token == "eos" else 0
   b = next(iter(pipeline.make_dataset(c, tok, "train")))
-  assert b["ids"].tolist() == [[5, 6, 1, 0], [7, 1, 0, 0], [8, 9, 1, 0], [10, 11, 12, 1]]
+  assert b["ids"].tolist() == [[5, 6, 1, p], [7, p, p, p], [8, 9, p, p], [10, 11, 12, 13]]
+  assert b["valid"].sum(1).tolist() == [3, 1, 2, 4]
+  c.data.update(conditional=True, max_length=6, max_condition_length=3, input_key="condition_input_ids",
+                output_key="input_ids")
+  b = next(iter(pipeline.make_dataset(c, tok, "train")))
+  assert b["ids"].tolist() == [[20, 21, 22, 5, 6, 1], [24, 7, p, p, p, p], [25, 26, 8, 9, p, p],
+                               [27, 10, 11, 12, 13, 1]]
+  assert b["cond_mask"].sum(1).tolist() == [3, 1, 2, 1] and b["valid"].sum(1).tolist() == [6, 2, 4, 6]
 
 
 @pytest.mark.parametrize("packing", [False, True])

@@ -25,7 +25,7 @@ import numpy as np
 
 from elf_jax.model.latents import LatentEncoder
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: rows built by the reference's collate rules (EOS padding not valid, no EOS added)
 INDEX_FILE = "index.json"
 FIELDS = ("ids", "valid", "latents")
 
@@ -91,7 +91,8 @@ def write_cache(out_dir: str, batches, encoder: LatentEncoder, encoder_params, f
 
 class CachedRows:
   """Random-access rows of a cache directory (a grain MapDataset source): row i → ids, valid, cond_mask,
-  loss_mask (S,) and latents (S, C) float32 raw encoder outputs. Shards are memory-mapped, read lazily."""
+  loss_mask (S,) and latents (S, C) float32 raw encoder outputs. Shards are memory-mapped, read lazily.
+  loss_mask is the pipeline's rule for unconditional rows: valid, or every position when padding is EOS."""
 
   def __init__(self, cache_dir: str, expect: dict | None = None):
     path = os.path.join(cache_dir, INDEX_FILE)
@@ -109,6 +110,7 @@ class CachedRows:
         raise ValueError(f"latent cache {cache_dir!r} was built for another config (field: (cache, config)) {diff}; "
                          "rebuild it or point data.latent_cache_dir elsewhere")
     self.dir = cache_dir
+    self._pad_with_eos = self.index["config"]["pad_token"] == "eos"
     self._starts = np.cumsum([0] + [s["rows"] for s in self.index["shards"]])
     self._arrays = {}
 
@@ -127,8 +129,9 @@ class CachedRows:
     shard = int(np.searchsorted(self._starts, row, side="right")) - 1
     arrays, r = self._shard(shard), row - self._starts[shard]
     valid = np.array(arrays["valid"][r])
+    loss_mask = np.ones_like(valid) if self._pad_with_eos else valid.copy()
     return {"ids": np.array(arrays["ids"][r]), "valid": valid, "cond_mask": np.zeros_like(valid),
-            "loss_mask": valid.copy(), "latents": np.asarray(arrays["latents"][r], np.float32)}
+            "loss_mask": loss_mask, "latents": np.asarray(arrays["latents"][r], np.float32)}
 
 
 def open_cache(config: ml_collections.ConfigDict, split: str) -> CachedRows:

@@ -3,25 +3,26 @@
 Batches are dicts of numpy arrays for this process's share of the global batch, b = global_batch_size /
 process_count, with S = config.data.max_length:
   ids        (b, S) int32  token ids
-  valid      (b, S) bool   positions the encoder attends to (real tokens; everything when padding is EOS)
+  valid      (b, S) bool   positions before the row's (truncated) length: the tokens the encoder attends to
   cond_mask  (b, S) bool   condition positions (conditional tasks; all False otherwise)
-  loss_mask  (b, S) bool   positions the loss counts: valid & ~cond_mask
+  loss_mask  (b, S) bool   positions the loss counts: valid & ~cond_mask ("pad"), ~cond_mask ("eos")
 The (b, S, S) encoder mask is built later from (valid, cond_mask) and the label-drop coin of the train step.
 
-Rules:
-  * Tokenization appends EOS (T5's tokenizer and the word tokenizer do; it is added when missing).
-  * Truncation keeps EOS as the last token (as a Hugging Face tokenizer with truncation=True does), so every
-    condition and target segment ends with EOS.
-  * Padding (config.flow.pad_token): "pad" -> pad id (0) with valid = real tokens; "eos" -> the EOS id with
-    valid all True, so the model learns to emit EOS after the text.
-  * Conditional: [condition (<= max_condition_length tokens) ; target (<= max_length - condition length)], then
-    padding; cond_mask marks the condition.
-  * packing = True (unconditional only): tokenized documents (each ending with EOS) are concatenated and cut into
-    rows of exactly S tokens (grain's ConcatThenSplitIterDataset); a document may continue on the next row, and all
-    positions are valid (the final row of a finite run is padded as above).
-  * Sharding: process p reads records p, p + P, p + 2P, ... (P = process_count) of the source, before shuffling,
-    so processes read disjoint shards deterministically; each shard is shuffled with `seed` and reshuffled every
-    epoch.
+Rules (the reference's collate, spec §1):
+  * Token ids are used as they are: pre-tokenized records are not changed, and text is tokenized without special
+    tokens (`add_special_tokens=False`, as the reference tokenizes raw text), so no EOS is appended.
+  * A row is condition[:max_condition_length] ++ target (unconditional: the ids), truncated to S (no EOS is forced
+    at the cut), then padded to S with the pad id (config.flow.pad_token = "pad", id 0) or EOS ("eos").
+    config.data.max_condition_length is the reference's max_input_length.
+  * valid = position < truncated length, so EOS padding is not valid (the encoder never attends to it); it is in
+    the loss under "eos" only, so that the model learns to emit EOS after the text.
+  * packing = True (unconditional only; not in the reference): documents, each followed by EOS unless it already
+    ends with one, are concatenated and cut into rows of exactly S tokens (grain's ConcatThenSplitIterDataset); a
+    document may continue on the next row, and all positions are valid (the final row of a finite run is padded).
+  * Sharding: the record stream (shuffled with `seed`, reshuffled every epoch) is the same for any number of
+    processes P; process p takes rows [p·b, (p+1)·b) of every global batch of B = P·b consecutive records, so the
+    processes read disjoint records and the global batch does not depend on P (with packing, each process packs
+    the documents it takes).
   * The iterator's get_state() / set_state() restore the exact position (store it in checkpoints).
   * config.data.latent_cache_dir (unconditional data): rows are read from a latent cache (elf_jax/data/
     latent_cache.py) and carry `latents` (b, S, C) float32, the raw encoder outputs, so the train step skips the
@@ -49,7 +50,7 @@ class Layout:
     max_length: S, tokens per row.
     max_condition_length: condition tokens kept (conditional tasks).
     pad_id: id of the padding token ("pad" mode).
-    eos_id: id of EOS.
+    eos_id: id of EOS (the padding token in "eos" mode).
     pad_with_eos: config.flow.pad_token == "eos".
   """
   max_length: int
@@ -59,29 +60,22 @@ class Layout:
   pad_with_eos: bool
 
   def encode(self, value: str | np.ndarray, tokenizer: transformers.PreTrainedTokenizerBase) -> np.ndarray:
-    """Text (tokenized) or pre-tokenized ids -> int32 ids ending with EOS."""
-    ids = np.asarray(tokenizer(value)["input_ids"] if isinstance(value, str) else value, np.int32)
-    if ids.size == 0 or ids[-1] != self.eos_id:
-      ids = np.append(ids, np.int32(self.eos_id))
-    return ids
-
-  def truncate(self, ids: np.ndarray, length: int) -> np.ndarray:
-    """At most `length` tokens; a cut sequence keeps EOS as its last token."""
-    if len(ids) <= length:
-      return ids
-    return np.append(ids[:length - 1], np.int32(self.eos_id))
+    """Text -> its token ids without special tokens; pre-tokenized ids -> unchanged. Returns (n,) int32."""
+    if isinstance(value, str):
+      value = tokenizer(value, add_special_tokens=False)["input_ids"]
+    return np.asarray(value, np.int32)
 
   def row(self, target: np.ndarray, condition: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """One example: [condition ; target] truncated and padded to S, with its masks (each (S,))."""
-    condition = np.zeros(0, np.int32) if condition is None else self.truncate(condition, self.max_condition_length)
-    target = self.truncate(target, self.max_length - len(condition))
-    n_cond, n = len(condition), len(condition) + len(target)
+    """One example: condition[:max_condition_length] ++ target, truncated and padded to S; with its masks, each (S,)."""
+    condition = np.zeros(0, np.int32) if condition is None else condition[:self.max_condition_length]
+    tokens = np.concatenate([condition, target])[:self.max_length]
     ids = np.full(self.max_length, self.eos_id if self.pad_with_eos else self.pad_id, np.int32)
-    ids[:n_cond], ids[n_cond:n] = condition, target
+    ids[:len(tokens)] = tokens
     positions = np.arange(self.max_length)
-    valid = np.ones(self.max_length, bool) if self.pad_with_eos else positions < n
-    cond_mask = positions < n_cond
-    return {"ids": ids, "valid": valid, "cond_mask": cond_mask, "loss_mask": valid & ~cond_mask}
+    valid = positions < len(tokens)
+    cond_mask = positions < len(condition)
+    learned = np.ones_like(valid) if self.pad_with_eos else valid
+    return {"ids": ids, "valid": valid, "cond_mask": cond_mask, "loss_mask": learned & ~cond_mask}
 
 
 def make_layout(config: ml_collections.ConfigDict, tokenizer: transformers.PreTrainedTokenizerBase) -> Layout:
@@ -135,12 +129,14 @@ def make_dataset(config: ml_collections.ConfigDict, tokenizer: transformers.PreT
   source = latent_cache.open_cache(config, split) if cached else sources.make_source(d, split, language)
   if len(source) < process_count:
     raise ValueError(f"split {split!r} has {len(source)} records, fewer than the {process_count} processes")
-  ds = grain.MapDataset.source(source)[process_index::process_count]
+  ds = grain.MapDataset.source(source)
   if d.shuffle if shuffle is None else shuffle:
     ds = ds.shuffle(seed=config.seed if seed is None else seed)
   ds = ds.repeat(num_epochs)
+  if process_count > 1:
+    ds = _ProcessRows(ds, process_index, process_count, batch_size)
   if not cached:  # cached rows were already tokenized and padded / packed when the cache was written
-    ds = ds.map(_Tokenize(layout, tokenizer, d.conditional))
+    ds = ds.map(_Tokenize(layout, tokenizer, d.conditional, separate_documents=d.packing))
   if cached:
     it = ds.batch(batch_size, drop_remainder=drop_remainder).to_iter_dataset()
   elif d.packing:  # no per-element thread prefetch: grain scans its whole buffer per element, costs more than it saves
@@ -154,18 +150,43 @@ def make_dataset(config: ml_collections.ConfigDict, tokenizer: transformers.PreT
   return it
 
 
+class _ProcessRows(grain.MapDataset):
+  """Process p's rows of every global batch: element i is parent element (i // b)·P·b + p·b + i % b. Length:
+  whole global batches only, so every process yields as many batches."""
+
+  def __init__(self, parent: grain.MapDataset, process_index: int, process_count: int, batch_size: int):
+    super().__init__(parent)
+    self._index, self._count, self._batch = process_index, process_count, batch_size
+
+  def __len__(self) -> int:
+    return len(self._parent) // (self._count * self._batch) * self._batch
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    block, row = divmod(index, self._batch)
+    return self._parent[(block * self._count + self._index) * self._batch + row]
+
+
 @dataclasses.dataclass(frozen=True)
 class _Tokenize:
-  """Record -> {"ids"} (unconditional) or {"condition", "target"} int32 ids, each ending with EOS."""
+  """Record -> {"ids"} (unconditional) or {"condition", "target"} int32 ids (Layout.encode).
+
+  separate_documents (packing): each document is followed by EOS unless it already ends with one.
+  """
   layout: Layout
   tokenizer: transformers.PreTrainedTokenizerBase
   conditional: bool
+  separate_documents: bool = False
 
   def __call__(self, record: dict) -> dict[str, np.ndarray]:
     if self.conditional:
       return {"condition": self.layout.encode(record["input"], self.tokenizer),
               "target": self.layout.encode(record["output"], self.tokenizer)}
-    return {"ids": self.layout.encode(record["text"], self.tokenizer)}
+    ids = self.layout.encode(record["text"], self.tokenizer)
+    if self.separate_documents and (ids.size == 0 or ids[-1] != self.layout.eos_id):
+      ids = np.append(ids, np.int32(self.layout.eos_id))
+    return {"ids": ids}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,39 +3,46 @@
 Every source returns dict records in one of two shapes, which the pipeline consumes:
   unconditional (config.data.conditional = False): {"text": str | ids}
   conditional   (config.data.conditional = True):  {"input": str | ids, "output": str | ids}
-where `ids` is a 1-D int32 numpy array of already tokenized data (used as is) and a str is tokenized later.
+where `ids` is a 1-D int32 numpy array of already tokenized data, used as it is (no EOS is added), and a str is
+tokenized by the pipeline without special tokens (`add_special_tokens=False`, as the reference tokenizes raw text;
+see elf_jax/data/pipeline.py). Every source has a length: steps per epoch = len(train source) // global batch.
 
 Kinds (config.data.source) and what config.data.path means for each:
   synthetic: no path; record i of a split is one sentence of the synthetic language drawn with the seed
     (config.data.synthetic_seed, split, i), so the corpus is random-access and identical across runs and processes;
     every split has config.data.synthetic_num_sentences records, drawn independently.
+  hf_arrow: a Hugging Face dataset, read with the `datasets` package (memory-mapped Arrow): a hub dataset id (e.g.
+    the reference's pre-tokenized "embedded-language-flows/openwebtext-t5"; the repository is downloaded once into
+    the hub cache, which also serves it offline afterwards) or a local directory — written by `save_to_disk` (a
+    Dataset or a DatasetDict) or holding data files `datasets.load_dataset` reads (Parquet, JSON, CSV, Arrow).
+    A DatasetDict gives its split `split`, or its only split (the reference's repositories hold one split each);
+    a Dataset is used for every split. Unconditional records use the column text_key, conditional ones
+    input_key / output_key; the reference's columns are `input_ids` and `condition_input_ids` (token ids).
   tfds: a TFDS dataset name read through ArrayRecord (`tfds.data_source`, never downloads), from
     config.data.data_dir if that field exists and is set, else TFDS's default ($TFDS_DATA_DIR or
     ~/tensorflow_datasets). xsum (document -> summary) and wmt14_translate/de-en (de -> en) map their fields
     themselves; other datasets use config.data.text_key / input_key / output_key.
-  hf_arrow: a directory written by Hugging Face `datasets.save_to_disk` (data-*.arrow IPC streams, state.json), or
-    a DatasetDict directory (dataset_dict.json) whose sub-directory `split` is read. Unconditional records use the
-    column text_key, or `input_ids` (pre-tokenized) when there is no such column; conditional records use
-    input_key / output_key. Read with pyarrow (memory-mapped); `datasets` is not needed.
   jsonl: one JSON object per line, {text_key} or {input_key, output_key}.
   text: one example per line (blank lines skipped).
-For jsonl and text, a "{split}" in the path is replaced by the split name; both are held in memory (use tfds or
-hf_arrow for large corpora).
+A "{split}" in the path is replaced by the split name (the reference's XSum / WMT14 repositories are
+"..._{split}_t5"). jsonl and text are held in memory (use hf_arrow or tfds for large corpora).
 """
 from collections.abc import Sequence
-import glob
 import json
 import os
+import re
 import zlib
 
 import ml_collections
 import numpy as np
-import pyarrow as pa
 
+from elf_jax.config import ConfigError
 from elf_jax.data import synthetic
 
 # Conditional field names (input, output) of the TFDS datasets we know.
 TFDS_FIELDS = {"xsum": ("document", "summary"), "wmt14_translate/de-en": ("de", "en")}
+# A Hugging Face hub repository id ("owner/name"); hf_arrow paths of this form that are no local path name the hub.
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 def make_language(data_config: ml_collections.ConfigDict) -> synthetic.SyntheticLanguage:
@@ -64,12 +71,14 @@ def make_source(data_config: ml_collections.ConfigDict, split: str,
   if kind not in ("hf_arrow", "jsonl", "text"):
     raise ValueError(f"unknown config.data.source {kind!r}; use synthetic | tfds | hf_arrow | jsonl | text")
   path = data_config.path.replace("{split}", split)
+  fields = _fields(data_config)
+  if kind == "hf_arrow" and HUB_ID.fullmatch(path) and not os.path.exists(path):
+    return MappedSource(_hf_dataset(_hub_snapshot(path), split), fields, f"Hugging Face dataset {path!r}")
   if not data_config.path or not os.path.exists(path):
     raise FileNotFoundError(f"config.data.path = {data_config.path!r} (split {split!r}): {path!r} does not exist; "
                             f"set config.data.path to your {kind} data")
-  fields = _fields(data_config)
   if kind == "hf_arrow":
-    return ArrowSource(_arrow_files(path, split), fields, fallback={"text": "input_ids"})
+    return MappedSource(_hf_dataset(path, split), fields, f"Hugging Face dataset {path!r}")
   with open(path, encoding="utf-8") as f:
     lines = [line.rstrip("\n") for line in f if line.strip()]
   if kind == "text":
@@ -114,49 +123,8 @@ class MappedSource(Sequence):
   def __getitem__(self, index: int) -> dict:
     if not 0 <= index < len(self._parent):  # some parents (ArrayRecord) raise ValueError, which ends no iteration
       raise IndexError(f"record {index} out of range for {len(self._parent)} records")
-    record = self._parent[index]
+    record = self._parent[int(index)]
     return {ours: _value(record[theirs]) for ours, theirs in self._fields.items()}
-
-
-class ArrowSource(Sequence):
-  """Rows of Arrow IPC stream files (Hugging Face save_to_disk), memory-mapped; re-opened after pickling.
-
-  Args:
-    files: the .arrow files, in order.
-    fields: our field name -> column name.
-    fallback: our field name -> column used when its column is absent (e.g. pre-tokenized `input_ids`).
-  """
-
-  def __init__(self, files: list[str], fields: dict[str, str], fallback: dict[str, str] | None = None):
-    self._files = files
-    schema = _read_arrow(files[:1]).schema
-    self._fields = {}
-    for ours, theirs in fields.items():
-      if theirs not in schema.names and (fallback or {}).get(ours) in schema.names:
-        theirs = fallback[ours]
-      if theirs not in schema.names:
-        raise KeyError(f"{files[0]}: no column {theirs!r} (have {schema.names}); set config.data.text_key / "
-                       "input_key / output_key")
-      self._fields[ours] = theirs
-    self._open()
-
-  def _open(self):
-    table = _read_arrow(self._files)
-    self._columns = {ours: table.column(theirs) for ours, theirs in self._fields.items()}
-    self._len = table.num_rows
-
-  def __getstate__(self) -> dict:
-    return {"_files": self._files, "_fields": self._fields}
-
-  def __setstate__(self, state: dict):
-    self.__dict__.update(state)
-    self._open()
-
-  def __len__(self) -> int:
-    return self._len
-
-  def __getitem__(self, index: int) -> dict:
-    return {ours: _value(column[index].as_py()) for ours, column in self._columns.items()}
 
 
 class _JsonLines(Sequence):
@@ -211,21 +179,30 @@ def _tfds_source(data_config: ml_collections.ConfigDict, split: str) -> Sequence
   return MappedSource(source, fields, f"TFDS dataset {name!r} split {split!r}")
 
 
-def _arrow_files(path: str, split: str) -> list[str]:
-  """The data files of a save_to_disk directory (or of `split` in a DatasetDict directory), in order."""
-  if os.path.exists(os.path.join(path, "dataset_dict.json")):
-    path = os.path.join(path, split)
-  state_file = os.path.join(path, "state.json")
-  if os.path.exists(state_file):
-    with open(state_file) as f:
-      files = [os.path.join(path, d["filename"]) for d in json.load(f)["_data_files"]]
-  else:
-    files = sorted(glob.glob(os.path.join(path, "data-*.arrow")))
-  if not files or not all(os.path.exists(f) for f in files):
-    raise FileNotFoundError(f"{path!r} (config.data.path, split {split!r}) holds no Hugging Face save_to_disk data "
-                            "(state.json and data-*.arrow files)")
-  return files
+def _hub_snapshot(repo_id: str) -> str:
+  """The local directory of the hub dataset `repo_id` (downloaded once into the hub cache, then read from there)."""
+  import huggingface_hub  # pylint: disable=g-import-not-at-top
+  try:
+    return huggingface_hub.snapshot_download(repo_id, repo_type="dataset")
+  except Exception as e:  # offline, unknown repository, no access: the hub raises several types
+    raise ConfigError(
+        f"config.data.path={repo_id!r} is no local path and the Hugging Face hub dataset {repo_id!r} could not be "
+        f"fetched ({type(e).__name__}); without hub access, copy it to this machine (e.g. `huggingface-cli download "
+        f"--repo-type dataset {repo_id} --local-dir DIR`) and set --config.data.path=DIR") from e
 
 
-def _read_arrow(files: list[str]) -> pa.Table:
-  return pa.concat_tables([pa.ipc.open_stream(pa.memory_map(f)).read_all() for f in files])
+def _hf_dataset(path: str, split: str):
+  """The `split` of the Hugging Face dataset in the local directory `path`, numpy-formatted (module docstring)."""
+  import datasets  # pylint: disable=g-import-not-at-top  (slow import, only when used)
+  saved = any(os.path.exists(os.path.join(path, f)) for f in ("state.json", "dataset_dict.json"))
+  try:
+    loaded = datasets.load_from_disk(path) if saved else datasets.load_dataset(path)
+  except (FileNotFoundError, ValueError) as e:
+    raise FileNotFoundError(f"{path!r} (config.data.path, split {split!r}) holds no Hugging Face dataset (a "
+                            f"save_to_disk directory or data files): {e}") from e
+  if isinstance(loaded, datasets.DatasetDict):
+    if split not in loaded and len(loaded) != 1:
+      raise ValueError(f"the Hugging Face dataset {path!r} has the splits {sorted(loaded)}, not {split!r}; set "
+                       "config.data.split / eval_split, or put '{split}' in config.data.path")
+    loaded = loaded[split] if split in loaded else next(iter(loaded.values()))
+  return loaded.with_format("numpy")

@@ -1,6 +1,9 @@
 """Tokenizers: a word-level tokenizer for the synthetic language, and loading of Hugging Face tokenizers.
 
-Both follow T5's conventions, which the pipeline relies on: pad id 0, EOS id 1, and encoding appends EOS.
+Both follow T5's conventions: pad id 0, EOS id 1, and encoding appends EOS unless called with
+`add_special_tokens=False` — which is how the pipeline tokenizes raw text, as the reference does (its JSONL loader
+and its recipe for pre-tokenizing data), so tokenized text carries no EOS. Under config.flow.pad_token = "eos" the
+model learns EOS from the padding.
 """
 import os
 
@@ -17,7 +20,8 @@ def build_word_tokenizer(vocabulary: list[str], save_dir: str | None = None
                         ) -> transformers.PreTrainedTokenizerFast:
   """A word-level tokenizer: ids 0, 1, 2 = pad, EOS, unknown; word i of `vocabulary` = id 3 + i.
 
-  Text is split on whitespace only; encoding appends EOS; decoding joins words with single spaces.
+  Text is split on whitespace only; encoding appends EOS (not with add_special_tokens=False); decoding joins words
+  with single spaces.
 
   Args:
     vocabulary: distinct words without whitespace.
