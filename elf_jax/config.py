@@ -106,19 +106,23 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim = o = ml_collections.ConfigDict()
   o.optimizer = "muon"  # muon | adamw
   o.base_lr = 1e-3  # lr = base_lr * global_batch / 256
-  o.b1 = 0.9
-  o.b2 = 0.95
-  o.weight_decay = 0.0
-  o.warmup_steps = 0  # if 0, warmup_epochs is used
+  # Muon: optax.contrib.muon's own defaults, as the reference (which passes none): Nesterov momentum on 2-D leaves,
+  # and its internal Adam (b1, b2 0.999) on every other leaf. AdamW: the reference's adam_b1 / adam_b2.
+  o.muon_momentum = 0.95
+  o.muon_adam_b1 = 0.9
+  o.muon_adam_b2 = 0.999
+  o.adamw_b1 = 0.9
+  o.adamw_b2 = 0.95
+  o.weight_decay = 0.0  # decoupled, every leaf, either optimizer (the reference: 0)
+  o.warmup_steps = -1  # >= 0: warm-up length in optimizer updates; < 0: warmup_epochs is used
   o.warmup_epochs = 0.5
   o.schedule = "constant"  # constant | cosine (after warm-up)
-  o.grad_clip = 1.0  # global-norm clip
+  o.grad_clip = 1.0  # global-norm clip of each micro-batch gradient, before Muon / AdamW (reference); 0 = off
   o.ema_decay = 0.9999
   o.global_batch_size = 512
   o.grad_accum_steps = 1
   o.num_epochs = 5.0
-  o.num_steps = -1  # if > 0, overrides num_epochs
-  o.steps_per_epoch = -1  # if > 0, used when the data source cannot tell its size
+  o.num_steps = -1  # if > 0, overrides num_epochs (steps per epoch = len(train split) // global_batch_size)
 
   # Sampling (spec §6); named presets in elf_jax/sample.py (PRESETS).
   c.sample = s = ml_collections.ConfigDict()

@@ -107,12 +107,18 @@ def _latent_stats(config, workdir, encoder, encoder_params, tok, language) -> La
 
 
 def steps_per_epoch(config, source_len: int) -> int:
-  if config.optim.steps_per_epoch > 0:
-    return int(config.optim.steps_per_epoch)
-  return max(1, source_len // config.optim.global_batch_size)
+  """Optimizer updates per epoch: `source_len // optim.global_batch_size` (the reference's rule; the partial last
+  batch is dropped). `source_len`: examples in the training split."""
+  per_epoch = source_len // config.optim.global_batch_size
+  if per_epoch < 1:
+    raise ConfigError(f"the training split {config.data.split!r} has {source_len} examples, fewer than one global "
+                      f"batch (optim.global_batch_size={config.optim.global_batch_size}); lower "
+                      "--config.optim.global_batch_size or use more data.")
+  return per_epoch
 
 
 def total_steps(config, per_epoch: int) -> int:
+  """Optimizer updates of the run: `optim.num_steps` if > 0, else `round(optim.num_epochs * per_epoch)`."""
   if config.optim.num_steps > 0:
     return int(config.optim.num_steps)
   return max(1, int(round(config.optim.num_epochs * per_epoch)))

@@ -1,16 +1,22 @@
 """Optimisation (spec §7): learning rate, warm-up schedule, Muon / AdamW with clipping, accumulation, EMA.
 
-Step counting: every schedule in this module counts *optimizer updates*. With gradient accumulation
-(`optim.grad_accum_steps = k > 1`) the optimizer is wrapped in `optax.MultiSteps`: the train step calls
-`optimizer.update` once per micro-batch with that micro-batch's gradient; the wrapper averages k of them and applies
-the inner update (clip → Muon/AdamW → learning rate) on every k-th call only, returning zero updates otherwise.
-The inner optimizer's step counter, hence the schedule, advances on applied updates only. `is_update_step` tells the
-train step whether the call it just made applied an update (to advance `TrainState.step` and the EMA).
+The optimizer is the reference's: global-norm clip, then `optax.contrib.muon` with optax's defaults (or AdamW).
 
-Parameter routing under Muon: every 2-D leaf (Dense kernels, including `proj_kernel` and `unembed_kernel`, layout
-(in, out)) is orthogonalised by Muon; every other leaf — biases, norm weights and the learned (1, 4, H) token
-tensors — goes to Muon's internal AdamW. The tokens are 3-D only because of their leading broadcast axis; they are
-embeddings, not linear maps, so Newton–Schulz orthogonalisation would be meaningless for them.
+Step counting: every schedule in this module counts *optimizer updates*; `optim.global_batch_size` is the number of
+examples per update (all devices, all accumulation micro-batches). The schedule's value at update 0 is 0 (the
+warm-up starts from 0, as the reference's), so the first update leaves the parameters unchanged.
+
+Gradient accumulation (`optim.grad_accum_steps = k > 1`): the train step calls `optimizer.update` once per micro-batch
+with that micro-batch's gradient; each is clipped, then `optax.MultiSteps` averages k of them and applies the inner
+update (Muon/AdamW → learning rate) on every k-th call only, returning zero updates otherwise. The inner optimizer's
+step counter, hence the schedule, advances on applied updates only. `is_update_step` tells the train step whether
+the call it just made applied an update (to advance `TrainState.step` and the EMA).
+
+Parameter routing under Muon (optax's default rule, spelled out by `muon_dimension_numbers`): every 2-D leaf (Dense
+kernels, including `proj_kernel` and `unembed_kernel`, layout (in, out)) is orthogonalised by Muon; every other leaf
+— biases, norm weights and the learned (1, 4, H) token tensors — goes to Muon's internal Adam. The tokens are 3-D
+only because of their leading broadcast axis; they are embeddings, not linear maps, so Newton–Schulz
+orthogonalisation would be meaningless for them.
 """
 import jax
 import jax.numpy as jnp
@@ -32,19 +38,19 @@ def learning_rate(optim_config: ml_collections.ConfigDict, global_batch_size: in
 
 
 def warmup_steps(optim_config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
-  """Warm-up length in optimizer updates: `warmup_steps`, or `round(warmup_epochs * steps_per_epoch)` if that is 0."""
-  if optim_config.warmup_steps > 0:
+  """Warm-up length in optimizer updates: `warmup_steps` if >= 0, else `int(warmup_epochs * steps_per_epoch)`."""
+  if optim_config.warmup_steps >= 0:
     return int(optim_config.warmup_steps)
-  return int(round(optim_config.warmup_epochs * steps_per_epoch))
+  return int(optim_config.warmup_epochs * steps_per_epoch)
 
 
 def make_schedule(optim_config: ml_collections.ConfigDict, steps_per_epoch: int,
                   total_steps: int) -> optax.Schedule:
-  """Learning rate per optimizer update: linear warm-up from 0, then constant or cosine decay to 0.
+  """Learning rate per optimizer update: linear warm-up from 0 (value 0 at update 0), then constant or cosine to 0.
 
   Args:
     optim_config: the `optim` group (`base_lr`, `global_batch_size`, `warmup_steps`, `warmup_epochs`, `schedule`).
-    steps_per_epoch: optimizer updates per epoch (used when `warmup_steps == 0`).
+    steps_per_epoch: optimizer updates per epoch (used when `warmup_steps < 0`).
     total_steps: optimizer updates of the whole run; the cosine schedule reaches 0 there.
 
   Returns:
@@ -67,26 +73,23 @@ def make_schedule(optim_config: ml_collections.ConfigDict, steps_per_epoch: int,
 
 
 def muon_dimension_numbers(params):
-  """Muon routing: `MuonDimensionNumbers(reduction_axis=0, output_axis=1)` for 2-D leaves, None (→ AdamW) else."""
+  """Muon routing: `MuonDimensionNumbers(reduction_axis=0, output_axis=1)` for 2-D leaves, None (→ Adam) else."""
   return jax.tree.map(lambda p: optax.contrib.MuonDimensionNumbers() if p.ndim == 2 else None, params)
-
-
-def _is_matrix(params):
-  """Weight-decay mask: True for 2-D leaves (kernels); biases, norm weights and learned tokens are not decayed."""
-  return jax.tree.map(lambda p: p.ndim == 2, params)
 
 
 def make_optimizer(optim_config: ml_collections.ConfigDict,
                    schedule: optax.ScalarOrSchedule) -> optax.GradientTransformation:
-  """Global-norm clipping then Muon or AdamW, wrapped in `optax.MultiSteps` when `grad_accum_steps > 1`.
+  """Global-norm clipping, then Muon or AdamW (in `optax.MultiSteps` when `grad_accum_steps > 1`), as the reference.
 
-  Muon: Nesterov momentum `b1` on 2-D leaves; its internal AdamW (b1, b2, also Nesterov, as optax's `muon`
-  builds it) on all other leaves (see the module docstring). AdamW: (b1, b2). `weight_decay` applies to 2-D
-  kernels only, in both optimizers. `grad_clip == 0` disables clipping. With accumulation, the clip acts on the
-  averaged gradient of the k micro-batches.
+  Muon: Nesterov momentum `muon_momentum` on 2-D leaves; its internal Adam (`muon_adam_b1`, `muon_adam_b2`, also
+  Nesterov, as optax's `muon` builds it) on all other leaves (see the module docstring); the defaults are optax's.
+  AdamW: (`adamw_b1`, `adamw_b2`). `weight_decay` (decoupled) applies to every leaf in either optimizer.
+  `grad_clip == 0` disables clipping. With accumulation, the clip acts on each micro-batch's gradient before the
+  average, as in the reference.
 
   Args:
-    optim_config: the `optim` group (`optimizer`, `b1`, `b2`, `weight_decay`, `grad_clip`, `grad_accum_steps`).
+    optim_config: the `optim` group (`optimizer`, `muon_*`, `adamw_*`, `weight_decay`, `grad_clip`,
+      `grad_accum_steps`).
     schedule: learning rate, a float or a schedule over optimizer updates (`make_schedule`).
   """
   if optim_config.optimizer not in _OPTIMIZERS:
@@ -96,17 +99,18 @@ def make_optimizer(optim_config: ml_collections.ConfigDict,
   if optim_config.grad_clip < 0:
     raise ValueError(f"config.optim.grad_clip must be >= 0 (0 disables clipping), got {optim_config.grad_clip}.")
   if optim_config.optimizer == "muon":
-    base = optax.contrib.muon(
-        schedule, beta=optim_config.b1, weight_decay=optim_config.weight_decay, adam_b1=optim_config.b1,
-        adam_b2=optim_config.b2, muon_weight_dimension_numbers=muon_dimension_numbers)
+    inner = optax.contrib.muon(
+        schedule, beta=optim_config.muon_momentum, weight_decay=optim_config.weight_decay,
+        adam_b1=optim_config.muon_adam_b1, adam_b2=optim_config.muon_adam_b2,
+        adam_weight_decay=optim_config.weight_decay, muon_weight_dimension_numbers=muon_dimension_numbers)
   else:
-    base = optax.adamw(schedule, b1=optim_config.b1, b2=optim_config.b2, weight_decay=optim_config.weight_decay,
-                       mask=_is_matrix)
-  if optim_config.grad_clip > 0:
-    base = optax.chain(optax.clip_by_global_norm(optim_config.grad_clip), base)
+    inner = optax.adamw(schedule, b1=optim_config.adamw_b1, b2=optim_config.adamw_b2,
+                        weight_decay=optim_config.weight_decay)
   if optim_config.grad_accum_steps > 1:
-    return optax.MultiSteps(base, every_k_schedule=optim_config.grad_accum_steps).gradient_transformation()
-  return base
+    inner = optax.MultiSteps(inner, every_k_schedule=optim_config.grad_accum_steps).gradient_transformation()
+  if optim_config.grad_clip > 0:
+    return optax.chain(optax.clip_by_global_norm(optim_config.grad_clip), inner)
+  return inner
 
 
 def is_update_step(opt_state, optim_config: ml_collections.ConfigDict) -> jax.Array:
@@ -116,7 +120,8 @@ def is_update_step(opt_state, optim_config: ml_collections.ConfigDict) -> jax.Ar
   micro-step counter to 0 and increments the gradient-step counter.
   """
   if optim_config.grad_accum_steps > 1:
-    return jnp.logical_and(opt_state.mini_step == 0, opt_state.gradient_step > 0)
+    mini_step, gradient_step = optax.tree.get(opt_state, "mini_step"), optax.tree.get(opt_state, "gradient_step")
+    return jnp.logical_and(mini_step == 0, gradient_step > 0)
   return jnp.asarray(True)
 
 
