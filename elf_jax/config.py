@@ -129,7 +129,9 @@ def base_config() -> ml_collections.ConfigDict:
   s.preset = ""  # owt_sde32 | owt_sde64 | cond_ode64 | "" (fields below)
   s.method = "sde"  # ode | sde
   s.steps = 32
-  s.grid = "uniform"  # uniform | logit_normal
+  s.grid = "logit_normal"  # logit_normal (a fresh grid per batch, as every official preset) | uniform
+  s.grid_p_mean = -1.5  # logit-normal grid: sorted sigmoid(N(grid_p_mean, grid_p_std)) draws between 0 and 1
+  s.grid_p_std = 0.8
   s.gamma = 1.5  # SDE churn
   s.guidance_scale = 3.0  # w (self-conditioning guidance)
   s.cfg_scale = 1.0  # s (classifier-free guidance, conditional tasks)

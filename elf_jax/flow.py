@@ -64,11 +64,18 @@ def masked_mean(values, mask):
   return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
+def logit_normal_grid(logits):
+  """(..., steps − 1) logits → (..., steps + 1) grid: 0, the sorted sigmoid(logits), 1."""
+  inner = jnp.sort(jax.nn.sigmoid(jnp.asarray(logits, jnp.float32)), axis=-1)
+  one = jnp.ones(inner.shape[:-1] + (1,), inner.dtype)
+  return jnp.concatenate([jnp.zeros_like(one), inner, one], axis=-1)
+
+
 def time_grid(steps: int, kind: str, rng=None, p_mean: float = -1.5, p_std: float = 0.8, batch: int | None = None):
   """Sampling grid of `steps` intervals: (steps + 1,) points from 0 to 1 (or (batch, steps + 1) if `batch`).
 
-  `uniform`: linspace. `logit_normal`: steps − 1 sorted draws of sigmoid(N(p_mean, p_std)) between fixed 0 and 1,
-  drawn from `rng` (one grid per batch element when `batch` is given).
+  `uniform`: linspace. `logit_normal`: `logit_normal_grid` of steps − 1 draws p_mean + p_std · N(0, 1) from `rng`
+  (one grid per batch element when `batch` is given).
   """
   if kind == "uniform":
     grid = jnp.linspace(0.0, 1.0, steps + 1, dtype=jnp.float32)
@@ -77,7 +84,5 @@ def time_grid(steps: int, kind: str, rng=None, p_mean: float = -1.5, p_std: floa
     if rng is None:
       raise ValueError("a logit_normal time grid is random: pass an rng")
     shape = (steps - 1,) if batch is None else (batch, steps - 1)
-    inner = jnp.sort(jax.nn.sigmoid(p_mean + p_std * jax.random.normal(rng, shape)), axis=-1)
-    zero, one = jnp.zeros(shape[:-1] + (1,)), jnp.ones(shape[:-1] + (1,))
-    return jnp.concatenate([zero, inner, one], axis=-1)
+    return logit_normal_grid(p_mean + p_std * jax.random.normal(rng, shape))
   raise ValueError(f"sample.grid={kind!r}: expected 'uniform' or 'logit_normal'")

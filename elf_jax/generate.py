@@ -47,12 +47,16 @@ def generate(setup: loop.Setup, params, num_samples: int, seed: int, sample_conf
              conditions: dict[str, np.ndarray] | None = None) -> dict[str, list]:
   """Draws `num_samples` samples (rounded up to whole batches, then cut) and decodes them.
 
-  conditions: for conditional tasks, a batch-major dict of `ids`, `valid`, `cond_mask` (num_samples, S) whose
-  condition parts are encoded and kept clean; the target parts are ignored (they are the references).
-  Returns {"texts": [...], "ids": [...]} (+ "conditions" / "references" for conditional tasks, and "first" = the
-  SampleOutput of the first batch with its condition mask when the sampler keeps trajectories).
+  conditions: for conditional tasks, a batch-major dict of `ids`, `valid`, `cond_mask` (N, S) of the first N
+  examples of the evaluation split (`eval_conditions`) whose condition parts are encoded and kept clean; the target
+  parts are ignored. At most N samples are drawn, one per example.
+  Returns {"texts": [...], "ids": [...]} (+ "conditions" (the decoded condition ids) and "references" (the raw
+  target texts of the examples, `held_out_texts`) for conditional tasks, and "first" = the SampleOutput of the
+  first batch with its condition mask when the sampler keeps trajectories).
   """
   config, mesh = setup.config, setup.mesh
+  if conditions is not None:
+    num_samples = min(num_samples, len(conditions["ids"]))
   sc = sample_config or sampling.SampleConfig.from_config(config, eos_id=setup.tokenizer.eos_token_id,
                                                          pad_id=setup.tokenizer.pad_token_id)
   sampler = sampling.make_sampler(setup.model, sc)
@@ -80,8 +84,7 @@ def generate(setup: loop.Setup, params, num_samples: int, seed: int, sample_conf
   if conditions is not None:
     ids, cm = conditions["ids"][:num_samples], conditions["cond_mask"][:num_samples]
     result["conditions"] = _decode(setup.tokenizer, np.where(cm, ids, setup.tokenizer.pad_token_id))
-    result["references"] = _decode(setup.tokenizer, np.where(cm | ~conditions["loss_mask"][:num_samples],
-                                                             setup.tokenizer.pad_token_id, ids))
+    result["references"] = held_out_texts(setup, num_samples, field="output")
   return result
 
 
@@ -106,27 +109,40 @@ def eval_conditions(setup: loop.Setup, num: int) -> dict[str, np.ndarray] | None
   return {k: np.concatenate(v)[:num] for k, v in rows.items()}
 
 
-def held_out_texts(setup: loop.Setup, num: int) -> list[str]:
-  """`num` true texts of the evaluation split (the synthetic language's reference figures)."""
+def held_out_texts(setup: loop.Setup, num: int, field: str = "text") -> list[str]:
+  """The raw `field` ("text"; conditional: "input" / "output") of the first `num` records of the evaluation split.
+
+  Text fields are returned as stored (the references of BLEU / ROUGE are the dataset's target text, as in the
+  official evaluation, not a re-decoding of truncated target ids); pre-tokenized fields are decoded with the
+  tokenizer, special tokens skipped.
+  """
   source = sources.make_source(setup.config.data, setup.config.data.eval_split, setup.language)
-  return [source[i]["text"] for i in range(min(num, len(source)))]
+  values = [source[i][field] for i in range(min(num, len(source)))]
+  return [v if isinstance(v, str) else _decode(setup.tokenizer, [v])[0] for v in values]
 
 
 def score(setup: loop.Setup, result: dict[str, list]) -> dict[str, float]:
-  """Spec §8 scores of decoded samples: exact (synthetic language), GPT-2 Gen. PPL, or BLEU / ROUGE."""
+  """Spec §8 scores of decoded samples: exact (synthetic language), GPT-2 Gen. PPL, or BLEU / ROUGE.
+
+  Gen. PPL and entropy drop empty samples first and report how many as `num_empty` (the official protocol);
+  BLEU / ROUGE score every sample against its reference.
+  """
+  from elf_jax.eval import gen_ppl
   config, texts = setup.config, result["texts"]
-  if setup.language is not None:
-    figures = setup.language.gen_ppl_and_entropy(texts)
-    true = setup.language.gen_ppl_and_entropy(held_out_texts(setup, len(texts)))
-    return {**figures, "true_gen_ppl": true["gen_ppl"], "true_entropy": true["entropy"],
-            "gen_ppl_ratio": figures["gen_ppl"] / true["gen_ppl"], "entropy_ratio": figures["entropy"] / true["entropy"]}
   if config.data.conditional:
     from elf_jax.eval import text_metrics
     return {"bleu": text_metrics.bleu(texts, result["references"]),
             **text_metrics.rouge(texts, result["references"])}
-  from elf_jax.eval.gen_ppl import GenPPLScorer
-  scorer = GenPPLScorer.from_pretrained(config.eval.gpt2, batch_size=config.eval.batch_size, mesh=setup.mesh)
-  return scorer.score(texts)
+  if setup.language is None:
+    scorer = gen_ppl.GenPPLScorer.from_pretrained(config.eval.gpt2, batch_size=config.eval.batch_size,
+                                                  mesh=setup.mesh)
+    return scorer.score(texts)
+  kept = gen_ppl.nonempty(texts)
+  true = setup.language.gen_ppl_and_entropy(held_out_texts(setup, len(texts)))
+  figures = setup.language.gen_ppl_and_entropy(kept) if kept else {"gen_ppl": math.nan, "entropy": math.nan}
+  return {**figures, "num_empty": len(texts) - len(kept), "true_gen_ppl": true["gen_ppl"],
+          "true_entropy": true["entropy"], "gen_ppl_ratio": figures["gen_ppl"] / true["gen_ppl"],
+          "entropy_ratio": figures["entropy"] / true["entropy"]}
 
 
 def parse_sweep(spec: str) -> list[dict[str, Any]]:
@@ -252,7 +268,8 @@ def sample_mode(config: ml_collections.ConfigDict, workdir: str) -> str:
     paths = trajectory.render_trajectory(
         os.path.join(workdir, "samples"), params, setup.model, out, setup.tokenizer, guidance_scale=s.guidance_scale,
         cond_mask=None if cond_mask is None else cond_mask[:n], eos_id=setup.tokenizer.eos_token_id,
-        pad_id=setup.tokenizer.pad_token_id, png=True)
+        pad_id=setup.tokenizer.pad_token_id, png=True,
+        max_target_length=sampling.SampleConfig.from_config(config).max_target_length)
     print(f"denoising trajectory of {n} samples: {paths['html']}", flush=True)
   return path
 

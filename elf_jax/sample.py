@@ -6,7 +6,8 @@ conditional prefixes and token decoding.
       α = clip(1 − γ (t_next − t), 0, 1) (SDE; α = 1 for ODE),  t_b = α t,  z_b = α z + (1 − α) σ ε'
       x̂ = network(concat[z_b, x_prev], t_b, w)            (CFG: x̂ = x̂_u + s (x̂_c − x̂_u), one batched call)
       z ← z_b + (t_next − t_b) (x̂ − z_b) / max(1 − t_b, t_eps);  x_prev ← x̂
-    ids = argmax network(concat[z, 0], t = 1, w, mode tokens on); strip the condition; from the first EOS on → pad
+    ids = argmax network(concat[z, 0], t = 1, w, mode tokens on); strip the condition; keep the first
+          max_target_length tokens (conditional: max_length − max_condition_length); from the first EOS on → pad
 
 Conditional sampling (details pinned down by the reference fixture): condition positions hold the clean condition
 latents in BOTH halves of the conditional input (z and the self-conditioning x_prev, from the first step on) and
@@ -15,7 +16,8 @@ the clean condition at condition positions). The padding mask given to the netwo
 (None = all positions valid, as the reference samples). Decoding sees the clean condition latents in z.
 
 Randomness (initial noise, SDE noise ε' per step, a random time grid) is always drawn for the global batch from
-explicit keys, so a seed gives the same samples on any number of devices.
+explicit keys, so a seed gives the same samples on any number of devices (the official code draws one grid per
+local device instead). The churn noise can also be passed in (`churn_noise`), e.g. to replay a reference run.
 """
 from collections.abc import Callable, Mapping
 import dataclasses
@@ -28,14 +30,17 @@ import ml_collections
 
 from elf_jax import flow
 
-# Reference sampling settings per task (spec §6). `apply_preset` copies one into `config.sample`.
+# The official sampling configs (spec §6); `apply_preset` copies one into `config.sample`. Every one draws a fresh
+# logit-normal time grid per batch, sigmoid(N(−1.5, 0.8)) (the official code takes P_mean / P_std from the training
+# recipe's denoiser time distribution, −1.5 / 0.8 in every official recipe).
+_OFFICIAL_GRID = dict(grid="logit_normal", grid_p_mean=-1.5, grid_p_std=0.8)
 PRESETS: dict[str, dict[str, Any]] = {
     # OpenWebText headline: SDE, 32 steps, churn 1.5, self-conditioning guidance 3.
-    "owt_sde32": dict(method="sde", steps=32, gamma=1.5, guidance_scale=3.0, cfg_scale=1.0, grid="uniform"),
+    "owt_sde32": dict(method="sde", steps=32, gamma=1.5, guidance_scale=3.0, cfg_scale=1.0, **_OFFICIAL_GRID),
     # OpenWebText, more steps and less churn.
-    "owt_sde64": dict(method="sde", steps=64, gamma=1.0, guidance_scale=3.0, cfg_scale=1.0, grid="uniform"),
+    "owt_sde64": dict(method="sde", steps=64, gamma=1.0, guidance_scale=3.0, cfg_scale=1.0, **_OFFICIAL_GRID),
     # Conditional tasks (XSum, WMT14 De-En): ODE, 64 steps, classifier-free guidance 2, no self-cond. guidance.
-    "cond_ode64": dict(method="ode", steps=64, gamma=0.0, guidance_scale=1.0, cfg_scale=2.0, grid="uniform"),
+    "cond_ode64": dict(method="ode", steps=64, gamma=0.0, guidance_scale=1.0, cfg_scale=2.0, **_OFFICIAL_GRID),
 }
 METHODS = ("ode", "sde")
 
@@ -57,25 +62,30 @@ def apply_preset(sample_config: ml_collections.ConfigDict) -> ml_collections.Con
 
 @dataclasses.dataclass(frozen=True)
 class SampleConfig:
-  """Static sampler settings (hashable: `make_sampler` compiles once per config).
+  """Static sampler settings (hashable: `make_sampler` compiles once per config). The defaults are those of
+  `elf_jax.config.base_config()` (`from_config(base_config())` equals `SampleConfig()`).
 
   method: "ode" | "sde"; steps: grid intervals (= denoiser evaluations); grid: "uniform" | "logit_normal";
-  gamma: SDE churn γ; guidance_scale: default self-conditioning guidance w; cfg_scale: classifier-free guidance s
-  (1 = off; conditional only); noise_scale: σ of the initial and churn noise; t_eps: velocity denominator floor;
-  p_mean / p_std: logit-normal grid; eos_id / pad_id: token ids; return_trajectory: keep x̂ of every step.
+  grid_p_mean / grid_p_std: the logit-normal grid's sigmoid(N(P_mean, P_std)) draws; gamma: SDE churn γ;
+  guidance_scale: default self-conditioning guidance w; cfg_scale: classifier-free guidance s (1 = off;
+  conditional only); noise_scale: σ of the initial and churn noise; t_eps: velocity denominator floor;
+  eos_id / pad_id: token ids; max_target_length: conditional outputs keep at most this many target tokens
+  (0 = all; from a config: max_length − max_condition_length, as the official generation cuts them);
+  return_trajectory: keep x̂ of every step.
   """
-  method: str = "ode"
+  method: str = "sde"
   steps: int = 32
-  grid: str = "uniform"
-  gamma: float = 0.0
-  guidance_scale: float = 1.0
+  grid: str = "logit_normal"
+  grid_p_mean: float = -1.5
+  grid_p_std: float = 0.8
+  gamma: float = 1.5
+  guidance_scale: float = 3.0
   cfg_scale: float = 1.0
-  noise_scale: float = 1.0
+  noise_scale: float = 2.0
   t_eps: float = 0.05
-  p_mean: float = -1.5
-  p_std: float = 0.8
   eos_id: int = 1
   pad_id: int = 0
+  max_target_length: int = 0
   return_trajectory: bool = False
 
   def __post_init__(self):
@@ -86,11 +96,13 @@ class SampleConfig:
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict, **overrides) -> "SampleConfig":
-    """From a full run config: `config.sample` (after `apply_preset`) and σ, t_eps, P_mean, P_std of `config.flow`."""
-    s, f = apply_preset(config.sample), config.flow
-    fields = dict(method=s.method, steps=s.steps, grid=s.grid, gamma=s.gamma, guidance_scale=s.guidance_scale,
-                  cfg_scale=s.cfg_scale, noise_scale=f.denoiser_noise_scale, t_eps=f.t_eps, p_mean=f.P_mean,
-                  p_std=f.P_std, return_trajectory=s.save_trajectory)
+    """From a full run config: `config.sample` (after `apply_preset`), σ and t_eps of `config.flow`, and the target
+    length of a conditional `config.data`."""
+    s, f, d = apply_preset(config.sample), config.flow, config.data
+    fields = dict(method=s.method, steps=s.steps, grid=s.grid, grid_p_mean=s.grid_p_mean, grid_p_std=s.grid_p_std,
+                  gamma=s.gamma, guidance_scale=s.guidance_scale, cfg_scale=s.cfg_scale,
+                  noise_scale=f.denoiser_noise_scale, t_eps=f.t_eps, return_trajectory=s.save_trajectory,
+                  max_target_length=d.max_length - d.max_condition_length if d.conditional else 0)
     return cls(**{**fields, **overrides})
 
 
@@ -123,7 +135,7 @@ def draw_inputs(rng: jax.Array, config: SampleConfig, batch: int, seq_len: int, 
   """
   k_noise, k_grid, k_sde = jax.random.split(rng, 3)
   z0 = draw_initial_noise(k_noise, batch, seq_len, latent_dim, config.noise_scale)
-  grid = flow.time_grid(config.steps, config.grid, k_grid, config.p_mean, config.p_std)
+  grid = flow.time_grid(config.steps, config.grid, k_grid, config.grid_p_mean, config.grid_p_std)
   return z0, grid, k_sde
 
 
@@ -142,11 +154,15 @@ def mask_after_eos(ids: jax.Array, eos_id: int, pad_id: int) -> jax.Array:
   return jnp.where(jnp.cumsum(ids == eos_id, axis=-1) > 0, pad_id, ids)
 
 
-def finalize_ids(raw_ids, cond_mask=None, mask=None, *, eos_id: int = 1, pad_id: int = 0) -> jax.Array:
-  """raw argmax ids (B, S) → target ids: padded positions → pad_id, condition stripped, EOS masking."""
+def finalize_ids(raw_ids, cond_mask=None, mask=None, *, eos_id: int = 1, pad_id: int = 0,
+                 max_target_length: int = 0) -> jax.Array:
+  """raw argmax ids (B, S) → target ids (B, S): padded positions → pad_id, condition stripped, positions from
+  max_target_length on → pad_id (if > 0), EOS masking."""
   ids = raw_ids if mask is None else jnp.where(mask.astype(bool), raw_ids, pad_id)
   if cond_mask is not None:
     ids = strip_condition(ids, cond_mask, pad_id)
+  if max_target_length > 0:
+    ids = jnp.where(jnp.arange(ids.shape[-1]) < max_target_length, ids, pad_id)
   return mask_after_eos(ids, eos_id, pad_id)
 
 
@@ -175,8 +191,8 @@ def _guided_x_hat(params, model, z, x_prev, t, w, mask, cond_latents, keep, cfg_
 def sample(params, model: nn.Module, z0: jax.Array, grid: jax.Array, *, method: str = "ode", gamma: float = 0.0,
            guidance_scale=1.0, cfg_scale: float = 1.0, noise_scale: float = 1.0, t_eps: float = 0.05,
            cond_latents: jax.Array | None = None, cond_mask: jax.Array | None = None, mask: jax.Array | None = None,
-           rng: jax.Array | None = None, eos_id: int = 1, pad_id: int = 0,
-           return_trajectory: bool = False) -> SampleOutput:
+           rng: jax.Array | None = None, churn_noise: jax.Array | None = None, eos_id: int = 1, pad_id: int = 0,
+           max_target_length: int = 0, return_trajectory: bool = False) -> SampleOutput:
   """Samples token sequences with the ELF flow (spec §6); pure and jit-compatible.
 
   Args:
@@ -193,8 +209,12 @@ def sample(params, model: nn.Module, z0: jax.Array, grid: jax.Array, *, method: 
     cond_latents: (B, S, C) clean condition latents (only condition positions are read) or None.
     cond_mask: (B, S) true at condition positions; required with cond_latents.
     mask: (B, S) padding mask for the network (1 = valid) or None (all valid, as the reference samples).
-    rng: key for the SDE noise (required for method="sde").
+    rng: key of the SDE churn noise: step i draws σ·N(0, I) from fold_in(rng, i) (method="sde" needs rng or
+      churn_noise).
+    churn_noise: (steps − 1, B, S, C) the churn noise of every step but the last (already × σ), used instead of
+      drawing it from rng.
     eos_id, pad_id: token ids for the EOS masking.
+    max_target_length: keep at most this many target tokens (0 = all; see `finalize_ids`); static.
     return_trajectory: also return x̂ of every step (static).
 
   Returns:
@@ -206,54 +226,63 @@ def sample(params, model: nn.Module, z0: jax.Array, grid: jax.Array, *, method: 
     raise ValueError("conditional sampling needs both cond_latents (B, S, C) and cond_mask (B, S); pass both or none")
   if cfg_scale != 1.0 and cond_latents is None:
     raise ValueError(f"cfg_scale={cfg_scale} needs a condition (cond_latents, cond_mask); use cfg_scale=1.0")
-  if method == "sde" and rng is None:
-    raise ValueError("method='sde' draws churn noise: pass rng")
+  if method == "sde" and rng is None and churn_noise is None:
+    raise ValueError("method='sde' draws churn noise: pass rng (or the noise itself, churn_noise)")
   batch = z0.shape[0]
   w = _per_example(guidance_scale, batch)
   grid = jnp.broadcast_to(jnp.asarray(grid, jnp.float32), (batch, jnp.shape(grid)[-1]))
   steps = grid.shape[1] - 1
+  if churn_noise is not None:
+    if method != "sde" or churn_noise.shape != (steps - 1,) + z0.shape:
+      raise ValueError(f"churn_noise {churn_noise.shape} with method={method!r}: it is the SDE noise of every step "
+                       f"but the last, shape (steps − 1,) + z0.shape = {(steps - 1,) + z0.shape}")
+    last = jnp.zeros((1,) + z0.shape, jnp.float32)  # the last step is an ODE step
+    churn_noise = jnp.concatenate([jnp.asarray(churn_noise, jnp.float32), last])
   keep = None if cond_mask is None else cond_mask.astype(bool)[..., None]
   hold = (lambda a, clean: a) if keep is None else (lambda a, clean: jnp.where(keep, clean, a))
   z = hold(z0.astype(jnp.float32), cond_latents)
 
   def step(carry, xs):
     z, x_prev = carry
-    i, t, t_next = xs  # t, t_next: (B,)
-    alpha = jnp.ones_like(t)
+    i, t, t_next, noise = xs  # t, t_next: (B,); noise: this step's churn noise (B, S, C) or None
     if method == "sde":
       alpha = jnp.where(i == steps - 1, 1.0, jnp.clip(1.0 - gamma * (t_next - t), 0.0, 1.0))
-      eps = jax.random.normal(jax.random.fold_in(rng, i), z.shape, z.dtype)
+      if noise is None:
+        noise = noise_scale * jax.random.normal(jax.random.fold_in(rng, i), z.shape, z.dtype)
       a = alpha[:, None, None]
-      z = hold(a * z + (1.0 - a) * noise_scale * eps, cond_latents)
+      z = hold(a * z + (1.0 - a) * noise, cond_latents)
       t = alpha * t
     x_hat = _guided_x_hat(params, model, z, x_prev, t, w, mask, cond_latents, keep, cfg_scale)
     v = hold(flow.velocity(x_hat, z, t, t_eps), 0.0)
     z = z + (t_next - t)[:, None, None] * v
     return (z, x_hat), ((x_hat, t) if return_trajectory else None)
 
-  xs = (jnp.arange(steps), grid[:, :-1].T, grid[:, 1:].T)
+  xs = (jnp.arange(steps), grid[:, :-1].T, grid[:, 1:].T, churn_noise)
   (z, _), traj = jax.lax.scan(step, (z, jnp.zeros_like(z)), xs)
   logits = model.apply({"params": params}, jnp.concatenate([z, jnp.zeros_like(z)], -1), jnp.ones((batch,)), w, mask,
                        decode=True)
   raw_ids = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  ids = finalize_ids(raw_ids, cond_mask, mask, eos_id=eos_id, pad_id=pad_id)
+  ids = finalize_ids(raw_ids, cond_mask, mask, eos_id=eos_id, pad_id=pad_id, max_target_length=max_target_length)
   x_traj, t_traj = traj if return_trajectory else (None, None)
   return SampleOutput(z, ids, raw_ids, x_traj, t_traj)
 
 
 def make_sampler(model: nn.Module, config: SampleConfig) -> Callable[..., SampleOutput]:
   """A jit-compiled `run(params, z0, grid, rng=None, guidance_scale=None, cond_latents=None, cond_mask=None,
-  mask=None) -> SampleOutput` with the static settings of `config` (guidance_scale None = config's).
+  mask=None, churn_noise=None) -> SampleOutput` with the static settings of `config` (guidance_scale None =
+  config's).
 
   Compiled once per input structure and shapes; inputs may be sharded (see `shard_batch`), the output follows.
   """
 
-  def run(params, z0, grid, rng=None, guidance_scale=None, cond_latents=None, cond_mask=None, mask=None):
+  def run(params, z0, grid, rng=None, guidance_scale=None, cond_latents=None, cond_mask=None, mask=None,
+          churn_noise=None):
     w = config.guidance_scale if guidance_scale is None else guidance_scale
     return sample(params, model, z0, grid, method=config.method, gamma=config.gamma, guidance_scale=w,
                   cfg_scale=config.cfg_scale, noise_scale=config.noise_scale, t_eps=config.t_eps,
-                  cond_latents=cond_latents, cond_mask=cond_mask, mask=mask, rng=rng, eos_id=config.eos_id,
-                  pad_id=config.pad_id, return_trajectory=config.return_trajectory)
+                  cond_latents=cond_latents, cond_mask=cond_mask, mask=mask, rng=rng, churn_noise=churn_noise,
+                  eos_id=config.eos_id, pad_id=config.pad_id, max_target_length=config.max_target_length,
+                  return_trajectory=config.return_trajectory)
 
   return jax.jit(run)
 

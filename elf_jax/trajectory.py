@@ -48,13 +48,14 @@ class TrajectoryView:
 
 
 def build_view(step_ids, step_times, final_ids, tokenizer, *, cond_mask=None, mask=None, eos_id: int = 1,
-               pad_id: int = 0) -> TrajectoryView:
+               pad_id: int = 0, max_target_length: int = 0) -> TrajectoryView:
   """Post-processes raw per-step ids (steps, B, S) like the sampler and decodes them with a Hugging Face tokenizer.
 
   step_times (steps, B): the time of each step's x̂; final_ids (B, S): the sampler's `ids` (added as the last row,
   t = 1).
   """
-  finalize = lambda ids: np.asarray(sampling.finalize_ids(ids, cond_mask, mask, eos_id=eos_id, pad_id=pad_id))
+  finalize = lambda ids: np.asarray(sampling.finalize_ids(ids, cond_mask, mask, eos_id=eos_id, pad_id=pad_id,
+                                                          max_target_length=max_target_length))
   ids = np.concatenate([np.stack([finalize(s) for s in step_ids]), np.asarray(final_ids)[None]], 0)
   times = np.concatenate([np.asarray(step_times, np.float64), np.ones((1, ids.shape[1]))], 0)
   labels = [str(i) for i in range(len(step_ids))] + ["final"]
@@ -131,19 +132,19 @@ def write_png(path: str, view: TrajectoryView, example: int = 0, max_chars: int 
 
 
 def render_trajectory(out_dir: str, params, model, output: sampling.SampleOutput, tokenizer, *, guidance_scale,
-                      cond_mask=None, mask=None, eos_id: int = 1, pad_id: int = 0, png: bool = False
-                      ) -> dict[str, str]:
+                      cond_mask=None, mask=None, eos_id: int = 1, pad_id: int = 0, max_target_length: int = 0,
+                      png: bool = False) -> dict[str, str]:
   """Decodes `output.trajectory` and writes trajectory.jsonl, trajectory.html (and trajectory.png) to `out_dir`.
 
-  `output` must come from a sampler run with return_trajectory=True; guidance_scale, cond_mask and mask are the
-  run's. Returns {"jsonl": path, "html": path[, "png": path]}.
+  `output` must come from a sampler run with return_trajectory=True; guidance_scale, cond_mask, mask and
+  max_target_length are the run's. Returns {"jsonl": path, "html": path[, "png": path]}.
   """
   if output.trajectory is None:
     raise ValueError("the sample output has no trajectory: sample with return_trajectory=True "
                      "(config.sample.save_trajectory=True)")
   step_ids = decode_trajectory(params, model, output.trajectory, guidance_scale, mask)
   view = build_view(np.asarray(step_ids), np.asarray(output.trajectory_t), output.ids, tokenizer,
-                    cond_mask=cond_mask, mask=mask, eos_id=eos_id, pad_id=pad_id)
+                    cond_mask=cond_mask, mask=mask, eos_id=eos_id, pad_id=pad_id, max_target_length=max_target_length)
   os.makedirs(out_dir, exist_ok=True)
   paths = {"jsonl": write_jsonl(os.path.join(out_dir, "trajectory.jsonl"), view),
            "html": write_html(os.path.join(out_dir, "trajectory.html"), view)}

@@ -1,5 +1,6 @@
 """Tests for elf_jax.checkpoint: save/restore with a grain iterator, keep-N, sharded restore, corrupt steps,
 the SIGTERM flag and import of the reference tiny-ELF fixture."""
+import json
 import logging
 import os
 import signal
@@ -156,15 +157,22 @@ def test_preemption_flag_is_raised_by_sigterm():
     signal.signal(signal.SIGTERM, previous)
 
 
+def _fixture_config(fixture_dir) -> dict:
+  return json.loads((fixture_dir / "config.json").read_text())
+
+
 def test_fixture_msgpack_and_orbax_agree(fixture_dir):
+  cfg = _fixture_config(fixture_dir)
+  width, last_block = cfg["hidden_size"], f"blocks_{cfg['depth'] - 1}"
   raw = flax.serialization.msgpack_restore((fixture_dir / "checkpoint_7").read_bytes())
   for which, key in (("raw", "params"), ("ema", "ema_params1")):
     from_msgpack = checkpoint.load_published_elf(fixture_dir / "checkpoint_7", which=which)
     from_orbax = checkpoint.load_published_elf(fixture_dir / "orbax_checkpoint_7", which=which)
     _assert_same(from_msgpack, from_orbax)
     _assert_same(from_msgpack, raw[key])
-    assert from_msgpack["mode_tokens"].shape == (1, 4, 64)
-    assert from_msgpack["blocks_1"]["attn"]["qkv"]["kernel"].shape == (64, 192)
+    assert from_msgpack["mode_tokens"].shape == (1, cfg["num_model_mode_tokens"], width)
+    assert from_msgpack[last_block]["attn"]["qkv"]["kernel"].shape == (width, 3 * width)
+    assert f"blocks_{cfg['depth']}" not in from_msgpack
   ema = checkpoint.load_published_elf(fixture_dir / "orbax_checkpoint_7", which="ema")
   raw_params = checkpoint.load_published_elf(fixture_dir / "orbax_checkpoint_7", which="raw")
   for e, r in zip(jax.tree.leaves(ema), jax.tree.leaves(raw_params)):
@@ -179,19 +187,23 @@ def test_fixture_wrapped_params_level_is_stripped(tmp_path, fixture_dir):
 
 
 def test_fixture_expected_mismatch_names_every_bad_leaf(fixture_dir):
+  cfg = _fixture_config(fixture_dir)
+  width, extra_block = cfg["hidden_size"], f"blocks_{cfg['depth']}"  # one block more than the checkpoint has
   params = checkpoint.load_published_elf(fixture_dir / "checkpoint_7")
   expected = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
   _assert_same(checkpoint.load_published_elf(fixture_dir / "checkpoint_7", expected=expected), params)
-  expected["blocks_0"]["mlp"]["w3"]["kernel"] = jax.ShapeDtypeStruct((171, 64), jnp.float32)
+  w3 = params["blocks_0"]["mlp"]["w3"]["kernel"].shape
+  wrong_w3 = (w3[0] + 1,) + w3[1:]
+  expected["blocks_0"]["mlp"]["w3"]["kernel"] = jax.ShapeDtypeStruct(wrong_w3, jnp.float32)
   del expected["unembed_bias"]
-  expected["blocks_2"] = {"norm1": {"weight": jax.ShapeDtypeStruct((64,), jnp.float32)}}
+  expected[extra_block] = {"norm1": {"weight": jax.ShapeDtypeStruct((width,), jnp.float32)}}
   with pytest.raises(ValueError) as err:
     checkpoint.load_published_elf(fixture_dir / "orbax_checkpoint_7", expected=expected)
   message = str(err.value)
   assert "3 problems" in message
-  assert "missing: blocks_2/norm1/weight" in message
+  assert f"missing: {extra_block}/norm1/weight" in message
   assert "extra: unembed_bias" in message
-  assert "mis-shaped: blocks_0/mlp/w3/kernel checkpoint (170, 64) vs expected (171, 64)" in message
+  assert f"mis-shaped: blocks_0/mlp/w3/kernel checkpoint {w3} vs expected {wrong_w3}" in message
 
 
 def test_load_params_from_a_workdir_takes_the_latest_ema(tmp_path):

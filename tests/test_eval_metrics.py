@@ -1,7 +1,10 @@
-"""Gen. PPL / entropy against a plain PyTorch re-statement of the protocol; BLEU, ROUGE, MAUVE wrappers."""
+"""Gen. PPL / entropy against a plain PyTorch re-statement of the protocol (empty samples dropped); BLEU (effective
+order), ROUGE, MAUVE wrappers; what `generate.score` scores and which texts are the references."""
 import collections
+import json
 import math
 import sys
+import types
 
 import jax
 import numpy as np
@@ -10,6 +13,10 @@ from rouge_score import rouge_scorer
 import sacrebleu
 import torch
 
+from elf_jax import generate
+from elf_jax.config import base_config
+from elf_jax.data import sources
+from elf_jax.data import tokenizer as tokenizer_lib
 from elf_jax.eval import gen_ppl
 from elf_jax.eval import gpt2
 from elf_jax.eval import text_metrics
@@ -18,6 +25,7 @@ from test_gpt2 import build_tiny_gpt2, EOS  # tests/ is on sys.path (pytest root
 MAX_LENGTH = 24
 TEXTS = [
     "",
+    " \n ",  # whitespace only: empty too
     "The fox.",
     "The quick brown fox jumps over the lazy dog.",
     f"A flow{EOS} of words{EOS} embedded.",  # EOS inside the text: only the first counts
@@ -28,10 +36,11 @@ TEXTS = [
 
 
 def reference_scores(model, tokenizer, texts, max_length):
-  """The §8 protocol written plainly: one text at a time, unpadded, in PyTorch."""
+  """The §8 protocol written plainly: empty samples dropped, then one text at a time, unpadded, in PyTorch."""
   eos = tokenizer.eos_token_id
   nll_sum, num_tokens, entropies = 0.0, 0, []
-  for text in texts:
+  kept = [t for t in texts if t.strip()]
+  for text in kept:
     ids = tokenizer.encode(text, add_special_tokens=False)[:max_length]
     counts = collections.Counter(ids)
     entropies.append(-sum(c / len(ids) * math.log(c / len(ids)) for c in counts.values()))
@@ -46,7 +55,7 @@ def reference_scores(model, tokenizer, texts, max_length):
         num_tokens += 1
   nll = nll_sum / num_tokens
   return {"gen_ppl": math.exp(nll), "entropy": sum(entropies) / len(entropies), "nll": nll,
-          "num_tokens": num_tokens}
+          "num_tokens": num_tokens, "num_samples": len(kept), "num_empty": len(texts) - len(kept)}
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +72,8 @@ def gpt2_and_reference(tiny_gpt2):
 
 def test_texts_exercise_truncation_and_eos(tiny_gpt2):
   lengths = [len(tiny_gpt2.tokenizer.encode(t)) for t in TEXTS]
-  assert lengths[0] == 0 and max(lengths) > MAX_LENGTH
-  assert tiny_gpt2.tokenizer.encode(TEXTS[3]).count(tiny_gpt2.tokenizer.eos_token_id) == 2
+  assert lengths[0] == 0 and lengths[1] > 0 and max(lengths) > MAX_LENGTH
+  assert tiny_gpt2.tokenizer.encode(TEXTS[4]).count(tiny_gpt2.tokenizer.eos_token_id) == 2
 
 
 def test_gen_ppl_and_entropy_match_pytorch(tiny_gpt2, gpt2_and_reference):
@@ -72,10 +81,16 @@ def test_gen_ppl_and_entropy_match_pytorch(tiny_gpt2, gpt2_and_reference):
   scorer = gen_ppl.GenPPLScorer(config, params, tiny_gpt2.tokenizer, batch_size=3, max_length=MAX_LENGTH,
                                 min_bucket=8)
   got = scorer.score(TEXTS)
-  assert got["num_tokens"] == want["num_tokens"] and got["num_samples"] == len(TEXTS)
+  for key in ("num_tokens", "num_samples", "num_empty"):
+    assert got[key] == want[key], key
+  assert (got["num_empty"], got["num_samples"]) == (2, len(TEXTS) - 2)
   for key in ("gen_ppl", "entropy", "nll"):
     assert got[key] == pytest.approx(want[key], rel=1e-4), key
   assert got["gen_ppl"] == pytest.approx(math.exp(got["nll"]), rel=1e-12)
+  # Empty samples change nothing but the count; all empty: nothing to score.
+  assert scorer.score([t for t in TEXTS if t.strip()])["nll"] == pytest.approx(got["nll"], rel=1e-12)
+  nothing = scorer.score(["", "  "])
+  assert nothing["num_empty"] == 2 and nothing["num_samples"] == 0 and math.isnan(nothing["gen_ppl"])
 
 
 @pytest.mark.parametrize("mesh_kind", ["auto", "explicit"])
@@ -128,9 +143,11 @@ HYPS = ["The cat sat on the mat.", "Running dogs were barking loudly", "A comple
 REFS = ["the cat sat on the red mat .", "the dog runs and barks loudly", "Something else entirely, really."]
 
 
-def test_bleu_is_lowercased_sacrebleu():
-  want = sacrebleu.corpus_bleu(HYPS, [REFS], lowercase=True).score
+def test_bleu_is_lowercased_sacrebleu_with_effective_order():
+  want = sacrebleu.corpus_bleu(HYPS, [REFS], lowercase=True, use_effective_order=True).score
   assert text_metrics.bleu(HYPS, REFS) == pytest.approx(want, rel=1e-12)
+  # Effective order: a corpus without 4-grams is scored on the orders it has (plain BLEU would be 0).
+  assert text_metrics.bleu(["the Cat", "a dog"], ["the cat", "a dog"]) == pytest.approx(100.0)
   lowered = sacrebleu.corpus_bleu([h.lower() for h in HYPS], [[r.lower() for r in REFS]]).score
   assert text_metrics.bleu(HYPS, REFS) == pytest.approx(lowered, rel=1e-12)
   assert text_metrics.bleu(["The Same Words Here Now"], ["the same words here now"]) == pytest.approx(100.0)
@@ -151,3 +168,34 @@ def test_mauve_absent_names_the_install(monkeypatch):
   monkeypatch.setitem(sys.modules, "mauve", None)
   with pytest.raises(ImportError, match="pip install mauve-text"):
     text_metrics.mauve_score(["a"], ["b"])
+
+
+def test_score_drops_empty_samples():
+  """`generate.score` with the synthetic language's exact figures skips empty samples and reports how many (the
+  GPT-2 scorer does the same itself, above)."""
+  config = base_config()
+  config.data.synthetic_num_sentences = 50
+  language = sources.make_language(config.data)
+  setup = types.SimpleNamespace(config=config, language=language)
+  sentences = generate.held_out_texts(setup, 6)
+  got = generate.score(setup, {"texts": ["", sentences[0], "  ", sentences[1], "the the"]})
+  exact = language.gen_ppl_and_entropy([sentences[0], sentences[1], "the the"])
+  assert got["num_empty"] == 2
+  for key in ("gen_ppl", "entropy", "ungrammatical_fraction"):
+    assert got[key] == pytest.approx(exact[key], rel=1e-12), key
+
+
+def test_references_are_the_raw_target_text(tmp_path):
+  """BLEU / ROUGE references: the evaluation split's target text as stored (case, punctuation and words the
+  tokenizer does not know kept), not a decoding of target ids; pre-tokenized targets are decoded."""
+  outputs = ["The Cat sat, on the mat!", "  a  dog\tbarks ", [5, 4, 1]]
+  with open(tmp_path / "validation.jsonl", "w", encoding="utf-8") as f:
+    for i, output in enumerate(outputs):
+      f.write(json.dumps({"input": f"document {i}", "output": output}) + "\n")
+  config = base_config()
+  config.data.source, config.data.path, config.data.conditional = "jsonl", str(tmp_path / "{split}.jsonl"), True
+  config.data.eval_split = "validation"
+  tokenizer = tokenizer_lib.build_word_tokenizer(["the", "cat", "sat", "on", "mat"])
+  setup = types.SimpleNamespace(config=config, language=None, tokenizer=tokenizer)
+  assert generate.held_out_texts(setup, 10, field="output") == outputs[:2] + ["sat cat"]
+  assert generate.held_out_texts(setup, 1, field="input") == ["document 0"]

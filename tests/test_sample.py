@@ -1,7 +1,9 @@
-"""The sampler: parity with the reference sampler's outputs, SDE/ODE/grid invariants, EOS masking, network-call
-counts, sharded == unsharded, presets, and the trajectory view."""
+"""The sampler: parity with the reference sampler's outputs (ODE and CFG on the tiny fixture, SDE with the
+logit-normal grid on the training fixture), SDE/ODE/grid invariants, EOS masking and the conditional output length,
+network-call counts, sharded == unsharded, presets, and the trajectory view."""
 import json
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -13,7 +15,7 @@ import transformers
 from elf_jax import checkpoint, flow, trajectory
 from elf_jax import sample as S
 from elf_jax.config import base_config
-from elf_jax.model.elf import ELF, ModelConfig
+from elf_jax.model.elf import ELF, ModelConfig, init_params
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +29,36 @@ def ref(fixture_dir):
                           num_mode_tokens=cfg["num_model_mode_tokens"]))
   params = checkpoint.load_published_elf(fixture_dir / "checkpoint_7", which="ema")
   return model, params, cfg, dict(np.load(fixture_dir / "reference.npz"))
+
+
+@pytest.fixture(scope="module")
+def sde_ref(fixture_dir):
+  """The training fixture's SDE run: (model, params, config.json, the `sde/...` arrays without the prefix)."""
+  directory = fixture_dir.parent / "reference_elf_train"
+  cfg = json.loads((directory / "config.json").read_text())
+  dims, tokens = cfg["dims"], cfg["tokens"]
+  model = ELF(ModelConfig(latent_dim=dims["C"], hidden_size=dims["H"], depth=dims["depth"], num_heads=dims["heads"],
+                          bottleneck_dim=dims["BN"], vocab_size=dims["V"], num_time_tokens=tokens["num_time_tokens"],
+                          num_guidance_tokens=tokens["num_guidance_tokens"],
+                          num_mode_tokens=tokens["num_mode_tokens"]))
+  expected = jax.eval_shape(lambda: nn.unbox(init_params(model, jax.random.key(0), dims["S"])))
+  # The fixture's ema_params1 equals its params; sampling reads the EMA copy.
+  params = checkpoint.load_published_elf(directory / "checkpoint.msgpack", which="ema", expected=expected)
+  with np.load(directory / "reference.npz") as npz:
+    arrays = {k.removeprefix("sde/"): npz[k] for k in npz.files if k.startswith("sde/")}
+  return model, params, cfg, arrays
+
+
+def _sde_config(cfg, **overrides):
+  sde, f = cfg["sde"], cfg["flow"]
+  fields = dict(method="sde", steps=sde["steps"], grid=sde["grid"], grid_p_mean=sde["p_mean"],
+                grid_p_std=sde["p_std"], gamma=sde["gamma"], guidance_scale=sde["guidance_scale"], cfg_scale=1.0,
+                noise_scale=f["denoiser_noise_scale"], t_eps=f["t_eps"], eos_id=cfg["eos_id"], pad_id=cfg["pad_id"])
+  return S.SampleConfig(**{**fields, **overrides})
+
+
+def _relative_error(got, want) -> float:
+  return float(np.linalg.norm(np.asarray(got, np.float64) - want) / np.linalg.norm(want))
 
 
 def _config(cfg, task, **overrides):
@@ -77,6 +109,47 @@ def test_conditional_cfg_parity_with_reference(ref):
   np.testing.assert_array_equal(out.ids, _eos_mask_by_hand(targets, config.eos_id, config.pad_id))
 
 
+def test_sde_parity_with_reference(sde_ref):
+  """Unconditional SDE from the reference's z0, logit-normal grid and churn noise: its z_final and tokens."""
+  model, params, cfg, r = sde_ref
+  config = _sde_config(cfg)
+  b = r["z0"].shape[0]
+  assert r["grid"].shape == (config.steps + 1,) and r["churn_noise"].shape == (config.steps - 1,) + r["z0"].shape
+  out = S.make_sampler(model, config)(params, r["z0"], r["grid"], churn_noise=r["churn_noise"])
+  error = _relative_error(out.latents, r["z_final"])
+  print(f"SDE z_final: relative error {error:.2e}, max abs {np.abs(out.latents - r['z_final']).max():.2e}")
+  assert error <= 1e-5
+  np.testing.assert_array_equal(out.ids, r["ids"])
+  assert out.ids.shape == (b, cfg["dims"]["S"])
+
+
+def test_logit_normal_grid_from_reference_logits(sde_ref):
+  """The reference grid is (0, sorted sigmoid(logits), 1); time_grid builds it from p_mean + p_std · N(0, 1)."""
+  _, _, cfg, r = sde_ref
+  config = _sde_config(cfg)
+  assert config.grid == "logit_normal" and r["grid_logits"].shape == (config.steps - 1,)
+  np.testing.assert_allclose(flow.logit_normal_grid(r["grid_logits"]), r["grid"], rtol=1e-6, atol=0)
+  key = jax.random.key(cfg["seed"])
+  draws = config.grid_p_mean + config.grid_p_std * jax.random.normal(key, (config.steps - 1,))
+  np.testing.assert_array_equal(flow.time_grid(config.steps, config.grid, key, config.grid_p_mean, config.grid_p_std),
+                                flow.logit_normal_grid(draws))
+
+
+def test_injected_churn_noise_equals_the_drawn_one(sde_ref):
+  """Default path: step i draws σ·N(0, I) from fold_in(rng, i); passing that noise in gives the same run."""
+  model, params, cfg, r = sde_ref
+  config = _sde_config(cfg)
+  rng = jax.random.key(cfg["seed"])
+  noise = jnp.stack([config.noise_scale * jax.random.normal(jax.random.fold_in(rng, i), r["z0"].shape)
+                     for i in range(config.steps - 1)])
+  run = S.make_sampler(model, config)
+  drawn, injected = run(params, r["z0"], r["grid"], rng), run(params, r["z0"], r["grid"], churn_noise=noise)
+  np.testing.assert_allclose(drawn.latents, injected.latents, rtol=0, atol=1e-6)
+  assert np.abs(drawn.latents - r["z_final"]).max() > 1e-2  # another noise, another sample
+  with pytest.raises(ValueError, match="steps − 1"):
+    run(params, r["z0"], r["grid"], churn_noise=r["churn_noise"][1:])
+
+
 def test_sde_churn(ref):
   """γ = 0 is the ODE; γ > 0 depends on the key; a single (= last) interval is always an ODE step."""
   model, params, cfg, r = ref
@@ -119,6 +192,23 @@ def test_finalize_ids_by_hand():
                                 [[5, 0, 0, 0, 0], [4, 0, 0, 0, 0], [2, 3, 4, 0, 0]])
   np.testing.assert_array_equal(S.finalize_ids(raw, eos_id=4, pad_id=-1), [[7, 1, 5, 1, 6], [9, 8, -1, -1, -1],
                                                                           [2, 3, -1, -1, -1]])
+  # Conditional outputs keep max_target_length tokens after the condition is stripped.
+  np.testing.assert_array_equal(S.finalize_ids(raw, cond, eos_id=9, pad_id=0, max_target_length=2),
+                                [[5, 1, 0, 0, 0], [4, 1, 0, 0, 0], [2, 3, 0, 0, 0]])
+
+
+def test_conditional_output_is_cut_to_the_target_length(ref):
+  """ids = the stripped target, first max_target_length tokens (max_length − max_condition_length), EOS-masked."""
+  model, params, cfg, r = ref
+  n, s = cfg["cond"]["cond_len"], r["z0"].shape[1]
+  keep = s - n - 3  # as if the condition could be 3 tokens longer than this one
+  config = _config(cfg, "cond", max_target_length=keep)
+  cond_seq, cond_mask = _condition(cfg, r)
+  out = S.make_sampler(model, config)(params, r["z0"], r["grid"], cond_latents=cond_seq, cond_mask=cond_mask)
+  np.testing.assert_array_equal(out.raw_ids, r["ids_cond"])
+  targets = np.full_like(r["ids_cond"], config.pad_id)
+  targets[:, :keep] = r["ids_cond"][:, n:n + keep]
+  np.testing.assert_array_equal(out.ids, _eos_mask_by_hand(targets, config.eos_id, config.pad_id))
 
 
 def test_random_grid_per_key_and_sorted():
@@ -186,17 +276,32 @@ def test_sharded_sampling_matches_single_device(ref):
 def test_presets():
   c = base_config()
   c.sample.preset = "cond_ode64"
+  c.sample.grid = "uniform"
   filled = S.apply_preset(c.sample)
   assert (filled.method, filled.steps, filled.cfg_scale, filled.guidance_scale) == ("ode", 64, 2.0, 1.0)
-  assert c.sample.method == "sde"  # the input is not modified
+  assert c.sample.method == "sde" and c.sample.grid == "uniform"  # the input is not modified
   c.sample.preset = "owt_sde32"
   sc = S.SampleConfig.from_config(c)
   assert (sc.method, sc.steps, sc.gamma, sc.guidance_scale, sc.noise_scale) == ("sde", 32, 1.5, 3.0,
                                                                                c.flow.denoiser_noise_scale)
+  # Every preset is an official sampling config: a fresh logit-normal grid per batch, sigmoid(N(−1.5, 0.8)).
+  for name in S.PRESETS:
+    c.sample.preset = name
+    sc = S.SampleConfig.from_config(c)
+    assert (sc.grid, sc.grid_p_mean, sc.grid_p_std) == ("logit_normal", -1.5, 0.8), name
   assert S.apply_preset(ml_collections.ConfigDict({"preset": "", "steps": 7})).steps == 7
   c.sample.preset = "nope"
   with pytest.raises(ValueError, match="owt_sde64"):
     S.apply_preset(c.sample)
+
+
+def test_sample_config_defaults_are_the_config_defaults():
+  """Built from config.py's defaults or with its own, the sampler gets the same settings."""
+  c = base_config()
+  assert S.SampleConfig.from_config(c) == S.SampleConfig()
+  assert S.SampleConfig().max_target_length == 0  # unconditional: nothing cut
+  c.data.conditional, c.data.max_length, c.data.max_condition_length = True, 96, 64
+  assert S.SampleConfig.from_config(c).max_target_length == 96 - 64
 
 
 def _word_tokenizer(vocab_size):

@@ -1,10 +1,11 @@
 """Generative perplexity and unigram entropy of sample texts under a GPT-2 scorer (spec §8).
 
-Protocol, per sample text:
+Protocol: empty samples (empty or whitespace only) are dropped first, as the official evaluation does, and counted
+as `num_empty`. Then, per remaining sample text:
   1. GPT-2 token ids: `tokenizer(text, add_special_tokens=False)`, truncated to the first `max_length` ids.
      A literal "<|endoftext|>" in the text is GPT-2's EOS token, as the tokenizer produces it.
-  2. Entropy: the unigram entropy (nats) of these ids, from their own counts; 0 for an empty sample.
-     Reported entropy = mean over samples (empty samples included).
+  2. Entropy: the unigram entropy (nats) of these ids, from their own counts. Reported entropy = mean over the
+     scored samples.
   3. Scored sequence: the ids with EOS appended, cut to `max_length` tokens: `(ids + [eos])[:max_length]`.
      A sample of `max_length` tokens or more therefore has no EOS in its window. No BOS is prepended, so the
      first token is context only; every later token t is predicted from tokens < t.
@@ -12,7 +13,7 @@ Protocol, per sample text:
      sequence's first EOS. The appended EOS counts (when the text holds no EOS of its own); a second EOS in the
      text does not. Batches are right-padded with EOS, so padding is told apart by position (t < length), never
      by token id: otherwise the first padding EOS after a truncated sample would count as its "first EOS".
-Gen. PPL = exp(sum of NLL over counted predictions / number of counted predictions), over all samples.
+Gen. PPL = exp(sum of NLL over counted predictions / number of counted predictions), over all scored samples.
 
 Batching: samples are sorted by length and scored `batch_size` at a time, padded to a bucketed length (powers of
 two from `min_bucket`, capped at `max_length`), so the jitted scorer compiles once per bucket. With a mesh, the
@@ -28,6 +29,11 @@ import numpy as np
 
 from elf_jax import hf_weights
 from elf_jax.eval import gpt2
+
+
+def nonempty(texts: Sequence[str]) -> list[str]:
+  """The texts that are neither empty nor whitespace only, in order (those Gen. PPL and entropy score)."""
+  return [t for t in texts if t.strip()]
 
 
 def unigram_entropy(ids: Sequence[int] | np.ndarray) -> float:
@@ -134,15 +140,20 @@ class GenPPLScorer:
     return [list(ids[:self.max_length]) for ids in encoded]
 
   def score(self, texts: Sequence[str]) -> dict[str, float]:
-    """Gen. PPL and entropy of `texts`.
+    """Gen. PPL and entropy of the non-empty `texts`.
 
     Returns:
       dict with gen_ppl (exp of nll), entropy (mean unigram entropy, nats), nll (mean NLL per counted token,
-      nats), num_tokens (counted predictions), num_samples.
+      nats), num_tokens (counted predictions), num_samples (scored samples), num_empty (dropped samples); the
+      figures are nan when every sample is empty.
     """
     if len(texts) == 0:
       raise ValueError("no texts to score")
-    ids = self.token_ids(texts)
+    kept = nonempty(texts)
+    if not kept:
+      return {"gen_ppl": math.nan, "entropy": math.nan, "nll": math.nan, "num_tokens": 0, "num_samples": 0,
+              "num_empty": len(texts)}
+    ids = self.token_ids(kept)
     sequences = [scored_sequence(x, self.eos_id, self.max_length) for x in ids]
     order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
     total_nll, num_tokens = 0.0, 0
@@ -165,4 +176,4 @@ class GenPPLScorer:
       raise ValueError("no predicted tokens: every sample is shorter than two GPT-2 tokens including EOS")
     nll = total_nll / num_tokens
     return {"gen_ppl": math.exp(nll), "entropy": float(np.mean([unigram_entropy(x) for x in ids])), "nll": nll,
-            "num_tokens": num_tokens, "num_samples": len(texts)}
+            "num_tokens": num_tokens, "num_samples": len(kept), "num_empty": len(texts) - len(kept)}

@@ -19,9 +19,11 @@ def _check_pairs(hypotheses: Sequence[str], references: Sequence[str]) -> None:
 
 
 def bleu(hypotheses: Sequence[str], references: Sequence[str]) -> float:
-  """sacreBLEU corpus BLEU (0-100), lowercased, default 13a tokenisation, one reference per hypothesis."""
+  """sacreBLEU corpus BLEU (0-100), lowercased, default 13a tokenisation, one reference per hypothesis, with
+  effective order (n-gram orders that no hypothesis reaches are left out, as the official evaluation does)."""
   _check_pairs(hypotheses, references)
-  return float(sacrebleu.corpus_bleu(list(hypotheses), [list(references)], lowercase=True).score)
+  return float(sacrebleu.corpus_bleu(list(hypotheses), [list(references)], lowercase=True,
+                                     use_effective_order=True).score)
 
 
 def rouge(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, float]:
