@@ -4,9 +4,9 @@ Variants, all on the same network, the same batch and the same per-step noise (e
 state, so step k draws the same decoder coins in each), timed round-robin so that load on a shared machine hits
 them alike:
   ours        the library train step (`elf_jax.train.step`): a denoising group runs ONE no-gradient pass with
-              x_sc = 0 (self-conditioning input and v_uncond) over its self-conditioned examples only (half of
-              them at self_cond_prob = 0.5) + one forward/backward whose stop-gradient output is v_cond; a
-              decoding group runs one forward/backward.
+              x_sc = 0 (self-conditioning input and v_uncond) over the whole group (over its self-conditioned
+              examples only under the opt-in flow.self_cond_draw=fixed_count) + one forward/backward whose
+              stop-gradient output is v_cond; a decoding group runs one forward/backward.
   reference   the reference schedule: a denoising group runs THREE no-gradient passes (x_sc = 0 for
               self-conditioning, x_sc = 0 again for v_uncond, x_sc = x̂_uncond for v_cond) + one forward/backward;
               a decoding group one forward/backward. It is the library step with `loss.denoiser_loss` swapped for
@@ -98,23 +98,24 @@ def reference_denoiser_loss(model, params, batch, noise, fc: L.FlowConfig, dropo
   identical passes away.
   """
   x0, cond = batch["x0"], batch["cond_mask"][..., None]
-  t, w, valid = noise["t"], noise["w"], batch["valid"]
-  z = jnp.where(cond, x0, flow.interpolate(x0, noise["eps"], t, fc.denoiser_noise_scale))
+  t, w = noise["t"], noise["w"]
+  clean_cond = lambda x: jnp.where(cond, x0, x)
+  z = clean_cond(flow.interpolate(x0, noise["eps"], t, fc.denoiser_noise_scale))
   v = flow.velocity(x0, z, t, fc.t_eps)
   dropout = model.config.dropout_rate > 0
 
   def apply(tag, x_sc, train=False):
     p, zz, xs, _ = jax.lax.optimization_barrier((params, z, x_sc, jnp.int32(tag)))
     kw = dict(deterministic=not dropout, rngs={"dropout": dropout_rng}) if train and dropout else {}
-    return model.apply({"params": p}, jnp.concatenate([zz, xs], -1), t, w, valid, **kw)
+    return model.apply({"params": p}, jnp.concatenate([zz, xs], -1), t, w, None, **kw)
 
   sg = jax.lax.stop_gradient
-  x_first = sg(apply(0, jnp.zeros_like(z)))  # self-conditioning pass, x_sc = 0
+  x_first = sg(apply(0, clean_cond(jnp.zeros_like(z))))  # self-conditioning pass, x_sc = 0
   use_sc = noise["self_cond"][:, None, None]
-  x_sc = jnp.where(use_sc, x_first, 0.0)
+  x_sc = clean_cond(jnp.where(use_sc, x_first, 0.0))
   x_hat = apply(1, x_sc, train=True)  # the forward/backward pass
-  x_uncond = sg(apply(2, jnp.zeros_like(z)))  # v_uncond: the same computation as the first pass
-  x_cond = sg(apply(3, x_sc))  # v_cond
+  x_uncond = sg(apply(2, clean_cond(jnp.zeros_like(z))))  # v_uncond: the same computation as the first pass
+  x_cond = sg(apply(3, clean_cond(x_uncond)))  # v_cond
   target = jnp.where(use_sc, flow.guided_target(v, flow.velocity(x_cond, z, t, fc.t_eps),
                                                 flow.velocity(x_uncond, z, t, fc.t_eps), w), v)
   v_hat = flow.velocity(x_hat, z, t, fc.t_eps)
@@ -173,7 +174,7 @@ def main():
   state0 = jax.jit(lambda: step_lib.init_state(ELF(mc), optimizer, rng, seq_len))()
 
   group_size = batch_size // groups
-  ours_passes = flow.num_self_conditioned(group_size, fc.self_cond_prob) / group_size  # the x_sc = 0 pass's share
+  ours_passes = L.self_cond_pass_rows(group_size, fc) / group_size  # the x_sc = 0 pass's share of the group
   variants = {}  # name -> (model config, batch, denoiser loss, no-grad forwards per denoising group)
   for name in args.variants.split(","):
     if name == "ours":

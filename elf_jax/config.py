@@ -66,6 +66,9 @@ def base_config() -> ml_collections.ConfigDict:
   f.P_std = 0.8
   f.t_eps = 0.05  # v = (x - z) / max(1 - t, t_eps)
   f.self_cond_prob = 0.5
+  # bernoulli: one coin per example (the reference) | fixed_count: exactly round(p * group size) per coin group,
+  # so the x_sc = 0 pass runs on those rows only (a cheaper, different objective; opt-in)
+  f.self_cond_draw = "bernoulli"
   f.guidance_min = 0.5  # w ~ log-uniform: w = a (b / a)^u - 1, a = 1 + min, b = 1 + max
   f.guidance_max = 5.0
   f.decoder_prob = 0.2  # probability that a group of examples is a decoding step
@@ -196,6 +199,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   need(f.time_schedule in ("logit_normal", "uniform"),
        f"flow.time_schedule={f.time_schedule!r}: expected 'logit_normal' or 'uniform'")
   need(f.pad_token in ("pad", "eos"), f"flow.pad_token={f.pad_token!r}: expected 'pad' or 'eos'")
+  need(f.self_cond_draw in ("bernoulli", "fixed_count"),
+       f"flow.self_cond_draw={f.self_cond_draw!r}: expected 'bernoulli' (the reference) or 'fixed_count'")
   need(0.0 < f.t_eps <= 1.0, f"flow.t_eps={f.t_eps} must be in (0, 1]")
   need(0.0 <= f.guidance_min <= f.guidance_max, f"flow.guidance_min/max={f.guidance_min}/{f.guidance_max}: need "
        "0 <= min <= max")

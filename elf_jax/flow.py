@@ -27,19 +27,24 @@ def sample_guidance_scale(rng, shape, w_min: float, w_max: float) -> jax.Array:
 
 
 def num_self_conditioned(group_size: int, prob: float) -> int:
-  """How many examples of a group of `group_size` are self-conditioned: round(prob · group_size).
-
-  A fixed count rather than a coin per example, so that the x_sc = 0 pass runs on a static-shape subset.
-  """
+  """Self-conditioned examples per group of `group_size` under the `fixed_count` draw: round(prob · group_size)."""
   return int(round(prob * group_size))
 
 
-def sample_self_cond(rng, batch_size: int, num_groups: int, prob: float) -> jax.Array:
-  """(B,) bool: in each of `num_groups` contiguous groups, a uniformly random subset of exactly
-  `num_self_conditioned(B / num_groups, prob)` examples (each example is chosen with probability ≈ prob)."""
-  n = batch_size // num_groups
-  rank = jnp.argsort(jnp.argsort(jax.random.uniform(rng, (num_groups, n)), axis=-1), axis=-1)
-  return (rank < num_self_conditioned(n, prob)).reshape(batch_size)
+def sample_self_cond(rng, batch_size: int, num_groups: int, prob: float, draw: str = "bernoulli") -> jax.Array:
+  """(B,) bool: which examples are self-conditioned.
+
+  `bernoulli` (the reference): an independent coin with probability `prob` per example (`num_groups` unused).
+  `fixed_count` (opt-in): in each of `num_groups` contiguous groups, a uniformly random subset of exactly
+  `num_self_conditioned(B / num_groups, prob)` examples, so that the x_sc = 0 pass can run on a static-shape subset.
+  """
+  if draw == "bernoulli":
+    return jax.random.bernoulli(rng, prob, (batch_size,))
+  if draw == "fixed_count":
+    n = batch_size // num_groups
+    rank = jnp.argsort(jnp.argsort(jax.random.uniform(rng, (num_groups, n)), axis=-1), axis=-1)
+    return (rank < num_self_conditioned(n, prob)).reshape(batch_size)
+  raise ValueError(f"flow.self_cond_draw={draw!r}: expected 'bernoulli' or 'fixed_count'")
 
 
 def interpolate(x0, eps, t, sigma: float):

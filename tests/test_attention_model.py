@@ -7,7 +7,6 @@ import numpy as np
 import optax
 import pytest
 
-from elf_jax import flow
 from elf_jax.config import base_config
 from elf_jax.model.elf import ELF, ModelConfig, init_params
 from elf_jax.model.latents import build_encoder
@@ -123,11 +122,11 @@ def test_sharded_train_step_with_pallas_matches_single_device_xla(setup, single_
   state = _state(models["pallas"], optimizer, params, shardings)
   traced = step.trace(state, enc_params, batch)
   # The kernel (forward, dQ, dK/dV) runs per shard: each of its calls sees one coin group's rows (groups are
-  # split over data x fsdp by the loss's shard_map, or mapped over on one batch shard) — or, in the x_sc = 0 pass,
-  # the group's self-conditioned rows — and HEADS / tensor heads.
+  # split over data x fsdp by the loss's shard_map, or mapped over on one batch shard) — or, in the x_sc = 0 pass
+  # of the opt-in fixed_count self-conditioning draw, the group's self-conditioned rows — and HEADS / tensor heads.
   local = _pallas_operand_shapes(traced.jaxpr.jaxpr)
   group = B // GROUPS
-  rows = {group, flow.num_self_conditioned(group, c.flow.self_cond_prob)}
+  rows = {group, L.self_cond_pass_rows(group, L.FlowConfig.from_config(c))}
   assert local and {s[:2] for s in local} == {(r, HEADS // shape[2]) for r in rows}, local
   got_state, got = traced.lower().compile()(state, enc_params, batch)
 

@@ -1,4 +1,6 @@
-"""The training objective: flow math by hand, the guided target, stop-gradients, branch skipping, clean conditions."""
+"""The training objective: flow math by hand, the guided target, stop-gradients, self-conditioning draws, branch
+skipping, what each network pass sees (clean conditions, no padding mask). Parity with the reference train step
+itself: tests/test_reference_objective.py."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -35,13 +37,19 @@ def test_guidance_scale_and_time_distributions():
     flow.time_grid(8, "logit_normal")
 
 
-def test_self_conditioned_subset_has_a_fixed_size_per_group():
-  draws = jnp.stack([flow.sample_self_cond(jax.random.key(i), 12, 3, 0.5) for i in range(400)])  # (400, 12)
-  np.testing.assert_array_equal(draws.reshape(400, 3, 4).sum(-1), 2)  # exactly 2 of each group of 4
-  np.testing.assert_allclose(draws.mean(0), 0.5, atol=0.1)  # every position equally likely
+def test_self_conditioning_draws():
+  bern = jnp.stack([flow.sample_self_cond(jax.random.key(i), 12, 12, 0.5) for i in range(400)])  # (400, 12)
+  np.testing.assert_allclose(bern.mean(0), 0.5, atol=0.1)  # one coin per example: groups of one included
+  assert len(set(np.asarray(bern.sum(-1)).tolist())) > 3  # the count varies from draw to draw
+  fixed = jnp.stack([flow.sample_self_cond(jax.random.key(i), 12, 3, 0.5, "fixed_count") for i in range(400)])
+  np.testing.assert_array_equal(fixed.reshape(400, 3, 4).sum(-1), 2)  # exactly 2 of each group of 4
+  np.testing.assert_allclose(fixed.mean(0), 0.5, atol=0.1)  # every position equally likely
   assert flow.num_self_conditioned(5, 0.5) in (2, 3) and flow.num_self_conditioned(8, 0.0) == 0
-  assert not bool(flow.sample_self_cond(jax.random.key(0), 8, 2, 0.0).any())
-  assert bool(flow.sample_self_cond(jax.random.key(0), 8, 2, 1.0).all())
+  for draw in ("bernoulli", "fixed_count"):
+    assert not bool(flow.sample_self_cond(jax.random.key(0), 8, 2, 0.0, draw).any())
+    assert bool(flow.sample_self_cond(jax.random.key(0), 8, 2, 1.0, draw).all())
+  with pytest.raises(ValueError, match="self_cond_draw"):
+    flow.sample_self_cond(jax.random.key(0), 8, 2, 0.5, "half")
 
 
 def _model_and_params(seed=0):
@@ -63,28 +71,32 @@ def _batch(b=4, s=6, cond_len=0, seed=3):
               valid=valid, cond_mask=cond, loss_mask=valid & ~cond)
 
 
-@pytest.mark.parametrize("prob,self_cond", [(0.5, [True, False, True, False]), (0.5, [False, True, False, True]),
-                                             (0.0, [False] * 4), (1.0, [True] * 4)])
-def test_denoiser_loss_and_gradients_match_independent_computation(prob, self_cond):
-  """Loss value and gradient equal a plain computation in which the guidance target and the self-conditioning
-  input are constants from separate full-batch passes (three passes, as the reference runs them)."""
+@pytest.mark.parametrize("draw,prob,self_cond", [
+    ("bernoulli", 0.5, [True, False, False, False]), ("bernoulli", 0.5, [False] * 4),
+    ("bernoulli", 0.5, [True] * 4), ("fixed_count", 0.5, [False, True, False, True]),
+    ("fixed_count", 0.0, [False] * 4), ("fixed_count", 1.0, [True] * 4)])
+def test_denoiser_loss_and_gradients_match_independent_computation(draw, prob, self_cond):
+  """Loss value and gradient equal the reference's plain computation: separate full-batch passes for the
+  self-conditioning input, v_uncond and v_cond (whose input restores the clean condition into x̂_uncond on every
+  row), no padding mask, the guidance term kept on self-conditioned rows only."""
   model, params = _model_and_params()
   batch = _batch(cond_len=2)
-  fc = L.FlowConfig(self_cond_prob=prob)
+  fc = L.FlowConfig(self_cond_prob=prob, self_cond_draw=draw)
   noise = L.draw_noise(jax.random.key(7), 4, 6, C, fc, 1)
   noise["self_cond"] = jnp.array(self_cond)
 
   t, w, x0 = noise["t"], noise["w"], batch["x0"]
   cond = batch["cond_mask"][..., None]
-  z = np.where(cond, x0, flow.interpolate(x0, noise["eps"], t, fc.denoiser_noise_scale))
-  run = lambda p, x_sc: model.apply({"params": p}, jnp.concatenate([z, x_sc], -1), t, w, batch["valid"])
+  clean = lambda x: np.where(cond, x0, x)
+  z = clean(flow.interpolate(x0, noise["eps"], t, fc.denoiser_noise_scale))
+  run = lambda p, x_sc: model.apply({"params": p}, jnp.concatenate([z, x_sc], -1), t, w)
   vel = lambda x: flow.velocity(x, z, t, fc.t_eps)
-  x_a = np.asarray(run(params, np.zeros_like(z)))  # first self-conditioning pass == v_uncond pass
-  x_sc = np.where(noise["self_cond"][:, None, None], x_a, 0.0)
-  x_b = np.asarray(run(params, x_sc))  # v_cond pass
+  use_sc = noise["self_cond"][:, None, None]
+  x_a = np.asarray(run(params, clean(np.zeros_like(z))))  # first self-conditioning pass == v_uncond pass
+  x_sc = clean(np.where(use_sc, x_a, 0.0))
+  x_b = np.asarray(run(params, clean(x_a)))  # v_cond pass
   w_ = np.asarray(w)[:, None, None]
-  target = np.where(noise["self_cond"][:, None, None], vel(x0) + (1 - 1 / w_) * (vel(x_b) - vel(x_a)), vel(x0))
-  target = np.asarray(target)
+  target = np.asarray(np.where(use_sc, vel(x0) + (1 - 1 / w_) * (vel(x_b) - vel(x_a)), vel(x0)))
 
   def reference(p):
     err = jnp.mean(jnp.square(vel(run(p, x_sc)) - target), -1)
@@ -99,35 +111,43 @@ def test_denoiser_loss_and_gradients_match_independent_computation(prob, self_co
 
 
 class SpyELF(ELF):
-  """ELF that reports (decode flag, network input) of every evaluation that actually runs."""
+  """ELF that reports (decode flag, network input, whether a padding mask was given) of every evaluation that runs."""
 
   def __call__(self, x, t, w, mask=None, *, decode=False, deterministic=True):
-    jax.debug.callback(lambda xx: CALLS.append((decode, np.asarray(xx))), x)
+    jax.debug.callback(lambda xx: CALLS.append((decode, np.asarray(xx), mask is not None)), x)
     return super().__call__(x, t, w, mask, decode=decode, deterministic=deterministic)
 
 
 CALLS = []
 
 
-@pytest.mark.parametrize("coins", [(True, True), (False, True), (False, False)])
-def test_decoding_groups_skip_self_conditioning_passes(coins):
+@pytest.mark.parametrize("coins,draw", [((True, True), "bernoulli"), ((False, True), "bernoulli"),
+                                        ((False, False), "bernoulli"), ((False, True), "fixed_count")])
+def test_passes_per_branch_and_what_they_see(coins, draw):
   _, params = _model_and_params()
   spy = SpyELF(ModelConfig(latent_dim=C, hidden_size=32, depth=2, num_heads=4, bottleneck_dim=8, vocab_size=11))
   batch = _batch(b=4, cond_len=2)
-  fc = L.FlowConfig()
+  fc = L.FlowConfig(self_cond_draw=draw)
   noise = L.draw_noise(jax.random.key(0), 4, 6, C, fc, num_groups=2)
   noise["group_decode"] = jnp.array(coins)
   CALLS.clear()
   jax.block_until_ready(jax.jit(lambda p: L.grouped_loss(spy, p, batch, noise, fc))(params))
   jax.effects_barrier()
   n_dec = sum(coins)
-  assert sorted(d for d, _ in CALLS) == [False] * (2 * (2 - n_dec)) + [True] * n_dec
-  # A denoising group of 2 runs its x_sc = 0 pass on its one self-conditioned example, then the full group.
-  assert sorted(len(x) for d, x in CALLS if not d) == sorted([1, 2] * (2 - n_dec))
-  # Condition latents are never noised: the z half of every input row equals some example's x0 there.
-  for _, x in CALLS:
-    for row in x[:, :2, :C]:
-      assert any(np.array_equal(row, clean) for clean in np.asarray(batch["x0"][:, :2]))
+  assert sorted(d for d, _, _ in CALLS) == [False] * (2 * (2 - n_dec)) + [True] * n_dec
+  assert not any(masked for _, _, masked in CALLS)  # no key-padding mask, as the reference trains
+  # A denoising group of 2 runs its x_sc = 0 pass on the whole group (bernoulli) or on its one self-conditioned
+  # example (fixed_count), then the main pass on the whole group.
+  first = 2 if draw == "bernoulli" else 1
+  assert sorted(len(x) for d, x, _ in CALLS if not d) == sorted([first, 2] * (2 - n_dec))
+  clean = np.asarray(batch["x0"][:, :2])
+  for decode, x, _ in CALLS:
+    for row in x:
+      if decode:  # every position noised, the condition's too; an all-zero self-conditioning half
+        assert not any(np.array_equal(row[:2, :C], c) for c in clean)
+        assert not row[:, C:].any()
+      else:  # both halves hold the clean condition latent at condition positions
+        assert any(np.array_equal(row[:2, :C], c) and np.array_equal(row[:2, C:], c) for c in clean)
 
 
 def test_loss_fn_metrics_and_group_coins():

@@ -1,17 +1,27 @@
-"""The ELF training objective (spec §2-4): denoiser branch with trained self-conditioning guidance, decoder branch.
+"""The ELF training objective (spec §2-4), the reference train step's: denoiser branch with trained
+self-conditioning guidance, decoder branch.
 
 The global batch is split into `num_groups` contiguous groups; each group is either a denoising or a decoding step,
 by a coin with probability `decoder_prob` (the reference draws one coin per device). A group evaluates only its own
 branch (`lax.cond`), so decoding groups never run the self-conditioning passes. The loss is the mean over groups of
 each group's masked-mean loss.
 
-Cost of a denoising group: one no-gradient pass with x_sc = 0 over its self-conditioned examples only (it is both
-the first self-conditioning pass and the v_uncond pass of the guidance target; the other examples use neither)
-plus one forward/backward. For self-conditioned examples the main pass input concat[z_t, stopgrad(x̂_uncond)] is
-exactly the v_cond pass input, so v_cond is the stop-gradient of the main pass's own prediction (a separate
-deterministic pass is run instead when dropout is active). Each group self-conditions exactly
-round(self_cond_prob · group size) random examples (`flow.sample_self_cond`), so that pass has a static shape: with
-the reference's 0.5 it is half a forward pass, against the reference's three full ones.
+As in the reference: the network gets no key-padding mask (padding is attended to; `loss_mask` decides what
+counts); condition positions hold the clean condition latent both in z and in the self-conditioning half of every
+denoiser pass; the decoder branch noises every position, the condition's too, with an all-zero self-conditioning
+half at t = 1.
+
+Cost of a denoising group: one no-gradient pass with x_sc = 0 (it is both the reference's first self-conditioning
+pass and its v_uncond pass, which are the same computation) plus one forward/backward. For a self-conditioned
+example the main pass input concat[z_t, x_sc] is exactly the reference's v_cond pass input, so v_cond is the
+stop-gradient of the main pass's own prediction (a separate deterministic pass is run instead when dropout is
+active); the other examples use no guidance term. The reference runs three no-gradient passes.
+
+Self-conditioning coins (`flow.self_cond_draw`): `bernoulli` (default, the reference's objective) is one coin per
+example with probability `self_cond_prob`; the x_sc = 0 pass runs over the whole group (a static shape).
+`fixed_count` (opt-in, a different objective) self-conditions exactly round(self_cond_prob · group size) random
+examples of each group and runs the x_sc = 0 pass on those rows only (half a pass at 0.5); it never
+self-conditions a group of one example when self_cond_prob ≤ 0.5.
 
 All randomness is drawn for the whole global batch by `draw_noise` before the per-group programs run, so the
 result depends only on the seed — not on how the batch is sharded.
@@ -43,6 +53,7 @@ class FlowConfig:
   decoder_m_mean: float = 0.8
   decoder_m_std: float = 0.8
   label_drop_prob: float = 0.1
+  self_cond_draw: str = "bernoulli"
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "FlowConfig":
@@ -52,14 +63,15 @@ class FlowConfig:
 
 def draw_noise(rng, batch_size: int, seq_len: int, latent_dim: int, fc: FlowConfig, num_groups: int,
                conditional: bool = False) -> dict[str, jax.Array]:
-  """Every random quantity of one training step, for the whole global batch.
+  """Every random quantity of one training step, for the whole global batch (the reference's draws, one to one).
 
-  Returns eps (B,S,C) Gaussian noise; t (B,) times; w (B,) guidance scales; self_cond (B,) bool;
-  decoder_lambda (B,S) per-token decoder signal level; drop_condition (B,) bool (label dropping, conditional
-  tasks only); group_decode (G,) bool, the decoder coin per group; dropout (key) for dropout masks. self_cond
-  holds exactly `flow.num_self_conditioned(B / num_groups, self_cond_prob)` examples per group.
+  Returns eps (B,S,C) unit Gaussian denoiser noise (the path scales it by `denoiser_noise_scale`); t (B,) times;
+  w (B,) guidance scales; self_cond (B,) bool (`flow.sample_self_cond` with `fc.self_cond_draw`); decoder_lambda
+  (B,S) per-token decoder signal level; decoder_noise (B,S,C) decoder noise, already × `decoder_noise_scale`;
+  drop_condition (B,) bool (label dropping, conditional tasks only); group_decode (G,) bool, the decoder coin per
+  group; dropout (key) for dropout masks.
   """
-  names = ("eps", "t", "w", "self_cond", "lambda", "drop", "coin", "dropout")
+  names = ("eps", "t", "w", "self_cond", "lambda", "decoder_noise", "drop", "coin", "dropout")
   k = dict(zip(names, jax.random.split(rng, len(names))))
   b, s, c = batch_size, seq_len, latent_dim
   drop = jax.random.bernoulli(k["drop"], fc.label_drop_prob, (b,)) if conditional else jnp.zeros((b,), bool)
@@ -67,8 +79,9 @@ def draw_noise(rng, batch_size: int, seq_len: int, latent_dim: int, fc: FlowConf
       eps=jax.random.normal(k["eps"], (b, s, c)),
       t=flow.sample_time(k["t"], (b,), fc.time_schedule, fc.P_mean, fc.P_std),
       w=flow.sample_guidance_scale(k["w"], (b,), fc.guidance_min, fc.guidance_max),
-      self_cond=flow.sample_self_cond(k["self_cond"], b, num_groups, fc.self_cond_prob),
+      self_cond=flow.sample_self_cond(k["self_cond"], b, num_groups, fc.self_cond_prob, fc.self_cond_draw),
       decoder_lambda=jax.nn.sigmoid(fc.decoder_m_mean + fc.decoder_m_std * jax.random.normal(k["lambda"], (b, s))),
+      decoder_noise=fc.decoder_noise_scale * jax.random.normal(k["decoder_noise"], (b, s, c)),
       drop_condition=drop,
       group_decode=jax.random.bernoulli(k["coin"], fc.decoder_prob, (num_groups,)),
       dropout=k["dropout"],
@@ -79,32 +92,51 @@ def _per_token_sq_error(pred, target):
   return jnp.mean(jnp.square(pred - target), axis=-1)
 
 
-def denoiser_loss(model: ELF, params, batch, noise, fc: FlowConfig, dropout_rng):
-  """Flow-matching loss of one group (spec §2-3). batch: x0 (b,S,C), valid, cond_mask, loss_mask (b,S).
+def _apply(model: ELF, params, z, x_sc, t, w, decode=False, dropout_rng=None):
+  """The network on concat[z, x_sc] without a key-padding mask (as the reference trains); dropout iff a key is
+  given and the model has dropout."""
+  dropout = dropout_rng is not None and model.config.dropout_rate > 0
+  return model.apply({"params": params}, jnp.concatenate([z, x_sc], -1), t, w, None, decode=decode,
+                     deterministic=not dropout, rngs={"dropout": dropout_rng} if dropout else None)
 
-  noise["self_cond"] (b,) must mark exactly `flow.num_self_conditioned(b, fc.self_cond_prob)` examples.
+
+def self_cond_pass_rows(group_size: int, fc: FlowConfig) -> int:
+  """How many rows of a denoising group the no-gradient x_sc = 0 pass runs on (static): all of them
+  (`bernoulli`), the self-conditioned ones (`fixed_count`), none when `self_cond_prob` is 0."""
+  if fc.self_cond_draw == "fixed_count":
+    return flow.num_self_conditioned(group_size, fc.self_cond_prob)
+  return group_size if fc.self_cond_prob > 0 else 0
+
+
+def denoiser_loss(model: ELF, params, batch, noise, fc: FlowConfig, dropout_rng):
+  """Flow-matching loss of one group (spec §2-3). batch: x0 (b,S,C), cond_mask, loss_mask (b,S).
+
+  With `fc.self_cond_draw == "fixed_count"`, noise["self_cond"] (b,) must mark exactly
+  `flow.num_self_conditioned(b, fc.self_cond_prob)` examples.
   """
   x0, cond = batch["x0"], batch["cond_mask"][..., None]
-  t, w, valid = noise["t"], noise["w"], batch["valid"]
-  z = jnp.where(cond, x0, flow.interpolate(x0, noise["eps"], t, fc.denoiser_noise_scale))  # condition kept clean
+  t, w, self_cond = noise["t"], noise["w"], noise["self_cond"]
+  clean_cond = lambda x: jnp.where(cond, x0, x)  # the clean condition latent at condition positions
+  z = clean_cond(flow.interpolate(x0, noise["eps"], t, fc.denoiser_noise_scale))
   v = flow.velocity(x0, z, t, fc.t_eps)
 
-  apply = lambda x_sc, **kw: model.apply({"params": params}, jnp.concatenate([z, x_sc], -1), t, w, valid, **kw)
-  # The x_sc = 0 pass over the self-conditioned examples only. x_uncond stays zero on the others, so it is also
-  # the self-conditioning input x_sc of every example (x̂_uncond where self-conditioned, else 0).
+  # x̂ of the no-gradient x_sc = 0 pass (zero on rows it skips): the first self-conditioning pass and v_uncond.
+  b = z.shape[0]
+  num_rows = self_cond_pass_rows(b, fc)
   x_uncond = jnp.zeros_like(z)
-  num_sc = flow.num_self_conditioned(z.shape[0], fc.self_cond_prob)
-  if num_sc:
-    rows = jnp.argsort(~noise["self_cond"], stable=True)[:num_sc]
-    z_rows = z[rows]
-    x_rows = model.apply({"params": params}, jnp.concatenate([z_rows, jnp.zeros_like(z_rows)], -1), t[rows],
-                         w[rows], None if valid is None else valid[rows])
+  if num_rows == b:
+    x_uncond = jax.lax.stop_gradient(_apply(model, params, z, clean_cond(jnp.zeros_like(z)), t, w))
+  elif num_rows:  # fixed_count: only the self-conditioned rows
+    rows = jnp.argsort(~self_cond, stable=True)[:num_rows]
+    x_sc_rows = jnp.where(cond[rows], x0[rows], 0.0)
+    x_rows = _apply(model, params, z[rows], x_sc_rows, t[rows], w[rows])
     x_uncond = x_uncond.at[rows].set(jax.lax.stop_gradient(x_rows))
-  use_sc = noise["self_cond"][:, None, None]
-  x_sc = x_uncond
-  dropout = model.config.dropout_rate > 0
-  x_hat = apply(x_sc, deterministic=not dropout, rngs={"dropout": dropout_rng} if dropout else None)
-  x_cond = jax.lax.stop_gradient(apply(x_sc) if dropout else x_hat)
+  use_sc = self_cond[:, None, None]
+  x_sc = clean_cond(jnp.where(use_sc, x_uncond, 0.0))
+  x_hat = _apply(model, params, z, x_sc, t, w, dropout_rng=dropout_rng)
+  # For self-conditioned rows [z, x_sc] is the v_cond pass input; without dropout that pass is the main one.
+  x_cond = x_hat if model.config.dropout_rate == 0 else _apply(model, params, z, x_sc, t, w)
+  x_cond = jax.lax.stop_gradient(x_cond)
 
   v_uncond = flow.velocity(x_uncond, z, t, fc.t_eps)
   v_cond = flow.velocity(x_cond, z, t, fc.t_eps)
@@ -114,14 +146,15 @@ def denoiser_loss(model: ELF, params, batch, noise, fc: FlowConfig, dropout_rng)
 
 
 def decoder_loss(model: ELF, params, batch, noise, fc: FlowConfig, dropout_rng):
-  """Token cross-entropy of one group decoded at t = 1 from a partially noised x0 (spec §4)."""
-  x0, cond = batch["x0"], batch["cond_mask"][..., None]
+  """Token cross-entropy of one group decoded at t = 1 from a partially noised x0 (spec §4).
+
+  Every position is noised, the condition's too, and the self-conditioning half is all zeros (as the reference).
+  """
+  del fc  # the decoder noise is drawn already scaled
   lam = noise["decoder_lambda"][..., None]
-  z = jnp.where(cond, x0, lam * x0 + (1.0 - lam) * fc.decoder_noise_scale * noise["eps"])
-  x = jnp.concatenate([z, jnp.zeros_like(z)], -1)
-  dropout = model.config.dropout_rate > 0
-  logits = model.apply({"params": params}, x, jnp.ones_like(noise["t"]), noise["w"], batch["valid"], decode=True,
-                       deterministic=not dropout, rngs={"dropout": dropout_rng} if dropout else None)
+  z = lam * batch["x0"] + (1.0 - lam) * noise["decoder_noise"]
+  logits = _apply(model, params, z, jnp.zeros_like(z), jnp.ones_like(noise["t"]), noise["w"], decode=True,
+                  dropout_rng=dropout_rng)
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   nll = -jnp.take_along_axis(logp, batch["ids"][..., None], axis=-1)[..., 0]
   return flow.masked_mean(nll, batch["loss_mask"])
@@ -172,7 +205,7 @@ def loss_fn(params, batch, rng, *, model: ELF, fc: FlowConfig, num_groups: int =
   """Single-program ELF loss: (params, batch, rng) → (loss, metrics); ready for jax.jit / jax.grad.
 
   batch: x0 (B,S,C) normalised latents (condition latents already zeroed for dropped examples), ids (B,S) int32,
-  valid / cond_mask / loss_mask (B,S) bool. The sharded train step runs `grouped_loss` per batch shard instead.
+  cond_mask / loss_mask (B,S) bool (the network gets no padding mask; loss_mask says which positions count). The sharded train step runs `grouped_loss` per batch shard instead.
   """
   b, s, c = batch["x0"].shape
   noise = draw_noise(rng, b, s, c, fc, num_groups)
