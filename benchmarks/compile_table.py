@@ -18,13 +18,13 @@ import traceback
 import jax
 
 from elf_jax.parallel import aot
+from elf_jax.parallel import hbm
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "configs")
 sys.path.insert(0, CONFIGS)
 import owt_b  # noqa: E402  (configs are plain modules; owt_b holds the B / M / L recipe)
 
 SIZES = (("ELF-B", "b"), ("ELF-M", "m"), ("ELF-L", "l"))
-_GIB = 1 << 30
 
 
 def _version(package: str) -> str:
@@ -36,16 +36,18 @@ def _version(package: str) -> str:
 
 def _row(name: str, remat: str, report: aot.CompileReport | None, seconds: float, error: str = "") -> str:
   if report is None:
-    return f"| {name} | {remat} | — | — | — | — | — | — | — | — | {seconds:.0f} | failed: `{error}` |"
-  gib = lambda b: f"{b / _GIB:.2f}"
+    return f"| {name} | {remat} |" + " — |" * 9 + f" {seconds:.0f} | failed: `{error}` |"
+  gib = lambda b: f"{b / hbm.GIB:.2f}"
+  m, headroom = report.memory, report.headroom_percent
   mesh = "×".join(str(v) for v in report.mesh_shape.values())
-  return (f"| {name} | {remat} | {report.num_params / 1e6:.1f}M | {mesh} | {gib(report.argument_bytes)} | "
-          f"{gib(report.output_bytes)} | {gib(report.temp_bytes)} | {gib(report.code_bytes)} | "
-          f"{gib(report.total_bytes)} | {report.flops / 1e12:.2f} | {seconds:.0f} | ok |")
+  return (f"| {name} | {remat} | {report.num_params / 1e6:.1f}M | {mesh} | {gib(m.argument_bytes)} | "
+          f"{gib(m.output_bytes)} | {gib(m.temp_bytes)} | {gib(m.code_bytes)} | {gib(m.total_bytes)} | "
+          f"{'—' if headroom is None else f'{headroom:.0f}%'} | {report.flops / 1e12:.2f} | {seconds:.0f} | "
+          f"{'ok' if headroom is None or headroom >= 0 else 'does not fit'} |")
 
 
-_TABLE_HEAD = ("| model | remat | params | mesh | arguments | outputs | temporaries | code | total | TFLOPs/chip "
-               "| compile s | status |\n" + "|---" * 12 + "|")
+_TABLE_HEAD = ("| model | remat | params | mesh | arguments | outputs | temporaries | code | total | HBM headroom "
+               "| TFLOPs/chip | compile s | status |\n" + "|---" * 13 + "|")
 
 
 def _start(path: str, topology: str, command: str, append: bool) -> None:
@@ -67,7 +69,8 @@ def _start(path: str, topology: str, command: str, append: bool) -> None:
       "One micro-step of `elf_jax.train.step.make_train_step` (declared in/out shardings, donated state) at the",
       "reference global batch 512 × 1024 tokens, Muon, float32 (configs/owt_{b,m,l}.py). Memory is per chip in GiB",
       "from XLA's `memory_analysis()`; total = arguments + outputs − outputs aliased to the donated state +",
-      "temporaries + generated code. TFLOPs are per chip per step from XLA's `cost_analysis()` (the encoder, the",
+      "temporaries + generated code; HBM headroom = the share of the chip's HBM (`elf_jax.parallel.hbm`) the",
+      "total leaves free. TFLOPs are per chip per step from XLA's `cost_analysis()` (the encoder, the",
       "flow network's forward/backward and the self-conditioning pass; XLA counts a `lax.cond` once per branch it",
       "compiles). Mesh = data × fsdp × tensor; remat = `model.remat` (activation checkpointing per block).",
       "",
@@ -88,6 +91,8 @@ def main():
   parser.add_argument("--mesh_preset", default="", help="elf_jax.parallel.mesh preset; default: the slice's own")
   parser.add_argument("--sizes", default="b,m,l", help="comma-separated subset of b,m,l, compiled in this order")
   parser.add_argument("--remat", default="none", help="model.remat for every size: none | full | dots_saveable")
+  parser.add_argument("--attention_impl", default="", help="model.attention_impl for every size: xla | pallas | "
+                      "auto; default: the config's")
   parser.add_argument("--append", action="store_true", help="add the rows (and this command) to an existing --out")
   parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                     "compile_v5p64.md"))
@@ -104,6 +109,7 @@ def main():
     config = owt_b.get_config(size)
     config.mesh.preset = args.mesh_preset
     config.model.remat = args.remat
+    config.model.attention_impl = args.attention_impl or config.model.attention_impl
     start = time.perf_counter()
     try:
       report, error = aot.compile_for_topology(config, args.topology), ""

@@ -160,6 +160,9 @@ def base_config() -> ml_collections.ConfigDict:
   h.preset = ""  # v5p-64 | v5p-64-fsdp | gpu | gpu-fsdp | cpu-8 (elf_jax/parallel/mesh.py); overrides the sizes
   h.rules = SHARDING_RULES  # logical axis → mesh axis table (elf_jax/parallel/sharding.py)
   h.compile_topology = ""  # --mode=compile: e.g. v5p-64
+  # Per-chip memory budget (GiB) that --mode=compile and a training run (before its first step) check the compiled
+  # step against; 0 = the chip's own HBM (no check on CPU). Set it to plan for a smaller chip (elf_jax/parallel/hbm.py).
+  h.hbm_limit_gib = 0.0
 
   c.checkpoint = k = ml_collections.ConfigDict()
   k.every_steps = 1000
@@ -226,5 +229,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   need(s.grid in ("uniform", "logit_normal"), f"sample.grid={s.grid!r}: expected 'uniform' or 'logit_normal'")
   need(s.steps >= 1, f"sample.steps={s.steps} must be >= 1")
   need(s.gamma >= 0, f"sample.gamma={s.gamma} must be >= 0")
+  need(config.mesh.hbm_limit_gib >= 0, f"mesh.hbm_limit_gib={config.mesh.hbm_limit_gib} must be >= 0 (0 = the chip's "
+       "own HBM)")
   if problems:
     raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))

@@ -1,16 +1,33 @@
-"""Ahead-of-time compilation of the real train step: the same path as --mode=compile, on the 8 CPU devices (no
-libtpu needed), and clear errors for unknown slices."""
+"""Ahead-of-time compilation of the real train step (--mode=compile): on the 8 CPU devices, for a small TPU v5p slice
+with the Pallas attention kernel (libtpu as the compiler), the per-chip headroom against HBM, and the one message
+that names the knobs when a step does not fit, in --mode=compile and in a training run before its first step."""
+import dataclasses
 import os
+import re
 import sys
 
-import jax
-import pytest
+# libtpu takes a host-wide lock when it loads; compiling touches no TPU, so share it with other processes.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
-from elf_jax.config import ConfigError
-from elf_jax.parallel import aot
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+
+from elf_jax.config import ConfigError  # noqa: E402
+from elf_jax.parallel import aot  # noqa: E402
+from elf_jax.parallel import hbm  # noqa: E402
+from elf_jax.parallel import mesh as mesh_lib  # noqa: E402
+from elf_jax.parallel.mesh import make_mesh  # noqa: E402
+from elf_jax.train import loop  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "configs"))
 import tiny  # noqa: E402
+
+BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # jax.monitoring: one per XLA compile
+KNOBS = ("--config.model.remat=full", "--config.mesh.fsdp=N", "--config.model.compute_dtype=bfloat16",
+         "--config.optim.grad_accum_steps=N")
 
 
 def _tiny_config():
@@ -21,25 +38,36 @@ def _tiny_config():
   return c
 
 
+def _assert_names_the_knobs(message: str):
+  assert "Traceback" not in message and "RESOURCE_EXHAUSTED" not in message
+  for knob in KNOBS:
+    assert knob in message, (knob, message)
+
+
 def test_compile_on_cpu_mesh_reports_memory_and_flops():
-  report = aot.compile_train_step(_tiny_config(), jax.devices()[:8], topology="cpu-8")
+  c = _tiny_config()
+  c.mesh.hbm_limit_gib = 0.5  # an injected budget; a CPU has none of its own
+  report = aot.compile_train_step(c, jax.devices()[:8], topology="cpu-8")
   assert report.mesh_shape == {"data": 2, "fsdp": 2, "tensor": 2}
   assert report.batch_shape == (16, 16)
   assert report.num_params > 0 and report.flops > 0
-  assert report.argument_bytes > 0 and report.output_bytes > 0 and report.temp_bytes > 0
+  m = report.memory
+  assert m.argument_bytes > 0 and m.output_bytes > 0 and m.temp_bytes > 0
   # The state is donated: every output buffer but the (small, replicated) metrics aliases an argument.
-  assert 0 < report.alias_bytes <= report.output_bytes
-  assert report.total_bytes == (report.argument_bytes + report.output_bytes - report.alias_bytes +
-                                report.temp_bytes + report.code_bytes)
-  assert "per-chip memory" in report.describe()
+  assert 0 < m.alias_bytes <= m.output_bytes
+  assert m.total_bytes == m.argument_bytes + m.output_bytes - m.alias_bytes + m.temp_bytes + m.code_bytes
+  assert report.budget_bytes == hbm.GIB // 2
+  assert report.headroom_percent == pytest.approx(100 * (1 - m.total_bytes / (hbm.GIB / 2)))
+  assert re.search(r"total +[\d.]+ GiB of 0\.500 GiB HBM: \d+\.\d% headroom", report.describe()), report.describe()
+  assert "HBM" not in dataclasses.replace(report, budget_bytes=None).describe()  # no budget, no percentage
 
 
 def test_unknown_topology_is_a_clear_error():
-  with pytest.raises(ValueError, match=r"unknown compile topology 'v5p-63'.*v5p-64"):
+  with pytest.raises(ConfigError, match=r"unknown compile topology 'v5p-63'.*v5p-64"):
     aot.topology_devices("v5p-63")
   c = _tiny_config()
   c.mesh.compile_topology = ""
-  with pytest.raises(ConfigError, match="compile_topology"):
+  with pytest.raises(SystemExit, match="^error: --mode=compile needs a target slice.*compile_topology"):
     aot.main(c)
 
 
@@ -47,3 +75,110 @@ def test_topology_names():
   assert aot.TOPOLOGIES["v5p-64"] == "v5p:2x4x4"  # 32 chips
   assert aot.TOPOLOGIES["v5p-8"] == "v5p:2x2x1"  # 4 chips
   assert aot.TOPOLOGIES["v5p-128"] == "v5p:4x4x4"  # 64 chips
+
+
+@pytest.fixture(scope="module")
+def v5p_pallas():
+  """The tiny train step with the Pallas attention, compiled for v5p-8 (4 chips) on a data=2 x tensor=2 mesh: the
+  loss's shard_map makes "data" manual, so the kernel sits inside it with "fsdp" (size 1) and "tensor" free."""
+  c = _tiny_config()
+  c.model.attention_impl = "pallas"
+  c.mesh.update(data=2, fsdp=1, tensor=2)
+  return c, aot.compile_for_topology(c, "v5p-8")
+
+
+def test_pallas_train_step_compiles_for_a_v5p_slice(v5p_pallas):
+  _, report = v5p_pallas
+  assert (report.num_devices, report.device_kind) == (4, "TPU v5")
+  assert report.mesh_shape == {"data": 2, "fsdp": 1, "tensor": 2}
+  assert report.flops > 0 and report.memory.total_bytes > 0
+  assert report.budget_bytes == int(hbm.TPU_HBM_GIB["TPU v5"] * hbm.GIB)
+  assert 99 < report.headroom_percent < 100
+  assert re.search(r"total +[\d.]+ GiB of 95\.730 GiB HBM: \d+\.\d% headroom", report.describe()), report.describe()
+
+
+def test_compile_mode_prints_headroom_and_stops_with_the_knobs_when_over(v5p_pallas, monkeypatch, capsys):
+  c, report = v5p_pallas
+  c.mesh.compile_topology = "v5p-8"
+  monkeypatch.setattr(aot, "compile_for_topology", lambda config, name: report)
+  assert aot.main(c) is report
+  assert "headroom" in capsys.readouterr().out
+  over = dataclasses.replace(report, budget_bytes=report.memory.total_bytes // 2)
+  monkeypatch.setattr(aot, "compile_for_topology", lambda config, name: over)
+  with pytest.raises(SystemExit) as exit_info:
+    aot.main(c)
+  assert "does not fit, 100.0% over" in capsys.readouterr().out
+  message = str(exit_info.value.code)
+  assert message.startswith("error: the train step does not fit in one TPU v5 chip: it needs ")
+  assert "(100% over)" in message
+  _assert_names_the_knobs(message)
+  assert "[model.remat=none]" in message and "[mesh data=2 fsdp=1 tensor=2]" in message
+
+
+def test_xla_out_of_memory_becomes_the_knobs_message():
+  """XLA's own compile-time check (RESOURCE_EXHAUSTED: CompileTimeHbmOom) on a program with 256 GiB of
+  temporaries for one v5p chip."""
+  mesh = make_mesh(dict(data=1, fsdp=1, tensor=1), aot.topology_devices("v5p-8")[:1])
+  x = jax.ShapeDtypeStruct((1 << 18,), jnp.float32, sharding=NamedSharding(mesh, P()))
+  lowered = jax.jit(lambda x: x[:, None] * x[None, :]).lower(x)
+  with pytest.raises(hbm.DoesNotFitError) as error:
+    hbm.compile_or_explain(lowered, _tiny_config(), mesh)
+  message = str(error.value)
+  assert message.startswith("the train step does not fit in one TPU v5 chip: it needs 256.00 GiB per chip for "
+                            "HLO temporaries but the budget is 95.73 GiB (167% over)"), message
+  _assert_names_the_knobs(message)
+
+
+def _small_run_config(**mesh):
+  """configs/tiny.py shrunk to a 1-block width-32 model, batch 8, 2 steps, on the 8 CPU devices."""
+  c = tiny.get_config()
+  c.model.update(hidden_size=32, depth=1, num_heads=2, bottleneck_dim=16)
+  c.encoder.update(dim=16, random_num_layers=1, random_num_heads=2, random_d_kv=8, random_d_ff=32,
+                   measure_latent_stats=False)
+  c.flow.decoder_groups = -1
+  c.data.synthetic_num_sentences = 200
+  c.optim.update(global_batch_size=8, num_steps=2, warmup_steps=1)
+  c.checkpoint.update(every_steps=2, async_save=False)
+  c.logging.update(log_every_steps=1, tensorboard=False)
+  c.mesh.update(**mesh)
+  return c
+
+
+def test_training_stops_before_the_first_step_when_the_step_does_not_fit(tmp_path):
+  """An injected per-chip budget (config.mesh.hbm_limit_gib) below the compiled step's memory: the run stops with
+  the knobs message before any step runs."""
+  with pytest.raises(hbm.DoesNotFitError) as error:
+    loop.train(_small_run_config(hbm_limit_gib=1e-5), str(tmp_path))
+  message = str(error.value)
+  assert re.match(r"the train step does not fit in one cpu chip: it needs [\d.]+ GiB per chip but the budget is "
+                  r"0\.00 GiB \(config\.mesh\.hbm_limit_gib\) \(\d+% over\)", message), message
+  _assert_names_the_knobs(message)
+  assert not (tmp_path / "metrics.jsonl").exists()  # no step ran
+
+
+def test_fit_check_compiles_the_step_that_the_first_call_runs():
+  """`check_step_fits` with arrays and ShapeDtypeStructs (as the loop passes them): no budget, nothing compiled; a
+  budget it fits returns the usage, and the first real call reuses that executable (no second compile)."""
+  mesh = make_mesh(dict(data=-1, fsdp=1, tensor=1))
+  rows = NamedSharding(mesh, P(mesh_lib.BATCH_AXES))
+  step = jax.jit(lambda state, batch: state + jnp.tanh(batch.astype(jnp.float32)).sum(), in_shardings=(None, rows),
+                 donate_argnums=(0,))
+  state = jnp.zeros(())
+  batch = jax.device_put(jnp.ones((8, 4), jnp.int32), rows)
+  args = (state, jax.ShapeDtypeStruct(batch.shape, batch.dtype, sharding=rows))
+  config = _tiny_config()
+  assert hbm.check_step_fits(step, args, mesh, config) is None  # CPU: no budget
+  config.mesh.hbm_limit_gib = 1.0
+  usage = hbm.check_step_fits(step, args, mesh, config)
+  assert 0 < usage.total_bytes < hbm.GIB
+  compiles = []
+  listener = lambda event, *_, **__: compiles.append(event) if event == BACKEND_COMPILE_EVENT else None
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    assert float(step(state, batch)) == pytest.approx(32 * np.tanh(1.0))
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert not compiles
+  config.mesh.hbm_limit_gib = usage.total_bytes / 2 / hbm.GIB
+  with pytest.raises(hbm.DoesNotFitError, match=r"needs [\d.]+ GiB per chip but the budget .* \(100% over\)"):
+    hbm.check_step_fits(step, args, mesh, config)

@@ -1,11 +1,16 @@
-"""Attention entry point: the Pallas flash kernel (interpret mode on CPU) against the XLA reference, and the
-reference against a float64 NumPy softmax."""
+"""Attention entry point: the Pallas flash kernel (interpret mode on CPU) against the XLA reference, the reference
+against a float64 NumPy softmax, and the compiled kernels exported for GPU (Triton) and TPU (Mosaic) from this CPU
+host."""
+import re
+
 import jax
+from jax import export
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from elf_jax.ops import attention as attn
+from elf_jax.ops.pallas import flash_attention as flash
 
 # Tiny shapes, small blocks: L = 45 pads to 48 (a multiple of both blocks); interpret mode is slow.
 BATCH, SEQ, HEADS = 2, 45, 2
@@ -93,7 +98,34 @@ def test_bad_arguments_raise_clear_errors():
     attn.attention(q, k, v, mask, impl="flash")
   with pytest.raises(ValueError, match="key_mask must be"):
     attn.attention(q, k, v, mask[:, :-1], impl="pallas", **BLOCKS)
-  with pytest.raises(ValueError, match="pass interpret=True"):
+  with pytest.raises(ValueError, match="not 'cpu'; pass interpret=True"):
     attn.attention(q, k, v, mask, impl="pallas", interpret=False)
+  with pytest.raises(ValueError, match="platform 'tpu'.*or 'gpu'.*not 'cuda'"):
+    flash.flash_attention(q, k, v, mask, platform="cuda")
   with pytest.raises(ValueError, match="share one dtype"):
     attn.attention(q, k.astype(jnp.bfloat16), v, mask, impl="pallas", **BLOCKS)
+
+
+# jax.export platform → (the kernel's `platform`, its custom-call target). Triton calls carry no compatibility
+# guarantee, so exporting them needs the safety check disabled; Mosaic's `tpu_custom_call` is allow-listed.
+EXPORT_TARGETS = {"cuda": ("gpu", "__gpu$xla.gpu.triton"), "tpu": ("tpu", "tpu_custom_call")}
+
+
+@pytest.mark.parametrize("export_platform", list(EXPORT_TARGETS))
+def test_kernel_forward_and_backward_export_for_accelerators(export_platform):
+  """Lowering for the accelerator (no interpreter): the forward and both backward passes (dQ, dK/dV) are one
+  custom call each, at head dim 66 (padded to the platform's tile) and bfloat16."""
+  platform, target = EXPORT_TARGETS[export_platform]
+  q, _, _, mask, _ = _inputs(66, jnp.bfloat16)
+
+  def forward_and_backward(q, k, v, mask):
+    loss = lambda q, k, v: jnp.sum(flash.flash_attention(q, k, v, mask, platform=platform).astype(jnp.float32) ** 2)
+    return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+  args = [jax.ShapeDtypeStruct(q.shape, q.dtype)] * 3 + [jax.ShapeDtypeStruct(mask.shape, mask.dtype)]
+  exported = export.export(jax.jit(forward_and_backward), platforms=(export_platform,),
+                           disabled_checks=[export.DisabledSafetyCheck.custom_call(target)])(*args)
+  assert exported.platforms == (export_platform,)
+  assert re.findall(r"custom_call @([\w$.]+)", exported.mlir_module()) == [target] * 3
+  assert [a.shape for a in exported.out_avals] == [()] + [q.shape] * 3
+  assert [a.dtype for a in exported.out_avals[1:]] == [jnp.bfloat16] * 3

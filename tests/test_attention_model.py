@@ -135,9 +135,37 @@ def test_sharded_train_step_with_pallas_matches_single_device_xla(setup, single_
   assert _tree_rel(grad(got_state), grad(want_state)) < 1e-5
 
 
-def test_shard_axes_split_only_what_divides():
-  mesh = make_mesh(dict(data=2, fsdp=2, tensor=2)).abstract_mesh
-  assert attn.shard_axes(mesh, batch=8, heads=4) == (("data", "fsdp"), "tensor")
-  assert attn.shard_axes(mesh, batch=6, heads=3) == (("data",), None)  # 6 splits 2 ways, not 4; 3 heads not 2
+def test_shard_plan_makes_every_free_axis_manual():
+  mesh = make_mesh(dict(data=2, fsdp=1, tensor=2), jax.devices()[:4]).abstract_mesh
+  # Size-1 axes are made manual too: a Mosaic kernel may not sit in a partly automatic region.
+  assert attn.shard_plan(mesh) == (("data",), "tensor", ("data", "fsdp", "tensor"))
   manual = mesh.update_axis_types({"data": jax.sharding.AxisType.Manual})  # inside a shard_map over "data"
-  assert attn.shard_axes(manual, batch=4, heads=4) == (("fsdp",), "tensor")
+  assert attn.shard_plan(manual) == ((), "tensor", ("fsdp", "tensor"))
+
+
+@pytest.mark.parametrize("rows, heads", [(6, 3), (1, 4)])
+def test_pallas_pads_rows_and_heads_the_mesh_does_not_divide(rows, heads):
+  """6 rows over data x fsdp = 4 shards and 3 heads over tensor = 2 (or 1 row): every kernel call still runs on one
+  shard's ceil(rows / 4) rows and ceil(heads / 2) heads, and output and gradients equal the XLA reference."""
+  mesh = make_mesh(dict(data=2, fsdp=2, tensor=2))
+  seq, head_dim = 13, 8
+  keys = jax.random.split(jax.random.PRNGKey(3), 4)
+  q, k, v, d_out = (jax.random.normal(key, (rows, seq, heads, head_dim)) for key in keys)
+  mask = jnp.arange(seq)[None, :] < jnp.arange(seq, seq - rows, -1)[:, None]  # row i: seq - i valid keys
+
+  def out_and_grads(impl):
+    def loss(q, k, v):
+      with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        out = attn.attention(q, k, v, mask, impl=impl, block_q=8, block_k=8)
+      return jnp.sum(out * d_out), out
+
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True), in_shardings=replicated), (q, k, v)
+
+  fn, args = out_and_grads("pallas")
+  local = _pallas_operand_shapes(fn.trace(*args).jaxpr.jaxpr)
+  assert local and {s[:2] for s in local} == {(-(-rows // 4), -(-heads // 2))}, local
+  (got_grads, got), (want_grads, want) = fn(*args), out_and_grads("xla")[0](*args)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  for name, g, w in zip(("dq", "dk", "dv"), got_grads, want_grads):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5, err_msg=name)

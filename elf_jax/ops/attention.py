@@ -10,10 +10,18 @@ Both use the backend's default matmul precision for the input dtype (on CPU they
 platform is that of the mesh being traced for when one is active (`jax.sharding.get_abstract_mesh()`, e.g. TPU when
 compiling ahead of time for a TPU slice from a CPU host), else jax.default_backend().
 
-Under a mesh: a `pallas_call` has no sharding rule, so XLA would gather its operands onto every device. When an
-abstract mesh is active (the train step traces under one, and `jax.shard_map` bodies see theirs), "pallas" runs the
-kernel per shard inside `jax.shard_map`: the batch split over the free batch axes ("data", "fsdp") and the heads
-over "tensor", each where it divides; axes already manual (an enclosing shard_map) are already per shard.
+Under a mesh: a compiled Pallas kernel (a Mosaic or Triton custom call) has no sharding rule: Mosaic refuses to
+be partitioned automatically and XLA would gather a Triton call's operands onto every device. When an abstract mesh
+is active (the train step traces under one, and `jax.shard_map` bodies see theirs), "pallas" therefore runs the
+kernel inside a `jax.shard_map` that makes every remaining (non-manual) mesh axis manual, size-1 axes included:
+rows split over the free batch axes ("data", "fsdp") and heads over "tensor". A row or head count those axes do
+not divide is zero-padded up to a multiple of them (padded rows have no valid key, padded heads are zero; both are
+sliced off), so every call runs per shard whatever the shape: e.g. the x_sc = 0 pass over a subset of a group's
+rows, or the sampler's CFG batch. Padding costs at most one row (head) per device, where replicating the call over
+the axis that does not divide would cost the whole count on every device, and falling back to XLA would bring back
+the L x L scores. A jitted caller that runs over a mesh must therefore trace under it
+(`jax.sharding.use_abstract_mesh(mesh.abstract_mesh)`, as `elf_jax.train.step.make_train_step` does); with no
+abstract mesh the kernel is called on whole arrays, which only a single device can compile.
 """
 import functools
 import math
@@ -90,30 +98,45 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array | No
   return per_shard(kernel, q, k, v, key_mask)
 
 
-def shard_axes(mesh: jax.sharding.AbstractMesh, batch: int, heads: int) -> tuple[tuple[str, ...], str | None]:
-  """The mesh axes to split (batch, heads) over: the non-manual batch axes of size > 1 whose running product
-  divides `batch`, and HEAD_AXIS if it is non-manual, > 1 and divides `heads` (else None)."""
-  free = [a for a in mesh.axis_names if a not in mesh.manual_axes and mesh.shape[a] > 1]
-  batch_axes, ways = [], 1
-  for axis in BATCH_AXES:
-    if axis in free and batch % (ways * mesh.shape[axis]) == 0:
-      batch_axes.append(axis)
-      ways *= mesh.shape[axis]
-  head_axis = HEAD_AXIS if HEAD_AXIS in free and heads % mesh.shape[HEAD_AXIS] == 0 else None
-  return tuple(batch_axes), head_axis
+def shard_plan(mesh: jax.sharding.AbstractMesh) -> tuple[tuple[str, ...], str | None, tuple[str, ...]]:
+  """How `per_shard` splits over `mesh`: (batch axes, head axis or None, every non-manual axis).
+
+  The batch axes are the non-manual BATCH_AXES of size > 1; the head axis is HEAD_AXIS if it is non-manual and
+  > 1. The third entry also holds the size-1 axes: the kernel's shard_map makes all of them manual.
+  """
+  free = tuple(a for a in mesh.axis_names if a not in mesh.manual_axes)
+  batch_axes = tuple(a for a in BATCH_AXES if a in free and mesh.shape[a] > 1)
+  head_axis = HEAD_AXIS if HEAD_AXIS in free and mesh.shape[HEAD_AXIS] > 1 else None
+  return batch_axes, head_axis, free
+
+
+def _pad_to_multiple(x: jax.Array, axis: int, multiple: int) -> jax.Array:
+  """`x` zero-padded at the end of `axis` to a multiple of `multiple`."""
+  pad = -x.shape[axis] % multiple
+  if not pad:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, pad)
+  return jnp.pad(x, widths)
 
 
 def per_shard(kernel, q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array) -> jax.Array:
-  """`kernel(q, k, v, key_mask)` once per (batch, head) shard of the active abstract mesh (see module docstring);
-  a plain call when no mesh is active or no axis splits. Shapes as in `attention`; key_mask (B, L) bool."""
+  """`kernel(q, k, v, key_mask)` once per (rows, heads) shard of the active abstract mesh (module docstring),
+  rows and heads padded to multiples of their shard counts; a plain call when no mesh is active or every axis is
+  already manual. Shapes as in `attention`; key_mask (B, L) bool."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return kernel(q, k, v, key_mask)
-  batch_axes, head_axis = shard_axes(mesh, q.shape[0], q.shape[2])
-  if not batch_axes and head_axis is None:
+  batch_axes, head_axis, free = shard_plan(mesh)
+  if not free:
     return kernel(q, k, v, key_mask)
+  batch, _, heads, _ = q.shape
+  row_ways = math.prod(mesh.shape[a] for a in batch_axes)
+  head_ways = mesh.shape[head_axis] if head_axis else 1
+  pad = lambda x: _pad_to_multiple(_pad_to_multiple(x, 0, row_ways), 2, head_ways)
+  mask = _pad_to_multiple(key_mask, 0, row_ways)  # padded rows: no valid key (finite, sliced off below)
   rows = batch_axes or None
   qkv = P(rows, None, head_axis, None)
-  return jax.shard_map(kernel, mesh=mesh, in_specs=(qkv, qkv, qkv, P(rows, None)), out_specs=qkv,
-                       axis_names=frozenset(batch_axes + ((head_axis,) if head_axis else ())),
-                       check_vma=False)(q, k, v, key_mask)
+  out = jax.shard_map(kernel, mesh=mesh, in_specs=(qkv, qkv, qkv, P(rows, None)), out_specs=qkv,
+                      axis_names=frozenset(free), check_vma=False)(pad(q), pad(k), pad(v), mask)
+  return out[:batch, :, :heads]

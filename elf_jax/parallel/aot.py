@@ -7,10 +7,14 @@ needs `pip install -e .[compile]` (libtpu, which jax uses as the TPU compiler wi
 and no weights are loaded: the mesh is built over the topology's abstract devices, the TrainState, the frozen
 encoder's parameters and the global batch are `jax.ShapeDtypeStruct`s with their shardings, and the real train step
 (`make_train_step`: declared in/out shardings, donated state) is lowered and compiled. The report gives per-chip
-memory (XLA's `memory_analysis`) and per-chip FLOPs (XLA's `cost_analysis`) of one micro-step.
+memory (XLA's `memory_analysis`) against the chip's HBM as a headroom percentage, and per-chip FLOPs (XLA's
+`cost_analysis`) of one micro-step. A step that does not fit (XLA's compile-time out-of-memory error, or a total
+above the budget of `elf_jax.parallel.hbm`, e.g. an injected `--config.mesh.hbm_limit_gib`) fails with one message
+naming the knobs to turn (remat, fsdp, precision, batch).
 """
 import dataclasses
 import os
+import sys
 from collections.abc import Sequence
 
 import jax
@@ -24,6 +28,7 @@ from elf_jax.config import ConfigError, validate
 from elf_jax.model.elf import ELF, ModelConfig
 from elf_jax.model.latents import LatentEncoder
 from elf_jax.model.t5_encoder import T5Encoder, T5EncoderConfig, random_t5_encoder_params
+from elf_jax.parallel import hbm
 from elf_jax.parallel import mesh as mesh_lib
 from elf_jax.parallel import sharding
 from elf_jax.train import loss as loss_lib
@@ -47,8 +52,6 @@ KNOWN_ENCODERS = {
     "t5-small": T5EncoderConfig(vocab_size=32128, d_model=512, num_layers=6, num_heads=8, d_kv=64, d_ff=2048),
 }
 
-_GIB = 1 << 30
-
 
 @dataclasses.dataclass(frozen=True)
 class CompileReport:
@@ -59,31 +62,34 @@ class CompileReport:
   mesh_shape: dict[str, int]
   batch_shape: tuple[int, int]
   num_params: int
-  argument_bytes: int
-  output_bytes: int
-  alias_bytes: int
-  temp_bytes: int
-  code_bytes: int
+  memory: hbm.MemoryUsage
+  budget_bytes: int | None  # per-chip memory budget (`hbm.budget_bytes`); None = unknown (CPU)
   flops: float
 
   @property
-  def total_bytes(self) -> int:
-    """Peak estimate: arguments + outputs − outputs aliased to donated arguments + temporaries + generated code."""
-    return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes + self.code_bytes
+  def headroom_percent(self) -> float | None:
+    """Share of the budget the step leaves free (negative: over budget); None without a budget."""
+    return None if self.budget_bytes is None else hbm.headroom_percent(self.memory.total_bytes, self.budget_bytes)
 
   def describe(self) -> str:
     """Human-readable lines for the console."""
     mesh = " ".join(f"{k}={v}" for k, v in self.mesh_shape.items())
-    gib = lambda b: f"{b / _GIB:8.3f} GiB"
+    gib = lambda b: f"{b / hbm.GIB:8.3f} GiB"
+    m = self.memory
+    total = f"  total            {gib(m.total_bytes)}"
+    if self.budget_bytes is not None:
+      headroom = self.headroom_percent
+      total += (f" of {gib(self.budget_bytes).strip()} HBM: " +
+                (f"{headroom:.1f}% headroom" if headroom >= 0 else f"does not fit, {-headroom:.1f}% over"))
     return "\n".join([
         f"compiled train step for {self.topology}: {self.num_devices} x {self.device_kind}, mesh {mesh}, "
         f"global batch {self.batch_shape[0]} x {self.batch_shape[1]}, {self.num_params / 1e6:.2f}M parameters",
         "per-chip memory:",
-        f"  arguments        {gib(self.argument_bytes)}",
-        f"  outputs          {gib(self.output_bytes)}  ({gib(self.alias_bytes).strip()} aliased to donated state)",
-        f"  temporaries      {gib(self.temp_bytes)}",
-        f"  generated code   {gib(self.code_bytes)}",
-        f"  total            {gib(self.total_bytes)}",
+        f"  arguments        {gib(m.argument_bytes)}",
+        f"  outputs          {gib(m.output_bytes)}  ({gib(m.alias_bytes).strip()} aliased to donated state)",
+        f"  temporaries      {gib(m.temp_bytes)}",
+        f"  generated code   {gib(m.code_bytes)}",
+        total,
         f"per-chip FLOPs of one step: {self.flops:.4e} (XLA cost analysis)",
     ])
 
@@ -92,12 +98,12 @@ def topology_devices(name: str) -> list:
   """The abstract devices of the TPU slice `name` (e.g. "v5p-64"), via libtpu; nothing needs a TPU.
 
   Raises:
-    ValueError: `name` is not in TOPOLOGIES (the message lists them).
+    ConfigError: `name` is not in TOPOLOGIES (the message lists them).
     ImportError: libtpu is missing (the message says how to install it).
   """
   if name not in TOPOLOGIES:
-    raise ValueError(f"unknown compile topology {name!r}; known: {', '.join(TOPOLOGIES)}. "
-                     "Fix: --config.mesh.compile_topology=<one of these>.")
+    raise ConfigError(f"unknown compile topology {name!r}; known: {', '.join(TOPOLOGIES)}. "
+                      "Fix: --config.mesh.compile_topology=<one of these>.")
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   try:
     return list(topologies.get_topology_desc(platform="tpu", topology_name=TOPOLOGIES[name]).devices)
@@ -106,6 +112,9 @@ def topology_devices(name: str) -> list:
     if importlib.util.find_spec("libtpu") is None:
       raise ImportError(f"compiling for {name} needs libtpu; install it with `pip install -e .[compile]` "
                         "(or `pip install libtpu`) and run with JAX_PLATFORMS=cpu") from e
+    if "lockfile" in str(e):  # another process on this host has libtpu loaded (another compile, a TPU job)
+      raise RuntimeError(f"libtpu is in use by another process on this host ({e}); to compile alongside it, set "
+                         "ALLOW_MULTIPLE_LIBTPU_LOAD=1 (compiling touches no TPU)") from e
     raise
 
 
@@ -145,7 +154,10 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: Sequence[jax.
     topology: a label for the report (default: the device count and kind).
 
   Returns:
-    The CompileReport of the compiled executable.
+    The CompileReport of the compiled executable, with the budget of `hbm.budget_bytes`.
+
+  Raises:
+    hbm.DoesNotFitError: XLA ran out of memory compiling the step (the message names the knobs to turn).
   """
   validate(config)
   if config.mesh.preset:
@@ -169,23 +181,18 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: Sequence[jax.
   replicated = NamedSharding(mesh, P())
   encoder_params = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
                                           encoder_shapes)
-  rows = (batch_size, config.data.max_length)
-  batch_sh = sharding.batch_sharding(mesh)
-  batch = {k: jax.ShapeDtypeStruct(rows, jnp.int32 if k == "ids" else jnp.bool_, sharding=batch_sh)
-           for k in step_lib.BATCH_KEYS}
-  compiled = train_step.lower(abstract_state, encoder_params, batch).compile()
+  batch = loop.abstract_batch(config, mesh, batch_size)
+  device = mesh.devices.flat[0]
+  compiled = hbm.compile_or_explain(train_step.lower(abstract_state, encoder_params, batch), config, mesh)
 
-  memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # older jax returned one dict per computation
-  device = mesh.devices.flat[0]
   return CompileReport(
       topology=topology or f"{mesh.devices.size} x {device.device_kind}", num_devices=int(mesh.devices.size),
-      device_kind=device.device_kind, mesh_shape=dict(mesh.shape), batch_shape=rows,
+      device_kind=device.device_kind, mesh_shape=dict(mesh.shape), batch_shape=batch["ids"].shape,
       num_params=int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(abstract_state.params))),
-      argument_bytes=int(memory.argument_size_in_bytes), output_bytes=int(memory.output_size_in_bytes),
-      alias_bytes=int(memory.alias_size_in_bytes), temp_bytes=int(memory.temp_size_in_bytes),
-      code_bytes=int(memory.generated_code_size_in_bytes), flops=float(cost.get("flops", 0.0)))
+      memory=hbm.MemoryUsage.of(compiled), budget_bytes=hbm.budget_bytes(config.mesh, device),
+      flops=float(cost.get("flops", 0.0)))
 
 
 def compile_for_topology(config: ml_collections.ConfigDict, name: str) -> CompileReport:
@@ -201,11 +208,19 @@ def compile_for_topology(config: ml_collections.ConfigDict, name: str) -> Compil
 
 
 def main(config: ml_collections.ConfigDict) -> CompileReport:
-  """`--mode=compile`: compiles for `config.mesh.compile_topology` and prints the report."""
-  name = config.mesh.compile_topology
-  if not name:
-    raise ConfigError("--mode=compile needs a target slice: set --config.mesh.compile_topology (one of "
-                      f"{', '.join(TOPOLOGIES)})")
-  report = compile_for_topology(config, name)
-  print(report.describe(), flush=True)
+  """`--mode=compile`: compiles for `config.mesh.compile_topology` and prints the report.
+
+  Bad input and a step that does not fit end the process with one `error: ...` message (exit status 1), as the
+  other modes of `elf_jax.main` do, not with a traceback.
+  """
+  try:
+    name = config.mesh.compile_topology
+    if not name:
+      raise ConfigError("--mode=compile needs a target slice: set --config.mesh.compile_topology (one of "
+                        f"{', '.join(TOPOLOGIES)})")
+    report = compile_for_topology(config, name)
+    print(report.describe(), flush=True)
+    hbm.check_fits(report.memory, report.budget_bytes, config, report.mesh_shape, report.device_kind)
+  except ConfigError as e:
+    sys.exit(f"error: {e}")
   return report

@@ -24,6 +24,7 @@ from elf_jax.config import ConfigError, validate
 from elf_jax.data import pipeline, sources, tokenizer as tokenizers_
 from elf_jax.model.elf import ELF, ModelConfig, init_params
 from elf_jax.model.latents import LatentEncoder, build_encoder, measure_latent_stats
+from elf_jax.parallel import hbm
 from elf_jax.parallel import mesh as mesh_lib
 from elf_jax.parallel import sharding
 from elf_jax.train import loss as loss_lib
@@ -161,6 +162,17 @@ def global_batch(mesh, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
   return {k: jax.make_array_from_process_local_data(sh, v) for k, v in local.items()}
 
 
+def abstract_batch(config, mesh, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+  """The ShapeDtypeStructs of the global micro-batch that `global_batch` makes: ids (B, S) int32, valid / cond_mask /
+  loss_mask (B, S) bool and, with a latent cache, latents (B, S, C) float32; sharded over the batch axes."""
+  sh, rows = sharding.batch_sharding(mesh), (batch_size, config.data.max_length)
+  batch = {k: jax.ShapeDtypeStruct(rows, jnp.int32 if k == "ids" else jnp.bool_, sharding=sh)
+           for k in step_lib.BATCH_KEYS}
+  if config.data.latent_cache_dir:
+    batch["latents"] = jax.ShapeDtypeStruct(rows + (config.encoder.dim,), jnp.float32, sharding=sh)
+  return batch
+
+
 class MetricsWriter:
   """metrics.jsonl (always) and TensorBoard event files (config.logging.tensorboard), process 0 only."""
 
@@ -266,6 +278,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, hooks=None) -> TrainS
                            step_lib.resolve_num_groups(config, mesh, batch_size), config.data.conditional)
   train_step = step_lib.make_train_step(obj, optimizer, config.optim, mesh, shardings)
   encoder_params = jax.device_put(setup.encoder_params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  # Out of memory stops here, before the first step, with the knobs to turn (the first step reuses this compile).
+  hbm.check_step_fits(train_step, (state, encoder_params, abstract_batch(config, mesh, batch_size)), mesh, config)
   writer = MetricsWriter(workdir, config.logging.tensorboard)
   previous_sigterm = signal.getsignal(signal.SIGTERM)
   preempted = checkpoint.install_preemption_handler()

@@ -39,10 +39,6 @@ def trace_platform() -> str:
   return getattr(device, "platform", None) or jax.default_backend()
 
 
-def _platform(interpret: bool) -> str:
-  return "interpret" if interpret else trace_platform()
-
-
 def padded_head_dim(head_dim: int, platform: str) -> int:
   """Head dim padded to the hardware tile: next power of two (>= 16) on GPU, a multiple of 128 elsewhere."""
   if platform == "gpu":
@@ -145,34 +141,34 @@ def _specs(block_q, block_k, seq_len, head_dim, num_k_blocks, over_keys):
   return [block(block_q), whole(head_dim), whole(head_dim), mask, block(block_q), row, row]
 
 
-def _call(kernel, grid, out_shape, in_specs, out_specs, interpret):
+def _call(kernel, grid, out_shape, in_specs, out_specs, platform):
   return pl.pallas_call(
       kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
-      compiler_params=_compiler_params(_platform(interpret), len(grid)), interpret=interpret)
+      compiler_params=_compiler_params(platform, len(grid)), interpret=platform == "interpret")
 
 
-def _forward(q, k, v, mask, block_q, block_k, scale, interpret):
+def _forward(q, k, v, mask, block_q, block_k, scale, platform):
   batch, heads, seq_len, head_dim = q.shape
   num_k_blocks = mask.shape[1]
   specs = _specs(block_q, block_k, seq_len, head_dim, num_k_blocks, over_keys=False)
   out_shape = (jax.ShapeDtypeStruct(q.shape, q.dtype),
                jax.ShapeDtypeStruct((batch, heads, seq_len, 1), jnp.float32))
   kernel = functools.partial(_fwd_kernel, block_k=block_k, scale=scale)
-  call = _call(kernel, (batch, heads, seq_len // block_q), out_shape, specs[:4], [specs[0], specs[5]], interpret)
+  call = _call(kernel, (batch, heads, seq_len // block_q), out_shape, specs[:4], [specs[0], specs[5]], platform)
   return call(q, k, v, mask)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
-def _flash(q, k, v, mask, block_q, block_k, scale, interpret):
-  return _forward(q, k, v, mask, block_q, block_k, scale, interpret)[0]
+def _flash(q, k, v, mask, block_q, block_k, scale, platform):
+  return _forward(q, k, v, mask, block_q, block_k, scale, platform)[0]
 
 
-def _flash_fwd(q, k, v, mask, block_q, block_k, scale, interpret):
-  out, lse = _forward(q, k, v, mask, block_q, block_k, scale, interpret)
+def _flash_fwd(q, k, v, mask, block_q, block_k, scale, platform):
+  out, lse = _forward(q, k, v, mask, block_q, block_k, scale, platform)
   return out, (q, k, v, mask, out, lse)
 
 
-def _flash_bwd(block_q, block_k, scale, interpret, residuals, d_out):
+def _flash_bwd(block_q, block_k, scale, platform, residuals, d_out):
   q, k, v, mask, out, lse = residuals
   batch, heads, seq_len, head_dim = q.shape
   num_k_blocks = mask.shape[1]
@@ -182,13 +178,13 @@ def _flash_bwd(block_q, block_k, scale, interpret, residuals, d_out):
   q_specs = _specs(block_q, block_k, seq_len, head_dim, num_k_blocks, over_keys=False)
   dq_kernel = functools.partial(_dq_kernel, block_k=block_k, scale=scale)
   dq = _call(dq_kernel, (batch, heads, seq_len // block_q), jax.ShapeDtypeStruct(q.shape, q.dtype), q_specs,
-             q_specs[0], interpret)(*args)
+             q_specs[0], platform)(*args)
 
   k_specs = _specs(block_q, block_k, seq_len, head_dim, num_k_blocks, over_keys=True)
   dkv_kernel = functools.partial(_dkv_kernel, block_q=block_q, scale=scale)
   out_shape = (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype))
   dk, dv = _call(dkv_kernel, (batch, heads, num_k_blocks), out_shape, k_specs, [k_specs[1], k_specs[2]],
-                 interpret)(*args)
+                 platform)(*args)
   return dq, dk, dv, None
 
 
@@ -196,7 +192,8 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array | None, *,
-                    block_q: int | None = None, block_k: int | None = None, interpret: bool = False) -> jax.Array:
+                    block_q: int | None = None, block_k: int | None = None, interpret: bool = False,
+                    platform: str | None = None) -> jax.Array:
   """Non-causal softmax(q k^T / sqrt(D)) v with a key-padding mask, differentiable in q, k, v.
 
   Args:
@@ -206,6 +203,9 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Arra
       the platform. On TPU multiples of 128 (lane-dense key mask), on GPU powers of two >= 16; any size >= 1 in
       interpret mode.
     interpret: run the Pallas interpreter (CPU) instead of compiling with Mosaic / Triton.
+    platform: compile for "tpu" (Mosaic) or "gpu" (Triton); None = the platform being traced for
+      (`trace_platform`). Give it when lowering for another platform than the host's, e.g. under
+      `jax.export(..., platforms=("cuda",))` on a CPU host. Ignored with interpret=True.
 
   Returns:
     (B, L, N, D) in q's dtype.
@@ -219,10 +219,11 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Arra
     key_mask = jnp.ones((batch, seq_len), bool)
   if key_mask.shape != (batch, seq_len):
     raise ValueError(f"key_mask must be (B, L) = {(batch, seq_len)}; got {key_mask.shape}")
-  platform = _platform(interpret)
+  platform = "interpret" if interpret else platform or trace_platform()
   if platform not in PLATFORMS:
-    raise ValueError(f"Pallas kernels compile only for TPU (Mosaic) or GPU (Triton), not {platform!r}; pass "
-                     "interpret=True to run them in the Pallas interpreter, or use impl='xla'")
+    raise ValueError(f"Pallas kernels compile only for platform 'tpu' (Mosaic) or 'gpu' (Triton, also for "
+                     f"jax.export's 'cuda'), not {platform!r}; pass interpret=True to run them in the Pallas "
+                     "interpreter, or use impl='xla'")
   default_q, default_k = DEFAULT_BLOCKS[platform]
   block_q = default_q if block_q is None else block_q
   block_k = default_k if block_k is None else block_k
@@ -239,5 +240,5 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Arra
   mask = jnp.pad(key_mask.astype(jnp.int32), ((0, 0), (0, padded_len - seq_len)))
   mask = mask.reshape(batch, padded_len // block_k, 1, block_k)
   out = _flash(to_kernel_layout(q), to_kernel_layout(k), to_kernel_layout(v), mask, block_q, block_k,
-               1.0 / math.sqrt(head_dim), interpret)
+               1.0 / math.sqrt(head_dim), platform)
   return out.transpose(0, 2, 1, 3)[:, :seq_len, :, :head_dim]
