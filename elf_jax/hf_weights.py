@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from elf_jax.config import ConfigError
+
 # (single file, index of its shards) per weight format, in the order they are looked for.
 _LAYOUTS = (("model.safetensors", "model.safetensors.index.json"),
             ("pytorch_model.bin", "pytorch_model.bin.index.json"))
@@ -18,18 +20,19 @@ _SAFETENSORS_PATTERNS = ["*.safetensors", "*.safetensors.index.json"]
 _TORCH_PATTERNS = ["pytorch_model*"]
 
 
-def resolve_dir(name_or_path: str, what: str, allow_patterns: list[str]) -> pathlib.Path:
+def resolve_dir(name_or_path: str, what: str, allow_patterns: list[str], field: str) -> pathlib.Path:
   """A local checkpoint directory: `name_or_path` itself, or a hub id downloaded (and cached) when online.
 
   Args:
     name_or_path: a local directory, or a Hugging Face hub id such as "gpt2-large".
     what: the kind of checkpoint ("T5", "GPT-2"), named in error messages.
+    field: the config field that named it (e.g. "eval.gpt2"), named in the offline error.
     allow_patterns: the non-weight files to download from the hub (e.g. ["config.json"], tokenizer files).
       The weights are added: safetensors files if the repository has them, else pytorch_model*.
 
   Raises:
     FileNotFoundError: `name_or_path` is a path but not a directory.
-    OSError: the hub id cannot be fetched (offline, unknown id, gated); the message says how to get a local copy.
+    ConfigError: the hub id cannot be fetched (offline, unknown id, gated); one line naming `field` and the fix.
   """
   path = pathlib.Path(name_or_path).expanduser()
   if path.is_dir():
@@ -46,10 +49,10 @@ def resolve_dir(name_or_path: str, what: str, allow_patterns: list[str]) -> path
       path = pathlib.Path(huggingface_hub.snapshot_download(
           name_or_path, allow_patterns=list(allow_patterns) + _TORCH_PATTERNS))
   except Exception as e:  # offline, unknown id, gated, no huggingface_hub: all need the same fix
-    raise OSError(
-        f"could not fetch {what} checkpoint {name_or_path!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
-        f"Offline? Pass a local directory instead of the hub id: on a machine with internet run "
-        f"`hf download {name_or_path} --local-dir DIR` and copy DIR here.") from e
+    raise ConfigError(
+        f"{field}={name_or_path!r}: cannot fetch this {what} checkpoint from the Hugging Face hub "
+        f"({type(e).__name__}). Offline? Set --config.{field}=DIR, a local copy (`hf download {name_or_path} "
+        "--local-dir DIR` on a machine with internet).") from e
   return path
 
 

@@ -80,7 +80,7 @@ def test_word_tokenizer_ids_and_round_trip(language, tok, tmp_path):
 def test_load_tokenizer_errors():
   with pytest.raises(ValueError, match="language"):
     tokenizer_lib.load_tokenizer("synthetic")
-  with pytest.raises(OSError, match="config.data.tokenizer"):
+  with pytest.raises(ConfigError, match="--config.data.tokenizer=DIR"):
     tokenizer_lib.load_tokenizer("/nonexistent/tokenizer_dir")
   with pytest.raises(ValueError, match="distinct"):
     tokenizer_lib.build_word_tokenizer(["a", "a"])

@@ -13,6 +13,7 @@ import tokenizers
 import torch
 import transformers
 
+from elf_jax.config import ConfigError
 from elf_jax.eval import gpt2
 
 EOS = "<|endoftext|>"
@@ -162,7 +163,7 @@ def test_missing_inputs_give_clear_errors(tiny_gpt2, tmp_path, monkeypatch):
     gpt2.read_hf_state_dict(tmp_path)
   import huggingface_hub  # pylint: disable=import-outside-toplevel
   monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-  with pytest.raises(OSError, match="--local-dir"):
+  with pytest.raises(ConfigError, match="--config.eval.gpt2=DIR"):
     gpt2.load_hf_gpt2("no-such-org/no-such-gpt2")
   torch.save({}, tmp_path / "pytorch_model.bin")
   monkeypatch.setitem(sys.modules, "torch", None)

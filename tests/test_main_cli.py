@@ -113,3 +113,23 @@ def test_eval_mode_scores_a_samples_file(trained):
   assert summary["num_seeds"] == 1 and summary["gen_ppl_std"] == 0.0
   for key in ("gen_ppl", "entropy", "true_gen_ppl"):
     assert summary[key] == pytest.approx(final[key])
+
+
+def test_the_literal_owt_b_command_starts_and_stops_offline_on_one_line(tmp_path):
+  """`python -m elf_jax.main --config=configs/owt_b.py` (no --workdir): the run directory defaults to runs/owt_b, and
+  offline the run stops at the first thing it cannot fetch with one line naming the config field — no traceback."""
+  result = subprocess.run(
+      [sys.executable, "-m", "elf_jax.main", f"--config={REPO / 'configs' / 'owt_b.py'}"], cwd=tmp_path,
+      capture_output=True, text=True, timeout=300,
+      env={**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)})
+  assert result.returncode == 1
+  assert "workdir: runs/owt_b" in result.stdout and (tmp_path / "runs" / "owt_b").is_dir()
+  assert "Traceback" not in result.stderr
+  last = result.stderr.strip().splitlines()[-1]
+  assert re.match(r"error: data\.tokenizer='t5-small': .* Set --config\.data\.tokenizer=DIR", last), last
+
+
+def test_default_workdir_names_the_config_and_its_argument():
+  from elf_jax import main  # pylint: disable=import-outside-toplevel
+  assert main.default_workdir("configs/owt_b.py") == os.path.join("runs", "owt_b")
+  assert main.default_workdir("/abs/configs/owt.py:l") == os.path.join("runs", "owt_l")

@@ -192,7 +192,7 @@ def test_config_from_hf_and_errors(tmp_path, monkeypatch):
     (tmp_path / "config.json").write_text(hf.to_json_string())
     t5_encoder.load_hf_t5_encoder(str(tmp_path))
   monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-  with pytest.raises(OSError, match="Pass a local directory"):
+  with pytest.raises(elf_config.ConfigError, match="--config.encoder.name_or_path=DIR"):
     t5_encoder.load_hf_t5_encoder("no-such-org/no-such-t5")
 
 

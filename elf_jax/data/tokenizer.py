@@ -11,6 +11,7 @@ import tokenizers
 from tokenizers import models, pre_tokenizers, processors
 import transformers
 
+from elf_jax.config import ConfigError
 from elf_jax.data import synthetic
 
 PAD, EOS, UNK = "<pad>", "</s>", "<unk>"  # ids 0, 1, 2 (T5's names and pad / EOS ids)
@@ -60,7 +61,7 @@ def load_tokenizer(name_or_path: str, language: synthetic.HiddenMarkovLanguage |
     return transformers.AutoTokenizer.from_pretrained(name_or_path)
   except (OSError, ValueError) as e:
     where = "local directory" if os.path.isdir(name_or_path) else "hub id (no such local directory)"
-    raise OSError(
-        f"could not load the tokenizer {name_or_path!r} (config.data.tokenizer, read as a {where}): {e}\n"
-        "Offline, point config.data.tokenizer at a directory holding a saved tokenizer (tokenizer.json, e.g. "
-        'written by save_pretrained) or use "synthetic" with the synthetic language.') from e
+    raise ConfigError(
+        f"data.tokenizer={name_or_path!r}: cannot load this tokenizer (read as a {where}; {type(e).__name__}). "
+        "Offline? Set --config.data.tokenizer=DIR, a saved Hugging Face tokenizer (tokenizer.json, e.g. written by "
+        'save_pretrained), or "synthetic" with the synthetic language.') from e

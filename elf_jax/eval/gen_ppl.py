@@ -123,7 +123,7 @@ class GenPPLScorer:
     """Scorer from a Hugging Face GPT-2 directory or hub id (weights and tokenizer), e.g. "gpt2-large"."""
     import transformers  # pylint: disable=import-outside-toplevel
     # The scorer needs the tokenizer files (vocab.json, merges.txt, tokenizer*.json) beside config.json.
-    directory = hf_weights.resolve_dir(name_or_path, "GPT-2", allow_patterns=["*.json", "*.txt"])
+    directory = hf_weights.resolve_dir(name_or_path, "GPT-2", ["*.json", "*.txt"], field="eval.gpt2")
     config, params = gpt2.load_hf_gpt2(str(directory))
     return cls(config, params, transformers.AutoTokenizer.from_pretrained(str(directory)), **kwargs)
 

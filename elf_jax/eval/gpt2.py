@@ -213,6 +213,6 @@ def read_hf_state_dict(directory: pathlib.Path | str) -> dict[str, np.ndarray]:
 
 def load_hf_gpt2(name_or_path: str) -> tuple[GPT2Config, dict[str, Any]]:
   """Loads a Hugging Face GPT-2 checkpoint (local directory or hub id) as (config, Flax params tree)."""
-  directory = hf_weights.resolve_dir(name_or_path, "GPT-2", allow_patterns=["config.json"])
+  directory = hf_weights.resolve_dir(name_or_path, "GPT-2", ["config.json"], field="eval.gpt2")
   config = GPT2Config.from_hf_dict(hf_weights.read_config(directory))
   return config, convert_hf_state_dict(config, read_hf_state_dict(directory))

@@ -273,7 +273,7 @@ def load_hf_t5_encoder(name_or_path: str) -> tuple[T5EncoderConfig, dict]:
   Raises:
     ValueError listing every missing, unexpected or mis-shaped encoder weight.
   """
-  directory = hf_weights.resolve_dir(name_or_path, "T5", allow_patterns=["config.json"])
+  directory = hf_weights.resolve_dir(name_or_path, "T5", ["config.json"], field="encoder.name_or_path")
   config = T5EncoderConfig.from_hf_config(hf_weights.read_config(directory))
   tensors = hf_weights.read_state_dict(directory, keep=lambda key: key.startswith(("shared.", "encoder.")))
   tied = tensors.pop("encoder.embed_tokens.weight", None)  # tied to shared.weight; older files keep only this one
