@@ -1,8 +1,8 @@
 """The full default configuration; every config file in configs/ starts from `base_config()`.
 
 Groups: `model` (flow transformer, spec §5), `encoder` (frozen T5, §1), `flow` (objective, §2-4), `data`, `optim`
-(§7), `sample` (§6), `eval` (§8), `mesh` (device mesh), `checkpoint`, `logging`. Every knob a researcher may want
-to change lives here, with a comment; `validate` checks values before anything compiles.
+(§7), `sample` (§6), `eval` (§8), `mesh` (device mesh), `checkpoint`, `logging`, `distill` (§11). Every knob a
+researcher may want to change lives here, with a comment; `validate` checks values before anything compiles.
 """
 import ml_collections
 
@@ -129,7 +129,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Sampling (spec §6); named presets in elf_jax/sample.py (PRESETS).
   c.sample = s = ml_collections.ConfigDict()
-  s.preset = ""  # owt_sde32 | owt_sde64 | cond_ode64 | "" (fields below)
+  s.preset = ""  # owt_sde32 | owt_sde64 | cond_ode64 | fewstep (a distilled student, spec §11) | "" (fields below)
   s.method = "sde"  # ode | sde
   s.steps = 32
   s.grid = "logit_normal"  # logit_normal (a fresh grid per batch, as every official preset) | uniform
@@ -173,6 +173,19 @@ def base_config() -> ml_collections.ConfigDict:
   g.log_every_steps = 50
   g.sample_every_steps = 0  # sample + evaluate every N steps during training; 0 = only at the end
   g.tensorboard = True
+
+  # Progressive distillation (--mode=distill, spec §11): rounds of training a few-step student against the frozen
+  # teacher. Each round is a training run in DIR/round<i>_<steps>step (optim.* is its recipe, apart from the length
+  # and warm-up below); round 1 starts from init_from or else the teacher, round i > 1 from round i − 1's EMA.
+  c.distill = x = ml_collections.ConfigDict()
+  x.teacher = ""  # the frozen teacher (its EMA params): a training workdir, a checkpoint dir or a published checkpoint
+  x.rounds = "16:4,8:8,4:16,2:32,1:64"  # student steps:teacher sub-steps per student step, one round each, in order
+  x.steps_per_round = -1  # optimizer updates per round; <= 0: epochs_per_round
+  x.epochs_per_round = 1.0
+  x.warmup_steps = -1  # per round, as optim.warmup_steps (< 0: warmup_epochs is used)
+  x.warmup_epochs = 0.1
+  x.student_schedule = "logit_normal"  # t_s = u (1 − 1/steps), u: logit_normal (flow.P_mean, P_std) | uniform
+  x.teacher_schedule = "logit_normal"  # the teacher's inner sub-step times within [t_s, t_t]: logit_normal | uniform
   return c
 
 
@@ -229,6 +242,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   need(s.grid in ("uniform", "logit_normal"), f"sample.grid={s.grid!r}: expected 'uniform' or 'logit_normal'")
   need(s.steps >= 1, f"sample.steps={s.steps} must be >= 1")
   need(s.gamma >= 0, f"sample.gamma={s.gamma} must be >= 0")
+  for name in ("student_schedule", "teacher_schedule"):
+    need(config.distill[name] in ("logit_normal", "uniform"),
+         f"distill.{name}={config.distill[name]!r}: expected 'logit_normal' or 'uniform'")
   need(config.mesh.hbm_limit_gib >= 0, f"mesh.hbm_limit_gib={config.mesh.hbm_limit_gib} must be >= 0 (0 = the chip's "
        "own HBM)")
   if problems:

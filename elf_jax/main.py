@@ -1,10 +1,11 @@
-r"""ELF command line: train, sample, evaluate, or compile ahead of time for a TPU topology.
+r"""ELF command line: train, sample, evaluate, distill a few-step student, or compile ahead of time for a TPU topology.
 
   python -m elf_jax.main --config=configs/tiny.py --workdir=runs/tiny                 # offline default
   python -m elf_jax.main --config=configs/owt_b.py --workdir=gs://bucket/elf_b        # ELF-B on OpenWebText
   python -m elf_jax.main --config=configs/owt_b.py --workdir=DIR --mode=sample --config.sample.preset=owt_sde32
   python -m elf_jax.main --config=configs/owt_b.py --workdir=DIR --mode=eval --config.eval.num_seeds=3
   python -m elf_jax.main --config=configs/owt_b.py --workdir=DIR --mode=compile --config.mesh.compile_topology=v5p-64
+  python -m elf_jax.main --config=configs/tiny_distill.py --workdir=runs/tiny_distill --mode=distill  # spec §11
 
 Any config field can be overridden with --config.group.field=value. Sample and eval use the EMA parameters of the
 latest checkpoint in --workdir (or --config.init_from).
@@ -23,7 +24,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, samples (local or gs://); "
                                "default runs/<config name> (configs/owt_b.py -> runs/owt_b, owt.py:l -> runs/owt_l).")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "compile"], "What to do.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "distill", "compile"], "What to do.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", None, "Call jax.distributed.initialize() (multi-host); default: "
                                  "the ELF_DISTRIBUTED environment variable.")
 flags.mark_flags_as_required(["config"])
@@ -86,6 +87,9 @@ def main(argv):
       loop.train(config, workdir, hooks=generate.training_hook)
     elif mode == "sample":
       generate.sample_mode(config, workdir)
+    elif mode == "distill":
+      from elf_jax.train import distill_loop
+      distill_loop.distill(config, workdir, hooks=generate.training_hook)
     else:
       generate.eval_mode(config, workdir)
   except (ConfigError, FileNotFoundError) as e:  # bad input: the message names the problem and the fix

@@ -1,7 +1,13 @@
 """Progressive distillation (issue 15): the objective against the authors' PyTorch code (`pd.npz` of
 reference_elf_train), the draws of a step, and `--mode=distill` end to end."""
+import importlib.util
 import json
+import os
+import re
+import subprocess
+import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,9 +15,10 @@ import pytest
 
 from conftest import SHARED
 from elf_jax import checkpoint
-from elf_jax.model.elf import ELF, ModelConfig
-from elf_jax.train import distill
+from elf_jax.model.elf import ELF, ModelConfig, init_params
+from elf_jax.train import distill, distill_loop, loop
 from elf_jax.train.loss import FlowConfig
+from test_train_loop import REPO, SMALL, small_config  # tests/ is on sys.path (pytest rootdir-relative import)
 
 TRAIN_FIXTURE = SHARED / "fixtures" / "reference_elf_train"
 
@@ -138,3 +145,66 @@ def test_rounds_spec():
   for bad in ("", "16", "16:0", "a:4"):
     with pytest.raises(ValueError, match="distill.rounds"):
       distill.parse_rounds(bad)
+
+
+def load_config(path, overrides: dict):
+  """A config file loaded by path (as --config does), then `overrides` ("group.field": value)."""
+  spec = importlib.util.spec_from_file_location(path.stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  for key, value in overrides.items():
+    group, field = key.split(".")
+    config[group][field] = value
+  return config
+
+
+def make_teacher_workdir(directory, config):
+  """A teacher's training workdir without training it: a checkpoint of fresh params (as params and EMA) and the
+  latent statistics that the students must reuse."""
+  model = ELF(ModelConfig.from_config(config))
+  params = nn.unbox(init_params(model, jax.random.key(0), config.data.max_length))
+  manager = checkpoint.CheckpointManager(checkpoint.checkpoint_dir(str(directory)), async_save=False)
+  manager.save(1, {"params": params, "ema_params": params})
+  manager.close()
+  (directory / loop.LATENT_STATS_FILE).write_text(json.dumps({"mean": 0.01, "std": 0.9}))
+
+
+def test_mode_distill_end_to_end(tmp_path, capsys):
+  """`--mode=distill` on configs/tiny_distill.py (shrunk): two rounds of two steps from a teacher workdir, each
+  student sampled at its step count; a rerun finds both rounds done and trains nothing."""
+  teacher = tmp_path / "teacher"
+  make_teacher_workdir(teacher, small_config())
+  workdir = tmp_path / "distill"
+  overrides = {**SMALL, "distill.teacher": str(teacher), "distill.rounds": "2:2,1:3", "distill.steps_per_round": 2,
+               "distill.warmup_steps": 1}
+  xla_flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+  result = subprocess.run(
+      [sys.executable, "-m", "elf_jax.main", "--config=configs/tiny_distill.py", f"--workdir={workdir}",
+       "--mode=distill", *(f"--config.{k}={v}" for k, v in overrides.items())],
+      cwd=REPO, capture_output=True, text=True, timeout=300,
+      env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags})
+  assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+
+  rounds = [workdir / "round1_2step", workdir / "round2_1step"]
+  assert f"initialised params and EMA from {teacher}" in result.stdout
+  assert f"initialised params and EMA from {rounds[0]}" in result.stdout  # round 2 starts from round 1's EMA
+  for directory, steps in zip(rounds, (2, 1)):
+    assert sorted(p.name for p in (directory / "checkpoints").iterdir()) == ["2"]
+    done = json.loads((directory / distill_loop.ROUND_DONE_FILE).read_text())
+    assert done["student_steps"] == steps and done["optimizer_steps"] == 2
+    assert (directory / loop.LATENT_STATS_FILE).read_text() == (teacher / loop.LATENT_STATS_FILE).read_text()
+    sample = json.loads((directory / "config_train.json").read_text())["sample"]
+    assert (sample["preset"], sample["steps"]) == ("fewstep", steps)
+    rows = [json.loads(line) for line in open(directory / "metrics.jsonl")]
+    train = [r for r in rows if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [1, 2] and all(np.isfinite(r["loss"]) for r in train)
+    evals = [r for r in rows if r["kind"] == "eval"]
+    assert len(evals) == 1 and evals[0]["gen_ppl"] > 1 and (directory / "samples" / "step_2.jsonl").exists()
+  assert re.search(r"^ +2 +1 +[\d.]+", result.stdout, re.M), result.stdout[-2000:]  # the summary table
+
+  capsys.readouterr()
+  distill_loop.distill(load_config(REPO / "configs" / "tiny_distill.py", overrides), str(workdir))
+  assert capsys.readouterr().out.count("finished before") == 2
+  assert sorted(p.name for p in (rounds[1] / "checkpoints").iterdir()) == ["2"]
+

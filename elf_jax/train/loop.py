@@ -243,11 +243,14 @@ def plot_loss_curve(workdir: str) -> str | None:
   return out
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, hooks=None) -> TrainState:
+def train(config: ml_collections.ConfigDict, workdir: str, hooks=None, objective=None) -> TrainState:
   """Trains per `config` in `workdir` (auto-resuming), returns the final state.
 
   hooks: optional callable(setup, workdir, state, step, writer, final: bool) run every `logging.sample_every_steps` and
   at the end (sampling + evaluation, see `elf_jax.main`).
+  objective: optional callable(setup, optimizer, state_shardings, encoder_params) → (train_step, frozen) replacing
+  the ELF objective; the loop calls train_step(state, frozen, batch) → (state, metrics) (progressive
+  distillation, `elf_jax.train.distill_loop`).
   """
   check_workdir(workdir)
   setup = build(config, workdir)
@@ -274,12 +277,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, hooks=None) -> TrainS
   else:
     say(f"resumed from step {int(state.step)} of {n_steps} ({checkpoint.checkpoint_dir(workdir)})")
 
-  obj = step_lib.Objective(setup.model, setup.encoder, loss_lib.FlowConfig.from_config(config),
-                           step_lib.resolve_num_groups(config, mesh, batch_size), config.data.conditional)
-  train_step = step_lib.make_train_step(obj, optimizer, config.optim, mesh, shardings)
   encoder_params = jax.device_put(setup.encoder_params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  if objective is None:
+    obj = step_lib.Objective(setup.model, setup.encoder, loss_lib.FlowConfig.from_config(config),
+                             step_lib.resolve_num_groups(config, mesh, batch_size), config.data.conditional)
+    train_step, frozen = step_lib.make_train_step(obj, optimizer, config.optim, mesh, shardings), encoder_params
+  else:
+    train_step, frozen = objective(setup, optimizer, shardings, encoder_params)
   # Out of memory stops here, before the first step, with the knobs to turn (the first step reuses this compile).
-  hbm.check_step_fits(train_step, (state, encoder_params, abstract_batch(config, mesh, batch_size)), mesh, config)
+  hbm.check_step_fits(train_step, (state, frozen, abstract_batch(config, mesh, batch_size)), mesh, config)
   writer = MetricsWriter(workdir, config.logging.tensorboard)
   previous_sigterm = signal.getsignal(signal.SIGTERM)
   preempted = checkpoint.install_preemption_handler()
@@ -293,7 +299,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, hooks=None) -> TrainS
   try:
     while step < n_steps:
       for _ in range(accum):
-        state, metrics = train_step(state, encoder_params, global_batch(mesh, next(data_iter)))
+        state, metrics = train_step(state, frozen, global_batch(mesh, next(data_iter)))
       step += 1
       window.append(metrics)
       bar.update(1)

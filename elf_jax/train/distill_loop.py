@@ -1,0 +1,141 @@
+"""`--mode=distill`: the progressive-distillation curriculum (spec §11) as one training run per round.
+
+    DIR/round1_16step/   student from the teacher (or config.init_from), distilled to 16 steps
+    DIR/round2_8step/    student from round 1's EMA, distilled to 8 steps
+    ...
+
+Each round is `loop.train` in its own workdir (same mesh, sharding, checkpoints and auto-resume as training) with
+the distillation objective (`distill.compute_loss`) in place of the ELF one, and the teacher's EMA params, sharded
+like the student's, as a frozen input. The teacher is the same in every round. At the end of a round the hooks
+sample the student at its step count with the few-step settings (`sample.few_step_settings`) and a marker file
+records that the round is done: rerunning the command skips finished rounds and resumes the unfinished one.
+"""
+import json
+
+from etils import epath
+import flax.linen as nn
+import jax
+import ml_collections
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from elf_jax import checkpoint
+from elf_jax import sample as sampling
+from elf_jax.config import ConfigError
+from elf_jax.model.elf import init_params
+from elf_jax.train import distill as distill_lib
+from elf_jax.train import loop
+from elf_jax.train import loss as loss_lib
+from elf_jax.train import step as step_lib
+from elf_jax.train.state import TrainState
+
+ROUND_DONE_FILE = "round_done.json"
+SUMMARY_KEYS = ("gen_ppl", "entropy", "gen_ppl_ratio", "entropy_ratio", "ungrammatical_fraction")
+
+
+def round_dir(workdir: str, index: int, student_steps: int) -> epath.Path:
+  """Workdir of round `index` (1-based): DIR/round<index>_<steps>step."""
+  return epath.Path(workdir) / f"round{index}_{student_steps}step"
+
+
+def round_config(config: ml_collections.ConfigDict, student_steps: int, init_from: str) -> ml_collections.ConfigDict:
+  """The training config of one round: `config` with the round's length and warm-up (`distill.*`), the student's
+  initialisation, and few-step sampling at the student's step count."""
+  c = ml_collections.ConfigDict(config.to_dict())
+  d = config.distill
+  c.init_from = init_from
+  c.optim.num_steps = d.steps_per_round
+  c.optim.num_epochs = d.epochs_per_round
+  c.optim.warmup_steps = d.warmup_steps
+  c.optim.warmup_epochs = d.warmup_epochs
+  c.sample.preset = sampling.FEW_STEP_PRESET
+  c.sample.steps = student_steps
+  return c
+
+
+def distill_objective(config: ml_collections.ConfigDict, dc: distill_lib.DistillConfig, teacher: str):
+  """The `objective` of `loop.train` for one round: the distillation step, with (encoder params, teacher EMA params
+  sharded like the student) as its frozen inputs."""
+
+  def build(setup: loop.Setup, optimizer, shardings: TrainState, encoder_params):
+    expected = jax.eval_shape(lambda: nn.unbox(init_params(setup.model, jax.random.PRNGKey(0),
+                                                           config.data.max_length)))
+    teacher_params = jax.device_put(checkpoint.load_params_from(teacher, expected), shardings.params)
+    obj = distill_lib.DistillObjective(setup.model, setup.encoder, loss_lib.FlowConfig.from_config(config), dc,
+                                       config.data.conditional)
+    frozen_shardings = (NamedSharding(setup.mesh, P()), shardings.params)
+    train_step = step_lib.make_train_step(obj, optimizer, config.optim, setup.mesh, shardings,
+                                          loss_fn=distill_lib.compute_loss, frozen_shardings=frozen_shardings)
+    return train_step, (encoder_params, teacher_params)
+
+  return build
+
+
+def distill(config: ml_collections.ConfigDict, workdir: str, hooks=None) -> TrainState | None:
+  """Runs (or resumes) every round of `config.distill.rounds` under `workdir`; returns the last state trained here.
+
+  hooks: as in `loop.train` (sampling + evaluation of each round's student). Stops after a round that did not
+  finish (SIGTERM); the same command resumes it.
+  """
+  d = config.distill
+  if not d.teacher:
+    raise ConfigError("distill.teacher is empty: set --config.distill.teacher to the teacher's training workdir "
+                      "or checkpoint (e.g. runs/tiny, trained with --mode=train)")
+  try:
+    rounds = distill_lib.parse_rounds(d.rounds)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+  teacher = epath.Path(d.teacher)
+  if not teacher.exists():
+    raise FileNotFoundError(f"distill.teacher={d.teacher!r} does not exist; train the teacher first (--mode=train) "
+                            "or point it at a checkpoint")
+  loop.check_workdir(workdir)
+  init_from, state = config.init_from or str(teacher), None
+  for index, (steps, sub_steps) in enumerate(rounds, 1):
+    directory = round_dir(workdir, index, steps)
+    if (directory / ROUND_DONE_FILE).exists():
+      loop.say(f"distillation round {index}/{len(rounds)} ({steps}-step student) finished before: {directory}")
+      init_from = str(directory)
+      continue
+    loop.say(f"distillation round {index}/{len(rounds)}: {steps}-step student, {sub_steps} teacher sub-steps per "
+             f"student step, student from {init_from}, teacher {teacher}")
+    directory.mkdir(parents=True, exist_ok=True)
+    stats = teacher / loop.LATENT_STATS_FILE  # the teacher's latent normalisation, not a new measurement
+    if stats.exists() and not (directory / loop.LATENT_STATS_FILE).exists():
+      (directory / loop.LATENT_STATS_FILE).write_text(stats.read_text())
+    finished = []
+
+    def round_hooks(setup, wd, st, step, writer, final):
+      if hooks is not None:
+        hooks(setup, wd, st, step, writer, final)
+      if final:
+        finished.append(step)
+
+    rc = round_config(config, steps, init_from)
+    if jax.process_index() == 0:
+      (directory / "config_train.json").write_text(rc.to_json_best_effort(indent=2))
+    dc = distill_lib.DistillConfig.from_config(rc, steps, sub_steps)
+    state = loop.train(rc, str(directory), hooks=round_hooks, objective=distill_objective(rc, dc, str(teacher)))
+    if not finished:
+      loop.say(f"distillation stopped in round {index}; rerun the same command to resume")
+      return state
+    if jax.process_index() == 0:
+      (directory / ROUND_DONE_FILE).write_text(json.dumps(
+          {"round": index, "student_steps": steps, "teacher_sub_steps": sub_steps, "optimizer_steps": finished[0],
+           "init_from": init_from, "teacher": str(teacher)}))
+    init_from = str(directory)
+  loop.say(summary_table(workdir, rounds))
+  return state
+
+
+def summary_table(workdir: str, rounds: list[tuple[int, int]]) -> str:
+  """One line per round: its student's last evaluation (DIR/<round>/metrics.jsonl, kind "eval")."""
+  lines = ["distilled students (sampled at their step counts, few-step settings):",
+           "  round  steps  " + "  ".join(SUMMARY_KEYS)]
+  for index, (steps, _) in enumerate(rounds, 1):
+    metrics = round_dir(workdir, index, steps) / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.exists() else []
+    evals = [r for r in rows if r.get("kind") == "eval"]
+    last = evals[-1] if evals else {}
+    cells = [f"{last[k]:>{len(k)}.4f}" if isinstance(last.get(k), float) else "-".rjust(len(k)) for k in SUMMARY_KEYS]
+    lines.append(f"  {index:>5}  {steps:>5}  " + "  ".join(cells))
+  return "\n".join(lines)
