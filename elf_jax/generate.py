@@ -161,10 +161,15 @@ def parse_sweep(spec: str) -> list[dict[str, Any]]:
 
 
 def frontier(setup: loop.Setup, params, workdir: str, writer: loop.MetricsWriter) -> list[dict[str, Any]]:
-  """Scores every sampling setting of `config.eval.sweep` and plots Gen. PPL against entropy (DIR/frontier.png)."""
+  """Scores every sampling setting of `config.eval.sweep` and plots Gen. PPL against entropy (DIR/frontier.png) and,
+  when the sweep varies `steps`, Gen. PPL and entropy against steps (DIR/steps.png). Under the `fewstep` preset each
+  step count gets its own few-step settings (a distilled student, spec §11)."""
   config = setup.config
+  few_step = config.sample.preset == sampling.FEW_STEP_PRESET
   rows = []
   for overrides in parse_sweep(config.eval.sweep):
+    if few_step and "steps" in overrides:
+      overrides = {**sampling.few_step_settings(overrides["steps"]), **overrides}
     sc = sampling.SampleConfig.from_config(config, eos_id=setup.tokenizer.eos_token_id,
                                            pad_id=setup.tokenizer.pad_token_id, **overrides)
     result = generate(setup, params, config.sample.num_samples, config.seed, sample_config=sc)
@@ -193,7 +198,41 @@ def frontier(setup: loop.Setup, params, workdir: str, writer: loop.MetricsWriter
   fig.savefig(path, dpi=120)
   plt.close(fig)
   print(f"frontier plot: {path}", flush=True)
+  axes = list(parse_sweep(config.eval.sweep)[0])
+  if "steps" in axes:
+    print(f"steps plot: {plot_against_steps(rows, [a for a in axes if a != 'steps'], workdir)}", flush=True)
   return rows
+
+
+def plot_against_steps(rows: list[dict[str, Any]], other_axes: list[str], workdir: str) -> str:
+  """Gen. PPL and entropy of sweep `rows` against their `steps` (DIR/steps.png), one line per setting of
+  `other_axes`, with the true text's figures as dashed lines when known. Returns the path."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  lines: dict[tuple, list[dict[str, Any]]] = {}
+  for r in rows:
+    lines.setdefault(tuple((k, r[k]) for k in other_axes), []).append(r)
+  fig, panels = plt.subplots(1, 2, figsize=(10, 4))
+  for panel, key, name in zip(panels, ("gen_ppl", "entropy"), ("Gen. PPL", "entropy (nats)")):
+    for setting, line in lines.items():
+      line = sorted(line, key=lambda r: r["steps"])
+      panel.plot([r["steps"] for r in line], [r[key] for r in line], "o-",
+                 label=", ".join(f"{k}={v}" for k, v in setting) or None)
+    if f"true_{key}" in rows[0]:
+      panel.axhline(rows[0][f"true_{key}"], color="r", linestyle="--", label="true text")
+    panel.set_xscale("log", base=2)
+    panel.set_xticks(sorted({r["steps"] for r in rows}), [str(s) for s in sorted({r["steps"] for r in rows})])
+    panel.set_xlabel("sampling steps")
+    panel.set_ylabel(name)
+    panel.grid(alpha=0.3)
+    panel.legend(fontsize=7)
+  panels[0].set_yscale("log")
+  fig.tight_layout()
+  path = os.path.join(workdir, "steps.png")
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
 
 
 def write_samples(workdir: str, name: str, result: dict[str, list]) -> str:

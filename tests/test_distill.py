@@ -6,15 +6,19 @@ import os
 import re
 import subprocess
 import sys
+import types
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
 from conftest import SHARED
 from elf_jax import checkpoint
+from elf_jax import generate
+from elf_jax import sample as sampling
 from elf_jax.model.elf import ELF, ModelConfig, init_params
 from elf_jax.train import distill, distill_loop, loop
 from elf_jax.train.loss import FlowConfig
@@ -182,7 +186,7 @@ def test_mode_distill_end_to_end(tmp_path, capsys):
   result = subprocess.run(
       [sys.executable, "-m", "elf_jax.main", "--config=configs/tiny_distill.py", f"--workdir={workdir}",
        "--mode=distill", *(f"--config.{k}={v}" for k, v in overrides.items())],
-      cwd=REPO, capture_output=True, text=True, timeout=300,
+      cwd=REPO, capture_output=True, text=True, timeout=900,
       env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags})
   assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
 
@@ -208,3 +212,27 @@ def test_mode_distill_end_to_end(tmp_path, capsys):
   assert capsys.readouterr().out.count("finished before") == 2
   assert sorted(p.name for p in (rounds[1] / "checkpoints").iterdir()) == ["2"]
 
+
+def test_few_step_settings_and_the_steps_sweep(tmp_path, monkeypatch):
+  """The authors' few-step table by step count; `--mode=eval`'s sweep under the fewstep preset samples every step
+  count with its own settings and plots Gen. PPL and entropy against steps."""
+  for steps, gamma, w in [(1, 1.5, 2.5), (8, 1.5, 2.5), (16, 2.0, 2.0), (32, 2.0, 2.0)]:
+    s = sampling.apply_preset(ml_collections.ConfigDict(dict(preset="fewstep", steps=steps, method="ode", gamma=0.0,
+                                                             guidance_scale=1.0, cfg_scale=1.0, grid="uniform")))
+    assert (s.method, s.steps, s.grid, s.gamma, s.guidance_scale) == ("sde", steps, "logit_normal", gamma, w)
+
+  config = load_config(REPO / "configs" / "tiny_distill.py", {})
+  assert config.sample.preset == "fewstep" and config.eval.sweep == "steps=1,2,4,8,16,32"
+  used = []
+  monkeypatch.setattr(generate, "generate", lambda setup, params, num, seed, sample_config: used.append(
+      sample_config) or {"texts": []})
+  monkeypatch.setattr(generate, "score", lambda setup, result: {
+      "gen_ppl": 10.0 / used[-1].steps, "entropy": 1.0, "true_gen_ppl": 3.0, "true_entropy": 1.5})
+  setup = types.SimpleNamespace(config=config, tokenizer=types.SimpleNamespace(eos_token_id=1, pad_token_id=0))
+  rows = generate.frontier(setup, None, str(tmp_path), loop.MetricsWriter(str(tmp_path), tensorboard=False))
+  assert [(c.steps, c.gamma, c.guidance_scale, c.method) for c in used] == [
+      (1, 1.5, 2.5, "sde"), (2, 1.5, 2.5, "sde"), (4, 1.5, 2.5, "sde"), (8, 1.5, 2.5, "sde"), (16, 2.0, 2.0, "sde"),
+      (32, 2.0, 2.0, "sde")]
+  assert [r["gamma"] for r in rows] == [1.5] * 4 + [2.0] * 2
+  png = (tmp_path / "steps.png").read_bytes()
+  assert png.startswith(b"\x89PNG") and len(png) > 1000
