@@ -123,7 +123,7 @@ def base_config() -> ml_collections.ConfigDict:
   o.grad_clip = 1.0  # global-norm clip of each micro-batch gradient, before Muon / AdamW (reference); 0 = off
   o.ema_decay = 0.9999
   o.global_batch_size = 512
-  o.grad_accum_steps = 1
+  o.grad_accum_steps = 1  # micro-batches per optimizer step, run inside the one jitted step (lax.scan); divides it
   o.num_epochs = 5.0
   o.num_steps = -1  # if > 0, overrides num_epochs (steps per epoch = len(train split) // global_batch_size)
 

@@ -1,6 +1,7 @@
 """Tests for elf_jax.train.optim (and the steps-per-epoch rule of elf_jax.train.loop): parity of the learning-rate
 schedules and of three Muon / AdamW updates with the reference optimizer (fixture `reference_elf_train`, made by
-running the authors' `get_optimizer` and `create_learning_rate_fn`), then clipping, routing, accumulation and EMA."""
+running the authors' `get_optimizer` and `create_learning_rate_fn`), then clipping, routing and EMA (gradient
+accumulation: tests/test_accumulation.py)."""
 import inspect
 import json
 
@@ -138,8 +139,8 @@ def test_muon_routing_on_the_reference_params(reference):
 
 @pytest.mark.parametrize("name", ["muon", "adamw"])
 def test_three_updates_equal_the_reference(reference, name):
-  """Clip + Muon / AdamW, built from config as training builds it, from the checkpoint's params with the fixture's
-  gradients: the params after each update equal the reference's per leaf (rel. Frobenius ≤ 1e-5)."""
+  """Clip (`clip_gradient`) + Muon / AdamW, built from config as training builds them, from the checkpoint's params
+  with the fixture's gradients: the params after each update equal the reference's per leaf (rel. Frobenius ≤ 1e-5)."""
   config, arrays, params = reference
   o = config["optim"]
   s = o["lr_schedule"]
@@ -152,7 +153,8 @@ def test_three_updates_equal_the_reference(reference, name):
   worst = worst_step = 0.0
   for k in range(NUM_UPDATES):
     before = params
-    updates, state = update(_reference_tree(arrays, f"optim/grads_{k}", params), state, params)
+    grads = optim.clip_gradient(_reference_tree(arrays, f"optim/grads_{k}", params), c)
+    updates, state = update(grads, state, params)
     params = optax.apply_updates(params, updates)
     want = _reference_tree(arrays, f"optim/{name}/params_{k + 1}", params)
     worst = max(worst, _assert_close(params, want, 1e-5, f"params after update {k + 1}"))
@@ -175,30 +177,51 @@ def _clip(tree, max_norm=1.0):
   return jax.tree.map(lambda g: g * jnp.minimum(1.0, max_norm / optax.tree.norm(tree)), tree)
 
 
-@pytest.mark.parametrize("name", ["muon", "adamw"])
-def test_clipping_equals_prescaling_the_gradient(name):
-  """Clip to norm 1 of a huge gradient == feeding the unit-norm gradient to the unclipped optimizer."""
+def test_clip_gradient_scales_to_the_global_norm():
+  """A gradient above `grad_clip` is scaled to that global norm, one below it is left alone; 0 disables; < 0 is an
+  error."""
   params = _tree(jax.random.PRNGKey(0))
-  g1 = jax.tree.map(lambda p: 1000.0 * jnp.cos(p), params)
-  g2 = jax.tree.map(lambda p: 0.01 * jnp.sin(3 * p), params)  # global norm < 1: left alone by the clip
-  clipped = optim.make_optimizer(_optim_config(optimizer=name, grad_clip=1.0), 1e-2)
-  plain = optim.make_optimizer(_optim_config(optimizer=name, grad_clip=0.0), 1e-2)
+  big = jax.tree.map(lambda p: 1000.0 * jnp.cos(p), params)
+  small = jax.tree.map(lambda p: 0.01 * jnp.sin(3 * p), params)
+  c = _optim_config(grad_clip=1.0)
+  clipped = optim.clip_gradient(big, c)
+  assert float(optax.tree.norm(clipped)) == pytest.approx(1.0, rel=1e-6)
+  for a, b in zip(jax.tree.leaves(clipped), jax.tree.leaves(_clip(big))):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(optim.clip_gradient(small, c)), jax.tree.leaves(small)):
+    np.testing.assert_array_equal(a, b)
+  assert optim.clip_gradient(big, _optim_config(grad_clip=0.0)) is big
+  with pytest.raises(ValueError, match="grad_clip"):
+    optim.clip_gradient(big, _optim_config(grad_clip=-1.0))
 
-  def two_updates(opt, grads):
-    state = opt.init(params)
-    out = []
+
+def test_muon_batched_over_the_layer_axis_equals_muon_per_block():
+  """Stacked blocks (kernels (L, in, out), biases and norm weights (L, X)) get exactly the updates that the
+  published per-block layout (2-D kernels, 1-D vectors) gets: Newton–Schulz runs per slice, vectors go to Adam."""
+  depth, keys = 3, jax.random.split(jax.random.PRNGKey(4), 4)
+  stacked = {"head": {"kernel": jax.random.normal(keys[0], (8, 5))},
+             elf.BLOCKS: {"w": {"kernel": jax.random.normal(keys[1], (depth, 8, 16)),
+                                "bias": jax.random.normal(keys[2], (depth, 16))},
+                          "norm": {"weight": jax.random.normal(keys[3], (depth, 8))}}}
+  # Block 1's kernel gradient is 100x the others': a normalisation over the whole stack would shrink their steps.
+  scale = lambda p: 1 + 99 * (p.ndim == 3) * (jnp.arange(p.shape[0]) == 1).reshape((-1,) + (1,) * (p.ndim - 1))
+  grads = [jax.tree.map(lambda p, i=i: jnp.cos((i + 2) * p) * scale(p), stacked) for i in range(2)]
+  opt = optim.make_optimizer(_optim_config(optimizer="muon", grad_clip=0.0), 1e-2)
+
+  def two_updates(params, grads):
+    state, out = opt.init(params), []
     for g in grads:
       u, state = opt.update(g, state, params)
       out.append(u)
     return out
 
-  got = two_updates(clipped, [g1, g2])
-  want = two_updates(plain, [_clip(g1), g2])
-  unclipped = two_updates(plain, [g1, g2])
-  for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
-  # The clip matters: without it the second update differs (Adam's moments remember the huge gradient).
-  assert not np.allclose(jax.tree.leaves(got[1])[0], jax.tree.leaves(unclipped[1])[0], rtol=1e-3)
+  got = two_updates(stacked, grads)
+  want = two_updates(elf.unstack_blocks(stacked), [elf.unstack_blocks(g) for g in grads])
+  for ours, per_block in zip(got, want):
+    ours = elf.unstack_blocks(ours)
+    assert jax.tree.structure(ours) == jax.tree.structure(per_block)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(per_block)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_muon_routes_matrices_to_muon_and_the_rest_to_adam():
@@ -231,7 +254,7 @@ def test_muon_reduces_a_quadratic_loss():
 
   @jax.jit
   def step(p, s):
-    g = jax.grad(loss_fn)(p)
+    g = optim.clip_gradient(jax.grad(loss_fn)(p), c)
     u, s = opt.update(g, s, p)
     return jax.tree.map(lambda a, b: a + b, p, u), s
 
@@ -242,52 +265,15 @@ def test_muon_reduces_a_quadratic_loss():
   assert float(loss_fn(params)) < 0.1 * start
 
 
-@pytest.mark.parametrize("name", ["muon", "adamw"])
-def test_accumulation_equals_one_step_on_the_mean_clipped_gradient(name):
-  """As the reference's chain(clip, MultiSteps(inner)): each micro-batch gradient is clipped, then averaged."""
-  params = _tree(jax.random.PRNGKey(4))
-  g1 = jax.tree.map(lambda p: jnp.cos(p), params)
-  g2 = jax.tree.map(lambda p: jnp.sin(5 * p) * 3.0, params)
-  assert optax.tree.norm(g1) > 1.0 and optax.tree.norm(g2) > 1.0  # both clipped
-  c_acc = _optim_config(optimizer=name, grad_accum_steps=2, grad_clip=1.0)
-  c_one = _optim_config(optimizer=name, grad_accum_steps=1, grad_clip=0.0)
-  acc = optim.make_optimizer(c_acc, 1e-2)
-  one = optim.make_optimizer(c_one, 1e-2)
-
-  state = acc.init(params)
-  u1, state = acc.update(g1, state, params)
-  assert not bool(optim.is_update_step(state, c_acc))
-  assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree.leaves(u1))
-  u2, state = acc.update(g2, state, params)
-  assert bool(optim.is_update_step(state, c_acc))
-  mean_clipped = jax.tree.map(lambda a, b: (a + b) / 2, _clip(g1), _clip(g2))
-  want, one_state = one.update(mean_clipped, one.init(params), params)
-  assert bool(optim.is_update_step(one_state, c_one))
-  for a, b in zip(jax.tree.leaves(u2), jax.tree.leaves(want)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
-
-
-def test_ema_moves_only_on_update_steps():
-  c = _optim_config(optimizer="adamw", grad_accum_steps=2)
-  opt = optim.make_optimizer(c, 0.1)
+def test_ema_update():
+  """ema ← decay·ema + (1 − decay)·params, in float32 whatever the params' dtype (accumulation: tests/test_accumulation)."""
   params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), _tree(jax.random.PRNGKey(5)))
-  ema = jax.tree.map(lambda x: x.astype(jnp.float32), params)
-  state = opt.init(params)
+  ema = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), params)
   decay = 0.9
-  for micro in range(4):
-    grads = jax.tree.map(lambda p: jnp.ones_like(p), params)
-    updates, state = opt.update(grads, state, params)
-    params = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), params, updates)
-    applied = optim.is_update_step(state, c)
-    assert bool(applied) == (micro % 2 == 1)
-    new_ema = optim.ema_update(ema, params, decay, applied)
-    for e_new, e_old, p in zip(jax.tree.leaves(new_ema), jax.tree.leaves(ema), jax.tree.leaves(params)):
-      assert e_new.dtype == jnp.float32
-      want = decay * e_old + (1 - decay) * np.asarray(p, np.float32) if bool(applied) else e_old
-      np.testing.assert_allclose(e_new, want, rtol=1e-6)
-      if bool(applied):
-        assert not np.allclose(e_new, e_old)
-    ema = new_ema
+  new_ema = optim.ema_update(ema, params, decay)
+  for e_new, e_old, p in zip(jax.tree.leaves(new_ema), jax.tree.leaves(ema), jax.tree.leaves(params)):
+    assert e_new.dtype == jnp.float32
+    np.testing.assert_allclose(e_new, decay * e_old + (1 - decay) * np.asarray(p, np.float32), rtol=1e-6)
 
 
 def test_steps_per_epoch_come_from_the_dataset(tmp_path):

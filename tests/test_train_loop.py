@@ -24,6 +24,7 @@ from elf_jax import checkpoint
 from elf_jax import generate
 from elf_jax.data import sources
 from elf_jax.train import loop
+from elf_jax.train import optim
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "tiny.py"
@@ -102,7 +103,11 @@ def test_straight_run_writes_what_a_person_reads(straight):
   rows = train_rows(workdir)
   assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]  # log_every_steps = 1
   for r in rows:
-    assert np.isfinite(r["loss"]) and r["loss"] > 0 and r["lr"] >= 0 and r["step_time_s"] > 0
+    assert np.isfinite(r["loss"]) and r["loss"] > 0 and r["step_time_s"] > 0
+  # The lr logged at step N is the one update N used: the schedule after N − 1 updates (0 for the first).
+  schedule = optim.make_schedule(small_config().optim, steps_per_epoch=1, total_steps=6)  # warmup_steps given
+  np.testing.assert_allclose([r["lr"] for r in rows], [float(schedule(n - 1)) for n in range(1, 7)], rtol=1e-6)
+  assert rows[0]["lr"] == 0 and rows[-1]["lr"] > 0
   evals = [json.loads(line) for line in open(workdir / "metrics.jsonl") if '"eval"' in line]
   assert len(evals) == 1 and evals[0]["step"] == 6
   assert {"gen_ppl", "entropy", "true_gen_ppl", "true_entropy"} <= set(evals[0])

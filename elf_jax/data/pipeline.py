@@ -113,16 +113,16 @@ def make_dataset(config: ml_collections.ConfigDict, tokenizer: transformers.PreT
     shuffle: default config.data.shuffle.
     num_epochs: passes over the data; None = repeat forever.
     drop_remainder: drop a last incomplete batch (finite runs).
-    batch_size: global examples per batch (default optim.global_batch_size; the train loop passes the micro-batch
-      global_batch_size / grad_accum_steps); each process yields batch_size / process_count of them.
+    batch_size: global examples per batch (default optim.global_batch_size, the batch of one optimizer update, which
+      the train step splits into its micro-batches); each process yields batch_size / process_count of them.
   """
   d = config.data
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} not in [0, {process_count})")
   global_batch = config.optim.global_batch_size if batch_size is None else batch_size
   if global_batch % process_count:
-    raise ValueError(f"the global batch {global_batch} (config.optim.global_batch_size / grad_accum_steps) is not "
-                     f"divisible by the {process_count} processes")
+    raise ValueError(f"the global batch {global_batch} (config.optim.global_batch_size) is not divisible by the "
+                     f"{process_count} processes")
   batch_size = global_batch // process_count
   layout = make_layout(config, tokenizer)
   cached = bool(d.get("latent_cache_dir", ""))

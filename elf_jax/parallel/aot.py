@@ -6,11 +6,12 @@
 needs `pip install -e .[compile]` (libtpu, which jax uses as the TPU compiler without a TPU). Nothing is allocated
 and no weights are loaded: the mesh is built over the topology's abstract devices, the TrainState, the frozen
 encoder's parameters and the global batch are `jax.ShapeDtypeStruct`s with their shardings, and the real train step
-(`make_train_step`: declared in/out shardings, donated state) is lowered and compiled. The report gives per-chip
-memory (XLA's `memory_analysis`) against the chip's HBM as a headroom percentage, and per-chip FLOPs (XLA's
-`cost_analysis`) of one micro-step. A step that does not fit (XLA's compile-time out-of-memory error, or a total
-above the budget of `elf_jax.parallel.hbm`, e.g. an injected `--config.mesh.hbm_limit_gib`) fails with one message
-naming the knobs to turn (remat, fsdp, precision, batch).
+(`make_train_step`: declared in/out shardings, donated state) is lowered and compiled: the whole optimizer step, all
+its accumulation micro-batches. The report gives per-chip memory (XLA's `memory_analysis`) against the chip's HBM as
+a headroom percentage, and per-chip FLOPs (XLA's `cost_analysis`, which counts the accumulation loop's body once:
+with grad_accum_steps > 1, one micro-batch's FLOPs plus the update). A step that does not fit (XLA's compile-time
+out-of-memory error, or a total above the budget of `elf_jax.parallel.hbm`, e.g. an injected
+`--config.mesh.hbm_limit_gib`) fails with one message naming the knobs to turn (remat, fsdp, precision, batch).
 """
 import dataclasses
 import os
@@ -55,7 +56,8 @@ KNOWN_ENCODERS = {
 
 @dataclasses.dataclass(frozen=True)
 class CompileReport:
-  """Per-chip figures of one compiled micro-step. Bytes are per device; `flops` is XLA's per-device count."""
+  """Per-chip figures of one compiled optimizer step (all micro-batches). Bytes are per device; `flops` is XLA's
+  per-device count."""
   topology: str
   num_devices: int
   device_kind: str
@@ -149,7 +151,7 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: Sequence[jax.
 
   Args:
     config: a full run config; `config.mesh` (or `config.mesh.preset`) gives the mesh sizes, `optim` the batch
-      (global_batch_size / grad_accum_steps rows of data.max_length tokens per micro-step).
+      (global_batch_size rows of data.max_length tokens per step, in grad_accum_steps micro-batches).
     devices: the devices of the mesh, e.g. `topology_devices("v5p-64")` or `jax.devices()`.
     topology: a label for the report (default: the device count and kind).
 
@@ -163,7 +165,7 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: Sequence[jax.
   if config.mesh.preset:
     mesh_lib.apply_mesh_preset(config, config.mesh.preset)
   mesh = mesh_lib.make_mesh(config.mesh, devices)
-  batch_size = config.optim.global_batch_size // config.optim.grad_accum_steps
+  batch_size = config.optim.global_batch_size // config.optim.grad_accum_steps  # of one micro-batch
   sharding.check_mesh(mesh, config.model.num_heads, batch_size)
   encoder, encoder_shapes = abstract_encoder(config)
   model = ELF(ModelConfig.from_config(config))
@@ -181,7 +183,7 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: Sequence[jax.
   replicated = NamedSharding(mesh, P())
   encoder_params = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
                                           encoder_shapes)
-  batch = loop.abstract_batch(config, mesh, batch_size)
+  batch = loop.abstract_batch(config, mesh, config.optim.global_batch_size)
   device = mesh.devices.flat[0]
   compiled = hbm.compile_or_explain(train_step.lower(abstract_state, encoder_params, batch), config, mesh)
 

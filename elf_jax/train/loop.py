@@ -163,8 +163,8 @@ def global_batch(mesh, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
 
 
 def abstract_batch(config, mesh, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
-  """The ShapeDtypeStructs of the global micro-batch that `global_batch` makes: ids (B, S) int32, valid / cond_mask /
-  loss_mask (B, S) bool and, with a latent cache, latents (B, S, C) float32; sharded over the batch axes."""
+  """The ShapeDtypeStructs of one update's global batch (as `global_batch` makes it): ids (B, S) int32, valid /
+  cond_mask / loss_mask (B, S) bool and, with a latent cache, latents (B, S, C) float32; sharded over the batch axes."""
   sh, rows = sharding.batch_sharding(mesh), (batch_size, config.data.max_length)
   batch = {k: jax.ShapeDtypeStruct(rows, jnp.int32 if k == "ids" else jnp.bool_, sharding=sh)
            for k in step_lib.BATCH_KEYS}
@@ -263,7 +263,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, hooks=None, objective
   optimizer = optim.make_optimizer(config.optim, schedule)
   abstract, shardings = abstract_and_shardings(setup, optimizer)
 
-  batch_size = config.optim.global_batch_size // config.optim.grad_accum_steps
+  batch_size = config.optim.global_batch_size  # the whole batch of an update; the step splits it in micro-batches
+  micro_batch_size = batch_size // config.optim.grad_accum_steps
   dataset = pipeline.make_dataset(config, setup.tokenizer, config.data.split, language=setup.language,
                                   process_index=jax.process_index(), process_count=jax.process_count(),
                                   batch_size=batch_size)
@@ -280,7 +281,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, hooks=None, objective
   encoder_params = jax.device_put(setup.encoder_params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
   if objective is None:
     obj = step_lib.Objective(setup.model, setup.encoder, loss_lib.FlowConfig.from_config(config),
-                             step_lib.resolve_num_groups(config, mesh, batch_size), config.data.conditional)
+                             step_lib.resolve_num_groups(config, mesh, micro_batch_size), config.data.conditional)
     train_step, frozen = step_lib.make_train_step(obj, optimizer, config.optim, mesh, shardings), encoder_params
   else:
     train_step, frozen = objective(setup, optimizer, shardings, encoder_params)
@@ -289,7 +290,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, hooks=None, objective
   writer = MetricsWriter(workdir, config.logging.tensorboard)
   previous_sigterm = signal.getsignal(signal.SIGTERM)
   preempted = checkpoint.install_preemption_handler()
-  accum = config.optim.grad_accum_steps
   start = int(state.step)
   # A live bar on a terminal; one line per logging interval when output goes to a file (pod logs, nohup, CI).
   interactive = sys.stderr.isatty()
@@ -298,8 +298,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, hooks=None, objective
   step, window, t_last = start, [], time.perf_counter()
   try:
     while step < n_steps:
-      for _ in range(accum):
-        state, metrics = train_step(state, frozen, global_batch(mesh, next(data_iter)))
+      state, metrics = train_step(state, frozen, global_batch(mesh, next(data_iter)))
       step += 1
       window.append(metrics)
       bar.update(1)
@@ -307,7 +306,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, hooks=None, objective
         host = jax.device_get(window)
         now = time.perf_counter()
         summary = {k: _nanmean([m[k] for m in host]) for k in host[0]}
-        summary.update(lr=float(schedule(step)), step_time_s=(now - t_last) / len(window),
+        # The lr of update `step`: optax's schedule counts the updates before it.
+        summary.update(lr=float(schedule(step - 1)), step_time_s=(now - t_last) / len(window),
                        epoch=step / per_epoch)
         window, t_last = [], now
         writer.write(step, summary)

@@ -1,16 +1,12 @@
-"""Optimisation (spec §7): learning rate, warm-up schedule, Muon / AdamW with clipping, accumulation, EMA.
+"""Optimisation (spec §7): learning rate, warm-up schedule, gradient clipping, Muon / AdamW, EMA.
 
-The optimizer is the reference's: global-norm clip, then `optax.contrib.muon` with optax's defaults (or AdamW).
+The optimizer is the reference's `chain(clip_by_global_norm(1.0), MultiSteps(muon, k))`, split in two: the train
+step clips each micro-batch's gradient (`clip_gradient`) and averages the k clipped gradients inside one jitted
+step; `make_optimizer` is the inner `optax.contrib.muon` with optax's defaults (or AdamW), called once per step.
 
 Step counting: every schedule in this module counts *optimizer updates*; `optim.global_batch_size` is the number of
 examples per update (all devices, all accumulation micro-batches). The schedule's value at update 0 is 0 (the
 warm-up starts from 0, as the reference's), so the first update leaves the parameters unchanged.
-
-Gradient accumulation (`optim.grad_accum_steps = k > 1`): the train step calls `optimizer.update` once per micro-batch
-with that micro-batch's gradient; each is clipped, then `optax.MultiSteps` averages k of them and applies the inner
-update (Muon/AdamW → learning rate) on every k-th call only, returning zero updates otherwise. The inner optimizer's
-step counter, hence the schedule, advances on applied updates only. `is_update_step` tells the train step whether
-the call it just made applied an update (to advance `TrainState.step` and the EMA).
 
 Parameter routing under Muon (optax's default rule, spelled out by `muon_dimension_numbers`): every 2-D leaf (Dense
 kernels, including `proj_kernel` and `unembed_kernel`, layout (in, out)) is orthogonalised by Muon; every other leaf
@@ -79,62 +75,48 @@ def muon_dimension_numbers(params):
 
 def make_optimizer(optim_config: ml_collections.ConfigDict,
                    schedule: optax.ScalarOrSchedule) -> optax.GradientTransformation:
-  """Global-norm clipping, then Muon or AdamW (in `optax.MultiSteps` when `grad_accum_steps > 1`), as the reference.
+  """Muon or AdamW on the mean clipped gradient of a step (the clip is `clip_gradient`, in the train step).
 
   Muon: Nesterov momentum `muon_momentum` on 2-D leaves; its internal Adam (`muon_adam_b1`, `muon_adam_b2`, also
   Nesterov, as optax's `muon` builds it) on all other leaves (see the module docstring); the defaults are optax's.
   AdamW: (`adamw_b1`, `adamw_b2`). `weight_decay` (decoupled) applies to every leaf in either optimizer.
-  `grad_clip == 0` disables clipping. With accumulation, the clip acts on each micro-batch's gradient before the
-  average, as in the reference.
 
   Args:
-    optim_config: the `optim` group (`optimizer`, `muon_*`, `adamw_*`, `weight_decay`, `grad_clip`,
-      `grad_accum_steps`).
+    optim_config: the `optim` group (`optimizer`, `muon_*`, `adamw_*`, `weight_decay`).
     schedule: learning rate, a float or a schedule over optimizer updates (`make_schedule`).
   """
   if optim_config.optimizer not in _OPTIMIZERS:
     raise ValueError(f"config.optim.optimizer={optim_config.optimizer!r} is not one of {_OPTIMIZERS}.")
-  if optim_config.grad_accum_steps < 1:
-    raise ValueError(f"config.optim.grad_accum_steps must be >= 1, got {optim_config.grad_accum_steps}.")
-  if optim_config.grad_clip < 0:
-    raise ValueError(f"config.optim.grad_clip must be >= 0 (0 disables clipping), got {optim_config.grad_clip}.")
   if optim_config.optimizer == "muon":
-    inner = optax.contrib.muon(
+    return optax.contrib.muon(
         schedule, beta=optim_config.muon_momentum, weight_decay=optim_config.weight_decay,
         adam_b1=optim_config.muon_adam_b1, adam_b2=optim_config.muon_adam_b2,
         adam_weight_decay=optim_config.weight_decay, muon_weight_dimension_numbers=muon_dimension_numbers)
-  else:
-    inner = optax.adamw(schedule, b1=optim_config.adamw_b1, b2=optim_config.adamw_b2,
-                        weight_decay=optim_config.weight_decay)
-  if optim_config.grad_accum_steps > 1:
-    inner = optax.MultiSteps(inner, every_k_schedule=optim_config.grad_accum_steps).gradient_transformation()
-  if optim_config.grad_clip > 0:
-    return optax.chain(optax.clip_by_global_norm(optim_config.grad_clip), inner)
-  return inner
+  return optax.adamw(schedule, b1=optim_config.adamw_b1, b2=optim_config.adamw_b2,
+                     weight_decay=optim_config.weight_decay)
 
 
-def is_update_step(opt_state, optim_config: ml_collections.ConfigDict) -> jax.Array:
-  """Whether the `optimizer.update` call that returned `opt_state` applied an update (bool scalar).
+def clip_gradient(grads, optim_config: ml_collections.ConfigDict):
+  """`grads` scaled to global norm `optim.grad_clip` where larger (`optax.clip_by_global_norm`); 0 = no clip.
 
-  Without accumulation every call does. With `optax.MultiSteps` the call that completes k micro-batches resets the
-  micro-step counter to 0 and increments the gradient-step counter.
+  The train step applies it to each micro-batch's gradient before averaging them, as the reference's
+  chain(clip, MultiSteps(...)) does.
   """
-  if optim_config.grad_accum_steps > 1:
-    mini_step, gradient_step = optax.tree.get(opt_state, "mini_step"), optax.tree.get(opt_state, "gradient_step")
-    return jnp.logical_and(mini_step == 0, gradient_step > 0)
-  return jnp.asarray(True)
+  if optim_config.grad_clip < 0:
+    raise ValueError(f"config.optim.grad_clip must be >= 0 (0 disables clipping), got {optim_config.grad_clip}.")
+  if optim_config.grad_clip == 0:
+    return grads
+  clipped, _ = optax.clip_by_global_norm(optim_config.grad_clip).update(grads, optax.EmptyState())
+  return clipped
 
 
-def ema_update(ema_params, params, decay: float, apply: jax.Array):
-  """`ema ← decay·ema + (1 − decay)·params` where `apply` is True, else `ema` unchanged; float32 result.
+def ema_update(ema_params, params, decay: float):
+  """`ema ← decay·ema + (1 − decay)·params`, once per optimizer update; float32 result.
 
   Args:
     ema_params: the EMA tree (same structure as `params`).
-    params: the current parameters (any float dtype).
+    params: the parameters after the update (any float dtype).
     decay: EMA decay per optimizer update, e.g. 0.9999.
-    apply: bool scalar, `is_update_step(...)` of this step, so the EMA follows optimizer updates only.
   """
-  def update(ema, p):
-    ema = ema.astype(jnp.float32)
-    return jnp.where(apply, decay * ema + (1.0 - decay) * p.astype(jnp.float32), ema)
-  return jax.tree.map(update, ema_params, params)
+  return jax.tree.map(lambda ema, p: decay * ema.astype(jnp.float32) + (1.0 - decay) * p.astype(jnp.float32),
+                      ema_params, params)

@@ -10,11 +10,11 @@ class TrainState:
   """Params, EMA params, optimizer state, step and RNG.
 
   Attributes:
-    step: int32 scalar, number of optimizer updates applied (micro-steps of gradient accumulation do not count).
+    step: int32 scalar, number of optimizer updates applied (one per train step, whatever its micro-batch count).
     params: the flow transformer's parameter tree (float32).
-    ema_params: exponential moving average of `params`, updated on optimizer steps only.
-    opt_state: optax state (Muon or AdamW, including the gradient-accumulation wrapper when used).
-    rng: PRNG key (raw uint32[2]) from which each step's randomness is folded in by step number.
+    ema_params: exponential moving average of `params`, updated once per optimizer update.
+    opt_state: optax state of Muon or AdamW.
+    rng: PRNG key (raw uint32[2]); each step splits off its own key, and micro-batch j uses fold_in(that key, j).
   """
   step: jax.Array
   params: Any

@@ -1,9 +1,10 @@
 """The pure, sharded train step: (state, encoder params, batch) → (state, metrics).
 
-Data flow per step: draw all noise for the global batch → frozen encoder on the sharded batch (label dropping
-decides its mask) → per-batch-shard program (`jax.shard_map` over the batch axes) that evaluates each of its coin
-groups with `lax.cond`, so decoding groups skip the self-conditioning pass → gradients (psum over the batch axes by
-shard_map's transpose) → optimizer (Muon / AdamW, accumulation-aware) → EMA on optimizer steps only.
+Data flow per step, for each of the `optim.grad_accum_steps` micro-batches of the batch (`lax.scan`): draw all
+noise for the micro-batch → frozen encoder on the sharded micro-batch (label dropping decides its mask) →
+per-batch-shard program (`jax.shard_map` over the batch axes) that evaluates each of its coin groups with `lax.cond`,
+so decoding groups skip the self-conditioning pass → gradients (psum over the batch axes by shard_map's transpose)
+→ global-norm clip → sum. Then, once per step: mean clipped gradient → optimizer (Muon / AdamW) → EMA.
 
 The result depends only on the seed and `num_groups`, not on the mesh: one device runs the same groups
 sequentially (`lax.map`).
@@ -97,22 +98,57 @@ def compute_loss(params, encoder_params, batch, rng, obj: Objective, mesh: jax.s
   return L.summarize(sums, obj.num_groups)
 
 
+def split_micro_batches(batch, num_micro: int, mesh=None):
+  """(B, ...) arrays → (num_micro, B / num_micro, ...): micro-batch j holds rows j, j + num_micro, j + 2·num_micro, …
+
+  Rows are interleaved so that each batch shard's contiguous block of rows splits locally: every micro-batch stays
+  sharded over the batch axes like the whole batch (no data moves between devices).
+  """
+  def split(x):
+    x = x.reshape((x.shape[0] // num_micro, num_micro) + x.shape[1:]).swapaxes(0, 1)
+    if mesh is None:
+      return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(None, batch_axes(mesh))))
+  return jax.tree.map(split, batch)
+
+
 def train_step(state: TrainState, frozen, batch, *, obj: Objective, optimizer: optax.GradientTransformation,
                optim_config: ml_collections.ConfigDict, mesh=None, loss_fn=compute_loss):
-  """One micro-step: gradients of one batch, an optimizer call, EMA and step advance when an update was applied.
+  """One optimizer step on the whole per-update batch (B = optim.global_batch_size rows), as the reference's
+  chain(clip_by_global_norm, MultiSteps(optimizer, k)) fed k micro-batches.
+
+  The batch is split into k = optim.grad_accum_steps micro-batches (`split_micro_batches`); `lax.scan` computes each
+  micro-batch's gradient with its own rng (`fold_in(step rng, j)`), clips it (global norm `optim.grad_clip`) and sums
+  it; the mean clipped gradient then drives one optimizer update and one EMA update, and the step advances by one.
 
   loss_fn(params, frozen, batch, rng, obj, mesh) → (loss, metrics): `compute_loss` (frozen = the encoder's
   params) or another objective of the same shape (e.g. `distill.compute_loss`, frozen = (encoder, teacher)).
+
+  Returns:
+    (new state, metrics): every metric of loss_fn averaged over the micro-batches that define it (NaN-valued ones,
+    e.g. decode_loss of a micro-batch without a decoding group, are left out), and grad_norm, the mean over
+    micro-batches of each micro-batch gradient's global norm before clipping.
   """
+  num_micro = optim_config.grad_accum_steps
   rng, step_rng = jax.random.split(state.rng)
-  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, frozen, batch, step_rng, obj, mesh)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def micro_step(grad_sum, micro):
+    index, micro_batch = micro
+    (_, metrics), grads = grad_fn(state.params, frozen, micro_batch, jax.random.fold_in(step_rng, index), obj, mesh)
+    metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
+    grad_sum = jax.tree.map(jnp.add, grad_sum, optim.clip_gradient(grads, optim_config))
+    return grad_sum, metrics
+
+  zeros = jax.tree.map(jnp.zeros_like, state.params)
+  micro_batches = (jnp.arange(num_micro), split_micro_batches(batch, num_micro, mesh))
+  grad_sum, metrics = jax.lax.scan(micro_step, zeros, micro_batches)
+  grads = jax.tree.map(lambda g: g / num_micro, grad_sum)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  applied = optim.is_update_step(opt_state, optim_config)
-  ema = optim.ema_update(state.ema_params, params, optim_config.ema_decay, applied)
-  metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
-  new_state = TrainState(step=state.step + applied.astype(state.step.dtype), params=params, ema_params=ema,
-                         opt_state=opt_state, rng=rng)
+  ema = optim.ema_update(state.ema_params, params, optim_config.ema_decay)
+  metrics = jax.tree.map(jnp.nanmean, metrics)
+  new_state = TrainState(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state, rng=rng)
   return new_state, metrics
 
 
