@@ -15,6 +15,7 @@ import pytest
 from elf_jax.config import base_config
 from elf_jax.model.elf import ELF, ModelConfig, init_params
 from elf_jax.model.latents import build_encoder
+from elf_jax.parallel import aot
 from elf_jax.parallel import sharding
 from elf_jax.parallel.mesh import make_mesh
 from elf_jax.train import loss as L
@@ -152,3 +153,14 @@ def test_sharded_accumulation_equals_single_device():
   diff = sum(float(jnp.sum(jnp.square(a - b))) for a, b in zip(jax.tree.leaves(sharded.params),
                                                                 jax.tree.leaves(single.params))) ** 0.5
   assert diff / ref_norm < 1e-5
+
+
+def test_compile_mode_compiles_the_whole_step():
+  """`--mode=compile` lowers the step on the whole per-update batch (all micro-batches), not on one micro-batch."""
+  c = _config("adamw", 2, 0.5)
+  c.flow.decoder_groups = 4
+  c.data.max_length = SEQ
+  c.mesh.update(data=2, fsdp=2, tensor=1)
+  report = aot.compile_train_step(c, jax.devices()[:4], topology="cpu-4")
+  assert report.batch_shape == (c.optim.global_batch_size, SEQ)
+  assert report.memory.argument_bytes > 0 and report.flops > 0
