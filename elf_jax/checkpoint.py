@@ -5,7 +5,8 @@ Layout written by `CheckpointManager` (orbax defaults): `<directory>/<step>/stat
 the marker orbax writes once a step is complete. A training workdir keeps them under `checkpoint_dir(workdir)`.
 
 Published ELF checkpoints (spec §9) are either a Flax msgpack file or an orbax PyTree directory, each holding the
-raw parameters under `params` and their EMA under `ema_params1`, with exactly the parameter names our model uses.
+raw parameters under `params` and their EMA under `ema_params1`, with the parameter names of spec §9 (blocks
+`blocks_{i}`; they are read into the model's stacked `blocks` layout, and our own workdirs store that layout).
 The authors' PyTorch checkpoint files (`torch.save` payloads, renamed and transposed by `elf_jax.torch_checkpoint`)
 load the same way; `python -m elf_jax.checkpoint export SOURCE OUT` writes ours in their layout.
 """
@@ -26,6 +27,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from elf_jax import torch_checkpoint
+from elf_jax.model import elf
 from elf_jax.train.state import TrainState
 
 CHECKPOINT_SUBDIR = "checkpoints"
@@ -176,10 +178,12 @@ def load_published_elf(path: str, which: str = "ema", expected: Any = None) -> d
       payload, recognised by its content; needs torch).
     which: "ema" (the EMA copy, used for sampling) or "raw" (the trained parameters).
     expected: optional tree of `jax.ShapeDtypeStruct`s or arrays, e.g. `jax.eval_shape` of the model's init.
-      Every leaf path and shape must match; the leaves are then cast to its dtypes.
+      Every leaf path and shape must match (per block, in the published names); the leaves are then cast to its
+      dtypes.
 
   Returns:
-    Nested dict of numpy arrays named as in spec §9 (a wrapping `{"params": ...}` level is removed).
+    Nested dict of numpy arrays named as in spec §9 (a wrapping `{"params": ...}` level is removed), with the blocks
+    stacked as the model holds them (`blocks/...`, see `elf_jax.model.elf.stack_blocks`).
 
   Raises:
     ValueError: `expected` was given and leaves are missing, extra or mis-shaped (all are named, '/'-joined).
@@ -197,9 +201,9 @@ def load_published_elf(path: str, which: str = "ema", expected: Any = None) -> d
     raise FileNotFoundError(f"No checkpoint at {path}.")
   while isinstance(tree, Mapping) and set(tree) == {"params"}:
     tree = tree["params"]
-  if expected is not None:
-    tree = _match_expected(tree, expected, path)
-  return tree
+  if expected is not None:  # compared by published names, so that a problem names its block
+    tree = _match_expected(elf.unstack_blocks(tree), jax.eval_shape(elf.unstack_blocks, expected), path)
+  return elf.stack_blocks(tree)
 
 
 def load_params_from(path: str, expected: Any = None, which: str = "ema") -> dict[str, Any]:

@@ -14,6 +14,7 @@ SHARDING_RULES = (
     ("heads", "tensor"),
     ("mlp", "tensor"),
     ("vocab", "tensor"),
+    ("layers", None),  # the scanned blocks' stacked layer axis: every block on every device
 )
 
 

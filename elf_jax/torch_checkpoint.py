@@ -19,6 +19,8 @@ from etils import epath
 import jax
 import numpy as np
 
+from elf_jax.model import elf
+
 TORCH_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's (zip) file format
 _COMPILED_PREFIX = "_orig_mod."  # torch.compile's prefix on state-dict names; the authors strip it too
 _BLOCK = re.compile(r"blocks_(\d+)")
@@ -50,9 +52,10 @@ def _flatten(tree: Mapping, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...
 
 
 def to_torch_state(params: Mapping) -> dict[str, np.ndarray]:
-  """{PyTorch name: array in PyTorch layout} of a parameter tree with the spec §9 names (numpy or jax leaves)."""
+  """{PyTorch name: array in PyTorch layout} of a parameter tree with the spec §9 names (numpy or jax leaves),
+  its blocks stacked (`blocks`, as the model holds them) or not (`blocks_{i}`)."""
   state = {}
-  for path, value in _flatten(params).items():
+  for path, value in _flatten(elf.unstack_blocks(params)).items():
     value = np.asarray(jax.device_get(value))
     if path[-1] == "kernel":
       path, value = path[:-1] + ("weight",), value.T
@@ -62,7 +65,7 @@ def to_torch_state(params: Mapping) -> dict[str, np.ndarray]:
 
 
 def from_torch_state(state: Mapping[str, Any]) -> dict[str, Any]:
-  """The nested parameter tree (spec §9 names, numpy arrays) of a PyTorch state dict (tensors or arrays)."""
+  """The nested parameter tree (spec §9 names, `blocks_{i}` unstacked, numpy arrays) of a PyTorch state dict."""
   tree = {}
   for name, value in state.items():
     if hasattr(value, "detach"):  # a torch tensor; float32 also turns bfloat16, which numpy lacks, into numbers

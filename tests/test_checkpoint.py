@@ -14,6 +14,7 @@ import optax
 import pytest
 
 from elf_jax import checkpoint
+from elf_jax.model import elf
 from elf_jax.train.state import TrainState
 
 
@@ -162,17 +163,21 @@ def _fixture_config(fixture_dir) -> dict:
 
 
 def test_fixture_msgpack_and_orbax_agree(fixture_dir):
+  """Both published layouts load into the stacked blocks; unstacked, that is exactly the file's tree."""
   cfg = _fixture_config(fixture_dir)
-  width, last_block = cfg["hidden_size"], f"blocks_{cfg['depth'] - 1}"
+  width, depth = cfg["hidden_size"], cfg["depth"]
   raw = flax.serialization.msgpack_restore((fixture_dir / "checkpoint_7").read_bytes())
   for which, key in (("raw", "params"), ("ema", "ema_params1")):
     from_msgpack = checkpoint.load_published_elf(fixture_dir / "checkpoint_7", which=which)
     from_orbax = checkpoint.load_published_elf(fixture_dir / "orbax_checkpoint_7", which=which)
     _assert_same(from_msgpack, from_orbax)
-    _assert_same(from_msgpack, raw[key])
+    _assert_same(elf.unstack_blocks(from_msgpack), raw[key])
+    _assert_same(elf.stack_blocks(raw[key]), from_msgpack)
     assert from_msgpack["mode_tokens"].shape == (1, cfg["num_model_mode_tokens"], width)
-    assert from_msgpack[last_block]["attn"]["qkv"]["kernel"].shape == (width, 3 * width)
-    assert f"blocks_{cfg['depth']}" not in from_msgpack
+    assert from_msgpack["blocks"]["attn"]["qkv"]["kernel"].shape == (depth, width, 3 * width)
+    assert not [k for k in from_msgpack if k.startswith("blocks_")]
+    np.testing.assert_array_equal(from_msgpack["blocks"]["mlp"]["w3"]["kernel"][depth - 1],
+                                  raw[key][f"blocks_{depth - 1}"]["mlp"]["w3"]["kernel"])
   ema = checkpoint.load_published_elf(fixture_dir / "orbax_checkpoint_7", which="ema")
   raw_params = checkpoint.load_published_elf(fixture_dir / "orbax_checkpoint_7", which="raw")
   for e, r in zip(jax.tree.leaves(ema), jax.tree.leaves(raw_params)):
@@ -183,15 +188,22 @@ def test_fixture_wrapped_params_level_is_stripped(tmp_path, fixture_dir):
   raw = flax.serialization.msgpack_restore((fixture_dir / "checkpoint_7").read_bytes())
   wrapped = tmp_path / "wrapped.msgpack"
   wrapped.write_bytes(flax.serialization.msgpack_serialize({"params": {"params": raw["params"]}}))
-  _assert_same(checkpoint.load_published_elf(wrapped, which="raw"), raw["params"])
+  _assert_same(checkpoint.load_published_elf(wrapped, which="raw"), elf.stack_blocks(raw["params"]))
 
 
 def test_fixture_expected_mismatch_names_every_bad_leaf(fixture_dir):
+  """`expected` in either layout (stacked, as the model's init; or published); problems are named per block."""
   cfg = _fixture_config(fixture_dir)
   width, extra_block = cfg["hidden_size"], f"blocks_{cfg['depth']}"  # one block more than the checkpoint has
   params = checkpoint.load_published_elf(fixture_dir / "checkpoint_7")
-  expected = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-  _assert_same(checkpoint.load_published_elf(fixture_dir / "checkpoint_7", expected=expected), params)
+  stacked = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+  _assert_same(checkpoint.load_published_elf(fixture_dir / "checkpoint_7", expected=stacked), params)
+  stacked["blocks"] = jax.tree.map(lambda x: jax.ShapeDtypeStruct((x.shape[0] + 1,) + x.shape[1:], x.dtype),
+                                   stacked["blocks"])
+  with pytest.raises(ValueError, match=f"missing: {extra_block}/norm1/weight"):
+    checkpoint.load_published_elf(fixture_dir / "checkpoint_7", expected=stacked)
+  expected = jax.eval_shape(elf.unstack_blocks, params)
+  params = elf.unstack_blocks(params)
   w3 = params["blocks_0"]["mlp"]["w3"]["kernel"].shape
   wrong_w3 = (w3[0] + 1,) + w3[1:]
   expected["blocks_0"]["mlp"]["w3"]["kernel"] = jax.ShapeDtypeStruct(wrong_w3, jnp.float32)

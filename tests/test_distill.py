@@ -19,6 +19,7 @@ from conftest import SHARED
 from elf_jax import checkpoint
 from elf_jax import generate
 from elf_jax import sample as sampling
+from elf_jax.model import elf
 from elf_jax.model.elf import ELF, ModelConfig, init_params
 from elf_jax.train import distill, distill_loop, loop
 from elf_jax.train.loss import FlowConfig
@@ -102,7 +103,8 @@ def test_gradients_per_leaf(pd):
   ref, teacher = pd["ref"], pd["params"]
   grads = jax.jit(jax.grad(lambda p: distill.distill_loss(pd["model"], p, teacher, pd["batch"], pd["noise"],
                                                           pd["fc"], pd["dc"])[0]))(pd["params"])
-  flat = {jax.tree_util.keystr(k, simple=True, separator="/"): v for k, v in jax.tree_util.tree_leaves_with_path(grads)}
+  flat = {jax.tree_util.keystr(k, simple=True, separator="/"): v  # published names: the blocks unstacked
+          for k, v in jax.tree_util.tree_leaves_with_path(elf.unstack_blocks(grads))}
   want = {k[len("pd/grads/"):]: v for k, v in ref.items() if k.startswith("pd/grads/")}
   assert sorted(flat) == sorted(want)
   for name, g in want.items():

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from elf_jax import checkpoint
-from elf_jax.model.elf import ELF, ModelConfig, count_params, init_params
+from elf_jax.model.elf import (ELF, ModelConfig, count_params, init_params, layer_dropout_rates, stack_blocks,
+                               unstack_blocks)
 
 
 def _fixture_model(fixture_dir, **overrides):
@@ -65,11 +66,25 @@ def test_parameter_counts(size):
   assert abs(readout - head) < 0.005e6
 
 
+def _flat_shapes(tree):
+  return {"/".join(k.key for k in path): leaf.shape for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
 def test_parameter_names_match_spec():
-  """Every §9 name is present with the documented shape; nothing else is."""
+  """Unstacked, every §9 name is present with the documented shape and nothing else is; stacked, each block leaf
+  has the leading layer axis (logical name "layers") and `stack_blocks` inverts `unstack_blocks`."""
   mc = ModelConfig(latent_dim=16, hidden_size=32, depth=2, num_heads=4, bottleneck_dim=8, vocab_size=20)
-  p = nn.unbox(init_params(ELF(mc), jax.random.key(0)))
-  flat = {"/".join(k.key for k in path): leaf.shape for path, leaf in jax.tree_util.tree_flatten_with_path(p)[0]}
+  boxed = init_params(ELF(mc), jax.random.key(0))
+  p = nn.unbox(boxed)
+  flat = _flat_shapes(unstack_blocks(p))
+  stacked = _flat_shapes(p)
+  is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)
+  for path, box in jax.tree_util.tree_flatten_with_path(boxed["blocks"], is_leaf=is_box)[0]:
+    name = "/".join(k.key for k in path)
+    assert stacked[f"blocks/{name}"] == (mc.depth,) + flat[f"blocks_0/{name}"] and box.names[0] == "layers", name
+  assert not [k for k in p if k.startswith("blocks_")]
+  assert jax.tree.structure(stack_blocks(unstack_blocks(p))) == jax.tree.structure(p)
+  assert ModelConfig.from_params(unstack_blocks(p)) == ModelConfig.from_params(p)
   h, c, v, f = 32, 16, 20, int(int(4 * 32) * 2 / 3)
   expected = {
       "self_cond_proj/kernel": (2 * c, c), "self_cond_proj/bias": (c,), "text_proj/proj1/kernel": (c, 8),
@@ -104,3 +119,33 @@ def test_zero_init_final_layer_and_padding_invariance():
   l2 = model.apply({"params": params}, x2, t, w, mask, decode=True)
   np.testing.assert_allclose(l1[0, :4], l2[0, :4], atol=1e-5)
   assert np.abs(l1[0, 4:] - l2[0, 4:]).max() > 1e-3
+
+
+def test_dropout_only_in_the_middle_half_of_the_blocks():
+  """Per-layer rates: `dropout_rate` for blocks depth//4 .. depth - depth//4 - 1, 0 elsewhere. With the middle blocks'
+  residual outputs zeroed the stochastic pass equals the deterministic one; with the outer ones zeroed it does not."""
+  mc = ModelConfig(latent_dim=16, hidden_size=32, depth=4, num_heads=4, bottleneck_dim=8, vocab_size=20,
+                   dropout_rate=0.5)
+  np.testing.assert_array_equal(layer_dropout_rates(mc), [0.0, 0.5, 0.5, 0.0])
+  np.testing.assert_array_equal(layer_dropout_rates(dataclasses.replace(mc, depth=8)), [0, 0, .5, .5, .5, .5, 0, 0])
+  model = ELF(mc)
+  params = nn.unbox(init_params(model, jax.random.key(0)))
+  x = jax.random.normal(jax.random.key(1), (2, 6, 32))
+  t, w = jnp.array([0.3, 0.7]), jnp.array([1.0, 2.0])
+
+  def silence(layers):
+    """Zero the attention and MLP output projections of `layers`: those blocks add nothing to the residual."""
+    blocks = jax.tree.map(lambda v: v, params["blocks"])  # a copy of the nested dicts
+    for branch, projection in (("attn", "proj"), ("mlp", "w3")):
+      blocks[branch][projection] = jax.tree.map(lambda v: v.at[layers].set(0.0), blocks[branch][projection])
+    return dict(params, blocks=blocks)
+
+  def outputs(p):
+    det = model.apply({"params": p}, x, t, w, decode=True)
+    drop = model.apply({"params": p}, x, t, w, decode=True, deterministic=False, rngs={"dropout": jax.random.key(2)})
+    return np.asarray(det), np.asarray(drop)
+
+  det, drop = outputs(silence(np.array([1, 2])))
+  np.testing.assert_array_equal(det, drop)
+  det, drop = outputs(silence(np.array([0, 3])))
+  assert np.abs(det - drop).max() > 1e-3

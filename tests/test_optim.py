@@ -15,6 +15,7 @@ from elf_jax import checkpoint
 from elf_jax import config as config_lib
 from elf_jax.config import ConfigError
 from elf_jax.data import sources
+from elf_jax.model import elf
 from elf_jax.train import loop
 from elf_jax.train import optim
 
@@ -43,13 +44,16 @@ def _path(key_path) -> str:
 
 
 def _reference_tree(arrays, prefix, like):
-  """The tree `prefix/<param path>` of the fixture, shaped like `like`."""
-  return jax.tree_util.tree_map_with_path(lambda p, _: jnp.asarray(arrays[f"{prefix}/{_path(p)}"]), like)
+  """The tree `prefix/<published param path>` of the fixture, shaped (blocks stacked) like `like`."""
+  published = elf.unstack_blocks(like)
+  return elf.stack_blocks(
+      jax.tree_util.tree_map_with_path(lambda p, _: jnp.asarray(arrays[f"{prefix}/{_path(p)}"]), published))
 
 
 def _assert_close(ours, ref, rtol, what) -> float:
-  """Per leaf ‖ours − ref‖ / ‖ref‖ ≤ rtol (Frobenius), max |ours| ≤ 1e-7 where the reference leaf is all zeros;
-  returns the largest relative error."""
+  """Per leaf (published names: blocks unstacked) ‖ours − ref‖ / ‖ref‖ ≤ rtol (Frobenius), max |ours| ≤ 1e-7 where
+  the reference leaf is all zeros; returns the largest relative error."""
+  ours, ref = elf.unstack_blocks(ours), elf.unstack_blocks(ref)
   errors, bad = [0.0], {}
   for (path, b), a in zip(jax.tree_util.tree_flatten_with_path(ref)[0], jax.tree.leaves(ours)):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
@@ -122,15 +126,20 @@ def test_muon_defaults_are_optax_defaults(reference):
 
 
 def test_muon_routing_on_the_reference_params(reference):
-  """Every 2-D leaf (incl. proj_kernel, unembed_kernel) → Muon, as optax's default rule; the (1, 4, H) tokens,
-  biases and norm weights → Adam."""
+  """Every kernel (incl. proj_kernel, unembed_kernel) → Muon, as the reference's rule on its unstacked 2-D leaves:
+  stacked (L, in, out) block kernels batched over L; the (1, 4, H) tokens, biases and norm weights (stacked: 2-D)
+  → Adam."""
   params = reference[2]
   dims = optim.muon_dimension_numbers(params)
   is_leaf = lambda x: x is None or isinstance(x, optax.contrib.MuonDimensionNumbers)
   routed = {_path(p): d for p, d in jax.tree_util.tree_flatten_with_path(dims, is_leaf=is_leaf)[0]}
   for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    want = optax.contrib.MuonDimensionNumbers() if leaf.ndim == 2 else None
-    assert routed[_path(path)] == want, (_path(path), leaf.shape)
+    name = _path(path)
+    if name.startswith(f"{elf.BLOCKS}/"):
+      want = optax.contrib.MuonDimensionNumbers(1, 2) if name.endswith("kernel") else None
+    else:
+      want = optax.contrib.MuonDimensionNumbers() if leaf.ndim == 2 else None
+    assert routed[name] == want, (name, leaf.shape)
   for name in ("proj_kernel", "unembed_kernel"):
     assert routed[name] is not None
   for name in ("t_emb_tokens", "mode_tokens", "self_cond_cfg_tokens"):
@@ -193,6 +202,35 @@ def test_clip_gradient_scales_to_the_global_norm():
   assert optim.clip_gradient(big, _optim_config(grad_clip=0.0)) is big
   with pytest.raises(ValueError, match="grad_clip"):
     optim.clip_gradient(big, _optim_config(grad_clip=-1.0))
+
+
+def test_muon_batched_over_the_layer_axis_equals_muon_per_block():
+  """Stacked blocks (kernels (L, in, out), biases and norm weights (L, X)) get exactly the updates that the
+  published per-block layout (2-D kernels, 1-D vectors) gets: Newton–Schulz runs per slice, vectors go to Adam."""
+  depth, keys = 3, jax.random.split(jax.random.PRNGKey(4), 4)
+  stacked = {"head": {"kernel": jax.random.normal(keys[0], (8, 5))},
+             elf.BLOCKS: {"w": {"kernel": jax.random.normal(keys[1], (depth, 8, 16)),
+                                "bias": jax.random.normal(keys[2], (depth, 16))},
+                          "norm": {"weight": jax.random.normal(keys[3], (depth, 8))}}}
+  # Block 1's kernel gradient is 100x the others': a normalisation over the whole stack would shrink their steps.
+  scale = lambda p: 1 + 99 * (p.ndim == 3) * (jnp.arange(p.shape[0]) == 1).reshape((-1,) + (1,) * (p.ndim - 1))
+  grads = [jax.tree.map(lambda p, i=i: jnp.cos((i + 2) * p) * scale(p), stacked) for i in range(2)]
+  opt = optim.make_optimizer(_optim_config(optimizer="muon", grad_clip=0.0), 1e-2)
+
+  def two_updates(params, grads):
+    state, out = opt.init(params), []
+    for g in grads:
+      u, state = opt.update(g, state, params)
+      out.append(u)
+    return out
+
+  got = two_updates(stacked, grads)
+  want = two_updates(elf.unstack_blocks(stacked), [elf.unstack_blocks(g) for g in grads])
+  for ours, per_block in zip(got, want):
+    ours = elf.unstack_blocks(ours)
+    assert jax.tree.structure(ours) == jax.tree.structure(per_block)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(per_block)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_muon_batched_over_the_layer_axis_equals_muon_per_block():

@@ -109,7 +109,7 @@ def test_sharded_equals_single_device(setup, shape):
   split = shape[1] * shape[2]
   dev0 = jax.devices()[0]
   local_bytes = lambda x: sum(s.data.nbytes for s in x.addressable_shards if s.device == dev0)
-  block = params["blocks_0"]
+  block = params["blocks"]  # stacked over the layer axis, which is not split
   for kernel in (block["attn"]["qkv"]["kernel"], block["attn"]["proj"]["kernel"], block["mlp"]["w12"]["kernel"],
                  block["mlp"]["w3"]["kernel"]):
     assert local_bytes(kernel) * split == kernel.nbytes
@@ -117,7 +117,7 @@ def test_sharded_equals_single_device(setup, shape):
     ways = int(np.prod([mesh.shape[a] for axes in x.sharding.spec if axes for a in np.atleast_1d(axes)]))
     assert local_bytes(x) * ways == x.nbytes
   if split > 1:
-    assert block["attn"]["qkv"]["kernel"].sharding.spec == P("fsdp", "tensor")
+    assert block["attn"]["qkv"]["kernel"].sharding.spec == P(None, "fsdp", "tensor")
 
 
 def test_mesh_that_does_not_divide_heads_batch_or_params_is_rejected():

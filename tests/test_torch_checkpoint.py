@@ -132,3 +132,8 @@ def test_missing_torch_is_a_clear_error(monkeypatch, tmp_path):
     torch_checkpoint.export_torch(tmp_path / "out", {"w": np.zeros(2)}, {"w": np.zeros(2)})
   torch_checkpoint.export_safetensors(tmp_path / "ema.safetensors", {"blocks_0": {"w": {"kernel": np.eye(2)}}})
   assert list(safetensors.numpy.load_file(tmp_path / "ema.safetensors")) == ["blocks.0.w.weight"]
+  stacked = {"blocks": {"w": {"kernel": np.arange(8.0).reshape(2, 2, 2)}}}  # the model's layout: unstacked on export
+  torch_checkpoint.export_safetensors(tmp_path / "ema.safetensors", stacked)
+  tensors = safetensors.numpy.load_file(tmp_path / "ema.safetensors")
+  assert sorted(tensors) == ["blocks.0.w.weight", "blocks.1.w.weight"]
+  np.testing.assert_array_equal(tensors["blocks.1.w.weight"], stacked["blocks"]["w"]["kernel"][1].T)

@@ -7,17 +7,23 @@
 `decode` is a static flag: False gives x̂ (mode tokens multiplied by zero, no logits computed); True switches the
 mode tokens on and returns logits from the factored unembedding. A (B,) array instead gates the mode tokens per
 example (1 = decoding) and returns both heads of the one forward, (x̂, logits): the progressive-distillation step
-trains denoising and decoding rows together (spec §11). Parameter names are those of §9.
+trains denoising and decoding rows together (spec §11). Parameter names are those of §9, except that the blocks are
+one `nn.scan` (one compiled block body, rematerialised per block by `model.remat`): in memory they are `blocks/...`
+with a leading layer axis; `stack_blocks` / `unstack_blocks` convert from / to the published `blocks_{i}/...` names.
 """
+from collections.abc import Mapping
 import dataclasses
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from elf_jax.model import layers
 
+BLOCKS = "blocks"  # the scanned blocks: every leaf has a leading layer axis (logical axis "layers")
+BLOCK_PREFIX = "blocks_"  # published checkpoints name block i `blocks_{i}` (spec §9)
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -55,15 +61,14 @@ class ModelConfig:
 
   @classmethod
   def from_params(cls, params, **overrides) -> "ModelConfig":
-    """Reads every dimension off a parameter tree with the §9 names (e.g. a published checkpoint)."""
-    p = nn.unbox(params)
-    hidden = p["t_emb_tokens"].shape[-1]
+    """Reads every dimension off a parameter tree: published (§9 names, `blocks_{i}`) or stacked (`blocks`)."""
+    p = stack_blocks(nn.unbox(params))
+    hidden, blocks = p["t_emb_tokens"].shape[-1], p[BLOCKS]
     dims = dict(
-        latent_dim=p["self_cond_proj"]["kernel"].shape[1], hidden_size=hidden,
-        depth=sum(1 for k in p if k.startswith("blocks_")),
-        num_heads=hidden // p["blocks_0"]["attn"]["q_norm"]["weight"].shape[0],
+        latent_dim=p["self_cond_proj"]["kernel"].shape[1], hidden_size=hidden, depth=blocks["norm1"]["weight"].shape[0],
+        num_heads=hidden // blocks["attn"]["q_norm"]["weight"].shape[1],
         bottleneck_dim=p["text_proj"]["proj1"]["kernel"].shape[1], vocab_size=p["unembed_kernel"].shape[1],
-        mlp_hidden=p["blocks_0"]["mlp"]["w3"]["kernel"].shape[0], num_time_tokens=p["t_emb_tokens"].shape[1],
+        mlp_hidden=blocks["mlp"]["w3"]["kernel"].shape[1], num_time_tokens=p["t_emb_tokens"].shape[1],
         num_guidance_tokens=p["self_cond_cfg_tokens"].shape[1], num_mode_tokens=p["mode_tokens"].shape[1])
     return cls(**{**dims, **overrides})
 
@@ -123,16 +128,13 @@ class ELF(nn.Module):
     data_mask = jnp.ones((b, s), bool) if mask is None else mask.astype(bool)
     key_mask = jnp.concatenate([jnp.ones((b, cfg.num_prefix), bool), data_mask], axis=1)
 
-    block_cls = layers.Block
     if REMAT_POLICIES.get(cfg.remat, "?") == "?":
       raise ValueError(f"model.remat={cfg.remat!r}: expected one of {sorted(REMAT_POLICIES)}")
-    if cfg.remat != "none":
-      block_cls = nn.remat(layers.Block, policy=REMAT_POLICIES[cfg.remat], static_argnums=(3,))
-    lo, hi = cfg.depth // 4, cfg.depth - cfg.depth // 4  # dropout only in the middle half of the blocks
-    for i in range(cfg.depth):
-      rate = cfg.dropout_rate if lo <= i < hi else 0.0
-      h = block_cls(cfg.num_heads, cfg.num_prefix, cfg.swiglu_hidden, cfg.rope_theta, rate, dtype, cfg.attention_impl,
-                    name=f"blocks_{i}")(h, key_mask, deterministic)
+    block_cls = layers.Block if cfg.remat == "none" else nn.remat(layers.Block, policy=REMAT_POLICIES[cfg.remat])
+    blocks = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                     in_axes=(0, nn.broadcast), length=cfg.depth, metadata_params={nn.PARTITION_NAME: "layers"})
+    h, _ = blocks(cfg.num_heads, cfg.num_prefix, cfg.swiglu_hidden, cfg.rope_theta, cfg.dropout_rate, dtype,
+                  cfg.attention_impl, deterministic, name=BLOCKS)(h, layer_dropout_rates(cfg), key_mask)
     h = h[:, cfg.num_prefix:].astype(jnp.float32)  # data positions (B, S, H)
 
     want_latent = gated or not decode or self.is_initializing()
@@ -163,6 +165,49 @@ class TextProj(nn.Module):
   def __call__(self, x):
     x = layers.Dense(self.bottleneck_dim, ("latent", "bottleneck"), use_bias=False, dtype=self.dtype, name="proj1")(x)
     return layers.Dense(self.hidden_size, ("bottleneck", "embed"), dtype=self.dtype, name="proj2")(x)
+
+
+def layer_dropout_rates(cfg: ModelConfig) -> jax.Array:
+  """(depth,) float32 dropout rate per block: `dropout_rate` in the middle half of the blocks, 0 elsewhere."""
+  layer = np.arange(cfg.depth)
+  middle = (layer >= cfg.depth // 4) & (layer < cfg.depth - cfg.depth // 4)
+  return jnp.asarray(np.where(middle, cfg.dropout_rate, 0.0), jnp.float32)
+
+
+def _is_published_block(key) -> bool:
+  return isinstance(key, str) and key.startswith(BLOCK_PREFIX) and key[len(BLOCK_PREFIX):].isdigit()
+
+
+def stack_blocks(params: Mapping) -> dict:
+  """Published layout → ours: `blocks_{i}/...` (spec §9) become one `blocks/...` tree with a leading layer axis.
+
+  Leaves may be numpy (stacked with numpy) or jax arrays. A tree that is already stacked is returned as is.
+  """
+  params = dict(params)
+  published = sorted((k for k in params if _is_published_block(k)), key=lambda k: int(k[len(BLOCK_PREFIX):]))
+  if not published:
+    return params
+  if BLOCKS in params or [int(k[len(BLOCK_PREFIX):]) for k in published] != list(range(len(published))):
+    raise ValueError(f"cannot stack blocks {published} (with {BLOCKS!r} present: {BLOCKS in params}): expected "
+                     f"{BLOCK_PREFIX}0 ... {BLOCK_PREFIX}{{depth - 1}} and no {BLOCKS!r} entry")
+  per_layer = [params.pop(k) for k in published]
+  stack = lambda *xs: np.stack(xs) if all(isinstance(x, np.ndarray) for x in xs) else jnp.stack(xs)
+  params[BLOCKS] = jax.tree.map(stack, *per_layer)
+  return params
+
+
+def unstack_blocks(params: Mapping) -> dict:
+  """Ours → published layout: `blocks/...` with a leading layer axis become `blocks_{i}/...` (spec §9 names).
+
+  A tree without `blocks` is returned as is (for shapes only, use `jax.eval_shape(unstack_blocks, tree)`).
+  """
+  params = dict(params)
+  if BLOCKS not in params:
+    return params
+  stacked = params.pop(BLOCKS)
+  depth = jax.tree.leaves(stacked)[0].shape[0]
+  params.update({f"{BLOCK_PREFIX}{i}": jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(depth)})
+  return params
 
 
 def init_params(model: ELF, rng: jax.Array, seq_len: int = 8):

@@ -139,20 +139,33 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-norm transformer block: x += Attn(RMSNorm(x)); x += SwiGLU(RMSNorm(x)). (B, L, H) → (B, L, H)."""
+  """Pre-norm transformer block: x += Attn(RMSNorm(x)); x += SwiGLU(RMSNorm(x)), in the shape of a scan body.
+
+  __call__(x, dropout_rate, key_mask) → (x, None): x (B, L, H); dropout_rate: float32 scalar, this block's dropout
+  rate (the model scans the blocks, so the rate is data, one per layer); key_mask (B, L) bool. `max_dropout_rate`
+  is static: 0 (or `deterministic`) skips dropout entirely.
+  """
   num_heads: int
   num_prefix: int
   mlp_hidden: int
   rope_theta: float
-  dropout_rate: float
+  max_dropout_rate: float
   dtype: Dtype
   attention_impl: str
+  deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x, key_mask, deterministic: bool = True):
-    drop = nn.Dropout(self.dropout_rate)
+  def __call__(self, x, dropout_rate, key_mask):
     a = Attention(self.num_heads, self.num_prefix, self.rope_theta, self.dtype, self.attention_impl, name="attn")(
         RMSNorm(name="norm1", axis_name="embed")(x), key_mask)
-    x = x + drop(a, deterministic=deterministic)
+    x = x + self._dropout(a, dropout_rate)
     m = SwiGLU(self.mlp_hidden, self.dtype, name="mlp")(RMSNorm(name="norm2", axis_name="embed")(x))
-    return x + drop(m, deterministic=deterministic)
+    return x + self._dropout(m, dropout_rate), None
+
+  def _dropout(self, x, rate):
+    """Inverted dropout at a traced rate: kept entries are scaled by 1 / (1 − rate); rate 0 is the identity."""
+    if self.deterministic or self.max_dropout_rate == 0.0:
+      return x
+    keep = 1.0 - rate
+    mask = jax.random.bernoulli(self.make_rng("dropout"), keep, x.shape)
+    return jnp.where(mask, x / keep.astype(x.dtype), jnp.zeros_like(x))

@@ -8,16 +8,20 @@ Step counting: every schedule in this module counts *optimizer updates*; `optim.
 examples per update (all devices, all accumulation micro-batches). The schedule's value at update 0 is 0 (the
 warm-up starts from 0, as the reference's), so the first update leaves the parameters unchanged.
 
-Parameter routing under Muon (optax's default rule, spelled out by `muon_dimension_numbers`): every 2-D leaf (Dense
-kernels, including `proj_kernel` and `unembed_kernel`, layout (in, out)) is orthogonalised by Muon; every other leaf
-— biases, norm weights and the learned (1, 4, H) token tensors — goes to Muon's internal Adam. The tokens are 3-D
-only because of their leading broadcast axis; they are embeddings, not linear maps, so Newton–Schulz
+Parameter routing under Muon (`muon_dimension_numbers`, the reference's rule applied per block): every Dense kernel
+(layout (in, out), including `proj_kernel` and `unembed_kernel`) is orthogonalised by Muon; the scanned blocks' kernels
+are stacked (L, in, out) and run their Newton–Schulz iterations batched over the layer axis (optax normalises and
+orthogonalises each (in, out) slice on its own, so this is per-matrix Muon). Every other leaf — biases, norm weights
+(2-D (L, X) inside the blocks) and the learned (1, 4, H) token tensors — goes to Muon's internal Adam. The tokens are
+3-D only because of their leading broadcast axis; they are embeddings, not linear maps, so Newton–Schulz
 orthogonalisation would be meaningless for them.
 """
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+
+from elf_jax.model import elf
 
 _OPTIMIZERS = ("muon", "adamw")
 _SCHEDULES = ("constant", "cosine")
@@ -69,8 +73,14 @@ def make_schedule(optim_config: ml_collections.ConfigDict, steps_per_epoch: int,
 
 
 def muon_dimension_numbers(params):
-  """Muon routing: `MuonDimensionNumbers(reduction_axis=0, output_axis=1)` for 2-D leaves, None (→ Adam) else."""
-  return jax.tree.map(lambda p: optax.contrib.MuonDimensionNumbers() if p.ndim == 2 else None, params)
+  """Muon routing (module docstring): a kernel gets `MuonDimensionNumbers`, reduction = its `in` axis and output =
+  its `out` axis (batched over the layer axis of a stacked (L, in, out) block kernel); None (→ Adam) for the rest."""
+  def dimension_numbers(path, p):
+    stacked = any(getattr(k, "key", None) == elf.BLOCKS for k in path)
+    if p.ndim == 2 + stacked:
+      return optax.contrib.MuonDimensionNumbers(reduction_axis=p.ndim - 2, output_axis=p.ndim - 1)
+    return None
+  return jax.tree_util.tree_map_with_path(dimension_numbers, params)
 
 
 def make_optimizer(optim_config: ml_collections.ConfigDict,
