@@ -17,16 +17,61 @@ def _run(script: str, *args: str) -> str:
   return proc.stdout
 
 
+def _rows(out: str) -> dict[str, list[float]]:
+  """The train-step benchmark's table: variant → its numeric columns (denoise ms ... args+out MiB)."""
+  table = re.split(r"^-{20,}$", out, flags=re.M)[1].split("\nours vs official")[0].split("\nhost peak")[0]
+  return {m[0]: [float(x) for x in m[1].replace("x", "").split()]
+          for m in re.findall(r"^(ours|official|cached)\s+(.+)$", table, re.M)}
+
+
 @pytest.mark.slow
-def test_train_step_benchmark_compares_schedules_on_the_same_objective():
-  out = _run("train_step.py", "--config", "configs/tiny.py", "--batch", "8", "--steps", "2", "--warmup", "1",
-             "--variants", "ours,reference")
-  losses = dict(re.findall(r"(ours|reference) ([\d.]+)", out.split("first-step loss per variant:")[1].splitlines()[0]))
-  assert losses["ours"] == losses["reference"]  # the two schedules compute the same loss
-  assert re.search(r"ours vs reference schedule: [\d.]+x throughput", out)
-  # The formula counts the x_sc = 0 pass on half of each denoising group: ours does less model work.
-  rows = {m[0]: float(m[1]) for m in re.findall(r"^(ours|reference)\s+\S+\s+\S+\s+\S+\s+\S+\s+([\d.]+)", out, re.M)}
-  assert rows["ours"] < rows["reference"]
+def test_train_step_benchmark_times_ours_in_alternating_rounds():
+  out = _run("train_step.py", "--config", "configs/tiny.py", "--batch", "8", "--rounds", "2", "--steps", "2",
+             "--variants", "ours,cached")
+  assert re.search(r"^round 0: ours [\d.]+ ms, cached [\d.]+ ms", out, re.M), out
+  assert re.search(r"^round 1: cached [\d.]+ ms, ours [\d.]+ ms", out, re.M), out  # the order flips
+  rows = _rows(out)
+  denoise, decode, _, tokens_per_s, ratio, xla, formula = rows["ours"][:7]
+  assert denoise > 0 and decode > 0 and tokens_per_s > 0 and ratio == 1.0  # both branches ran in every round
+  assert rows["cached"][5] < xla  # no encoder in the cached step
+  assert rows["cached"][6] == formula  # the same flow-transformer work
+
+
+def test_train_step_benchmark_names_a_path_without_the_official_code(tmp_path):
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "train_step.py"), "--reference_src",
+                         str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""))
+  assert proc.returncode != 0 and "does not hold the official ELF code" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_train_step_benchmark_names_a_missing_package_of_the_official_code(tmp_path):
+  for name in ("train_step.py", "modules/model.py", "modules/t5_encoder.py", "utils/train_utils.py",
+               "utils/encoder_utils.py", "configs/config.py"):
+    (tmp_path / "src" / name).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "src" / name).write_text("import elf_benchmark_absent_package\n")
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "train_step.py"), "--reference_src",
+                         str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""))
+  assert proc.returncode != 0, proc.stdout[-2000:]
+  assert "package 'elf_benchmark_absent_package' is missing" in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("ELF_REFERENCE_SRC"),
+                    reason="needs a checkout of the official ELF code (github.com/lillian039/ELF): set "
+                           "ELF_REFERENCE_SRC to its path")
+def test_train_step_benchmark_times_the_official_train_step():
+  out = _run("train_step.py", "--config", "configs/tiny.py", "--batch", "8", "--rounds", "2", "--steps", "2",
+             "--reference_src", os.environ["ELF_REFERENCE_SRC"])
+  assert re.search(r"^round 1: official [\d.]+ ms, ours [\d.]+ ms", out, re.M), out
+  assert re.search(r"ours vs official train_step: [\d.]+x throughput \(median of per-round expected-step ratios: "
+                   r"[\d.]+, [\d.]+\)", out), out
+  losses = dict(re.findall(r"(ours|official) ([\d.]+)", out.split("first-step loss:")[1].splitlines()[0]))
+  assert set(losses) == {"ours", "official"}  # both steps ran and gave finite losses
+  rows = _rows(out)
+  # The official denoising step runs three no-gradient passes to our one: more model work per step.
+  assert rows["official"][6] > rows["ours"][6]
+  assert rows["official"][0] > 0 and rows["official"][1] > 0
 
 
 @pytest.mark.slow
