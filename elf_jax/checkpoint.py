@@ -1,4 +1,4 @@
-"""Checkpoints: an orbax manager for TrainState + data-iterator state, a SIGTERM flag, import of ELF checkpoints.
+"""Checkpoints: an orbax manager for TrainState + data-iterator state, preemption, import of ELF checkpoints.
 
 Layout written by `CheckpointManager` (orbax defaults): `<directory>/<step>/state/` (the TrainState PyTree),
 `<directory>/<step>/data/` (grain iterator state, one JSON per process) and `<directory>/<step>/commit_success.txt`,
@@ -13,7 +13,6 @@ load the same way; `python -m elf_jax.checkpoint export SOURCE OUT` writes ours 
 import argparse
 from collections.abc import Callable, Mapping
 import logging
-import os
 import signal
 import threading
 import time
@@ -23,9 +22,11 @@ from etils import epath
 import flax.serialization
 import grain
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
+from elf_jax import fs
 from elf_jax import torch_checkpoint
 from elf_jax.model import elf
 from elf_jax.train.state import TrainState
@@ -40,19 +41,13 @@ _PARAM_KEYS = {"ema": ("ema_params1", "ema_params"), "raw": ("params",)}  # publ
 
 def checkpoint_dir(workdir: str) -> epath.Path:
   """Where a training run in `workdir` keeps its checkpoints."""
-  return epath.Path(workdir) / CHECKPOINT_SUBDIR
-
-
-def absolute_path(path) -> epath.Path:
-  """orbax only takes absolute paths: a local relative path (e.g. README's runs/tiny) is resolved against the cwd;
-  URLs (gs://...) are kept."""
-  return epath.Path(path if "://" in str(path) else os.path.abspath(path))
+  return fs.path(workdir) / CHECKPOINT_SUBDIR
 
 
 class CheckpointManager:
   """Saves and restores TrainState (and the grain iterator) with orbax: async, keep-N, resume past bad steps.
 
-  Single-process here; orbax coordinates the processes of a multi-host run itself.
+  Multi-host: every process calls every method (orbax writes each process's shards and process 0 the metadata).
   """
 
   def __init__(self, directory: str, max_to_keep: int = 3, async_save: bool = True, save_interval_steps: int = 1):
@@ -65,7 +60,7 @@ class CheckpointManager:
       save_interval_steps: `save` is a no-op for steps that are not a multiple of this (unless `force`; orbax
         also always saves into a directory that holds no checkpoint yet).
     """
-    self.directory = absolute_path(directory)
+    self.directory = fs.path(directory)  # absolute: orbax takes no relative paths
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
@@ -136,7 +131,10 @@ class CheckpointManager:
   def _set_aside(self, bad_step: int, reason: str, good_step: int) -> None:
     bad_dir = self.directory / str(bad_step)
     aside = self.directory / f"{bad_step}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}"
-    bad_dir.rename(aside)
+    if jax.process_index() == 0:  # one mover for the shared directory; the others wait for it
+      bad_dir.rename(aside)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"checkpoint step {bad_step} set aside")
     self._manager.reload()
     logging.warning("Checkpoint step directory %s is unusable (%s); moved it to %s and resumed from step %d.",
                     bad_dir, reason, aside, good_step)
@@ -150,14 +148,20 @@ class CheckpointManager:
     self._manager.close()
 
 
-def install_preemption_handler() -> Callable[[], bool]:
-  """Replaces the SIGTERM handler by one that only raises a flag; returns the flag's reader.
+def install_preemption_handler() -> Callable[[int], bool]:
+  """Returns `preempted(step)`: True once SIGTERM has arrived, at a step every process agrees on.
 
-  The training loop polls the reader after every step; once it returns True, it saves a checkpoint and exits.
-  Must be called from the main thread. Single-process runs only need this; in a multi-host run the processes would
-  also have to agree on the step to stop at (`jax.experimental.multihost_utils.reached_preemption_sync_point`,
-  which orbax's `CheckpointManager.reached_preemption` wraps), which is not needed here.
+  Every process calls `preempted(step)` after each optimizer step (the training loop registers its first step
+  with jax's service before the first compile); once it returns True, all processes save that step together and
+  stop. Single process: SIGTERM's handler is replaced by one that raises a flag (call from the main thread).
+  Multi-process (jax.distributed initialised): jax's preemption service catches SIGTERM on every host and tells
+  the others, and `multihost_utils.reached_preemption_sync_point` returns True on all processes at the same step,
+  the one after the furthest process's latest call, so hosts notified at different steps, or only some hosts,
+  stop together. Steps are absolute, as in orbax's own calls from `CheckpointManager.save`; a notice that reaches
+  a resumed run before the first step is registered sets the sync step to 1 and is missed.
   """
+  if jax.process_count() > 1:
+    return multihost_utils.reached_preemption_sync_point
   received = threading.Event()
 
   def on_sigterm(signum, frame):
@@ -166,7 +170,7 @@ def install_preemption_handler() -> Callable[[], bool]:
     received.set()
 
   signal.signal(signal.SIGTERM, on_sigterm)
-  return received.is_set
+  return lambda step: received.is_set()
 
 
 def load_published_elf(path: str, which: str = "ema", expected: Any = None) -> dict[str, Any]:
@@ -191,7 +195,7 @@ def load_published_elf(path: str, which: str = "ema", expected: Any = None) -> d
   """
   if which not in _PARAM_KEYS:
     raise ValueError(f"which={which!r}; use 'ema' or 'raw'.")
-  path = epath.Path(path)
+  path = fs.path(path)
   if path.is_file():
     read = _read_torch if torch_checkpoint.is_torch_checkpoint(path) else _read_msgpack
     tree = read(path, _PARAM_KEYS[which])
@@ -215,7 +219,7 @@ def load_params_from(path: str, expected: Any = None, which: str = "ema") -> dic
     expected: as in `load_published_elf`.
     which: as in `load_published_elf`; "raw" reads the trained parameters instead of their EMA.
   """
-  path = epath.Path(path)
+  path = fs.path(path)
   if path.is_dir():
     if (path / CHECKPOINT_SUBDIR).is_dir():
       path = path / CHECKPOINT_SUBDIR
@@ -249,7 +253,6 @@ def _read_torch(path: epath.Path, keys) -> Any:
 def _read_orbax(path: epath.Path, keys) -> Any:
   """Restores only the chosen top-level entry of an orbax PyTree directory, as numpy arrays."""
   checkpointer = ocp.PyTreeCheckpointer()
-  path = absolute_path(path)
   try:
     metadata = checkpointer.metadata(path).item_metadata
   except Exception as e:  # pylint: disable=broad-except  # orbax raises various types for a non-checkpoint dir

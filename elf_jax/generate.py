@@ -4,21 +4,25 @@ Samples are drawn with the EMA parameters of the latest checkpoint (or `config.i
 written to `DIR/samples/<name>.jsonl` (one `{"text", ...}` per line) and `DIR/samples/<name>.txt`. Scores (spec §8):
 the synthetic language's exact Gen. PPL and entropy (offline default), GPT-2 Gen. PPL and entropy (OpenWebText),
 BLEU / ROUGE (conditional tasks).
+
+Multi-host: every process runs the same sampling and scoring over the whole mesh (the batch split over data × fsdp)
+and holds every decoded sample; process 0 writes the files and prints.
 """
 import dataclasses
 import itertools
 import json
 import math
-import os
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
 from elf_jax import checkpoint
+from elf_jax import fs
 from elf_jax import sample as sampling
 from elf_jax import trajectory
 from elf_jax.data import pipeline, sources
@@ -32,7 +36,7 @@ def load_ema_params(setup: loop.Setup, workdir: str):
   expected = jax.eval_shape(
       lambda: nn.unbox(init_params(setup.model, jax.random.PRNGKey(0), setup.config.data.max_length)))
   ckpt_dir = checkpoint.checkpoint_dir(workdir)
-  for source in (workdir if os.path.isdir(ckpt_dir) else None, setup.config.init_from or None):
+  for source in (workdir if ckpt_dir.is_dir() else None, setup.config.init_from or None):
     if source:
       return checkpoint.load_params_from(source, expected)
   raise FileNotFoundError(f"no checkpoint in {ckpt_dir} and no --config.init_from: train first "
@@ -52,7 +56,7 @@ def generate(setup: loop.Setup, params, num_samples: int, seed: int, sample_conf
   parts are ignored. At most N samples are drawn, one per example.
   Returns {"texts": [...], "ids": [...]} (+ "conditions" (the decoded condition ids) and "references" (the raw
   target texts of the examples, `held_out_texts`) for conditional tasks, and "first" = the SampleOutput of the
-  first batch with its condition mask when the sampler keeps trajectories).
+  first batch with its condition mask when the sampler keeps trajectories), the same on every process.
   """
   config, mesh = setup.config, setup.mesh
   if conditions is not None:
@@ -73,9 +77,9 @@ def generate(setup: loop.Setup, params, num_samples: int, seed: int, sample_conf
       cond = {"latents": jnp.where(part["cond_mask"][..., None], latents, 0.0), "mask": jnp.asarray(part["cond_mask"])}
     out = sampling.sample_from_seed(sampler, params, jax.random.fold_in(jax.random.PRNGKey(seed), b), sc, batch=batch,
                                     seq_len=s, latent_dim=c, mesh=mesh, cond=cond)
-    if b == 0 and sc.return_trajectory:
-      first = (out, None if cond is None else cond["mask"])
-    ids = np.asarray(jax.device_get(out.ids))
+    if b == 0 and sc.return_trajectory:  # on every process, as numpy (the batch may span processes)
+      first = (multihost_utils.process_allgather(out, tiled=True), None if cond is None else np.asarray(cond["mask"]))
+    ids = multihost_utils.process_allgather(out.ids, tiled=True)
     ids_out.extend(ids.tolist())
     texts.extend(_decode(setup.tokenizer, ids))
   result = {"texts": texts[:num_samples], "ids": ids_out[:num_samples]}
@@ -176,7 +180,7 @@ def frontier(setup: loop.Setup, params, workdir: str, writer: loop.MetricsWriter
     row = {**overrides, **score(setup, result)}
     writer.write(0, row, kind="frontier")
     rows.append(row)
-    print(format_table(row), flush=True)
+    loop.say(format_table(row))
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -194,13 +198,13 @@ def frontier(setup: loop.Setup, params, workdir: str, writer: loop.MetricsWriter
   ax.grid(alpha=0.3)
   ax.set_title("quality / diversity frontier")
   fig.tight_layout()
-  path = os.path.join(workdir, "frontier.png")
-  fig.savefig(path, dpi=120)
+  if jax.process_index() == 0:
+    path = fs.savefig(fig, fs.path(workdir) / "frontier.png", dpi=120)
+    loop.say(f"frontier plot: {path}")
   plt.close(fig)
-  print(f"frontier plot: {path}", flush=True)
   axes = list(parse_sweep(config.eval.sweep)[0])
-  if "steps" in axes:
-    print(f"steps plot: {plot_against_steps(rows, [a for a in axes if a != 'steps'], workdir)}", flush=True)
+  if "steps" in axes and jax.process_index() == 0:
+    loop.say(f"steps plot: {plot_against_steps(rows, [a for a in axes if a != 'steps'], workdir)}")
   return rows
 
 
@@ -229,31 +233,30 @@ def plot_against_steps(rows: list[dict[str, Any]], other_axes: list[str], workdi
     panel.legend(fontsize=7)
   panels[0].set_yscale("log")
   fig.tight_layout()
-  path = os.path.join(workdir, "steps.png")
-  fig.savefig(path, dpi=120)
+  path = fs.savefig(fig, fs.path(workdir) / "steps.png", dpi=120)
   plt.close(fig)
   return path
 
 
 def write_samples(workdir: str, name: str, result: dict[str, list]) -> str:
-  """DIR/samples/<name>.jsonl (one record per sample) and <name>.txt (the texts, one per line)."""
-  out_dir = os.path.join(workdir, "samples")
-  os.makedirs(out_dir, exist_ok=True)
-  path = os.path.join(out_dir, f"{name}.jsonl")
-  keys = [k for k in ("texts", "conditions", "references", "ids") if k in result]
-  with open(path, "w") as f:
-    for i in range(len(result["texts"])):
-      f.write(json.dumps({k.rstrip("s") if k != "ids" else "ids": result[k][i] for k in keys}) + "\n")
-  with open(os.path.join(out_dir, f"{name}.txt"), "w") as f:
-    f.write("\n".join(result["texts"]) + "\n")
-  return path
+  """DIR/samples/<name>.jsonl (one record per sample) and <name>.txt (the texts, one per line), written by process
+  0 only (every process holds the same `result`); returns the .jsonl path."""
+  out_dir = fs.path(workdir) / "samples"
+  path = out_dir / f"{name}.jsonl"
+  if jax.process_index() == 0:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    keys = [k for k in ("texts", "conditions", "references", "ids") if k in result]
+    path.write_text("".join(json.dumps({k.rstrip("s") if k != "ids" else "ids": result[k][i] for k in keys}) + "\n"
+                            for i in range(len(result["texts"]))))
+    (out_dir / f"{name}.txt").write_text("\n".join(result["texts"]) + "\n", encoding="utf-8")
+  return str(path)
 
 
 def read_samples(path: str) -> dict[str, list]:
   """Reads a samples JSONL written by `write_samples` (or any JSONL with a "text" field per line)."""
-  if not os.path.exists(path):
+  if not fs.path(path).exists():
     raise FileNotFoundError(f"samples file {path!r} (config.eval.samples_path) does not exist")
-  rows = [json.loads(line) for line in open(path) if line.strip()]
+  rows = [json.loads(line) for line in fs.path(path).read_text().split("\n") if line.strip()]
   if not rows or "text" not in rows[0]:
     raise ValueError(f"{path!r} holds no JSON lines with a 'text' field")
   result = {"texts": [r["text"] for r in rows]}
@@ -263,13 +266,12 @@ def read_samples(path: str) -> dict[str, list]:
 
 
 def _print_samples(texts: list[str], n: int = 8):
-  print("\n".join(f"  [{i}] {t}" for i, t in enumerate(texts[:n])), flush=True)
+  loop.say("\n".join(f"  [{i}] {t}" for i, t in enumerate(texts[:n])))
 
 
 def training_hook(setup: loop.Setup, workdir: str, state, step: int, writer: loop.MetricsWriter, final: bool):
-  """Periodic (and final) sampling + evaluation with the EMA parameters during training."""
-  if jax.process_index() != 0 and not final:
-    return
+  """Periodic (and final) sampling + evaluation with the EMA parameters during training: every process samples
+  its part of the mesh; process 0 writes and prints."""
   config = setup.config
   num = config.sample.num_samples
   result = generate(setup, state.ema_params, num, config.seed, conditions=eval_conditions(setup, num))
@@ -277,9 +279,9 @@ def training_hook(setup: loop.Setup, workdir: str, state, step: int, writer: loo
   path = write_samples(workdir, name, result)
   metrics = score(setup, result)
   writer.write(step, metrics, kind="eval")
-  print(f"\nSamples at step {step} ({path}):", flush=True)
+  loop.say(f"\nSamples at step {step} ({path}):")
   _print_samples(result["texts"])
-  print(format_table({"step": step, **metrics}), flush=True)
+  loop.say(format_table({"step": step, **metrics}))
 
 
 def format_table(metrics: dict[str, Any]) -> str:
@@ -297,19 +299,19 @@ def sample_mode(config: ml_collections.ConfigDict, workdir: str) -> str:
   s = sampling.apply_preset(config.sample)
   name = f"sample_{s.method}{s.steps}_w{s.guidance_scale:g}_seed{config.seed}"
   path = write_samples(workdir, name, result)
-  print(f"wrote {len(result['texts'])} samples to {path}", flush=True)
+  loop.say(f"wrote {len(result['texts'])} samples to {path}")
   _print_samples(result["texts"])
-  if config.sample.save_trajectory:
+  if config.sample.save_trajectory and jax.process_index() == 0:  # decoded and written by one process
     out, cond_mask = result["first"]
     n = min(8, out.ids.shape[0])
     out = out._replace(latents=out.latents[:n], ids=out.ids[:n], raw_ids=out.raw_ids[:n],
                        trajectory=out.trajectory[:, :n], trajectory_t=out.trajectory_t[:, :n])
     paths = trajectory.render_trajectory(
-        os.path.join(workdir, "samples"), params, setup.model, out, setup.tokenizer, guidance_scale=s.guidance_scale,
+        fs.path(workdir) / "samples", params, setup.model, out, setup.tokenizer, guidance_scale=s.guidance_scale,
         cond_mask=None if cond_mask is None else cond_mask[:n], eos_id=setup.tokenizer.eos_token_id,
         pad_id=setup.tokenizer.pad_token_id, png=True,
         max_target_length=sampling.SampleConfig.from_config(config).max_target_length)
-    print(f"denoising trajectory of {n} samples: {paths['html']}", flush=True)
+    loop.say(f"denoising trajectory of {n} samples: {paths['html']}")
   return path
 
 
@@ -334,9 +336,9 @@ def eval_mode(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
   summary.update({f"{k}_std": float(np.std([r[k] for r in runs])) for k in keys})
   summary["num_seeds"] = len(runs)
   writer.write(0, summary, kind="eval")
-  print(f"evaluation over {len(runs)} seed(s), mean ± std:", flush=True)
-  print(format_table({k: f"{summary[k]:.4f} ± {summary[k + '_std']:.4f}" for k in keys}), flush=True)
+  loop.say(f"evaluation over {len(runs)} seed(s), mean ± std:")
+  loop.say(format_table({k: f"{summary[k]:.4f} ± {summary[k + '_std']:.4f}" for k in keys}))
   if config.eval.sweep:
     summary["frontier"] = frontier(setup, load_ema_params(setup, workdir), workdir, writer)
-  print(f"eval over {len(runs)} seed(s) appended to {writer.path}", flush=True)
+  loop.say(f"eval over {len(runs)} seed(s) appended to {writer.path}")
   return summary

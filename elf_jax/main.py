@@ -18,6 +18,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from elf_jax import fs
 from elf_jax.parallel.mesh import initialize_distributed
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/ (get_config()).",
@@ -78,8 +79,7 @@ def main(argv):
   print(f"workdir: {workdir}", flush=True)
   loop.check_workdir(workdir)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, f"config_{mode}.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    (fs.path(workdir) / f"config_{mode}.json").write_text(config.to_json_best_effort(indent=2))
   from elf_jax import generate
   from elf_jax.config import ConfigError
   try:

@@ -21,6 +21,7 @@ local device instead). The churn noise can also be passed in (`churn_noise`), e.
 """
 from collections.abc import Callable, Mapping
 import dataclasses
+import math
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -29,6 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from elf_jax import flow
+from elf_jax.parallel.mesh import batch_axes
 
 # The official sampling configs (spec §6); `apply_preset` copies one into `config.sample`. Every one draws a fresh
 # logit-normal time grid per batch, sigmoid(N(−1.5, 0.8)) (the official code takes P_mean / P_std from the training
@@ -301,11 +303,13 @@ def make_sampler(model: nn.Module, config: SampleConfig) -> Callable[..., Sample
   return jax.jit(run)
 
 
-def shard_batch(mesh: jax.sharding.Mesh, tree, axis: str = "data"):
-  """Places every array of `tree` with its leading (batch) dimension split over mesh axis `axis` (None leaves
-  stay None). Single-process placement of global arrays; the batch must divide by the axis size."""
+def shard_batch(mesh: jax.sharding.Mesh, tree, axis: str | tuple[str, ...] | None = None):
+  """Places every array of `tree` with its leading (batch) dimension split over the mesh axes `axis` (default the
+  batch axes, data × fsdp; None leaves stay None). Each process passes the same global values (a mesh may span
+  processes); the batch must divide by the axes' size."""
+  axis = batch_axes(mesh) if axis is None else axis
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axis))
-  size = mesh.shape[axis]
+  size = math.prod(mesh.shape[a] for a in ((axis,) if isinstance(axis, str) else axis))
 
   def put(x):
     if x.shape[0] % size:
@@ -318,10 +322,12 @@ def shard_batch(mesh: jax.sharding.Mesh, tree, axis: str = "data"):
 
 def sample_from_seed(sampler: Callable[..., SampleOutput], params, rng: jax.Array, config: SampleConfig, *,
                      batch: int, seq_len: int, latent_dim: int, mesh: jax.sharding.Mesh | None = None,
-                     axis: str = "data", guidance_scale=None, cond: Mapping[str, jax.Array] | None = None,
+                     axis: str | tuple[str, ...] | None = None, guidance_scale=None,
+                     cond: Mapping[str, jax.Array] | None = None,
                      mask: jax.Array | None = None) -> SampleOutput:
-  """Draws z0, the grid and the SDE key for the global batch from `rng`, shards the batch over `mesh[axis]` (if
-  given; params are replicated) and runs `sampler` (from `make_sampler(model, config)`).
+  """Draws z0, the grid and the SDE key for the global batch from `rng`, shards the batch over the mesh axes `axis`
+  (if a mesh is given; default data × fsdp; params are replicated) and runs `sampler` (from `make_sampler(model,
+  config)`). Every process of a multi-process mesh makes the same call; the output arrays span the mesh.
 
   Samples depend only on `rng`, not on the device count. `cond` = {"latents": (B, S, C), "mask": (B, S)} or None.
   """

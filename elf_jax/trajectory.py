@@ -10,12 +10,12 @@ optionally a PNG text table (matplotlib).
 import dataclasses
 import html
 import json
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from elf_jax import fs
 from elf_jax import sample as sampling
 
 
@@ -74,10 +74,9 @@ def _time_value(times_row: np.ndarray):
 
 def write_jsonl(path: str, view: TrajectoryView) -> str:
   """One line per row: {"step": label, "t": float or per-example list, "texts": [text of each example]}."""
-  with open(path, "w", encoding="utf-8") as f:
-    for label, times, texts in zip(view.labels, view.times, view.texts):
-      f.write(json.dumps({"step": label, "t": _time_value(times), "texts": texts}) + "\n")
-  return path
+  fs.path(path).write_text("".join(json.dumps({"step": label, "t": _time_value(times), "texts": texts}) + "\n"
+                                   for label, times, texts in zip(view.labels, view.times, view.texts)))
+  return str(path)
 
 
 _STYLE = ("body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse;margin-bottom:2em}"
@@ -104,9 +103,8 @@ def write_html(path: str, view: TrajectoryView, title: str = "ELF denoising traj
       prev = row
     parts.append("</table>")
   parts.append("</body></html>")
-  with open(path, "w", encoding="utf-8") as f:
-    f.write("".join(parts))
-  return path
+  fs.path(path).write_text("".join(parts), encoding="utf-8")
+  return str(path)
 
 
 def write_png(path: str, view: TrajectoryView, example: int = 0, max_chars: int = 100) -> str:
@@ -126,7 +124,7 @@ def write_png(path: str, view: TrajectoryView, example: int = 0, max_chars: int 
   for (_, col), cell in table.get_celld().items():
     if col == 2:
       cell.PAD = 0.01  # matplotlib pads by a fraction of the cell's width: keep the wide text column flush left
-  fig.savefig(path, dpi=120, bbox_inches="tight")
+  path = fs.savefig(fig, path, dpi=120, bbox_inches="tight")
   plt.close(fig)
   return path
 
@@ -145,9 +143,10 @@ def render_trajectory(out_dir: str, params, model, output: sampling.SampleOutput
   step_ids = decode_trajectory(params, model, output.trajectory, guidance_scale, mask)
   view = build_view(np.asarray(step_ids), np.asarray(output.trajectory_t), output.ids, tokenizer,
                     cond_mask=cond_mask, mask=mask, eos_id=eos_id, pad_id=pad_id, max_target_length=max_target_length)
-  os.makedirs(out_dir, exist_ok=True)
-  paths = {"jsonl": write_jsonl(os.path.join(out_dir, "trajectory.jsonl"), view),
-           "html": write_html(os.path.join(out_dir, "trajectory.html"), view)}
+  out_dir = fs.path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  paths = {"jsonl": write_jsonl(out_dir / "trajectory.jsonl", view),
+           "html": write_html(out_dir / "trajectory.html", view)}
   if png:
-    paths["png"] = write_png(os.path.join(out_dir, "trajectory.png"), view)
+    paths["png"] = write_png(out_dir / "trajectory.png", view)
   return paths

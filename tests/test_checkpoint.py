@@ -150,10 +150,10 @@ def test_no_fallback_when_every_step_fails(tmp_path):
 def test_preemption_flag_is_raised_by_sigterm():
   previous = signal.getsignal(signal.SIGTERM)
   try:
-    received = checkpoint.install_preemption_handler()
-    assert not received()
+    preempted = checkpoint.install_preemption_handler()
+    assert not preempted(1)
     os.kill(os.getpid(), signal.SIGTERM)
-    assert received()
+    assert preempted(2)
   finally:
     signal.signal(signal.SIGTERM, previous)
 

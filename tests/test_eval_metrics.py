@@ -106,7 +106,7 @@ def test_sharded_scoring_equals_unsharded(tiny_gpt2, gpt2_and_reference, mesh_ki
   assert sharded["num_tokens"] == plain["num_tokens"]
   for key in ("gen_ppl", "entropy", "nll"):
     assert sharded[key] == pytest.approx(plain[key], rel=1e-6), key
-  with pytest.raises(ValueError, match="multiple of the mesh 'data' axis"):
+  with pytest.raises(ValueError, match=r"not a multiple of the mesh's \d batch shards"):
     gen_ppl.GenPPLScorer(config, params, tiny_gpt2.tokenizer, mesh=mesh, batch_size=3, max_length=MAX_LENGTH)
 
 

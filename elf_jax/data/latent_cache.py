@@ -3,7 +3,7 @@ r"""Latent cache for the frozen encoder (unconditional data): encoder outputs co
   python -m elf_jax.data.latent_cache --config=configs/tiny.py --out=/data/tiny_latents [--max_rows=100000]
   python -m elf_jax.main --config=configs/tiny.py --workdir=runs/tiny --config.data.latent_cache_dir=/data/tiny_latents
 
-Layout of DIR (numpy shards, memory-mapped on read):
+Layout of DIR, local or gs:// (numpy shards, memory-mapped on read; row by row from gs://):
   index.json               format version, shapes, what the rows were built from (checked against the config)
   ids_00000.npy            (n, S) int32   token ids of the rows, as the pipeline builds them (padding / packing)
   valid_00000.npy          (n, S) bool    encoder / padding mask
@@ -16,13 +16,13 @@ packing the row contents equal the on-the-fly rows but the order differs. Size: 
 """
 import dataclasses
 import json
-import os
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from elf_jax import fs
 from elf_jax.model.latents import LatentEncoder
 
 FORMAT_VERSION = 2  # 2: rows built by the reference's collate rules (EOS padding not valid, no EOS added)
@@ -52,7 +52,8 @@ def write_cache(out_dir: str, batches, encoder: LatentEncoder, encoder_params, f
   """
   if dtype not in ("float32", "bfloat16"):
     raise ValueError(f"dtype={dtype!r}: expected float32 or bfloat16")
-  os.makedirs(out_dir, exist_ok=True)
+  out = fs.path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
   encode = raw_encode_fn(encoder)
   shards, pending, total = [], {k: [] for k in FIELDS}, 0
 
@@ -63,7 +64,7 @@ def write_cache(out_dir: str, batches, encoder: LatentEncoder, encoder_params, f
     files = {}
     for k in FIELDS:
       files[k] = f"{k}_{len(shards):05d}.npy"
-      np.save(os.path.join(out_dir, files[k]), np.concatenate(pending[k]))
+      fs.save_npy(out / files[k], np.concatenate(pending[k]))
       pending[k].clear()
     shards.append({"rows": n, "files": files})
 
@@ -81,11 +82,10 @@ def write_cache(out_dir: str, batches, encoder: LatentEncoder, encoder_params, f
   flush()
   if total == 0:
     raise ValueError("write_cache: the data yielded no rows")
-  seq_len = int(np.load(os.path.join(out_dir, shards[0]["files"]["ids"]), mmap_mode="r").shape[1])
+  seq_len = int(fs.load_npy(out / shards[0]["files"]["ids"]).shape[1])
   index = {"version": FORMAT_VERSION, "num_rows": total, "seq_len": seq_len, "latent_dim": encoder.dim,
            "dtype": dtype, "normalised": False, "config": fingerprint, "shards": shards}
-  with open(os.path.join(out_dir, INDEX_FILE), "w") as f:
-    json.dump(index, f, indent=1)
+  (out / INDEX_FILE).write_text(json.dumps(index, indent=1))
   return index
 
 
@@ -95,12 +95,11 @@ class CachedRows:
   loss_mask is the pipeline's rule for unconditional rows: valid, or every position when padding is EOS."""
 
   def __init__(self, cache_dir: str, expect: dict | None = None):
-    path = os.path.join(cache_dir, INDEX_FILE)
-    if not os.path.exists(path):
+    path = fs.path(cache_dir) / INDEX_FILE
+    if not path.exists():
       raise FileNotFoundError(f"no latent cache at {cache_dir!r} ({INDEX_FILE} missing); build it with "
                               f"`python -m elf_jax.data.latent_cache --config=... --out={cache_dir}`")
-    with open(path) as f:
-      self.index = json.load(f)
+    self.index = json.loads(path.read_text())
     if self.index.get("version") != FORMAT_VERSION:
       raise ValueError(f"latent cache {cache_dir!r} has format {self.index.get('version')}, this code reads "
                        f"{FORMAT_VERSION}; rebuild it")
@@ -120,7 +119,7 @@ class CachedRows:
   def _shard(self, i: int) -> dict[str, np.ndarray]:
     if i not in self._arrays:
       files = self.index["shards"][i]["files"]
-      self._arrays[i] = {k: np.load(os.path.join(self.dir, files[k]), mmap_mode="r") for k in FIELDS}
+      self._arrays[i] = {k: fs.load_npy(fs.path(self.dir) / files[k]) for k in FIELDS}
     return self._arrays[i]
 
   def __getitem__(self, row: int) -> dict[str, np.ndarray]:
@@ -178,7 +177,7 @@ def _define_flags():
     del argv
     index = build_cache(config.value, out.value, split.value, max_rows=max_rows.value, batch_size=batch_size.value,
                         rows_per_shard=rows_per_shard.value, dtype=dtype.value)
-    size = sum(os.path.getsize(os.path.join(out.value, f)) for s in index["shards"] for f in s["files"].values())
+    size = sum((fs.path(out.value) / f).stat().length for s in index["shards"] for f in s["files"].values())
     print(f"wrote {index['num_rows']} rows x {index['seq_len']} tokens x C={index['latent_dim']} ({index['dtype']}, "
           f"raw encoder outputs) in {len(index['shards'])} shards, {size / 2**20:.1f} MiB, to {out.value}")
   return main

@@ -25,7 +25,8 @@ Kinds (config.data.source) and what config.data.path means for each:
   jsonl: one JSON object per line, {text_key} or {input_key, output_key}.
   text: one example per line (blank lines skipped).
 A "{split}" in the path is replaced by the split name (the reference's XSum / WMT14 repositories are
-"..._{split}_t5"). jsonl and text are held in memory (use hf_arrow or tfds for large corpora).
+"..._{split}_t5"). jsonl and text are held in memory (use hf_arrow or tfds for large corpora). Paths may be local
+or gs:// (elf_jax/fs.py).
 """
 from collections.abc import Sequence
 import json
@@ -36,6 +37,7 @@ import zlib
 import ml_collections
 import numpy as np
 
+from elf_jax import fs
 from elf_jax.config import ConfigError
 from elf_jax.data import synthetic
 
@@ -74,12 +76,12 @@ def make_source(data_config: ml_collections.ConfigDict, split: str,
   fields = _fields(data_config)
   if kind == "hf_arrow" and HUB_ID.fullmatch(path) and not os.path.exists(path):
     return MappedSource(_hf_dataset(_hub_snapshot(path), split), fields, f"Hugging Face dataset {path!r}")
-  if not data_config.path or not os.path.exists(path):
+  if not data_config.path or not fs.path(path).exists():
     raise FileNotFoundError(f"config.data.path = {data_config.path!r} (split {split!r}): {path!r} does not exist; "
                             f"set config.data.path to your {kind} data")
   if kind == "hf_arrow":
     return MappedSource(_hf_dataset(path, split), fields, f"Hugging Face dataset {path!r}")
-  with open(path, encoding="utf-8") as f:
+  with fs.path(path).open(encoding="utf-8") as f:  # local or gs://
     lines = [line.rstrip("\n") for line in f if line.strip()]
   if kind == "text":
     if data_config.conditional:
@@ -194,7 +196,7 @@ def _hub_snapshot(repo_id: str) -> str:
 def _hf_dataset(path: str, split: str):
   """The `split` of the Hugging Face dataset in the local directory `path`, numpy-formatted (module docstring)."""
   import datasets  # pylint: disable=g-import-not-at-top  (slow import, only when used)
-  saved = any(os.path.exists(os.path.join(path, f)) for f in ("state.json", "dataset_dict.json"))
+  saved = any((fs.path(path) / f).exists() for f in ("state.json", "dataset_dict.json"))  # datasets reads gs://
   try:
     loaded = datasets.load_from_disk(path) if saved else datasets.load_dataset(path)
   except (FileNotFoundError, ValueError) as e:

@@ -17,18 +17,21 @@ Gen. PPL = exp(sum of NLL over counted predictions / number of counted predictio
 
 Batching: samples are sorted by length and scored `batch_size` at a time, padded to a bucketed length (powers of
 two from `min_bucket`, capped at `max_length`), so the jitted scorer compiles once per bucket. With a mesh, the
-batch dimension is sharded over its 'data' axis and the GPT-2 params are replicated.
+batch dimension is sharded over its batch axes (data × fsdp) and the GPT-2 params are replicated; a mesh may span
+processes, each of which makes the same calls and gets the same figures.
 """
 from collections.abc import Sequence
 import math
 from typing import Any
 
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
 from elf_jax import hf_weights
 from elf_jax.eval import gpt2
+from elf_jax.parallel.mesh import batch_axes, num_batch_shards
 
 
 def nonempty(texts: Sequence[str]) -> list[str]:
@@ -82,8 +85,8 @@ class GenPPLScorer:
     config: GPT-2 shapes (from `gpt2.load_hf_gpt2`).
     params: GPT-2 Flax params tree (the "params" collection).
     tokenizer: a Hugging Face GPT-2 tokenizer (`AutoTokenizer.from_pretrained(dir)`); its eos_token_id is EOS.
-    batch_size: rows per forward pass; a multiple of the mesh's 'data' axis size when a mesh is given.
-    mesh: optional `jax.sharding.Mesh` with a 'data' axis; the batch is sharded over it.
+    batch_size: rows per forward pass; a multiple of the mesh's batch shards (data × fsdp) when a mesh is given.
+    mesh: optional `jax.sharding.Mesh` with a 'data' and / or 'fsdp' axis; the batch is sharded over them.
     max_length: tokens per scored sequence (GPT-2's context: at most n_positions).
     compute_dtype: matmul dtype of GPT-2 (float32 or bfloat16); the NLL is float32.
     min_bucket: shortest padded length.
@@ -109,12 +112,13 @@ class GenPPLScorer:
       self._batch_sharding = None
       self._params = jax.device_put(params)
     else:
-      if "data" not in mesh.axis_names:
-        raise ValueError(f"mesh axes {mesh.axis_names} have no 'data' axis to shard the batch over")
-      if batch_size % mesh.shape["data"]:
-        raise ValueError(f"batch_size={batch_size} is not a multiple of the mesh 'data' axis ({mesh.shape['data']})")
+      if not batch_axes(mesh):
+        raise ValueError(f"mesh axes {mesh.axis_names} have no 'data' or 'fsdp' axis to shard the batch over")
+      if batch_size % num_batch_shards(mesh):
+        raise ValueError(f"batch_size={batch_size} is not a multiple of the mesh's {num_batch_shards(mesh)} batch "
+                         "shards (data × fsdp)")
       mesh = jax.sharding.Mesh(mesh.devices, mesh.axis_names)  # Auto axes: jit propagates shardings itself
-      self._batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+      self._batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(batch_axes(mesh)))
       self._params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
     self._row_nll = jax.jit(self._row_nll_impl)
 
@@ -170,7 +174,8 @@ class GenPPLScorer:
       batch = (input_ids, attention_mask, counted)
       if self._batch_sharding is not None:
         batch = jax.device_put(batch, self._batch_sharding)
-      total_nll += float(np.asarray(self._row_nll(self._params, *batch), np.float64).sum())
+      row_nll = multihost_utils.process_allgather(self._row_nll(self._params, *batch), tiled=True)  # (B,) numpy
+      total_nll += float(np.asarray(row_nll, np.float64).sum())
       num_tokens += int(counted.sum())
     if num_tokens == 0:
       raise ValueError("no predicted tokens: every sample is shorter than two GPT-2 tokens including EOS")

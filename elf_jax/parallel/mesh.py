@@ -142,7 +142,9 @@ def initialize_distributed(flag: bool | None = None) -> bool:
   Multi-host start-up happens when `flag` is True, or `flag` is None and ELF_DISTRIBUTED=1. The coordinator
   address, process count and process id come from ELF_COORDINATOR_ADDRESS (host:port), ELF_NUM_PROCESSES and
   ELF_PROCESS_ID when set; whatever is unset is left to jax's auto-detection (TPU VM metadata, SLURM, ...).
-  Errors from `jax.distributed.initialize` propagate.
+  Errors from `jax.distributed.initialize` propagate. CPU processes (tests, CPU clusters) run their collectives over
+  gloo, jax's default `jax_cpu_collectives_implementation`. The initialisation also starts jax's preemption
+  service, which catches SIGTERM from then on (`elf_jax.checkpoint.install_preemption_handler`).
 
   Returns:
     True if `jax.distributed.initialize` was called, False for a single-process run.

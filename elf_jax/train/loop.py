@@ -6,7 +6,6 @@ events in `DIR/tb`, `DIR/loss_curve.png` at the end, samples in `DIR/samples/`.
 """
 import dataclasses
 import json
-import os
 import signal
 import sys
 import time
@@ -15,11 +14,13 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 import tqdm
 
 from elf_jax import checkpoint
+from elf_jax import fs
 from elf_jax.config import ConfigError, validate
 from elf_jax.data import pipeline, sources, tokenizer as tokenizers_
 from elf_jax.model.elf import ELF, ModelConfig, init_params
@@ -54,15 +55,17 @@ def say(message: str) -> None:
 
 
 def check_workdir(workdir: str) -> None:
-  """Creates `workdir` and checks that it is writable (before anything is compiled)."""
+  """Creates `workdir` (local or gs://) and checks that this process can write there (before anything is
+  compiled)."""
   try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, ".write_test")
-    with open(probe, "w") as f:
-      f.write("ok")
-    os.remove(probe)
-  except OSError as e:
-    raise ConfigError(f"--workdir={workdir!r} is not writable ({e}); pass a directory you can write to") from e
+    directory = fs.path(workdir)
+    directory.mkdir(parents=True, exist_ok=True)
+    probe = directory / f".write_test_{jax.process_index()}"
+    probe.write_text("ok")
+    probe.unlink()
+  except (OSError, ValueError) as e:  # gcsfs raises OSError subclasses and ValueError (bad bucket names)
+    raise ConfigError(f"--workdir={workdir!r} is not writable ({type(e).__name__}: {e}); pass a directory you can "
+                      "write to") from e
 
 
 def build(config: ml_collections.ConfigDict, workdir: str | None = None) -> Setup:
@@ -94,16 +97,17 @@ def _latent_stats(config, workdir, encoder, encoder_params, tok, language) -> La
   """Latent mean/std: from the config, or measured once from training data and kept in the workdir."""
   if not config.encoder.measure_latent_stats:
     return encoder
-  path = os.path.join(workdir, LATENT_STATS_FILE) if workdir else None
-  if path and os.path.exists(path):
-    with open(path) as f:
-      stats = json.load(f)
+  path = fs.path(workdir) / LATENT_STATS_FILE if workdir else None
+  saved = bool(path and path.exists())
+  if jax.process_count() > 1:  # every process has looked before process 0 writes (no half-written reads)
+    multihost_utils.sync_global_devices("latent stats looked up")
+  if saved:
+    stats = json.loads(path.read_text())
     return encoder.with_stats(stats["mean"], stats["std"])
   ds = pipeline.make_dataset(config, tok, config.data.split, language=language, seed=config.seed + 1)
-  mean, std = measure_latent_stats(encoder, encoder_params, iter(ds))
-  if path:
-    with open(path, "w") as f:
-      json.dump({"mean": mean, "std": std}, f)
+  mean, std = measure_latent_stats(encoder, encoder_params, iter(ds))  # the same on every process
+  if path and jax.process_index() == 0:
+    path.write_text(json.dumps({"mean": mean, "std": std}))
   return encoder.with_stats(mean, std)
 
 
@@ -178,18 +182,17 @@ class MetricsWriter:
 
   def __init__(self, workdir: str, tensorboard: bool):
     self.active = jax.process_index() == 0
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = str(fs.path(workdir) / "metrics.jsonl")
     self.tb = None
     if self.active and tensorboard:
-      import tensorboardX  # optional at import time: only the writer needs it
-      self.tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tb"))
+      import tensorboardX  # optional at import time: only the writer needs it (it writes gs:// itself)
+      self.tb = tensorboardX.SummaryWriter(str(fs.path(workdir) / "tb"))
 
   def write(self, step: int, metrics: dict[str, Any], kind: str = "train"):
     if not self.active:
       return
     row = {"step": int(step), "kind": kind, **{k: _py(v) for k, v in metrics.items()}}
-    with open(self.path, "a") as f:
-      f.write(json.dumps(row) + "\n")
+    fs.append_text(self.path, json.dumps(row) + "\n")
     if self.tb is not None:
       for k, v in row.items():
         if isinstance(v, (int, float)) and k != "step" and np.isfinite(v):
@@ -215,10 +218,10 @@ def _py(v):
 
 def plot_loss_curve(workdir: str) -> str | None:
   """Draws DIR/loss_curve.png from DIR/metrics.jsonl (train loss and its branches); returns the path."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
+  path = fs.path(workdir) / "metrics.jsonl"
+  if not path.exists():
     return None
-  rows = [json.loads(line) for line in open(path) if line.strip()]
+  rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
   rows = [r for r in rows if r.get("kind") == "train"]
   if not rows:
     return None
@@ -236,9 +239,8 @@ def plot_loss_curve(workdir: str) -> str | None:
   ax.legend()
   ax.grid(alpha=0.3)
   ax.set_title("ELF training loss")
-  out = os.path.join(workdir, "loss_curve.png")
   fig.tight_layout()
-  fig.savefig(out, dpi=120)
+  out = fs.savefig(fig, fs.path(workdir) / "loss_curve.png", dpi=120)
   plt.close(fig)
   return out
 
@@ -277,6 +279,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, hooks=None, objective
     say(f"starting from scratch: {n_steps} optimizer steps ({per_epoch} per epoch), workdir {workdir}")
   else:
     say(f"resumed from step {int(state.step)} of {n_steps} ({checkpoint.checkpoint_dir(workdir)})")
+  start = int(state.step)
+  # Registers the first step with jax's multi-host preemption service before the first step's long compile, so that
+  # a SIGTERM from now on stops every process at one step (True: at this one, already saved); False single-process.
+  stop = multihost_utils.reached_preemption_sync_point(start)
 
   encoder_params = jax.device_put(setup.encoder_params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
   if objective is None:
@@ -290,14 +296,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, hooks=None, objective
   writer = MetricsWriter(workdir, config.logging.tensorboard)
   previous_sigterm = signal.getsignal(signal.SIGTERM)
   preempted = checkpoint.install_preemption_handler()
-  start = int(state.step)
   # A live bar on a terminal; one line per logging interval when output goes to a file (pod logs, nohup, CI).
   interactive = sys.stderr.isatty()
   bar = tqdm.tqdm(total=n_steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
                   disable=jax.process_index() != 0 or not interactive)
   step, window, t_last = start, [], time.perf_counter()
   try:
-    while step < n_steps:
+    while step < n_steps and not stop:
       state, metrics = train_step(state, frozen, global_batch(mesh, next(data_iter)))
       step += 1
       window.append(metrics)
@@ -317,11 +322,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, hooks=None, objective
           eta = int(summary["step_time_s"] * (n_steps - step))
           say(f"train step {step}/{n_steps}  loss {summary['loss']:.4f}  {summary['step_time_s']:.3f} s/step  "
               f"ETA {eta // 60}:{eta % 60:02d}")
-      if step % config.checkpoint.every_steps == 0 or step == n_steps or preempted():
+      stop = preempted(step)  # once per step on every process: multi-host runs agree on the step here
+      if step % config.checkpoint.every_steps == 0 or step == n_steps or stop:
         manager.save(step, state, data_iter, force=True)
-      if preempted():
-        say(f"SIGTERM received: saved step {step} to {workdir}; exiting (rerun the same command to resume)")
-        manager.wait()
+      if stop:
         break
       every = config.logging.sample_every_steps
       if hooks is not None and every > 0 and step % every == 0 and step < n_steps:
@@ -330,8 +334,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, hooks=None, objective
     signal.signal(signal.SIGTERM, previous_sigterm)  # SIGTERM during sampling / after training ends the process
     bar.close()
     manager.wait()
+  if stop:
+    say(f"SIGTERM received: saved step {step} to {workdir}; exiting (rerun the same command to resume)")
   if step >= n_steps:
-    plot_loss_curve(workdir)
+    if jax.process_index() == 0:
+      plot_loss_curve(workdir)
     if hooks is not None:
       hooks(setup, workdir, state, step, writer, True)
   writer.close()
