@@ -63,7 +63,7 @@ def generate(setup: loop.Setup, params, num_samples: int, seed: int, sample_conf
     num_samples = min(num_samples, len(conditions["ids"]))
   sc = sample_config or sampling.SampleConfig.from_config(config, eos_id=setup.tokenizer.eos_token_id,
                                                          pad_id=setup.tokenizer.pad_token_id)
-  sampler = sampling.make_sampler(setup.model, sc)
+  sampler = sampling.make_sampler(setup.model, sc, mesh)
   shards = num_batch_shards(mesh)
   batch = max(shards, config.sample.batch_size // shards * shards)
   s, c = config.data.max_length, setup.encoder.dim

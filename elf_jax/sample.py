@@ -283,12 +283,15 @@ def sample(params, model: nn.Module, z0: jax.Array, grid: jax.Array, *, method: 
   return SampleOutput(z, ids, raw_ids, x_traj, t_traj)
 
 
-def make_sampler(model: nn.Module, config: SampleConfig) -> Callable[..., SampleOutput]:
+def make_sampler(model: nn.Module, config: SampleConfig,
+                 mesh: jax.sharding.Mesh | None = None) -> Callable[..., SampleOutput]:
   """A jit-compiled `run(params, z0, grid, rng=None, guidance_scale=None, cond_latents=None, cond_mask=None,
   mask=None, churn_noise=None) -> SampleOutput` with the static settings of `config` (guidance_scale None =
   config's).
 
   Compiled once per input structure and shapes; inputs may be sharded (see `shard_batch`), the output follows.
+  With `mesh` the sampler is traced under it, so per-shard kernels (the Pallas attention) split the batch, the
+  CFG-doubled one included, over its axes instead of being called on the whole array.
   """
 
   def run(params, z0, grid, rng=None, guidance_scale=None, cond_latents=None, cond_mask=None, mask=None,
@@ -300,7 +303,14 @@ def make_sampler(model: nn.Module, config: SampleConfig) -> Callable[..., Sample
                   eos_id=config.eos_id, pad_id=config.pad_id, max_target_length=config.max_target_length,
                   return_trajectory=config.return_trajectory)
 
-  return jax.jit(run)
+  if mesh is None:
+    return jax.jit(run)
+
+  def traced_under_mesh(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return run(*args, **kwargs)
+
+  return jax.jit(traced_under_mesh)
 
 
 def shard_batch(mesh: jax.sharding.Mesh, tree, axis: str | tuple[str, ...] | None = None):

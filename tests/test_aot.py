@@ -182,3 +182,27 @@ def test_fit_check_compiles_the_step_that_the_first_call_runs():
   config.mesh.hbm_limit_gib = usage.total_bytes / 2 / hbm.GIB
   with pytest.raises(hbm.DoesNotFitError, match=r"needs [\d.]+ GiB per chip but the budget .* \(100% over\)"):
     hbm.check_step_fits(step, args, mesh, config)
+
+
+def test_pallas_sampler_compiles_for_a_v5p_slice():
+  """The sampler (SDE, CFG: the batch doubles inside) with the Pallas attention compiles for v5p-8 on a data=2 x
+  tensor=2 mesh: traced under the mesh, every kernel call runs per shard (Mosaic refuses a whole-array call)."""
+  from elf_jax import sample as sampling  # pylint: disable=import-outside-toplevel
+  from elf_jax.model.elf import ELF, ModelConfig, init_params  # pylint: disable=import-outside-toplevel
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  c = _tiny_config()
+  c.model.attention_impl = "pallas"
+  mesh = make_mesh(dict(data=2, fsdp=1, tensor=2), aot.topology_devices("v5p-8"))
+  model = ELF(ModelConfig.from_config(c))
+  params = jax.eval_shape(lambda: nn.unbox(init_params(model, jax.random.key(0))))
+  config = sampling.SampleConfig.from_config(c, method="sde", steps=2, cfg_scale=2.0, grid="uniform")
+  b, s, d = 4, c.data.max_length, c.encoder.dim
+  rep, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P(("data", "fsdp")))
+  abstract = lambda shape, dtype, sh: jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
+  params = jax.tree.map(lambda x: abstract(x.shape, x.dtype, rep), params)
+  run = sampling.make_sampler(model, config, mesh)
+  compiled = run.lower(params, abstract((b, s, d), jnp.float32, rows), abstract((3,), jnp.float32, rep),
+                       rng=jax.random.key(0), guidance_scale=abstract((b,), jnp.float32, rows),
+                       cond_latents=abstract((b, s, d), jnp.float32, rows),
+                       cond_mask=abstract((b, s), jnp.bool_, rows)).compile()
+  assert "tpu_custom_call" in compiled.as_text()
