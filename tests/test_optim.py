@@ -233,35 +233,6 @@ def test_muon_batched_over_the_layer_axis_equals_muon_per_block():
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
-def test_muon_batched_over_the_layer_axis_equals_muon_per_block():
-  """Stacked blocks (kernels (L, in, out), biases and norm weights (L, X)) get exactly the updates that the
-  published per-block layout (2-D kernels, 1-D vectors) gets: Newton–Schulz runs per slice, vectors go to Adam."""
-  depth, keys = 3, jax.random.split(jax.random.PRNGKey(4), 4)
-  stacked = {"head": {"kernel": jax.random.normal(keys[0], (8, 5))},
-             elf.BLOCKS: {"w": {"kernel": jax.random.normal(keys[1], (depth, 8, 16)),
-                                "bias": jax.random.normal(keys[2], (depth, 16))},
-                          "norm": {"weight": jax.random.normal(keys[3], (depth, 8))}}}
-  # Block 1's kernel gradient is 100x the others': a normalisation over the whole stack would shrink their steps.
-  scale = lambda p: 1 + 99 * (p.ndim == 3) * (jnp.arange(p.shape[0]) == 1).reshape((-1,) + (1,) * (p.ndim - 1))
-  grads = [jax.tree.map(lambda p, i=i: jnp.cos((i + 2) * p) * scale(p), stacked) for i in range(2)]
-  opt = optim.make_optimizer(_optim_config(optimizer="muon", grad_clip=0.0), 1e-2)
-
-  def two_updates(params, grads):
-    state, out = opt.init(params), []
-    for g in grads:
-      u, state = opt.update(g, state, params)
-      out.append(u)
-    return out
-
-  got = two_updates(stacked, grads)
-  want = two_updates(elf.unstack_blocks(stacked), [elf.unstack_blocks(g) for g in grads])
-  for ours, per_block in zip(got, want):
-    ours = elf.unstack_blocks(ours)
-    assert jax.tree.structure(ours) == jax.tree.structure(per_block)
-    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(per_block)):
-      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
-
-
 def test_muon_routes_matrices_to_muon_and_the_rest_to_adam():
   params = _tree(jax.random.PRNGKey(1))
   lr = 1e-2
