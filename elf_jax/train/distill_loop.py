@@ -18,6 +18,7 @@ import jax
 import ml_collections
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from elf_jax import fs
 from elf_jax import checkpoint
 from elf_jax import sample as sampling
 from elf_jax.config import ConfigError
@@ -34,7 +35,7 @@ SUMMARY_KEYS = ("gen_ppl", "entropy", "gen_ppl_ratio", "entropy_ratio", "ungramm
 
 def round_dir(workdir: str, index: int, student_steps: int) -> epath.Path:
   """Workdir of round `index` (1-based): DIR/round<index>_<steps>step."""
-  return epath.Path(workdir) / f"round{index}_{student_steps}step"
+  return fs.path(workdir) / f"round{index}_{student_steps}step"
 
 
 def round_config(config: ml_collections.ConfigDict, student_steps: int, init_from: str) -> ml_collections.ConfigDict:
@@ -84,7 +85,7 @@ def distill(config: ml_collections.ConfigDict, workdir: str, hooks=None) -> Trai
     rounds = distill_lib.parse_rounds(d.rounds)
   except ValueError as e:
     raise ConfigError(str(e)) from e
-  teacher = epath.Path(d.teacher)
+  teacher = fs.path(d.teacher)
   if not teacher.exists():
     raise FileNotFoundError(f"distill.teacher={d.teacher!r} does not exist; train the teacher first (--mode=train) "
                             "or point it at a checkpoint")
