@@ -1,4 +1,4 @@
-"""Checkpoints: an orbax manager for TrainState + data-iterator state, preemption, import of ELF checkpoints.
+"""Checkpoints: an orbax manager for TrainState + data-iterator state, and import / export of ELF checkpoints.
 
 Layout written by `CheckpointManager` (orbax defaults): `<directory>/<step>/state/` (the TrainState PyTree),
 `<directory>/<step>/data/` (grain iterator state, one JSON per process) and `<directory>/<step>/commit_success.txt`,
@@ -11,10 +11,8 @@ The authors' PyTorch checkpoint files (`torch.save` payloads, renamed and transp
 load the same way; `python -m elf_jax.checkpoint export SOURCE OUT` writes ours in their layout.
 """
 import argparse
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 import logging
-import signal
-import threading
 import time
 from typing import Any
 
@@ -146,31 +144,6 @@ class CheckpointManager:
   def close(self) -> None:
     """Waits for pending saves and releases orbax's resources."""
     self._manager.close()
-
-
-def install_preemption_handler() -> Callable[[int], bool]:
-  """Returns `preempted(step)`: True once SIGTERM has arrived, at a step every process agrees on.
-
-  Every process calls `preempted(step)` after each optimizer step (the training loop registers its first step
-  with jax's service before the first compile); once it returns True, all processes save that step together and
-  stop. Single process: SIGTERM's handler is replaced by one that raises a flag (call from the main thread).
-  Multi-process (jax.distributed initialised): jax's preemption service catches SIGTERM on every host and tells
-  the others, and `multihost_utils.reached_preemption_sync_point` returns True on all processes at the same step,
-  the one after the furthest process's latest call, so hosts notified at different steps, or only some hosts,
-  stop together. Steps are absolute, as in orbax's own calls from `CheckpointManager.save`; a notice that reaches
-  a resumed run before the first step is registered sets the sync step to 1 and is missed.
-  """
-  if jax.process_count() > 1:
-    return multihost_utils.reached_preemption_sync_point
-  received = threading.Event()
-
-  def on_sigterm(signum, frame):
-    del signum, frame
-    logging.warning("SIGTERM received: saving a checkpoint and exiting after the current step.")
-    received.set()
-
-  signal.signal(signal.SIGTERM, on_sigterm)
-  return lambda step: received.is_set()
 
 
 def load_published_elf(path: str, which: str = "ema", expected: Any = None) -> dict[str, Any]:

@@ -96,3 +96,17 @@ def load_npy(p):
   store (a shard is never downloaded whole)."""
   p = path(p)
   return _RemoteNpy(p) if is_remote(p) else np.load(p, mmap_mode="r")
+
+
+def check_writable(directory: str, process_index: int = 0) -> None:
+  """Creates `directory` (local or gs://) and checks that this process can write there, before anything compiles.
+  Raises ConfigError naming the directory otherwise."""
+  try:
+    d = path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    probe = d / f".write_test_{process_index}"
+    probe.write_text("ok")
+    probe.unlink()
+  except (OSError, ValueError) as e:  # gcsfs raises OSError subclasses and ValueError (bad bucket names)
+    raise ConfigError(f"--workdir={directory!r} is not writable ({type(e).__name__}: {e}); pass a directory you can "
+                      "write to") from e

@@ -72,26 +72,25 @@ def main(argv):
   workdir = _WORKDIR.value or default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
   mode = _MODE.value
   if mode == "compile":
-    from elf_jax.parallel import aot
+    from elf_jax import aot
     aot.main(config)
     return
-  from elf_jax.train import loop
-  print(f"workdir: {workdir}", flush=True)
-  loop.check_workdir(workdir)
-  if jax.process_index() == 0:
-    (fs.path(workdir) / f"config_{mode}.json").write_text(config.to_json_best_effort(indent=2))
-  from elf_jax import generate
+  from elf_jax import modes
   from elf_jax.config import ConfigError
+  from elf_jax.train import distill_loop, loop
+  print(f"workdir: {workdir}", flush=True)
   try:
+    fs.check_writable(workdir, jax.process_index())
+    if jax.process_index() == 0:
+      (fs.path(workdir) / f"config_{mode}.json").write_text(config.to_json_best_effort(indent=2))
     if mode == "train":
-      loop.train(config, workdir, hooks=generate.training_hook)
+      loop.train(config, workdir, hooks=modes.training_hook)
     elif mode == "sample":
-      generate.sample_mode(config, workdir)
+      modes.sample_mode(config, workdir)
     elif mode == "distill":
-      from elf_jax.train import distill_loop
-      distill_loop.distill(config, workdir, hooks=generate.training_hook)
+      distill_loop.distill(config, workdir, hooks=modes.training_hook)
     else:
-      generate.eval_mode(config, workdir)
+      modes.eval_mode(config, workdir)
   except (ConfigError, FileNotFoundError) as e:  # bad input: the message names the problem and the fix
     sys.exit(f"error: {e}")
 

@@ -15,11 +15,12 @@ import pytest
 from elf_jax.config import base_config
 from elf_jax.model.elf import ELF, ModelConfig, init_params
 from elf_jax.model.latents import build_encoder
-from elf_jax.parallel import aot
+from elf_jax import aot
 from elf_jax.parallel import sharding
 from elf_jax.parallel.mesh import make_mesh
 from elf_jax.train import loss as L
 from elf_jax.train import optim
+from elf_jax.train import state as state_lib
 from elf_jax.train import step as S
 
 B, SEQ, LR, EMA_DECAY = 16, 8, 1e-2, 0.5
@@ -142,7 +143,7 @@ def test_sharded_accumulation_equals_single_device():
       mesh = make_mesh(c.mesh, jax.devices()[:4])
       specs = sharding.param_specs(jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0), SEQ)),
                                    sharding.rules_from_config(c))
-      shardings = sharding.state_shardings(mesh, jax.eval_shape(lambda: _state(model, optimizer)), specs)
+      shardings = state_lib.state_shardings(mesh, jax.eval_shape(lambda: _state(model, optimizer)), specs)
     groups = S.resolve_num_groups(c, mesh, B // c.optim.grad_accum_steps)
     obj = S.Objective(model, encoder, L.FlowConfig.from_config(c), groups)
     state = jax.jit(lambda: _state(model, optimizer), out_shardings=shardings)()

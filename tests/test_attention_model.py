@@ -14,6 +14,7 @@ from elf_jax.ops import attention as attn
 from elf_jax.parallel import sharding
 from elf_jax.parallel.mesh import make_mesh
 from elf_jax.train import loss as L
+from elf_jax.train import state as state_lib
 from elf_jax.train import step as S
 
 B, SEQ, GROUPS, HEADS = 8, 8, 4, 4
@@ -93,7 +94,7 @@ def _train_step(c, encoder, model, mesh):
     specs = sharding.param_specs(jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0), SEQ)),
                                  sharding.rules_from_config(c))
     shapes = jax.eval_shape(lambda: S.init_state(model, optimizer, jax.random.PRNGKey(0), SEQ))
-    shardings = sharding.state_shardings(mesh, shapes, specs)
+    shardings = state_lib.state_shardings(mesh, shapes, specs)
   return S.make_train_step(obj, optimizer, c.optim, mesh, shardings), optimizer, shardings
 
 

@@ -15,6 +15,7 @@ import pytest
 
 from elf_jax import checkpoint
 from elf_jax.model import elf
+from elf_jax.train import loop
 from elf_jax.train.state import TrainState
 
 
@@ -150,7 +151,7 @@ def test_no_fallback_when_every_step_fails(tmp_path):
 def test_preemption_flag_is_raised_by_sigterm():
   previous = signal.getsignal(signal.SIGTERM)
   try:
-    preempted = checkpoint.install_preemption_handler()
+    preempted = loop.install_preemption_handler()
     assert not preempted(1)
     os.kill(os.getpid(), signal.SIGTERM)
     assert preempted(2)

@@ -14,6 +14,7 @@ import sacrebleu
 import torch
 
 from elf_jax import generate
+from elf_jax.sample_files import Samples
 from elf_jax.config import base_config
 from elf_jax.data import sources
 from elf_jax.data import tokenizer as tokenizer_lib
@@ -176,9 +177,9 @@ def test_score_drops_empty_samples():
   config = base_config()
   config.data.synthetic_num_sentences = 50
   language = sources.make_language(config.data)
-  setup = types.SimpleNamespace(config=config, language=language)
+  setup = types.SimpleNamespace(config=config, language=language, mesh=None)
   sentences = generate.held_out_texts(setup, 6)
-  got = generate.score(setup, {"texts": ["", sentences[0], "  ", sentences[1], "the the"]})
+  got = generate.score(setup, Samples(texts=["", sentences[0], "  ", sentences[1], "the the"]))
   exact = language.gen_ppl_and_entropy([sentences[0], sentences[1], "the the"])
   assert got["num_empty"] == 2
   for key in ("gen_ppl", "entropy", "ungrammatical_fraction"):

@@ -10,6 +10,7 @@ import json
 import numpy as np
 import pytest
 
+from elf_jax import cache_latents
 from elf_jax import fs
 from elf_jax.data import latent_cache, sources
 from cli_runs import TINY_CONFIG  # tests/ is on sys.path (pytest rootdir-relative import)
@@ -70,7 +71,7 @@ def test_latent_cache_and_corpus_in_the_bucket_read_like_local_ones(gcs, tmp_pat
   config = small_config(**{"data.synthetic_num_sentences": 64, "encoder.measure_latent_stats": False})
   remote = f"gs://{gcs.bucket}/latents"
   kwargs = dict(max_rows=24, batch_size=8, rows_per_shard=16)
-  assert latent_cache.build_cache(config, remote, **kwargs) == latent_cache.build_cache(config, tmp_path, **kwargs)
+  assert cache_latents.build_cache(config, remote, **kwargs) == cache_latents.build_cache(config, tmp_path, **kwargs)
   local_rows, remote_rows = latent_cache.CachedRows(str(tmp_path)), latent_cache.CachedRows(remote)
   assert len(remote_rows) == 24 and len(remote_rows.index["shards"]) == 2
   for i in (0, 15, 16, 23):  # both shards, their first and last rows

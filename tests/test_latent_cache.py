@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+from elf_jax import cache_latents
 from elf_jax.data import latent_cache, pipeline, sources, tokenizer as tokenizers_
 from elf_jax.model.elf import ELF, ModelConfig, init_params
 from elf_jax.model.latents import build_encoder
@@ -46,7 +47,7 @@ def _tokenizer(c):
 def built(request, tmp_path_factory):
   c = _config(packing=request.param)
   out = str(tmp_path_factory.mktemp("cache"))
-  index = latent_cache.build_cache(c, out, max_rows=ROWS, batch_size=16, rows_per_shard=24)
+  index = cache_latents.build_cache(c, out, max_rows=ROWS, batch_size=16, rows_per_shard=24)
   return c, out, index
 
 
@@ -98,5 +99,5 @@ def test_cache_for_another_config_is_refused(built):
   c.data.max_length = 24
   with pytest.raises(ValueError, match="max_length"):
     latent_cache.open_cache(c, c.data.split)
-  with pytest.raises(FileNotFoundError, match="python -m elf_jax.data.latent_cache"):
+  with pytest.raises(FileNotFoundError, match="python -m elf_jax.cache_latents"):
     latent_cache.CachedRows(out + "/missing")

@@ -87,21 +87,29 @@ def test_bad_mesh_errors(sizes, message):
     mesh_lib.make_mesh(_cfg(*sizes))
 
 
-def test_cpu_preset_resolves():
-  config = mesh_lib.apply_mesh_preset(config_lib.base_config(), "cpu-8")
-  assert (config.mesh.data, config.mesh.fsdp, config.mesh.tensor) == (2, 2, 2)
+def _with_preset(name: str):
+  config = config_lib.base_config()
+  config.mesh.preset = name
+  config.lock()
+  return config
+
+
+def test_cpu_preset_resolves_without_touching_the_config():
+  config = _with_preset("cpu-8")
+  before = config.to_dict()
   assert dict(mesh_lib.make_mesh(config.mesh).shape) == dict(data=2, fsdp=2, tensor=2)
+  assert config.to_dict() == before  # the preset replaced the sizes for the mesh only
 
 
 @pytest.mark.parametrize("name, shape", [("gpu", (8, 1, 1)), ("gpu-fsdp", (1, 8, 1))])
 def test_fill_presets_resolve_on_8_devices(name, shape):
-  config = mesh_lib.apply_mesh_preset(config_lib.base_config(), name)
+  config = _with_preset(name)
   assert tuple(mesh_lib.make_mesh(config.mesh).shape.values()) == shape
 
 
 @pytest.mark.parametrize("name, needed", [("v5p-64", 32), ("v5p-64-fsdp", 32)])
 def test_tpu_presets_fail_clearly_on_8_devices(name, needed):
-  config = mesh_lib.apply_mesh_preset(config_lib.base_config(), name)
+  config = _with_preset(name)
   with pytest.raises(ValueError, match=f"needs {needed} devices, but 8 are available"):
     mesh_lib.make_mesh(config.mesh)
 
@@ -113,7 +121,7 @@ def test_every_preset_names_all_axes():
 
 def test_unknown_preset():
   with pytest.raises(ValueError, match=r"unknown mesh preset 'v9'; known presets: cpu-8, gpu"):
-    mesh_lib.apply_mesh_preset(config_lib.base_config(), "v9")
+    mesh_lib.make_mesh(_with_preset("v9").mesh)
 
 
 @pytest.fixture

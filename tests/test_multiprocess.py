@@ -21,7 +21,7 @@ import pytest
 
 from elf_jax import checkpoint
 from elf_jax import fs
-from elf_jax import generate
+from elf_jax import modes
 from elf_jax.data import pipeline, sources, tokenizer as tokenizers_
 from elf_jax.eval import gen_ppl
 from elf_jax.train import loop
@@ -72,7 +72,7 @@ def test_global_batches_do_not_depend_on_the_process_count():
 def reference(tmp_path_factory):
   """The same config trained straight through in this process on 8 devices: (workdir, final state)."""
   workdir = tmp_path_factory.mktemp("reference")
-  state = loop.train(small_config(**MULTI), str(workdir), hooks=generate.training_hook)
+  state = loop.train(small_config(**MULTI), str(workdir), hooks=modes.training_hook)
   return workdir, state
 
 

@@ -13,10 +13,10 @@ import pytest
 
 from elf_jax import checkpoint
 from elf_jax import config as config_lib
+from elf_jax import experiment
 from elf_jax.config import ConfigError
 from elf_jax.data import sources
 from elf_jax.model import elf
-from elf_jax.train import loop
 from elf_jax.train import optim
 
 NUM_UPDATES = 3  # the fixture's optim/grads_{0,1,2}
@@ -290,15 +290,15 @@ def test_steps_per_epoch_come_from_the_dataset(tmp_path):
   error naming the field."""
   config = config_lib.base_config()
   config.optim.global_batch_size = 8
-  assert loop.steps_per_epoch(config, 1000) == 125 and loop.steps_per_epoch(config, 1007) == 125
+  assert experiment.steps_per_epoch(config, 1000) == 125 and experiment.steps_per_epoch(config, 1007) == 125
   config.optim.num_epochs = 2.5
-  assert loop.total_steps(config, 125) == 312  # round(2.5 * 125)
+  assert experiment.total_steps(config, 125) == 312  # round(2.5 * 125)
   config.optim.num_steps = 7
-  assert loop.total_steps(config, 125) == 7
+  assert experiment.total_steps(config, 125) == 7
 
   (tmp_path / "train.txt").write_text("".join(f"sentence {i}\n" for i in range(37)))
   config.data.source, config.data.path = "text", str(tmp_path / "{split}.txt")
-  assert loop.steps_per_epoch(config, len(sources.make_source(config.data, config.data.split))) == 37 // 8
+  assert experiment.steps_per_epoch(config, len(sources.make_source(config.data, config.data.split))) == 37 // 8
   config.optim.global_batch_size = 64
   with pytest.raises(ConfigError, match="optim.global_batch_size=64"):
-    loop.steps_per_epoch(config, len(sources.make_source(config.data, config.data.split)))
+    experiment.steps_per_epoch(config, len(sources.make_source(config.data, config.data.split)))

@@ -12,6 +12,7 @@ from elf_jax.parallel import sharding
 from elf_jax.parallel.mesh import make_mesh
 from elf_jax.train import loss as L
 from elf_jax.train import optim
+from elf_jax.train import state as state_lib
 from elf_jax.train import step as S
 
 B, SEQ, GROUPS = 16, 8, 8
@@ -49,7 +50,7 @@ def _shardings(c, model, optimizer, mesh):
                                sharding.rules_from_config(c))
   shapes = jax.eval_shape(init)
   sharding.check_divisible(shapes.params, specs, mesh)
-  return sharding.state_shardings(mesh, shapes, specs)
+  return state_lib.state_shardings(mesh, shapes, specs)
 
 
 def _perturbed_state(model, optimizer):

@@ -21,8 +21,10 @@ import pytest
 from tensorboardX.proto import event_pb2
 
 from elf_jax import checkpoint
-from elf_jax import generate
-from elf_jax.data import sources
+from elf_jax import experiment
+from elf_jax import modes
+from elf_jax.config import ConfigError
+from elf_jax.data import pipeline, sources
 from elf_jax.train import loop
 from elf_jax.train import optim
 
@@ -91,7 +93,7 @@ def read_tensorboard_scalars(tb_dir) -> dict[str, list[tuple[int, float]]]:
 def straight(tmp_path_factory):
   """The reference: 6 uninterrupted steps (checkpoints at 3 and 6) with the sampling + evaluation hook at the end."""
   workdir = tmp_path_factory.mktemp("straight")
-  state = loop.train(small_config(), str(workdir), hooks=generate.training_hook)
+  state = loop.train(small_config(), str(workdir), hooks=modes.training_hook)
   return workdir, state
 
 
@@ -128,6 +130,33 @@ def test_straight_run_writes_what_a_person_reads(straight):
   vocabulary = set(sources.make_language(small_config().data).vocabulary)
   assert all(set(t.split()) <= vocabulary for t in texts)  # decoded words of the language, specials removed
 
+
+
+def test_sample_mode_opens_no_training_data(straight, tmp_path, monkeypatch):
+  """--mode=sample builds the experiment without a training plan: the training split is never opened (no source,
+  no pipeline, no latent-statistics measurement) and the latent statistics are the run's saved latent_stats.json;
+  building with training=True, as --mode=train does, opens it (so the check can fail)."""
+  workdir = tmp_path / "run"
+  shutil.copytree(straight[0], workdir)
+  (workdir / experiment.LATENT_STATS_FILE).unlink(missing_ok=True)
+  config = small_config(**{"encoder.measure_latent_stats": True})
+  opened = []
+  make_source, make_dataset = sources.make_source, pipeline.make_dataset
+  monkeypatch.setattr(sources, "make_source", lambda data, split, *a, **k: opened.append(split) or make_source(
+      data, split, *a, **k))
+  monkeypatch.setattr(pipeline, "make_dataset", lambda c, tok, split, **k: opened.append(split) or make_dataset(
+      c, tok, split, **k))
+  with pytest.raises(ConfigError, match="latent_stats.json does not exist"):  # none saved: no silent measurement
+    modes.sample_mode(config, str(workdir))
+  (workdir / experiment.LATENT_STATS_FILE).write_text(json.dumps({"mean": 0.125, "std": 0.5}))
+
+  path = modes.sample_mode(config, str(workdir))
+  assert config.data.split not in opened
+  assert len(open(path).read().splitlines()) == config.sample.num_samples
+  exp = experiment.build(config, str(workdir))
+  assert exp.training is None and (exp.encoder.latent_mean, exp.encoder.latent_std) == (0.125, 0.5)
+  experiment.build(config, str(workdir), training=True)
+  assert config.data.split in opened
 
 def _send_sigterm_after_step_2(setup, workdir, state, step, writer, final):
   """A training hook standing in for the cluster's preemption notice."""

@@ -1,6 +1,6 @@
 r"""Latent cache for the frozen encoder (unconditional data): encoder outputs computed once, read every epoch.
 
-  python -m elf_jax.data.latent_cache --config=configs/tiny.py --out=/data/tiny_latents [--max_rows=100000]
+  python -m elf_jax.cache_latents --config=configs/tiny.py --out=/data/tiny_latents [--max_rows=100000]
   python -m elf_jax.main --config=configs/tiny.py --workdir=runs/tiny --config.data.latent_cache_dir=/data/tiny_latents
 
 Layout of DIR, local or gs:// (numpy shards, memory-mapped on read; row by row from gs://):
@@ -14,23 +14,21 @@ The rows are one unshuffled pass over the split; the cached pipeline shuffles ro
 packing the row contents equal the on-the-fly rows but the order differs. Size: S·C·4 bytes per row in float32
 (2 MiB per 1024-token row for T5-small) — use --max_rows or bfloat16 for large corpora.
 """
-import dataclasses
 import json
+from collections.abc import Callable
 
-import jax
-import jax.numpy as jnp
 import ml_collections
+import ml_dtypes
 import numpy as np
 
 from elf_jax import fs
-from elf_jax.model.latents import LatentEncoder
 
 FORMAT_VERSION = 2  # 2: rows built by the reference's collate rules (EOS padding not valid, no EOS added)
 INDEX_FILE = "index.json"
 FIELDS = ("ids", "valid", "latents")
 
 
-def _fingerprint(config: ml_collections.ConfigDict, split: str) -> dict:
+def fingerprint(config: ml_collections.ConfigDict, split: str) -> dict:
   """What the cached rows depend on; a cache is only read under a config with the same values."""
   d, e = config.data, config.encoder
   return {"split": split, "source": d.source, "path": d.path, "tokenizer": d.tokenizer, "max_length": d.max_length,
@@ -38,23 +36,19 @@ def _fingerprint(config: ml_collections.ConfigDict, split: str) -> dict:
           "encoder_random_seed": e.random_seed if e.name_or_path == "random" else None}
 
 
-def raw_encode_fn(encoder: LatentEncoder):
-  """jit: (encoder params, ids (B,S), valid (B,S)) → raw encoder outputs E(ids) (B,S,C) float32 (no normalisation)."""
-  raw = dataclasses.replace(encoder, latent_mean=0.0, latent_std=1.0)
-  return jax.jit(lambda params, ids, valid: raw.encode(params, ids, valid))
-
-
-def write_cache(out_dir: str, batches, encoder: LatentEncoder, encoder_params, fingerprint: dict, *,
-                rows_per_shard: int = 4096, max_rows: int | None = None, dtype: str = "float32") -> dict:
+def write_cache(out_dir: str, batches, encode: Callable[[np.ndarray, np.ndarray], np.ndarray], latent_dim: int,
+                built_from: dict, *, rows_per_shard: int = 4096, max_rows: int | None = None,
+                dtype: str = "float32") -> dict:
   """Encodes `batches` (dicts with ids, valid (b,S)) and writes the shards and index of DIR; returns the index.
 
+  encode: (ids (b,S) int32, valid (b,S) bool) → raw encoder outputs E(ids) (b,S,C=latent_dim), not normalised.
+  built_from: the `fingerprint` of the config and split the rows come from.
   `dtype` (float32 | bfloat16) is the storage type of the latents; bfloat16 halves the size but is not exact.
   """
   if dtype not in ("float32", "bfloat16"):
     raise ValueError(f"dtype={dtype!r}: expected float32 or bfloat16")
   out = fs.path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
-  encode = raw_encode_fn(encoder)
   shards, pending, total = [], {k: [] for k in FIELDS}, 0
 
   def flush():
@@ -73,7 +67,9 @@ def write_cache(out_dir: str, batches, encoder: LatentEncoder, encoder_params, f
       break
     take = len(batch["ids"]) if max_rows is None else min(len(batch["ids"]), max_rows - total)
     ids, valid = np.asarray(batch["ids"][:take], np.int32), np.asarray(batch["valid"][:take], bool)
-    latents = np.asarray(encode(encoder_params, ids, valid).astype(jnp.dtype(dtype)))
+    latents = np.asarray(encode(ids, valid), np.float32)
+    if dtype == "bfloat16":
+      latents = latents.astype(ml_dtypes.bfloat16)
     for k, v in zip(FIELDS, (ids, valid, latents)):
       pending[k].append(v)
     total += take
@@ -83,8 +79,8 @@ def write_cache(out_dir: str, batches, encoder: LatentEncoder, encoder_params, f
   if total == 0:
     raise ValueError("write_cache: the data yielded no rows")
   seq_len = int(fs.load_npy(out / shards[0]["files"]["ids"]).shape[1])
-  index = {"version": FORMAT_VERSION, "num_rows": total, "seq_len": seq_len, "latent_dim": encoder.dim,
-           "dtype": dtype, "normalised": False, "config": fingerprint, "shards": shards}
+  index = {"version": FORMAT_VERSION, "num_rows": total, "seq_len": seq_len, "latent_dim": latent_dim,
+           "dtype": dtype, "normalised": False, "config": built_from, "shards": shards}
   (out / INDEX_FILE).write_text(json.dumps(index, indent=1))
   return index
 
@@ -98,7 +94,7 @@ class CachedRows:
     path = fs.path(cache_dir) / INDEX_FILE
     if not path.exists():
       raise FileNotFoundError(f"no latent cache at {cache_dir!r} ({INDEX_FILE} missing); build it with "
-                              f"`python -m elf_jax.data.latent_cache --config=... --out={cache_dir}`")
+                              f"`python -m elf_jax.cache_latents --config=... --out={cache_dir}`")
     self.index = json.loads(path.read_text())
     if self.index.get("version") != FORMAT_VERSION:
       raise ValueError(f"latent cache {cache_dir!r} has format {self.index.get('version')}, this code reads "
@@ -137,52 +133,4 @@ def open_cache(config: ml_collections.ConfigDict, split: str) -> CachedRows:
   """The rows of `config.data.latent_cache_dir`, checked against the config (same data, layout and encoder)."""
   if config.data.conditional:
     raise ValueError("data.latent_cache_dir is for unconditional data; unset it for conditional tasks")
-  return CachedRows(config.data.latent_cache_dir, _fingerprint(config, split))
-
-
-def build_cache(config: ml_collections.ConfigDict, out_dir: str, split: str | None = None, *,
-                max_rows: int | None = None, batch_size: int = 256, rows_per_shard: int = 4096,
-                dtype: str = "float32") -> dict:
-  """One unshuffled pass over `split` (default config.data.split) through the pipeline and the frozen encoder."""
-  from elf_jax.data import pipeline, sources, tokenizer as tokenizers_  # pipeline imports this module
-  from elf_jax.model.latents import build_encoder
-  if config.data.conditional:
-    raise ValueError("the latent cache is for unconditional data (conditional tasks drop labels per step)")
-  split = split or config.data.split
-  config = ml_collections.ConfigDict(config.to_dict())
-  config.data.latent_cache_dir = ""  # read the raw data
-  language = sources.make_language(config.data) if config.data.source == "synthetic" else None
-  tok = tokenizers_.load_tokenizer(config.data.tokenizer, language)
-  encoder, encoder_params = build_encoder(config)
-  ds = pipeline.make_dataset(config, tok, split, language=language, shuffle=False, num_epochs=1,
-                             drop_remainder=False, batch_size=batch_size)
-  return write_cache(out_dir, iter(ds), encoder, encoder_params, _fingerprint(config, split),
-                     rows_per_shard=rows_per_shard, max_rows=max_rows, dtype=dtype)
-
-
-def _define_flags():
-  """CLI flags (defined only when run as a script: elf_jax.main defines its own --config)."""
-  from absl import flags
-  from ml_collections import config_flags
-  config = config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/tiny.py (--config.x=... too)")
-  out = flags.DEFINE_string("out", None, "output directory (set data.latent_cache_dir to it when training)")
-  split = flags.DEFINE_string("split", None, "split to cache (default config.data.split)")
-  max_rows = flags.DEFINE_integer("max_rows", None, "stop after this many rows")
-  batch_size = flags.DEFINE_integer("batch_size", 256, "rows per encoder call")
-  rows_per_shard = flags.DEFINE_integer("rows_per_shard", 4096, "rows per .npy shard")
-  dtype = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "storage type of the latents")
-  flags.mark_flags_as_required(["config", "out"])
-
-  def main(argv):
-    del argv
-    index = build_cache(config.value, out.value, split.value, max_rows=max_rows.value, batch_size=batch_size.value,
-                        rows_per_shard=rows_per_shard.value, dtype=dtype.value)
-    size = sum((fs.path(out.value) / f).stat().length for s in index["shards"] for f in s["files"].values())
-    print(f"wrote {index['num_rows']} rows x {index['seq_len']} tokens x C={index['latent_dim']} ({index['dtype']}, "
-          f"raw encoder outputs) in {len(index['shards'])} shards, {size / 2**20:.1f} MiB, to {out.value}")
-  return main
-
-
-if __name__ == "__main__":
-  from absl import app
-  app.run(_define_flags())
+  return CachedRows(config.data.latent_cache_dir, fingerprint(config, split))

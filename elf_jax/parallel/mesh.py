@@ -22,8 +22,8 @@ from elf_jax.config import ConfigError
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
-# Named mesh shapes; `apply_mesh_preset(config, name)` copies one into `config.mesh`. -1 = fill with the remaining
-# devices. Each comment states the device count the preset is meant for; `make_mesh` checks it against the
+# Named mesh shapes; `config.mesh.preset = name` replaces the data / fsdp / tensor fields (`mesh_sizes`; the config
+# itself is never modified). -1 = fill with the remaining devices. Each comment states the device count the preset is meant for; `make_mesh` checks it against the
 # devices it finds.
 MESH_PRESETS: dict[str, dict[str, int]] = {
     # TPU v5p-64: 32 chips (4 per host, 8 hosts), one ICI slice. ELF-B (105M params) and ELF-M fit every copy of
@@ -46,18 +46,30 @@ _ENV_NUM_PROCESSES = "ELF_NUM_PROCESSES"
 _ENV_PROCESS_ID = "ELF_PROCESS_ID"
 
 
+def mesh_sizes(mesh_config: Mapping[str, Any]) -> dict[str, int]:
+  """{"data", "fsdp", "tensor"} sizes of `config.mesh`: its preset's (`MESH_PRESETS`) when `preset` is set, else its
+  own fields; -1 = fill. Reads the config, never writes it."""
+  preset = mesh_config.get("preset", "")
+  if preset:
+    if preset not in MESH_PRESETS:
+      raise ConfigError(f"unknown mesh preset {preset!r}; known presets: {', '.join(sorted(MESH_PRESETS))}. Fix: "
+                        "--config.mesh.preset=<one of these> or '' (use mesh.data/fsdp/tensor).")
+    return dict(MESH_PRESETS[preset])
+  return {axis: mesh_config[axis] for axis in MESH_AXES}
+
+
 def resolve_mesh_shape(mesh_config: Mapping[str, Any], num_devices: int) -> tuple[int, int, int]:
   """Returns the (data, fsdp, tensor) sizes for `num_devices` devices.
 
   Args:
-    mesh_config: `config.mesh` (or any mapping) with integer fields `data`, `fsdp`, `tensor`; each a size >= 1
-      or -1 = the remaining devices (at most one -1).
+    mesh_config: `config.mesh` (or any mapping) with integer fields `data`, `fsdp`, `tensor` (or a `preset`, see
+      `mesh_sizes`); each a size >= 1 or -1 = the remaining devices (at most one -1).
     num_devices: the number of devices the mesh must cover exactly.
 
   Raises:
     ValueError: a size is neither >= 1 nor -1, more than one -1, or the product does not equal `num_devices`.
   """
-  sizes = {axis: mesh_config[axis] for axis in MESH_AXES}
+  sizes = mesh_sizes(mesh_config)
   spec = " ".join(f"{axis}={size}" for axis, size in sizes.items())
   bad = [axis for axis, size in sizes.items() if not isinstance(size, (int, np.integer)) or size == 0 or size < -1]
   if bad:
@@ -106,15 +118,6 @@ def make_mesh(mesh_config: Mapping[str, Any], devices: Sequence[jax.Device] | No
   return jax.sharding.Mesh(_device_array(shape, devices), MESH_AXES)
 
 
-def apply_mesh_preset(config, name: str):
-  """Sets `config.mesh.data/fsdp/tensor` from `MESH_PRESETS[name]` (in place) and returns `config`."""
-  if name not in MESH_PRESETS:
-    raise ConfigError(f"unknown mesh preset {name!r}; known presets: {', '.join(sorted(MESH_PRESETS))}.")
-  for axis, size in MESH_PRESETS[name].items():
-    config.mesh[axis] = size
-  return config
-
-
 def _env_int(name: str) -> int | None:
   value = os.environ.get(name, "")
   if not value:
@@ -144,7 +147,7 @@ def initialize_distributed(flag: bool | None = None) -> bool:
   ELF_PROCESS_ID when set; whatever is unset is left to jax's auto-detection (TPU VM metadata, SLURM, ...).
   Errors from `jax.distributed.initialize` propagate. CPU processes (tests, CPU clusters) run their collectives over
   gloo, jax's default `jax_cpu_collectives_implementation`. The initialisation also starts jax's preemption
-  service, which catches SIGTERM from then on (`elf_jax.checkpoint.install_preemption_handler`).
+  service, which catches SIGTERM from then on (`elf_jax.train.loop.install_preemption_handler`).
 
   Returns:
     True if `jax.distributed.initialize` was called, False for a single-process run.

@@ -13,8 +13,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from elf_jax.config import ConfigError
 from elf_jax.parallel.mesh import batch_axes, num_batch_shards
-from elf_jax.train.state import TrainState
-
 
 
 def rules_from_config(config) -> tuple[tuple[str, Any], ...]:
@@ -27,13 +25,14 @@ def param_specs(boxed_params, rules) -> Any:
   return nn.logical_to_mesh(nn.get_partition_spec(boxed_params), rules)
 
 
-def check_mesh(mesh: jax.sharding.Mesh, num_heads: int, batch_size: int) -> None:
-  """The mesh must split the heads (tensor) and the per-step batch (data x fsdp) evenly: one clear error if not."""
+def check_mesh(mesh: jax.sharding.Mesh, num_heads: int, batch_size: int | None = None) -> None:
+  """The mesh must split the heads (tensor) and the per-step batch (data x fsdp; None = not checked) evenly: one
+  clear error if not."""
   shards = num_batch_shards(mesh)
   problems = []
   if num_heads % mesh.shape["tensor"]:
     problems.append(f"model.num_heads={num_heads} is not divisible by mesh.tensor={mesh.shape['tensor']}")
-  if batch_size % shards:
+  if batch_size is not None and batch_size % shards:
     problems.append(f"the per-step batch {batch_size} (optim.global_batch_size / optim.grad_accum_steps) is not "
                     f"divisible by the {shards} batch shards (mesh.data x mesh.fsdp)")
   if problems:
@@ -79,16 +78,6 @@ def opt_state_specs(opt_state_shapes, param_shapes, specs_of_params):
     return P()
 
   return jax.tree_util.tree_map_with_path(spec_for, opt_state_shapes)
-
-
-def state_shardings(mesh, state_shapes: TrainState, specs_of_params) -> TrainState:
-  """NamedShardings for a whole TrainState (params and EMA alike, optimizer state mirrored)."""
-  named = lambda spec: NamedSharding(mesh, spec)
-  is_spec = lambda x: isinstance(x, P)
-  p = jax.tree_util.tree_map(named, specs_of_params, is_leaf=is_spec)
-  o = jax.tree_util.tree_map(named, opt_state_specs(state_shapes.opt_state, state_shapes.params, specs_of_params),
-                             is_leaf=is_spec)
-  return TrainState(step=named(P()), params=p, ema_params=p, opt_state=o, rng=named(P()))
 
 
 def batch_spec(mesh) -> P:

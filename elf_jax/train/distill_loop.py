@@ -13,16 +13,16 @@ records that the round is done: rerunning the command skips finished rounds and 
 import json
 
 from etils import epath
-import flax.linen as nn
 import jax
 import ml_collections
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from elf_jax import fs
 from elf_jax import checkpoint
+from elf_jax import experiment
+from elf_jax import fs
+from elf_jax import report
 from elf_jax import sample as sampling
 from elf_jax.config import ConfigError
-from elf_jax.model.elf import init_params
 from elf_jax.train import distill as distill_lib
 from elf_jax.train import loop
 from elf_jax.train import loss as loss_lib
@@ -57,14 +57,14 @@ def distill_objective(config: ml_collections.ConfigDict, dc: distill_lib.Distill
   """The `objective` of `loop.train` for one round: the distillation step, with (encoder params, teacher EMA params
   sharded like the student) as its frozen inputs."""
 
-  def build(setup: loop.Setup, optimizer, shardings: TrainState, encoder_params):
-    expected = jax.eval_shape(lambda: nn.unbox(init_params(setup.model, jax.random.PRNGKey(0),
-                                                           config.data.max_length)))
-    teacher_params = jax.device_put(checkpoint.load_params_from(teacher, expected), shardings.params)
-    obj = distill_lib.DistillObjective(setup.model, setup.encoder, loss_lib.FlowConfig.from_config(config), dc,
+  def build(exp: experiment.Experiment, encoder_params):
+    plan = exp.training
+    teacher_params = jax.device_put(checkpoint.load_params_from(teacher, exp.param_shapes),
+                                    plan.state_shardings.params)
+    obj = distill_lib.DistillObjective(exp.model, exp.encoder, loss_lib.FlowConfig.from_config(config), dc,
                                        config.data.conditional)
-    frozen_shardings = (NamedSharding(setup.mesh, P()), shardings.params)
-    train_step = step_lib.make_train_step(obj, optimizer, config.optim, setup.mesh, shardings,
+    frozen_shardings = (NamedSharding(exp.mesh, P()), plan.state_shardings.params)
+    train_step = step_lib.make_train_step(obj, plan.optimizer, config.optim, exp.mesh, plan.state_shardings,
                                           loss_fn=distill_lib.compute_loss, frozen_shardings=frozen_shardings)
     return train_step, (encoder_params, teacher_params)
 
@@ -89,25 +89,25 @@ def distill(config: ml_collections.ConfigDict, workdir: str, hooks=None) -> Trai
   if not teacher.exists():
     raise FileNotFoundError(f"distill.teacher={d.teacher!r} does not exist; train the teacher first (--mode=train) "
                             "or point it at a checkpoint")
-  loop.check_workdir(workdir)
+  fs.check_writable(workdir, jax.process_index())
   init_from, state = config.init_from or str(teacher), None
   for index, (steps, sub_steps) in enumerate(rounds, 1):
     directory = round_dir(workdir, index, steps)
     if (directory / ROUND_DONE_FILE).exists():
-      loop.say(f"distillation round {index}/{len(rounds)} ({steps}-step student) finished before: {directory}")
+      report.say(f"distillation round {index}/{len(rounds)} ({steps}-step student) finished before: {directory}")
       init_from = str(directory)
       continue
-    loop.say(f"distillation round {index}/{len(rounds)}: {steps}-step student, {sub_steps} teacher sub-steps per "
+    report.say(f"distillation round {index}/{len(rounds)}: {steps}-step student, {sub_steps} teacher sub-steps per "
              f"student step, student from {init_from}, teacher {teacher}")
     directory.mkdir(parents=True, exist_ok=True)
-    stats = teacher / loop.LATENT_STATS_FILE  # the teacher's latent normalisation, not a new measurement
-    if stats.exists() and not (directory / loop.LATENT_STATS_FILE).exists():
-      (directory / loop.LATENT_STATS_FILE).write_text(stats.read_text())
+    stats = teacher / experiment.LATENT_STATS_FILE  # the teacher's latent normalisation, not a new measurement
+    if stats.exists() and not (directory / experiment.LATENT_STATS_FILE).exists():
+      (directory / experiment.LATENT_STATS_FILE).write_text(stats.read_text())
     finished = []
 
-    def round_hooks(setup, wd, st, step, writer, final):
+    def round_hooks(exp, wd, st, step, writer, final):
       if hooks is not None:
-        hooks(setup, wd, st, step, writer, final)
+        hooks(exp, wd, st, step, writer, final)
       if final:
         finished.append(step)
 
@@ -117,14 +117,14 @@ def distill(config: ml_collections.ConfigDict, workdir: str, hooks=None) -> Trai
     dc = distill_lib.DistillConfig.from_config(rc, steps, sub_steps)
     state = loop.train(rc, str(directory), hooks=round_hooks, objective=distill_objective(rc, dc, str(teacher)))
     if not finished:
-      loop.say(f"distillation stopped in round {index}; rerun the same command to resume")
+      report.say(f"distillation stopped in round {index}; rerun the same command to resume")
       return state
     if jax.process_index() == 0:
       (directory / ROUND_DONE_FILE).write_text(json.dumps(
           {"round": index, "student_steps": steps, "teacher_sub_steps": sub_steps, "optimizer_steps": finished[0],
            "init_from": init_from, "teacher": str(teacher)}))
     init_from = str(directory)
-  loop.say(summary_table(workdir, rounds))
+  report.say(summary_table(workdir, rounds))
   return state
 
 
@@ -133,9 +133,7 @@ def summary_table(workdir: str, rounds: list[tuple[int, int]]) -> str:
   lines = ["distilled students (sampled at their step counts, few-step settings):",
            "  round  steps  " + "  ".join(SUMMARY_KEYS)]
   for index, (steps, _) in enumerate(rounds, 1):
-    metrics = round_dir(workdir, index, steps) / "metrics.jsonl"
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.exists() else []
-    evals = [r for r in rows if r.get("kind") == "eval"]
+    evals = report.read_metrics(str(round_dir(workdir, index, steps)), kind="eval")
     last = evals[-1] if evals else {}
     cells = [f"{last[k]:>{len(k)}.4f}" if isinstance(last.get(k), float) else "-".rjust(len(k)) for k in SUMMARY_KEYS]
     lines.append(f"  {index:>5}  {steps:>5}  " + "  ".join(cells))

@@ -3,6 +3,9 @@ from typing import Any
 
 import flax.struct
 import jax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from elf_jax.parallel import sharding
 
 
 @flax.struct.dataclass
@@ -21,3 +24,14 @@ class TrainState:
   ema_params: Any
   opt_state: Any
   rng: jax.Array
+
+
+def state_shardings(mesh: jax.sharding.Mesh, state_shapes: TrainState, specs_of_params) -> TrainState:
+  """NamedShardings for a whole TrainState: params and EMA per `specs_of_params`, optimizer-state leaves mirroring
+  their parameter (`sharding.opt_state_specs`), step and rng replicated."""
+  named = lambda spec: NamedSharding(mesh, spec)
+  is_spec = lambda x: isinstance(x, P)
+  p = jax.tree_util.tree_map(named, specs_of_params, is_leaf=is_spec)
+  o = jax.tree_util.tree_map(named, sharding.opt_state_specs(state_shapes.opt_state, state_shapes.params,
+                                                             specs_of_params), is_leaf=is_spec)
+  return TrainState(step=named(P()), params=p, ema_params=p, opt_state=o, rng=named(P()))

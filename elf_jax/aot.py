@@ -14,27 +14,18 @@ out-of-memory error, or a total above the budget of `elf_jax.parallel.hbm`, e.g.
 `--config.mesh.hbm_limit_gib`) fails with one message naming the knobs to turn (remat, fsdp, precision, batch).
 """
 import dataclasses
-import os
 import sys
 from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from elf_jax import hf_weights
-from elf_jax.config import ConfigError, validate
-from elf_jax.model.elf import ELF, ModelConfig
-from elf_jax.model.latents import LatentEncoder
-from elf_jax.model.t5_encoder import T5Encoder, T5EncoderConfig, random_t5_encoder_params
+from elf_jax import experiment
+from elf_jax.config import ConfigError
 from elf_jax.parallel import hbm
 from elf_jax.parallel import mesh as mesh_lib
-from elf_jax.parallel import sharding
-from elf_jax.train import loss as loss_lib
-from elf_jax.train import loop
-from elf_jax.train import optim
 from elf_jax.train import step as step_lib
 
 # Slice name → jax topology name ("<generation>:<chip grid>"). v5p-N counts TensorCores (2 per chip, so N / 2
@@ -47,12 +38,6 @@ TOPOLOGIES: dict[str, str] = {
     **{f"v5litepod-{chips}": f"v5e:{grid}" for chips, grid in _LITE_GRIDS.items()},
     **{f"v6e-{chips}": f"v6e:{grid}" for chips, grid in _LITE_GRIDS.items()},
 }
-
-# The frozen encoders whose architecture is known without their files (the published T5-small).
-KNOWN_ENCODERS = {
-    "t5-small": T5EncoderConfig(vocab_size=32128, d_model=512, num_layers=6, num_heads=8, d_kv=64, d_ff=2048),
-}
-
 
 @dataclasses.dataclass(frozen=True)
 class CompileReport:
@@ -120,31 +105,6 @@ def topology_devices(name: str) -> list:
     raise
 
 
-def abstract_encoder(config: ml_collections.ConfigDict) -> tuple[LatentEncoder, dict]:
-  """The frozen encoder module and its parameter *shapes* (ShapeDtypeStructs), without loading any weights.
-
-  The architecture comes from the "random" fields, KNOWN_ENCODERS, or a local Hugging Face directory's
-  config.json. Latent statistics are the config's (they do not change the compiled program).
-  """
-  e = config.encoder
-  if e.name_or_path == "random":
-    t5_config = T5EncoderConfig(vocab_size=config.model.vocab_size, d_model=e.dim, num_layers=e.random_num_layers,
-                                num_heads=e.random_num_heads, d_kv=e.random_d_kv, d_ff=e.random_d_ff)
-  elif e.name_or_path in KNOWN_ENCODERS:
-    t5_config = KNOWN_ENCODERS[e.name_or_path]
-  elif os.path.isfile(os.path.join(e.name_or_path, "config.json")):
-    t5_config = T5EncoderConfig.from_hf_config(hf_weights.read_config(e.name_or_path))
-  else:
-    raise ConfigError(f"encoder.name_or_path={e.name_or_path!r}: its architecture is unknown offline; use one of "
-                      f"{sorted(KNOWN_ENCODERS)}, 'random', or a local directory with a T5 config.json")
-  if t5_config.d_model != e.dim:
-    raise ConfigError(f"encoder {e.name_or_path!r} has width {t5_config.d_model} but config.encoder.dim={e.dim}; "
-                      f"set --config.encoder.dim={t5_config.d_model}")
-  shapes = jax.eval_shape(lambda: random_t5_encoder_params(t5_config, 0))
-  t5 = T5Encoder(t5_config, dtype=jnp.dtype(e.compute_dtype))
-  return LatentEncoder(t5, e.latent_mean, e.latent_std), shapes
-
-
 def compile_train_step(config: ml_collections.ConfigDict, devices: Sequence[jax.Device],
                        topology: str = "") -> CompileReport:
   """Lowers and compiles the train step of `config` for a mesh over `devices` (real or abstract).
@@ -161,38 +121,22 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: Sequence[jax.
   Raises:
     hbm.DoesNotFitError: XLA ran out of memory compiling the step (the message names the knobs to turn).
   """
-  validate(config)
-  if config.mesh.preset:
-    mesh_lib.apply_mesh_preset(config, config.mesh.preset)
-  mesh = mesh_lib.make_mesh(config.mesh, devices)
-  batch_size = config.optim.global_batch_size // config.optim.grad_accum_steps  # of one micro-batch
-  sharding.check_mesh(mesh, config.model.num_heads, batch_size)
-  encoder, encoder_shapes = abstract_encoder(config)
-  model = ELF(ModelConfig.from_config(config))
-  setup = loop.Setup(config, mesh, tokenizer=None, language=None, encoder=encoder, encoder_params=encoder_shapes,
-                     model=model)
-  # The schedule's constants (warm-up length, decay horizon) do not change the compiled program's shapes.
-  per_epoch = loop.steps_per_epoch(config, config.optim.global_batch_size)
-  schedule = optim.make_schedule(config.optim, per_epoch, loop.total_steps(config, per_epoch))
-  optimizer = optim.make_optimizer(config.optim, schedule)
-  abstract_state, state_shardings = loop.abstract_and_shardings(setup, optimizer)
-
-  obj = step_lib.Objective(model, encoder, loss_lib.FlowConfig.from_config(config),
-                           step_lib.resolve_num_groups(config, mesh, batch_size), config.data.conditional)
-  train_step = step_lib.make_train_step(obj, optimizer, config.optim, mesh, state_shardings)
+  exp = experiment.build(config, devices=devices, training=True, abstract=True)
+  plan, mesh = exp.training, exp.mesh
+  train_step = step_lib.make_train_step(exp.objective(), plan.optimizer, config.optim, mesh, plan.state_shardings)
   replicated = NamedSharding(mesh, P())
   encoder_params = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
-                                          encoder_shapes)
-  batch = loop.abstract_batch(config, mesh, config.optim.global_batch_size)
+                                          exp.encoder_params)
+  batch = exp.abstract_batch()
   device = mesh.devices.flat[0]
-  compiled = hbm.compile_or_explain(train_step.lower(abstract_state, encoder_params, batch), config, mesh)
+  compiled = hbm.compile_or_explain(train_step.lower(plan.abstract_state, encoder_params, batch), config, mesh)
 
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # older jax returned one dict per computation
   return CompileReport(
       topology=topology or f"{mesh.devices.size} x {device.device_kind}", num_devices=int(mesh.devices.size),
       device_kind=device.device_kind, mesh_shape=dict(mesh.shape), batch_shape=batch["ids"].shape,
-      num_params=int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(abstract_state.params))),
+      num_params=int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(exp.param_shapes))),
       memory=hbm.MemoryUsage.of(compiled), budget_bytes=hbm.budget_bytes(config.mesh, device),
       flops=float(cost.get("flops", 0.0)))
 
@@ -205,7 +149,8 @@ def compile_for_topology(config: ml_collections.ConfigDict, name: str) -> Compil
   """
   devices = topology_devices(name)
   if not config.mesh.preset and name in mesh_lib.MESH_PRESETS:
-    mesh_lib.apply_mesh_preset(config, name)
+    config = ml_collections.ConfigDict(config.to_dict())  # a copy: the caller's (locked) config is never written
+    config.mesh.preset = name
   return compile_train_step(config, devices, topology=name)
 
 

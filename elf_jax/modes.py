@@ -1,0 +1,155 @@
+"""The sampling and evaluation modes of `elf_jax.main`, and the training loop's sample/eval hook.
+
+  --mode=sample   draws `sample.num_samples` samples with the EMA parameters of the latest checkpoint (or
+                  `init_from`), writes DIR/samples/<name>.{jsonl,txt} (and the denoising trajectory if asked)
+  --mode=eval     scores `eval.samples_path`, or samples `eval.num_seeds` times and reports mean ± std over seeds;
+                  with `eval.sweep`, also the quality / diversity frontier over sampling settings
+  training_hook   sampling + scores every `logging.sample_every_steps` and at the end of training
+
+Neither mode opens the training split: they build the experiment without a training plan and read the latent
+statistics saved with the run.
+"""
+import dataclasses
+import itertools
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from elf_jax import experiment
+from elf_jax import fs
+from elf_jax import generate as gen
+from elf_jax import report
+from elf_jax import sample as sampling
+from elf_jax import trajectory
+from elf_jax.eval import plots
+from elf_jax.sample_files import read_samples, write_samples
+
+TRAJECTORY_EXAMPLES = 8  # samples whose denoising trajectory --mode=sample renders
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSummary:
+  """--mode=eval's result: mean and std over seeds of every numeric score, and the sweep's rows (one dict of
+  settings and scores per sampling setting; empty without `eval.sweep`)."""
+  mean: dict[str, float]
+  std: dict[str, float]
+  num_seeds: int
+  frontier: list[dict[str, Any]]
+
+
+def sample_mode(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """--mode=sample: draws config.sample.num_samples samples with the EMA parameters and writes them; returns the
+  samples file's path."""
+  exp = experiment.build(config, workdir)
+  params = exp.load_ema_params(workdir)
+  num = config.sample.num_samples
+  result = gen.generate(exp, params, num, config.seed, conditions=gen.eval_conditions(exp, num))
+  sc = exp.sample_config()
+  name = f"sample_{sc.method}{sc.steps}_w{sc.guidance_scale:g}_seed{config.seed}"
+  path = write_samples(workdir, name, result.samples)
+  report.say(f"wrote {len(result.samples.texts)} samples to {path}")
+  report.print_samples(result.samples.texts)
+  if result.first_batch is not None and jax.process_index() == 0:  # decoded and written by one process
+    _render_trajectory(exp, params, result, workdir, sc)
+  return path
+
+
+def _render_trajectory(exp: experiment.Experiment, params, result: gen.Generation, workdir: str,
+                       sc: sampling.SampleConfig) -> None:
+  out, cond_mask = result.first_batch, result.first_cond_mask
+  n = min(TRAJECTORY_EXAMPLES, out.ids.shape[0])
+  out = out._replace(latents=out.latents[:n], ids=out.ids[:n], raw_ids=out.raw_ids[:n],
+                     trajectory=out.trajectory[:, :n], trajectory_t=out.trajectory_t[:, :n])
+  paths = trajectory.render_trajectory(
+      fs.path(workdir) / "samples", params, exp.model, out, exp.tokenizer, guidance_scale=sc.guidance_scale,
+      cond_mask=None if cond_mask is None else cond_mask[:n], eos_id=sc.eos_id, pad_id=sc.pad_id, png=True,
+      max_target_length=sc.max_target_length)
+  report.say(f"denoising trajectory of {n} samples: {paths['html']}")
+
+
+def eval_mode(config: ml_collections.ConfigDict, workdir: str) -> EvalSummary:
+  """--mode=eval: scores `config.eval.samples_path`, or samples `eval.num_seeds` times from the checkpoint and
+  reports mean ± std over seeds; appends to DIR/metrics.jsonl."""
+  exp = experiment.build(config, workdir)
+  writer = report.MetricsWriter(workdir, tensorboard=False)
+  params = None
+  if config.eval.samples_path:
+    runs = [gen.score(exp, read_samples(config.eval.samples_path))]
+  else:
+    params = exp.load_ema_params(workdir)
+    num = config.sample.num_samples
+    conditions = gen.eval_conditions(exp, num)
+    runs = []
+    for i in range(config.eval.num_seeds):
+      samples = gen.generate(exp, params, num, config.seed + i, conditions=conditions).samples
+      write_samples(workdir, f"eval_seed{config.seed + i}", samples)
+      runs.append(gen.score(exp, samples))
+  keys = [k for k, v in runs[0].items() if isinstance(v, (int, float))]
+  summary = EvalSummary(mean={k: float(np.mean([r[k] for r in runs])) for k in keys},
+                        std={k: float(np.std([r[k] for r in runs])) for k in keys}, num_seeds=len(runs), frontier=[])
+  writer.write(0, {**summary.mean, **{f"{k}_std": v for k, v in summary.std.items()}, "num_seeds": len(runs)},
+               kind="eval")
+  report.say(f"evaluation over {len(runs)} seed(s), mean ± std:")
+  report.say(report.format_table({k: f"{summary.mean[k]:.4f} ± {summary.std[k]:.4f}" for k in keys}))
+  if config.eval.sweep:
+    params = exp.load_ema_params(workdir) if params is None else params
+    summary = dataclasses.replace(summary, frontier=frontier(exp, params, workdir, writer))
+  report.say(f"eval over {len(runs)} seed(s) appended to {writer.path}")
+  return summary
+
+
+def training_hook(exp: experiment.Experiment, workdir: str, state, step: int, writer: report.MetricsWriter,
+                  final: bool) -> None:
+  """Periodic (and final) sampling + scores with the EMA parameters during training: every process samples its
+  part of the mesh; process 0 writes and prints."""
+  del final  # the same at the end of training as in between
+  num = exp.config.sample.num_samples
+  samples = gen.generate(exp, state.ema_params, num, exp.config.seed, conditions=gen.eval_conditions(exp, num)).samples
+  path = write_samples(workdir, f"step_{step}", samples)
+  metrics = gen.score(exp, samples)
+  writer.write(step, metrics, kind="eval")
+  report.say(f"\nSamples at step {step} ({path}):")
+  report.print_samples(samples.texts)
+  report.say(report.format_table({"step": step, **metrics}))
+
+
+def parse_sweep(spec: str) -> list[dict[str, Any]]:
+  """'guidance_scale=1,2;steps=16,32' → every combination as SampleConfig overrides (values cast to the field type)."""
+  types = {f.name: f.type for f in dataclasses.fields(sampling.SampleConfig)}
+  axes = []
+  for part in filter(None, (p.strip() for p in spec.split(";"))):
+    name, _, values = part.partition("=")
+    name = name.strip()
+    if name not in types or not values:
+      raise ValueError(f"eval.sweep entry {part!r}: expected FIELD=v1,v2 with FIELD one of {sorted(types)}")
+    kind = types[name] if isinstance(types[name], str) else types[name].__name__
+    cast = {"int": int, "float": float, "str": str, "bool": lambda v: v.lower() in ("1", "true")}[kind]
+    axes.append([(name, cast(v.strip())) for v in values.split(",")])
+  return [dict(combo) for combo in itertools.product(*axes)]
+
+
+def frontier(exp: experiment.Experiment, params, workdir: str, writer: report.MetricsWriter) -> list[dict[str, Any]]:
+  """Scores every sampling setting of `config.eval.sweep` and plots Gen. PPL against entropy (DIR/frontier.png) and,
+  when the sweep varies `steps`, Gen. PPL and entropy against steps (DIR/steps.png). Under the `fewstep` preset each
+  step count gets its own few-step settings (a distilled student, spec §11). Returns one row per setting."""
+  config = exp.config
+  few_step = config.sample.preset == sampling.FEW_STEP_PRESET
+  settings = parse_sweep(config.eval.sweep)
+  axes = list(settings[0])
+  rows = []
+  for overrides in settings:
+    if few_step and "steps" in overrides:
+      overrides = {**sampling.few_step_settings(overrides["steps"]), **overrides}
+    samples = gen.generate(exp, params, config.sample.num_samples, config.seed,
+                           sample_config=exp.sample_config(**overrides)).samples
+    row = {**overrides, **gen.score(exp, samples)}
+    writer.write(0, row, kind="frontier")
+    rows.append(row)
+    report.say(report.format_table(row))
+  if jax.process_index() == 0:
+    report.say(f"frontier plot: {plots.frontier(rows, axes, workdir)}")
+    if "steps" in axes:
+      report.say(f"steps plot: {plots.against_steps(rows, [a for a in axes if a != 'steps'], workdir)}")
+  return rows

@@ -1,0 +1,73 @@
+"""What a run tells a person: console lines (process 0 only), metric tables, and DIR/metrics.jsonl + TensorBoard.
+
+Library logs stay at WARNING unless `--verbosity` is given, so these lines are the run's progress output.
+"""
+import json
+from typing import Any
+
+import jax
+import numpy as np
+
+from elf_jax import fs
+
+
+def say(message: str) -> None:
+  """Prints `message` on process 0 (every process of a multi-host run computes the same thing)."""
+  if jax.process_index() == 0:
+    print(message, flush=True)
+
+
+def format_table(metrics: dict[str, Any]) -> str:
+  """One `  name  value` line per metric, floats with 4 decimals."""
+  width = max(len(k) for k in metrics)
+  return "\n".join(f"  {k:<{width}}  {v:.4f}" if isinstance(v, float) else f"  {k:<{width}}  {v}"
+                   for k, v in metrics.items())
+
+
+def print_samples(texts: list[str], n: int = 8) -> None:
+  """The first `n` texts, numbered."""
+  say("\n".join(f"  [{i}] {t}" for i, t in enumerate(texts[:n])))
+
+
+def python_value(v):
+  """A numpy / jax scalar or array as a JSON-able Python number or list."""
+  v = np.asarray(v)
+  return v.item() if v.size == 1 else v.tolist()
+
+
+class MetricsWriter:
+  """DIR/metrics.jsonl (always; one {"step", "kind", ...} object per line) and TensorBoard event files in DIR/tb
+  (`tensorboard=True`), written by process 0 only."""
+
+  def __init__(self, workdir: str, tensorboard: bool):
+    self.active = jax.process_index() == 0
+    self.path = str(fs.path(workdir) / "metrics.jsonl")
+    self.tb = None
+    if self.active and tensorboard:
+      import tensorboardX  # optional at import time: only the writer needs it (it writes gs:// itself)
+      self.tb = tensorboardX.SummaryWriter(str(fs.path(workdir) / "tb"))
+
+  def write(self, step: int, metrics: dict[str, Any], kind: str = "train"):
+    """Appends one row; `kind` is train | eval | frontier (also the TensorBoard tag prefix)."""
+    if not self.active:
+      return
+    row = {"step": int(step), "kind": kind, **{k: python_value(v) for k, v in metrics.items()}}
+    fs.append_text(self.path, json.dumps(row) + "\n")
+    if self.tb is not None:
+      for k, v in row.items():
+        if isinstance(v, (int, float)) and k != "step" and np.isfinite(v):
+          self.tb.add_scalar(f"{kind}/{k}", v, step)
+      self.tb.flush()
+
+  def close(self):
+    if self.tb is not None:
+      self.tb.close()
+
+
+def read_metrics(workdir: str, kind: str | None = None) -> list[dict[str, Any]]:
+  """The rows of DIR/metrics.jsonl (of one `kind` if given); [] when there is no file."""
+  path = fs.path(workdir) / "metrics.jsonl"
+  if not path.exists():
+    return []
+  rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  return [r for r in rows if kind is None or r.get("kind") == kind]
