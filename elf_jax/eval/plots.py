@@ -12,6 +12,24 @@ def _pyplot():
   return plt
 
 
+def _log_panel(ax, xlabel: str, ylabel: str, title: str = "") -> None:
+  """Labels, a log y axis and a light grid."""
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.set_yscale("log")
+  ax.grid(alpha=0.3)
+  if title:
+    ax.set_title(title)
+
+
+def _save(fig, workdir: str, name: str) -> str:
+  """Writes DIR/<name> (local or gs://), closes the figure, returns the path."""
+  fig.tight_layout()
+  out = fs.savefig(fig, fs.path(workdir) / name, dpi=120)
+  _pyplot().close(fig)
+  return out
+
+
 def loss_curve(workdir: str) -> str | None:
   """DIR/loss_curve.png from the train rows of DIR/metrics.jsonl (loss and its two branches, log scale); returns
   the path, None when there are no train rows."""
@@ -23,16 +41,9 @@ def loss_curve(workdir: str) -> str | None:
   steps = [r["step"] for r in rows]
   for key in ("loss", "denoise_loss", "decode_loss"):
     ax.plot(steps, [r.get(key, float("nan")) for r in rows], label=key)
-  ax.set_xlabel("optimizer step")
-  ax.set_ylabel("loss")
-  ax.set_yscale("log")
   ax.legend()
-  ax.grid(alpha=0.3)
-  ax.set_title("ELF training loss")
-  fig.tight_layout()
-  out = fs.savefig(fig, fs.path(workdir) / "loss_curve.png", dpi=120)
-  plt.close(fig)
-  return out
+  _log_panel(ax, "optimizer step", "loss", "ELF training loss")
+  return _save(fig, workdir, "loss_curve.png")
 
 
 def frontier(rows: list[dict[str, Any]], axes: list[str], workdir: str) -> str:
@@ -47,15 +58,8 @@ def frontier(rows: list[dict[str, Any]], axes: list[str], workdir: str) -> str:
   if "true_gen_ppl" in rows[0]:
     ax.plot([rows[0]["true_entropy"]], [rows[0]["true_gen_ppl"]], "r*", markersize=12, label="true text")
     ax.legend()
-  ax.set_xlabel("entropy (nats)")
-  ax.set_ylabel("Gen. PPL")
-  ax.set_yscale("log")
-  ax.grid(alpha=0.3)
-  ax.set_title("quality / diversity frontier")
-  fig.tight_layout()
-  out = fs.savefig(fig, fs.path(workdir) / "frontier.png", dpi=120)
-  plt.close(fig)
-  return out
+  _log_panel(ax, "entropy (nats)", "Gen. PPL", "quality / diversity frontier")
+  return _save(fig, workdir, "frontier.png")
 
 
 def against_steps(rows: list[dict[str, Any]], other_axes: list[str], workdir: str) -> str:
@@ -81,7 +85,4 @@ def against_steps(rows: list[dict[str, Any]], other_axes: list[str], workdir: st
     panel.grid(alpha=0.3)
     panel.legend(fontsize=7)
   panels[0].set_yscale("log")
-  fig.tight_layout()
-  out = fs.savefig(fig, fs.path(workdir) / "steps.png", dpi=120)
-  plt.close(fig)
-  return out
+  return _save(fig, workdir, "steps.png")
