@@ -3,28 +3,39 @@ r"""Per-chip memory and FLOPs of the compiled ELF-B / M / L train step on a TPU 
   JAX_PLATFORMS=cpu python benchmarks/compile_table.py                       # v5p-64, writes compile_v5p64.md
   JAX_PLATFORMS=cpu python benchmarks/compile_table.py --topology=v5p-128 --out=benchmarks/compile_v5p128.md
 
-Needs libtpu (`pip install -e .[compile]`). Each size uses its OpenWebText config (configs/owt_{b,m,l}.py: global
-batch 512 x 1024 tokens) with the mesh of the slice's preset (`elf_jax.parallel.mesh.MESH_PRESETS`, pure data
-parallelism on v5p-64) unless --mesh_preset is given. A size that fails to compile (e.g. out of HBM) is recorded with
-its error. --append adds rows to an existing table (e.g. a second run with --remat=full).
+Needs libtpu (`pip install -e .[compile]`). Each size is its OpenWebText config as shipped (configs/owt_{b,m,l}.py,
+loaded by path as --config does: global batch 512 x 1024 tokens, the config's remat, precision and attention) with
+the mesh of the slice's preset (`elf_jax.parallel.mesh.MESH_PRESETS`, pure data parallelism on v5p-64) unless
+--mesh_preset is given; --remat / --attention_impl / --compute_dtype override the configs' choices for every size. A
+size that fails to compile (e.g. out of HBM) is recorded with its error. --append adds rows to an existing table.
 """
 import argparse
 import importlib.metadata
+import importlib.util
 import os
 import sys
 import time
 import traceback
 
 import jax
+import ml_collections
 
-from elf_jax.parallel import aot
+from elf_jax import aot
 from elf_jax.parallel import hbm
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "configs")
-sys.path.insert(0, CONFIGS)
-import owt_b  # noqa: E402  (configs are plain modules; owt_b holds the B / M / L recipe)
-
 SIZES = (("ELF-B", "b"), ("ELF-M", "m"), ("ELF-L", "l"))
+OVERRIDES = ("remat", "attention_impl", "compute_dtype")  # model.* fields a flag may set for every size
+TARGET_HEADROOM = 30.0  # % of HBM the shipped configs leave free (issue: configs that fit)
+
+
+def load_config(size: str) -> ml_collections.ConfigDict:
+  """configs/owt_<size>.py's `get_config()`, loaded by path (as `--config` does)."""
+  path = os.path.join(CONFIGS, f"owt_{size}.py")
+  spec = importlib.util.spec_from_file_location(f"owt_{size}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
 
 
 def _version(package: str) -> str:
@@ -34,20 +45,40 @@ def _version(package: str) -> str:
     return "not installed"
 
 
-def _row(name: str, remat: str, report: aot.CompileReport | None, seconds: float, error: str = "") -> str:
+def model_tflops_per_chip(config: ml_collections.ConfigDict, report: aot.CompileReport) -> float:
+  """≈ 8 · N · T / 1e12: a denoising step's self-conditioning pass (2 N T) and forward + backward (6 N T) over the
+  T = rows × (S + prefix tokens) a chip holds, N = the flow network's parameters (attention scores, the frozen
+  encoder and the 20% cheaper decoding groups not counted)."""
+  m = config.model
+  tokens = report.batch_shape[0] * (report.batch_shape[1] + m.num_time_tokens + m.num_guidance_tokens +
+                                    m.num_mode_tokens) / report.num_devices
+  return 8 * report.num_params * tokens / 1e12
+
+
+def _status(headroom: float | None) -> str:
+  if headroom is None or headroom >= TARGET_HEADROOM:
+    return "ok"
+  return f"fits, below {TARGET_HEADROOM:.0f}% headroom" if headroom >= 0 else "does not fit"
+
+
+def _row(name: str, config: ml_collections.ConfigDict, report: aot.CompileReport | None, seconds: float,
+         error: str = "") -> str:
+  m = config.model
+  head = f"| {name} | {m.remat} | {m.attention_impl} | {m.compute_dtype} |"
   if report is None:
-    return f"| {name} | {remat} |" + " — |" * 9 + f" {seconds:.0f} | failed: `{error}` |"
+    return head + " — |" * 10 + f" {seconds:.0f} | failed: `{error}` |"
   gib = lambda b: f"{b / hbm.GIB:.2f}"
-  m, headroom = report.memory, report.headroom_percent
+  u, headroom = report.memory, report.headroom_percent
   mesh = "×".join(str(v) for v in report.mesh_shape.values())
-  return (f"| {name} | {remat} | {report.num_params / 1e6:.1f}M | {mesh} | {gib(m.argument_bytes)} | "
-          f"{gib(m.output_bytes)} | {gib(m.temp_bytes)} | {gib(m.code_bytes)} | {gib(m.total_bytes)} | "
-          f"{'—' if headroom is None else f'{headroom:.0f}%'} | {report.flops / 1e12:.2f} | {seconds:.0f} | "
-          f"{'ok' if headroom is None or headroom >= 0 else 'does not fit'} |")
+  return (f"{head} {report.num_params / 1e6:.1f}M | {mesh} | {gib(u.argument_bytes)} | {gib(u.output_bytes)} | "
+          f"{gib(u.temp_bytes)} | {gib(u.code_bytes)} | **{gib(u.total_bytes)}** | "
+          f"**{'—' if headroom is None else f'{headroom:.0f}%'}** | {report.flops / 1e12:.2f} | "
+          f"{model_tflops_per_chip(config, report):.1f} | {seconds:.0f} | {_status(headroom)} |")
 
 
-_TABLE_HEAD = ("| model | remat | params | mesh | arguments | outputs | temporaries | code | total | HBM headroom "
-               "| TFLOPs/chip | compile s | status |\n" + "|---" * 13 + "|")
+_TABLE_HEAD = ("| model | remat | attention | precision | params | mesh | arguments | outputs | temporaries | code "
+               "| total | HBM headroom | TFLOPs/chip (XLA) | ≈ model TFLOPs/chip | compile s | status |\n" +
+               "|---" * 16 + "|")
 
 
 def _start(path: str, topology: str, command: str, append: bool) -> None:
@@ -66,13 +97,18 @@ def _start(path: str, topology: str, command: str, append: bool) -> None:
       command,
       "```",
       "",
-      "One micro-step of `elf_jax.train.step.make_train_step` (declared in/out shardings, donated state) at the",
-      "reference global batch 512 × 1024 tokens, Muon, float32 (configs/owt_{b,m,l}.py). Memory is per chip in GiB",
-      "from XLA's `memory_analysis()`; total = arguments + outputs − outputs aliased to the donated state +",
-      "temporaries + generated code; HBM headroom = the share of the chip's HBM (`elf_jax.parallel.hbm`) the",
-      "total leaves free. TFLOPs are per chip per step from XLA's `cost_analysis()` (the encoder, the",
-      "flow network's forward/backward and the self-conditioning pass; XLA counts a `lax.cond` once per branch it",
-      "compiles). Mesh = data × fsdp × tensor; remat = `model.remat` (activation checkpointing per block).",
+      "The whole optimizer step of `elf_jax.train.step.make_train_step` (declared in/out shardings, donated state;",
+      "its micro-batches in one `lax.scan`, the blocks in one `nn.scan`) for each config as shipped",
+      "(configs/owt_{b,m,l}.py: global batch 512 × 1024 tokens, Muon, the config's remat, attention and precision)",
+      f"on the mesh of the {topology} preset. Memory is per chip in GiB from XLA's `memory_analysis()`; total =",
+      "arguments + outputs − outputs aliased to the donated state + temporaries + generated code; HBM headroom =",
+      "the share of the chip's HBM (`elf_jax.parallel.hbm`) the total leaves free (the shipped configs aim at",
+      f">= {TARGET_HEADROOM:.0f}%). TFLOPs (XLA) are per chip per step from XLA's `cost_analysis()`, which counts the",
+      "body of a scan / while loop once (one block of the `nn.scan`, one micro-batch): a lower bound, not",
+      "comparable across depths. ≈ model TFLOPs = 8 · N · T (self-conditioning pass +",
+      "forward and backward of the flow network's N parameters over the T tokens per chip). Mesh = data × fsdp ×",
+      "tensor; remat = `model.remat` (activation checkpointing per block); attention `auto` = the Pallas flash",
+      "kernel on TPU. Compile seconds are wall time on this host (shared, so they vary with its load).",
       "",
       _TABLE_HEAD,
   ]
@@ -90,9 +126,12 @@ def main():
   parser.add_argument("--topology", default="v5p-64", help=f"one of {', '.join(aot.TOPOLOGIES)}")
   parser.add_argument("--mesh_preset", default="", help="elf_jax.parallel.mesh preset; default: the slice's own")
   parser.add_argument("--sizes", default="b,m,l", help="comma-separated subset of b,m,l, compiled in this order")
-  parser.add_argument("--remat", default="none", help="model.remat for every size: none | full | dots_saveable")
-  parser.add_argument("--attention_impl", default="", help="model.attention_impl for every size: xla | pallas | "
-                      "auto; default: the config's")
+  parser.add_argument("--remat", default="", help="model.remat for every size (none | full | dots_saveable); "
+                      "default: each config's")
+  parser.add_argument("--attention_impl", default="", help="model.attention_impl for every size (xla | pallas | "
+                      "auto); default: each config's")
+  parser.add_argument("--compute_dtype", default="", help="model.compute_dtype for every size (float32 | "
+                      "bfloat16); default: each config's")
   parser.add_argument("--append", action="store_true", help="add the rows (and this command) to an existing --out")
   parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                     "compile_v5p64.md"))
@@ -106,10 +145,10 @@ def main():
     if size not in names:
       parser.error(f"--sizes: unknown size {size!r}; expected a subset of b,m,l")
     name = names[size]
-    config = owt_b.get_config(size)
-    config.mesh.preset = args.mesh_preset
-    config.model.remat = args.remat
-    config.model.attention_impl = args.attention_impl or config.model.attention_impl
+    config = load_config(size)
+    config.mesh.preset = args.mesh_preset or config.mesh.preset
+    for field in OVERRIDES:
+      config.model[field] = getattr(args, field) or config.model[field]
     start = time.perf_counter()
     try:
       report, error = aot.compile_for_topology(config, args.topology), ""
@@ -117,7 +156,7 @@ def main():
     except Exception as e:  # record the failure in the table and go on with the next size
       traceback.print_exc()
       report, error = None, f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
-    _add_row(args.out, _row(name, args.remat, report, time.perf_counter() - start, error))
+    _add_row(args.out, _row(name, config, report, time.perf_counter() - start, error))
   print(f"wrote {args.out}")
 
 

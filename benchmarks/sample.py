@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from elf_jax import sample as S
+from elf_jax.config import base_config
 from elf_jax.model.elf import ELF, ModelConfig, count_params, init_params
 
 # name -> (depth, hidden, heads, latent dim C, vocab V); ELF-B/M/L as in spec §5 with T5-small latents.
@@ -26,6 +27,7 @@ SIZES = {"tiny": (2, 64, 4, 32, 128), "ELF-B": (12, 768, 12, 512, 32100), "ELF-M
 
 
 def _parse_args():
+  defaults = base_config()  # sampler settings not given here are config.py's (sample.*, flow.denoiser_noise_scale)
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--size", choices=sorted(SIZES), default="tiny", help="model size preset")
   p.add_argument("--latent_dim", type=int, default=None, help="override C of the size preset")
@@ -34,11 +36,13 @@ def _parse_args():
   p.add_argument("--seq_len", type=int, default=64, help="tokens per sample S")
   p.add_argument("--preset", choices=sorted(S.PRESETS), default=None,
                  help="sampling preset (overrides --method/--steps/--gamma/--guidance_scale/--cfg_scale)")
-  p.add_argument("--method", choices=S.METHODS, default="sde")
+  p.add_argument("--method", choices=S.METHODS, default=defaults.sample.method)
   p.add_argument("--steps", type=int, default=16)
-  p.add_argument("--gamma", type=float, default=1.5, help="SDE churn")
-  p.add_argument("--guidance_scale", type=float, default=3.0, help="self-conditioning guidance w")
-  p.add_argument("--noise_scale", type=float, default=2.0, help="σ of the initial / churn noise (OpenWebText: 2)")
+  p.add_argument("--gamma", type=float, default=defaults.sample.gamma, help="SDE churn")
+  p.add_argument("--guidance_scale", type=float, default=defaults.sample.guidance_scale,
+                 help="self-conditioning guidance w")
+  p.add_argument("--noise_scale", type=float, default=defaults.flow.denoiser_noise_scale,
+                 help="σ of the initial / churn noise (OpenWebText: 2)")
   p.add_argument("--cfg", action="store_true", help="conditional sampling with classifier-free guidance")
   p.add_argument("--cfg_scale", type=float, default=2.0, help="CFG scale s (with --cfg)")
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
@@ -55,14 +59,15 @@ def _sample_config(args) -> S.SampleConfig:
     fields = dict(S.PRESETS[args.preset])
     if fields["cfg_scale"] != 1.0 and not args.cfg:
       raise SystemExit(f"--preset {args.preset} uses classifier-free guidance, which needs a condition: add --cfg")
-  return S.SampleConfig(noise_scale=args.noise_scale, **fields)
+  return S.SampleConfig.from_config(base_config(), noise_scale=args.noise_scale, **fields)
 
 
 def main():
   args = _parse_args()
   depth, hidden, heads, latent, vocab = SIZES[args.size]
-  mc = ModelConfig(latent_dim=args.latent_dim or latent, hidden_size=hidden, depth=depth, num_heads=heads,
-                   vocab_size=args.vocab_size or vocab, compute_dtype=args.dtype, attention_impl=args.attention_impl)
+  mc = ModelConfig.from_config(base_config(), latent_dim=args.latent_dim or latent, hidden_size=hidden, depth=depth,
+                               num_heads=heads, vocab_size=args.vocab_size or vocab, compute_dtype=args.dtype,
+                               attention_impl=args.attention_impl)
   model = ELF(mc)
   params = nn.unbox(jax.jit(lambda k: init_params(model, k))(jax.random.key(0)))
   config = _sample_config(args)

@@ -11,25 +11,8 @@ costs K + 1 forward passes per example, so a step of the last round (K = 64) cos
 same batch. Five rounds of 100 steps took 13 minutes on a shared 2-core machine (README). Each round ends with 500
 samples at the student's step count with the authors' few-step settings (`fewstep`).
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-import tiny  # noqa: E402  (configs are loaded by path; tiny holds the model, data and teacher recipe)
+from elf_jax import recipes
 
 
 def get_config():
-  c = tiny.get_config()
-  c.distill.teacher = "runs/tiny"
-  c.distill.rounds = "16:4,8:8,4:16,2:32,1:64"
-  c.distill.steps_per_round = 100
-  c.distill.warmup_steps = 10
-  c.optim.global_batch_size = 64
-  c.optim.base_lr = 4e-3  # lr = 4e-3 * 64 / 256 = 1e-3, constant after the warm-up (the authors' recipe shape)
-  c.optim.schedule = "constant"
-  c.optim.ema_decay = 0.98  # a ~50-step average of a 100-step round
-  c.sample.preset = "fewstep"
-  c.eval.sweep = "steps=1,2,4,8,16,32"  # --mode=eval: Gen. PPL and entropy against steps (DIR/steps.png)
-  c.checkpoint.every_steps = 50
-  c.logging.log_every_steps = 10
-  return c
+  return recipes.tiny_distill()

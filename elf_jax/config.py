@@ -1,4 +1,6 @@
-"""The full default configuration; every config file in configs/ starts from `base_config()`.
+"""The full default configuration, the one place defaults live: every recipe (`elf_jax/recipes.py`, called by the
+config files in configs/) starts from `base_config()`, and the static dataclasses (`ModelConfig`, `FlowConfig`,
+`SampleConfig`, `DistillConfig`) are built from a config by their `from_config(config, **overrides)`.
 
 Groups: `model` (flow transformer, spec §5), `encoder` (frozen T5, §1), `flow` (objective, §2-4), `data`, `optim`
 (§7), `sample` (§6), `eval` (§8), `mesh` (device mesh), `checkpoint`, `logging`, `distill` (§11). Every knob a

@@ -76,33 +76,33 @@ def apply_preset(sample_config: ml_collections.ConfigDict) -> ml_collections.Con
   return out
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class SampleConfig:
-  """Static sampler settings (hashable: `make_sampler` compiles once per config). The defaults are those of
-  `elf_jax.config.base_config()` (`from_config(base_config())` equals `SampleConfig()`).
+  """Static sampler settings (hashable: `make_sampler` compiles once per config), built by `from_config`; the
+  defaults live only in `elf_jax.config.base_config()` (e.g. `SampleConfig.from_config(base_config(), steps=8)`).
 
   method: "ode" | "sde"; steps: grid intervals (= denoiser evaluations); grid: "uniform" | "logit_normal";
   grid_p_mean / grid_p_std: the logit-normal grid's sigmoid(N(P_mean, P_std)) draws; gamma: SDE churn γ;
   guidance_scale: default self-conditioning guidance w; cfg_scale: classifier-free guidance s (1 = off;
   conditional only); noise_scale: σ of the initial and churn noise; t_eps: velocity denominator floor;
-  eos_id / pad_id: token ids; max_target_length: conditional outputs keep at most this many target tokens
-  (0 = all; from a config: max_length − max_condition_length, as the official generation cuts them);
-  return_trajectory: keep x̂ of every step.
+  eos_id / pad_id: token ids (T5's by default; the run's tokenizer passes its own); max_target_length: conditional
+  outputs keep at most this many target tokens (0 = all; from a config: max_length − max_condition_length, as the
+  official generation cuts them); return_trajectory: keep x̂ of every step.
   """
-  method: str = "sde"
-  steps: int = 32
-  grid: str = "logit_normal"
-  grid_p_mean: float = -1.5
-  grid_p_std: float = 0.8
-  gamma: float = 1.5
-  guidance_scale: float = 3.0
-  cfg_scale: float = 1.0
-  noise_scale: float = 2.0
-  t_eps: float = 0.05
+  method: str
+  steps: int
+  grid: str
+  grid_p_mean: float
+  grid_p_std: float
+  gamma: float
+  guidance_scale: float
+  cfg_scale: float
+  noise_scale: float
+  t_eps: float
   eos_id: int = 1
   pad_id: int = 0
-  max_target_length: int = 0
-  return_trajectory: bool = False
+  max_target_length: int
+  return_trajectory: bool
 
   def __post_init__(self):
     if self.method not in METHODS:
@@ -204,12 +204,13 @@ def _guided_x_hat(params, model, z, x_prev, t, w, mask, cond_latents, keep, cfg_
   return jnp.where(keep, cond_latents, x_hat)
 
 
-def sample(params, model: nn.Module, z0: jax.Array, grid: jax.Array, *, method: str = "ode", gamma: float = 0.0,
-           guidance_scale=1.0, cfg_scale: float = 1.0, noise_scale: float = 1.0, t_eps: float = 0.05,
+def sample(params, model: nn.Module, z0: jax.Array, grid: jax.Array, *, method: str, gamma: float, guidance_scale,
+           cfg_scale: float, noise_scale: float, t_eps: float,
            cond_latents: jax.Array | None = None, cond_mask: jax.Array | None = None, mask: jax.Array | None = None,
            rng: jax.Array | None = None, churn_noise: jax.Array | None = None, eos_id: int = 1, pad_id: int = 0,
            max_target_length: int = 0, return_trajectory: bool = False) -> SampleOutput:
-  """Samples token sequences with the ELF flow (spec §6); pure and jit-compatible.
+  """Samples token sequences with the ELF flow (spec §6); pure and jit-compatible. The settings have no defaults
+  here: `make_sampler` passes those of a `SampleConfig` (built from `elf_jax.config`).
 
   Args:
     params: the network's parameter tree (EMA params for sampling).

@@ -4,7 +4,6 @@ that names the knobs when a step does not fit, in --mode=compile and in a traini
 import dataclasses
 import os
 import re
-import sys
 
 # libtpu takes a host-wide lock when it loads; compiling touches no TPU, so share it with other processes.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
@@ -15,15 +14,13 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
+from elf_jax import recipes  # noqa: E402
 from elf_jax.config import ConfigError  # noqa: E402
-from elf_jax.parallel import aot  # noqa: E402
+from elf_jax import aot  # noqa: E402
 from elf_jax.parallel import hbm  # noqa: E402
 from elf_jax.parallel import mesh as mesh_lib  # noqa: E402
 from elf_jax.parallel.mesh import make_mesh  # noqa: E402
 from elf_jax.train import loop  # noqa: E402
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "configs"))
-import tiny  # noqa: E402
 
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # jax.monitoring: one per XLA compile
 KNOBS = ("--config.model.remat=full", "--config.mesh.fsdp=N", "--config.model.compute_dtype=bfloat16",
@@ -31,7 +28,7 @@ KNOBS = ("--config.model.remat=full", "--config.mesh.fsdp=N", "--config.model.co
 
 
 def _tiny_config():
-  c = tiny.get_config()
+  c = recipes.tiny()
   c.model.update(hidden_size=48, depth=1, num_heads=2)  # SwiGLU hidden 128: tensor=2 divides it
   c.optim.global_batch_size = 16
   c.mesh.update(data=2, fsdp=2, tensor=2)
@@ -131,7 +128,7 @@ def test_xla_out_of_memory_becomes_the_knobs_message():
 
 def _small_run_config(**mesh):
   """configs/tiny.py shrunk to a 1-block width-32 model, batch 8, 2 steps, on the 8 CPU devices."""
-  c = tiny.get_config()
+  c = recipes.tiny()
   c.model.update(hidden_size=32, depth=1, num_heads=2, bottleneck_dim=16)
   c.encoder.update(dim=16, random_num_layers=1, random_num_heads=2, random_d_kv=8, random_d_ff=32,
                    measure_latent_stats=False)

@@ -19,6 +19,7 @@ from conftest import SHARED
 from elf_jax import checkpoint
 from elf_jax import generate
 from elf_jax import sample as sampling
+from elf_jax.config import base_config
 from elf_jax.model import elf
 from elf_jax.model.elf import ELF, ModelConfig, init_params
 from elf_jax.train import distill, distill_loop, loop
@@ -44,9 +45,10 @@ def pd():
   params = jax.tree.map(jnp.asarray, checkpoint.load_published_elf(TRAIN_FIXTURE / "checkpoint.msgpack", "raw"))
   model = ELF(ModelConfig.from_params(params))
   s = cfg["pd"]
-  fc = FlowConfig(denoiser_noise_scale=s["denoiser_noise_scale"], decoder_noise_scale=s["decoder_noise_scale"],
-                  t_eps=s["t_eps"])
-  dc = distill.DistillConfig(teacher_sub_steps=s["teacher_sub_steps"], span_fallback=s["span_fallback"])
+  fc = FlowConfig.from_config(base_config(), denoiser_noise_scale=s["denoiser_noise_scale"],
+                              decoder_noise_scale=s["decoder_noise_scale"], t_eps=s["t_eps"])
+  # The draws (t_s, t_t) are the fixture's, so the student's step count (its span) is not read here.
+  dc = distill.DistillConfig.from_config(base_config(), 16, s["teacher_sub_steps"], span_fallback=s["span_fallback"])
   assert ref["pd/sub_step_times"].shape[1] == s["teacher_sub_steps"] + 1
   batch = dict(x0=ref["pd/x0"], ids=ref["pd/input_ids"], cond_mask=ref["pd/cond_mask"] > 0,
                loss_mask=ref["pd/loss_mask"] > 0)
@@ -130,9 +132,9 @@ def test_per_example_mode_gate_matches_the_static_flag(pd):
 def test_draws_of_a_step():
   """Decoder rows sit at t = 1 with no self-conditioning; denoising rows span exactly Δ inside [0, 1]; the teacher's
   sub-step grid runs from t_s to t_t, sorted."""
-  fc = FlowConfig(decoder_prob=0.3, self_cond_prob=0.5)
+  fc = FlowConfig.from_config(base_config(), decoder_prob=0.3, self_cond_prob=0.5)
   for steps, sub in [(4, 3), (1, 8), (16, 1)]:
-    dc = distill.DistillConfig(student_steps=steps, teacher_sub_steps=sub)
+    dc = distill.DistillConfig.from_config(base_config(), steps, sub)
     n = distill.draw_noise(jax.random.key(steps), 512, 3, 2, fc, dc)
     dec = np.asarray(n["decoder"])
     t_s, t_t, grid = map(np.asarray, (n["t_s"], n["t_t"], n["sub_step_times"]))

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from elf_jax import flow
+from elf_jax.config import base_config
 from elf_jax.model.elf import ELF, ModelConfig, init_params
 from elf_jax.train import loss as L
 
@@ -52,9 +53,13 @@ def test_self_conditioning_draws():
     flow.sample_self_cond(jax.random.key(0), 8, 2, 0.5, "half")
 
 
+def _small_model_config() -> ModelConfig:
+  return ModelConfig.from_config(base_config(), latent_dim=C, hidden_size=32, depth=2, num_heads=4, bottleneck_dim=8,
+                                 vocab_size=11)
+
+
 def _model_and_params(seed=0):
-  mc = ModelConfig(latent_dim=C, hidden_size=32, depth=2, num_heads=4, bottleneck_dim=8, vocab_size=11)
-  model = ELF(mc)
+  model = ELF(_small_model_config())
   params = nn.unbox(init_params(model, jax.random.key(seed)))
   # Perturb every leaf so the zero-initialised final layer carries signal.
   leaves, tree = jax.tree_util.tree_flatten(params)
@@ -81,7 +86,7 @@ def test_denoiser_loss_and_gradients_match_independent_computation(draw, prob, s
   row), no padding mask, the guidance term kept on self-conditioned rows only."""
   model, params = _model_and_params()
   batch = _batch(cond_len=2)
-  fc = L.FlowConfig(self_cond_prob=prob, self_cond_draw=draw)
+  fc = L.FlowConfig.from_config(base_config(), self_cond_prob=prob, self_cond_draw=draw)
   noise = L.draw_noise(jax.random.key(7), 4, 6, C, fc, 1)
   noise["self_cond"] = jnp.array(self_cond)
 
@@ -125,9 +130,9 @@ CALLS = []
                                         ((False, False), "bernoulli"), ((False, True), "fixed_count")])
 def test_passes_per_branch_and_what_they_see(coins, draw):
   _, params = _model_and_params()
-  spy = SpyELF(ModelConfig(latent_dim=C, hidden_size=32, depth=2, num_heads=4, bottleneck_dim=8, vocab_size=11))
+  spy = SpyELF(_small_model_config())
   batch = _batch(b=4, cond_len=2)
-  fc = L.FlowConfig(self_cond_draw=draw)
+  fc = L.FlowConfig.from_config(base_config(), self_cond_draw=draw)
   noise = L.draw_noise(jax.random.key(0), 4, 6, C, fc, num_groups=2)
   noise["group_decode"] = jnp.array(coins)
   CALLS.clear()
@@ -153,7 +158,7 @@ def test_passes_per_branch_and_what_they_see(coins, draw):
 def test_loss_fn_metrics_and_group_coins():
   model, params = _model_and_params()
   batch = _batch(b=8)
-  fc = L.FlowConfig(decoder_prob=0.5)
+  fc = L.FlowConfig.from_config(base_config(), decoder_prob=0.5)
   (loss, m), grads = jax.jit(jax.value_and_grad(
       lambda p: L.loss_fn(p, batch, jax.random.key(1), model=model, fc=fc, num_groups=4), has_aux=True))(params)
   assert np.isfinite(loss) and all(np.isfinite(g).all() for g in jax.tree_util.tree_leaves(grads))

@@ -9,16 +9,18 @@ import numpy as np
 import pytest
 
 from elf_jax import checkpoint
+from elf_jax.config import base_config
 from elf_jax.model.elf import (ELF, ModelConfig, count_params, init_params, layer_dropout_rates, stack_blocks,
                                unstack_blocks)
 
 
 def _fixture_model(fixture_dir, **overrides):
   cfg = json.loads((fixture_dir / "config.json").read_text())
-  mc = ModelConfig(latent_dim=cfg["text_encoder_dim"], hidden_size=cfg["hidden_size"], depth=cfg["depth"],
-                   num_heads=cfg["num_heads"], bottleneck_dim=cfg["bottleneck_dim"], vocab_size=cfg["vocab_size"],
-                   num_time_tokens=cfg["num_time_tokens"], num_guidance_tokens=cfg["num_self_cond_cfg_tokens"],
-                   num_mode_tokens=cfg["num_model_mode_tokens"], **overrides)
+  mc = ModelConfig.from_config(
+      base_config(), latent_dim=cfg["text_encoder_dim"], hidden_size=cfg["hidden_size"], depth=cfg["depth"],
+      num_heads=cfg["num_heads"], bottleneck_dim=cfg["bottleneck_dim"], vocab_size=cfg["vocab_size"],
+      num_time_tokens=cfg["num_time_tokens"], num_guidance_tokens=cfg["num_self_cond_cfg_tokens"],
+      num_mode_tokens=cfg["num_model_mode_tokens"], **overrides)
   return ELF(mc)
 
 
@@ -59,7 +61,8 @@ SIZES = {"B": ((12, 768, 12), 104.58e6, 16.86e6), "M": ((24, 1056, 16), 342.54e6
 @pytest.mark.parametrize("size", sorted(SIZES))
 def test_parameter_counts(size):
   (depth, hidden, heads), total, head = SIZES[size]
-  mc = ModelConfig(latent_dim=512, vocab_size=32100, depth=depth, hidden_size=hidden, num_heads=heads)
+  mc = ModelConfig.from_config(base_config(), latent_dim=512, vocab_size=32100, depth=depth, hidden_size=hidden,
+                               num_heads=heads)
   shapes = nn.unbox(jax.eval_shape(lambda: init_params(ELF(mc), jax.random.key(0))))
   assert abs(count_params(shapes) - total) < 0.005e6
   readout = sum(int(np.prod(shapes[k].shape)) for k in ("proj_kernel", "proj_bias", "unembed_kernel", "unembed_bias"))
@@ -70,10 +73,15 @@ def _flat_shapes(tree):
   return {"/".join(k.key for k in path): leaf.shape for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+def _small_model_config(**overrides) -> ModelConfig:
+  return ModelConfig.from_config(base_config(), **{**dict(latent_dim=16, hidden_size=32, depth=2, num_heads=4,
+                                                          bottleneck_dim=8, vocab_size=20), **overrides})
+
+
 def test_parameter_names_match_spec():
   """Unstacked, every §9 name is present with the documented shape and nothing else is; stacked, each block leaf
   has the leading layer axis (logical name "layers") and `stack_blocks` inverts `unstack_blocks`."""
-  mc = ModelConfig(latent_dim=16, hidden_size=32, depth=2, num_heads=4, bottleneck_dim=8, vocab_size=20)
+  mc = _small_model_config()
   boxed = init_params(ELF(mc), jax.random.key(0))
   p = nn.unbox(boxed)
   flat = _flat_shapes(unstack_blocks(p))
@@ -107,8 +115,7 @@ def test_parameter_names_match_spec():
 
 def test_zero_init_final_layer_and_padding_invariance():
   """Fresh init predicts x̂ = 0; valid positions do not depend on padded positions' content."""
-  mc = ModelConfig(latent_dim=16, hidden_size=32, depth=2, num_heads=4, bottleneck_dim=8, vocab_size=20)
-  model = ELF(mc)
+  model = ELF(_small_model_config())
   params = nn.unbox(init_params(model, jax.random.key(0)))
   x = jax.random.normal(jax.random.key(1), (2, 6, 32))
   t, w = jnp.array([0.3, 0.7]), jnp.array([1.0, 2.0])
@@ -124,8 +131,7 @@ def test_zero_init_final_layer_and_padding_invariance():
 def test_dropout_only_in_the_middle_half_of_the_blocks():
   """Per-layer rates: `dropout_rate` for blocks depth//4 .. depth - depth//4 - 1, 0 elsewhere. With the middle blocks'
   residual outputs zeroed the stochastic pass equals the deterministic one; with the outer ones zeroed it does not."""
-  mc = ModelConfig(latent_dim=16, hidden_size=32, depth=4, num_heads=4, bottleneck_dim=8, vocab_size=20,
-                   dropout_rate=0.5)
+  mc = _small_model_config(depth=4, dropout_rate=0.5)
   np.testing.assert_array_equal(layer_dropout_rates(mc), [0.0, 0.5, 0.5, 0.0])
   np.testing.assert_array_equal(layer_dropout_rates(dataclasses.replace(mc, depth=8)), [0, 0, .5, .5, .5, .5, 0, 0])
   model = ELF(mc)

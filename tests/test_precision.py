@@ -5,7 +5,6 @@ bfloat16 compute: parameters, EMA, loss and outputs stay float32; matmuls really
 policy gives the same gradients (with dropout active too, so `deterministic` is static under nn.remat) and full
 remat lowers the compiled step's temporary memory.
 """
-import dataclasses
 
 import flax.linen as nn
 import jax
@@ -13,6 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from elf_jax.config import base_config
 from elf_jax.model.elf import ELF, ModelConfig, init_params
 from elf_jax.model.latents import build_encoder
 from elf_jax.train import loss as L
@@ -24,11 +24,10 @@ B, S, C, V = 16, 16, 16, 32
 
 def _model_config(**kw) -> ModelConfig:
   base = dict(latent_dim=C, hidden_size=64, depth=2, num_heads=4, bottleneck_dim=16, vocab_size=V)
-  return ModelConfig(**{**base, **kw})
+  return ModelConfig.from_config(base_config(), **{**base, **kw})
 
 
 def _config() -> ml_collections.ConfigDict:
-  from elf_jax.config import base_config
   c = base_config()
   c.model.vocab_size = V
   c.encoder.name_or_path, c.encoder.dim = "random", C
@@ -118,7 +117,7 @@ def _grads(remat: str):
   rng = np.random.default_rng(1)
   batch = dict(x0=jnp.asarray(rng.normal(size=(B, S, C)), jnp.float32), ids=jnp.asarray(rng.integers(0, V, (B, S))),
                valid=jnp.ones((B, S), bool), cond_mask=jnp.zeros((B, S), bool), loss_mask=jnp.ones((B, S), bool))
-  fc = dataclasses.replace(L.FlowConfig(), decoder_prob=0.5)
+  fc = L.FlowConfig.from_config(base_config(), decoder_prob=0.5)
   grad_fn = jax.jit(jax.grad(lambda p: L.loss_fn(p, batch, jax.random.key(2), model=model, fc=fc, num_groups=2)[0]))
   compiled = grad_fn.lower(params).compile()
   temp = compiled.memory_analysis()

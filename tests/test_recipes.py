@@ -86,6 +86,13 @@ def test_every_shipped_recipe_has_a_table():
   assert shipped == set(OFFICIAL)
 
 
+def test_configs_import_their_recipe_from_the_package():
+  """Configs share recipes through `elf_jax.recipes`, never by editing sys.path to import one another."""
+  for path in CONFIGS.glob("*.py"):
+    text = path.read_text()
+    assert "sys.path" not in text and "from elf_jax import recipes" in text, path.name
+
+
 @pytest.mark.parametrize("name", sorted(OFFICIAL))
 def test_recipe_equals_the_official_yaml(name):
   config = load_config(name)

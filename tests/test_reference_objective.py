@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from elf_jax import checkpoint
+from elf_jax.config import base_config
 from elf_jax.model.elf import ELF, ModelConfig, unstack_blocks
 from elf_jax.train import loss as L
 
@@ -35,11 +36,12 @@ def reference(fixture_dir):
 
 def _flow_config(config, case) -> L.FlowConfig:
   f, recipe = config["flow"], config["cases"][case]
-  return L.FlowConfig(denoiser_noise_scale=f["denoiser_noise_scale"], P_mean=f["denoiser_p_mean"],
-                      P_std=f["denoiser_p_std"], t_eps=f["t_eps"], self_cond_prob=f["self_cond_prob"],
-                      guidance_min=f["guidance_min"], guidance_max=f["guidance_max"],
-                      decoder_noise_scale=recipe["decoder_noise_scale"], decoder_m_mean=f["decoder_p_mean"],
-                      decoder_m_std=f["decoder_p_std"], label_drop_prob=recipe["label_drop_prob"])
+  return L.FlowConfig.from_config(
+      base_config(), denoiser_noise_scale=f["denoiser_noise_scale"], P_mean=f["denoiser_p_mean"],
+      P_std=f["denoiser_p_std"], t_eps=f["t_eps"], self_cond_prob=f["self_cond_prob"],
+      guidance_min=f["guidance_min"], guidance_max=f["guidance_max"],
+      decoder_noise_scale=recipe["decoder_noise_scale"], decoder_m_mean=f["decoder_p_mean"],
+      decoder_m_std=f["decoder_p_std"], label_drop_prob=recipe["label_drop_prob"])
 
 
 def _batch_and_draws(config, arrays, case, branch, fc):

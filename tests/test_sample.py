@@ -22,11 +22,11 @@ from elf_jax.model.elf import ELF, ModelConfig, init_params
 def ref(fixture_dir):
   """(model, EMA params, fixture config, reference arrays)."""
   cfg = json.loads((fixture_dir / "config.json").read_text())
-  model = ELF(ModelConfig(latent_dim=cfg["text_encoder_dim"], hidden_size=cfg["hidden_size"], depth=cfg["depth"],
-                          num_heads=cfg["num_heads"], bottleneck_dim=cfg["bottleneck_dim"],
-                          vocab_size=cfg["vocab_size"], num_time_tokens=cfg["num_time_tokens"],
-                          num_guidance_tokens=cfg["num_self_cond_cfg_tokens"],
-                          num_mode_tokens=cfg["num_model_mode_tokens"]))
+  model = ELF(ModelConfig.from_config(
+      base_config(), latent_dim=cfg["text_encoder_dim"], hidden_size=cfg["hidden_size"], depth=cfg["depth"],
+      num_heads=cfg["num_heads"], bottleneck_dim=cfg["bottleneck_dim"], vocab_size=cfg["vocab_size"],
+      num_time_tokens=cfg["num_time_tokens"], num_guidance_tokens=cfg["num_self_cond_cfg_tokens"],
+      num_mode_tokens=cfg["num_model_mode_tokens"]))
   params = checkpoint.load_published_elf(fixture_dir / "checkpoint_7", which="ema")
   return model, params, cfg, dict(np.load(fixture_dir / "reference.npz"))
 
@@ -37,10 +37,11 @@ def sde_ref(fixture_dir):
   directory = fixture_dir.parent / "reference_elf_train"
   cfg = json.loads((directory / "config.json").read_text())
   dims, tokens = cfg["dims"], cfg["tokens"]
-  model = ELF(ModelConfig(latent_dim=dims["C"], hidden_size=dims["H"], depth=dims["depth"], num_heads=dims["heads"],
-                          bottleneck_dim=dims["BN"], vocab_size=dims["V"], num_time_tokens=tokens["num_time_tokens"],
-                          num_guidance_tokens=tokens["num_guidance_tokens"],
-                          num_mode_tokens=tokens["num_mode_tokens"]))
+  model = ELF(ModelConfig.from_config(
+      base_config(), latent_dim=dims["C"], hidden_size=dims["H"], depth=dims["depth"], num_heads=dims["heads"],
+      bottleneck_dim=dims["BN"], vocab_size=dims["V"], num_time_tokens=tokens["num_time_tokens"],
+      num_guidance_tokens=tokens["num_guidance_tokens"],
+      num_mode_tokens=tokens["num_mode_tokens"]))
   expected = jax.eval_shape(lambda: nn.unbox(init_params(model, jax.random.key(0), dims["S"])))
   # The fixture's ema_params1 equals its params; sampling reads the EMA copy.
   params = checkpoint.load_published_elf(directory / "checkpoint.msgpack", which="ema", expected=expected)
@@ -54,7 +55,7 @@ def _sde_config(cfg, **overrides):
   fields = dict(method="sde", steps=sde["steps"], grid=sde["grid"], grid_p_mean=sde["p_mean"],
                 grid_p_std=sde["p_std"], gamma=sde["gamma"], guidance_scale=sde["guidance_scale"], cfg_scale=1.0,
                 noise_scale=f["denoiser_noise_scale"], t_eps=f["t_eps"], eos_id=cfg["eos_id"], pad_id=cfg["pad_id"])
-  return S.SampleConfig(**{**fields, **overrides})
+  return S.SampleConfig.from_config(base_config(), **{**fields, **overrides})
 
 
 def _relative_error(got, want) -> float:
@@ -65,7 +66,7 @@ def _config(cfg, task, **overrides):
   run = cfg[task]
   fields = dict(method=run["method"], steps=run["steps"], grid=run["grid"], guidance_scale=run["self_cond_cfg_scale"],
                 cfg_scale=run["cfg_scale"], noise_scale=cfg["denoiser_noise_scale"], t_eps=cfg["t_eps"])
-  return S.SampleConfig(**{**fields, **overrides})
+  return S.SampleConfig.from_config(base_config(), **{**fields, **overrides})
 
 
 def _condition(cfg, r):
@@ -153,9 +154,9 @@ def test_injected_churn_noise_equals_the_drawn_one(sde_ref):
 def test_sde_churn(ref):
   """γ = 0 is the ODE; γ > 0 depends on the key; a single (= last) interval is always an ODE step."""
   model, params, cfg, r = ref
-  kw = dict(guidance_scale=cfg["unc"]["self_cond_cfg_scale"], noise_scale=cfg["denoiser_noise_scale"],
+  kw = dict(guidance_scale=cfg["unc"]["self_cond_cfg_scale"], cfg_scale=1.0, noise_scale=cfg["denoiser_noise_scale"],
             t_eps=cfg["t_eps"])
-  ode = jax.jit(lambda grid: S.sample(params, model, r["z0"], grid, method="ode", **kw).latents)
+  ode = jax.jit(lambda grid: S.sample(params, model, r["z0"], grid, method="ode", gamma=0.0, **kw).latents)
   sde = jax.jit(lambda grid, gamma, key: S.sample(params, model, r["z0"], grid, method="sde", gamma=gamma,
                                                   rng=jax.random.key(key), **kw).latents)
   grid = r["grid"]
@@ -212,7 +213,7 @@ def test_conditional_output_is_cut_to_the_target_length(ref):
 
 
 def test_random_grid_per_key_and_sorted():
-  config = S.SampleConfig(steps=16, grid="logit_normal", noise_scale=2.0)
+  config = S.SampleConfig.from_config(base_config(), steps=16, grid="logit_normal", noise_scale=2.0)
   z0, g0, k0 = S.draw_inputs(jax.random.key(0), config, batch=2, seq_len=4, latent_dim=3)
   _, g1, k1 = S.draw_inputs(jax.random.key(1), config, batch=2, seq_len=4, latent_dim=3)
   _, g0b, _ = S.draw_inputs(jax.random.key(0), config, batch=2, seq_len=4, latent_dim=3)
@@ -295,11 +296,10 @@ def test_presets():
     S.apply_preset(c.sample)
 
 
-def test_sample_config_defaults_are_the_config_defaults():
-  """Built from config.py's defaults or with its own, the sampler gets the same settings."""
+def test_sample_config_target_length_from_the_data():
+  """Unconditional outputs are not cut; conditional ones keep max_length − max_condition_length target tokens."""
   c = base_config()
-  assert S.SampleConfig.from_config(c) == S.SampleConfig()
-  assert S.SampleConfig().max_target_length == 0  # unconditional: nothing cut
+  assert S.SampleConfig.from_config(c).max_target_length == 0
   c.data.conditional, c.data.max_length, c.data.max_condition_length = True, 96, 64
   assert S.SampleConfig.from_config(c).max_target_length == 96 - 64
 

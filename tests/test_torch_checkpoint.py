@@ -14,6 +14,7 @@ import torch
 
 from conftest import SHARED
 from elf_jax import checkpoint, torch_checkpoint
+from elf_jax.config import base_config
 from elf_jax.model.elf import ELF, ModelConfig, init_params
 from elf_jax.train.state import TrainState
 
@@ -29,10 +30,11 @@ def model_and_shapes():
     pytest.fail(f"reference fixture not found at {TRAIN_FIXTURE}; set ELF_SHARED_DIR to the shared/ folder")
   cfg = json.loads((TRAIN_FIXTURE / "config.json").read_text())
   dims, tokens = cfg["dims"], cfg["tokens"]
-  model = ELF(ModelConfig(latent_dim=dims["C"], hidden_size=dims["H"], depth=dims["depth"], num_heads=dims["heads"],
-                          bottleneck_dim=dims["BN"], vocab_size=dims["V"],
-                          num_time_tokens=tokens["num_time_tokens"], num_guidance_tokens=tokens["num_guidance_tokens"],
-                          num_mode_tokens=tokens["num_mode_tokens"]))
+  model = ELF(ModelConfig.from_config(
+      base_config(), latent_dim=dims["C"], hidden_size=dims["H"], depth=dims["depth"], num_heads=dims["heads"],
+      bottleneck_dim=dims["BN"], vocab_size=dims["V"],
+      num_time_tokens=tokens["num_time_tokens"], num_guidance_tokens=tokens["num_guidance_tokens"],
+      num_mode_tokens=tokens["num_mode_tokens"]))
   shapes = jax.eval_shape(lambda: nn.unbox(init_params(model, jax.random.key(0))))
   return model, shapes, cfg
 

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from elf_jax.config import base_config
 from elf_jax.model import layers
 
 BLOCKS = "blocks"  # the scanned blocks: every leaf has a leading layer axis (logical axis "layers")
@@ -31,25 +32,29 @@ REMAT_POLICIES = {
 }
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-  """Static hyper-parameters of the flow transformer. `latent_dim` is C, the frozen encoder's width."""
-  latent_dim: int = 512
-  hidden_size: int = 768
-  depth: int = 12
-  num_heads: int = 12
-  bottleneck_dim: int = 128
-  vocab_size: int = 32100
-  mlp_ratio: float = 4.0
-  mlp_hidden: int | None = None  # SwiGLU hidden width; None = floor(floor(mlp_ratio · H) · 2 / 3)
-  num_time_tokens: int = 4
-  num_guidance_tokens: int = 4
-  num_mode_tokens: int = 4
-  rope_theta: float = 10000.0
-  dropout_rate: float = 0.0
-  compute_dtype: str = "float32"
-  attention_impl: str = "xla"
-  remat: str = "none"
+  """Static hyper-parameters of the flow transformer, built by `from_config` (the values, their meaning and their
+  defaults are those of `config.model` in `elf_jax.config.base_config()`; defaults live only there). `latent_dim`
+  is C, the frozen encoder's width (`config.encoder.dim`); `mlp_hidden` the SwiGLU hidden width (None = derived
+  from `mlp_ratio`: floor(floor(mlp_ratio · H) · 2 / 3)).
+  """
+  latent_dim: int
+  hidden_size: int
+  depth: int
+  num_heads: int
+  bottleneck_dim: int
+  vocab_size: int
+  mlp_ratio: float
+  mlp_hidden: int | None = None
+  num_time_tokens: int
+  num_guidance_tokens: int
+  num_mode_tokens: int
+  rope_theta: float
+  dropout_rate: float
+  compute_dtype: str  # float32 | bfloat16
+  attention_impl: str  # xla | pallas | auto
+  remat: str  # none | full | dots_saveable
 
   @property
   def num_prefix(self) -> int:
@@ -70,17 +75,19 @@ class ModelConfig:
         bottleneck_dim=p["text_proj"]["proj1"]["kernel"].shape[1], vocab_size=p["unembed_kernel"].shape[1],
         mlp_hidden=blocks["mlp"]["w3"]["kernel"].shape[1], num_time_tokens=p["t_emb_tokens"].shape[1],
         num_guidance_tokens=p["self_cond_cfg_tokens"].shape[1], num_mode_tokens=p["mode_tokens"].shape[1])
-    return cls(**{**dims, **overrides})
+    return cls.from_config(base_config(), **{**dims, **overrides})
 
   @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict) -> "ModelConfig":
-    """Builds the model config from a full run config (`config.model` plus `config.encoder.dim`)."""
+  def from_config(cls, config: ml_collections.ConfigDict, **overrides) -> "ModelConfig":
+    """Builds the model config from a full run config (`config.model` plus `config.encoder.dim`); `overrides` replace
+    fields, e.g. `ModelConfig.from_config(base_config(), depth=2)` for the defaults with a change."""
     m = config.model
-    return cls(latent_dim=config.encoder.dim, hidden_size=m.hidden_size, depth=m.depth, num_heads=m.num_heads,
-               bottleneck_dim=m.bottleneck_dim, vocab_size=m.vocab_size, mlp_ratio=m.mlp_ratio,
-               num_time_tokens=m.num_time_tokens, num_guidance_tokens=m.num_guidance_tokens,
-               num_mode_tokens=m.num_mode_tokens, rope_theta=m.rope_theta, dropout_rate=m.dropout_rate,
-               compute_dtype=m.compute_dtype, attention_impl=m.attention_impl, remat=m.remat)
+    fields = dict(latent_dim=config.encoder.dim, hidden_size=m.hidden_size, depth=m.depth, num_heads=m.num_heads,
+                  bottleneck_dim=m.bottleneck_dim, vocab_size=m.vocab_size, mlp_ratio=m.mlp_ratio,
+                  num_time_tokens=m.num_time_tokens, num_guidance_tokens=m.num_guidance_tokens,
+                  num_mode_tokens=m.num_mode_tokens, rope_theta=m.rope_theta, dropout_rate=m.dropout_rate,
+                  compute_dtype=m.compute_dtype, attention_impl=m.attention_impl, remat=m.remat)
+    return cls(**{**fields, **overrides})
 
 
 class FinalLayer(nn.Module):

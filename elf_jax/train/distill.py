@@ -29,19 +29,20 @@ from elf_jax.train import loss as loss_lib
 from elf_jax.train import step as step_lib
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class DistillConfig:
-  """Static settings of one distillation round.
+  """Static settings of one distillation round, built by `from_config` (the schedules' defaults live only in
+  `config.distill` of `elf_jax.config.base_config()`).
 
   student_steps: the student's sampling steps (span Δ = 1 / student_steps); teacher_sub_steps: K, the teacher's
   Euler sub-steps per student step; student_schedule / teacher_schedule: `logit_normal` | `uniform` draws of the
   student's u and of the teacher's inner sub-step times (P_mean / P_std of the flow config); span_fallback: spans
   below it take the teacher's last x̂ instead of the (ill-conditioned) inversion.
   """
-  student_steps: int = 16
-  teacher_sub_steps: int = 4
-  student_schedule: str = "logit_normal"
-  teacher_schedule: str = "logit_normal"
+  student_steps: int
+  teacher_sub_steps: int
+  student_schedule: str
+  teacher_schedule: str
   span_fallback: float = 1e-3
 
   @property
@@ -49,9 +50,12 @@ class DistillConfig:
     return 1.0 / self.student_steps
 
   @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict, student_steps: int, teacher_sub_steps: int):
-    return cls(student_steps=student_steps, teacher_sub_steps=teacher_sub_steps,
-               student_schedule=config.distill.student_schedule, teacher_schedule=config.distill.teacher_schedule)
+  def from_config(cls, config: ml_collections.ConfigDict, student_steps: int, teacher_sub_steps: int,
+                  **overrides) -> "DistillConfig":
+    """One round (`student_steps`, `teacher_sub_steps`, an entry of `distill.rounds`) of `config.distill`."""
+    return cls(**{**dict(student_steps=student_steps, teacher_sub_steps=teacher_sub_steps,
+                         student_schedule=config.distill.student_schedule,
+                         teacher_schedule=config.distill.teacher_schedule), **overrides})
 
 
 def parse_rounds(spec: str) -> list[tuple[int, int]]:

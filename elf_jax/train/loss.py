@@ -37,28 +37,31 @@ from elf_jax import flow
 from elf_jax.model.elf import ELF
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class FlowConfig:
-  """Static objective hyper-parameters (from `config.flow`, spec §2-4)."""
-  denoiser_noise_scale: float = 2.0
-  time_schedule: str = "logit_normal"
-  P_mean: float = -1.5
-  P_std: float = 0.8
-  t_eps: float = 0.05
-  self_cond_prob: float = 0.5
-  guidance_min: float = 0.5
-  guidance_max: float = 5.0
-  decoder_prob: float = 0.2
-  decoder_noise_scale: float = 5.0
-  decoder_m_mean: float = 0.8
-  decoder_m_std: float = 0.8
-  label_drop_prob: float = 0.1
-  self_cond_draw: str = "bernoulli"
+  """Static objective hyper-parameters (spec §2-4), built by `from_config`: the fields of `config.flow` of the same
+  names (their meaning and defaults live only in `elf_jax.config.base_config()`)."""
+  denoiser_noise_scale: float
+  time_schedule: str
+  P_mean: float
+  P_std: float
+  t_eps: float
+  self_cond_prob: float
+  guidance_min: float
+  guidance_max: float
+  decoder_prob: float
+  decoder_noise_scale: float
+  decoder_m_mean: float
+  decoder_m_std: float
+  label_drop_prob: float
+  self_cond_draw: str
 
   @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict) -> "FlowConfig":
+  def from_config(cls, config: ml_collections.ConfigDict, **overrides) -> "FlowConfig":
+    """From `config.flow`; `overrides` replace fields (the defaults with a change:
+    `FlowConfig.from_config(base_config(), decoder_prob=0.5)`)."""
     names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in config.flow.items() if k in names})
+    return cls(**{**{k: v for k, v in config.flow.items() if k in names}, **overrides})
 
 
 def draw_noise(rng, batch_size: int, seq_len: int, latent_dim: int, fc: FlowConfig, num_groups: int,
