@@ -101,7 +101,7 @@ def base_config() -> ml_collections.ConfigDict:
   d.packing = False  # pack documents into max_length rows (unconditional) instead of pad/truncate
   d.shuffle = True
   d.num_workers = 0  # grain worker processes
-  # Unconditional data: a directory written by `python -m elf_jax.data.latent_cache` holding the rows and their
+  # Unconditional data: a directory written by `python -m elf_jax.cache_latents` holding the rows and their
   # raw (unnormalised) frozen-encoder outputs; the pipeline then reads them and the train step skips the encoder.
   d.latent_cache_dir = ""
   d.synthetic_num_sentences = 200_000  # synthetic language: size of the training corpus

@@ -231,7 +231,8 @@ def _state_layout(config, mesh, model: ELF, optimizer) -> tuple[TrainState, Trai
 def _with_latent_stats(config, workdir, encoder: LatentEncoder, encoder_params, tokenizer, language,
                        measure: bool) -> LatentEncoder:
   """The encoder with its latent mean / std: the config's, or (encoder.measure_latent_stats) the run's saved
-  DIR/latent_stats.json, measured from training data first when `measure` (training) and none is saved yet."""
+  DIR/latent_stats.json, measured from training data first when `measure` (training) and none is saved yet.
+  Without `measure` the training data is never read: a missing file is an error for conditional tasks only."""
   if not config.encoder.measure_latent_stats:
     return encoder
   path = fs.path(workdir) / LATENT_STATS_FILE if workdir else None
@@ -242,10 +243,12 @@ def _with_latent_stats(config, workdir, encoder: LatentEncoder, encoder_params, 
     stats = json.loads(path.read_text())
     return encoder.with_stats(stats["mean"], stats["std"])
   if not measure:
+    if not config.data.conditional:  # unconditional sampling and scoring never encode: the statistics are unused
+      return encoder
     raise ConfigError(f"encoder.measure_latent_stats is set but {path or LATENT_STATS_FILE} does not exist: the "
-                      "statistics are measured and saved there when the run trains. Pass the training run's "
-                      "--workdir, or set --config.encoder.measure_latent_stats=False with encoder.latent_mean / "
-                      "latent_std")
+                      "statistics (which normalise the condition's latents) are measured and saved there when the "
+                      "run trains. Pass the training run's --workdir, or set "
+                      "--config.encoder.measure_latent_stats=False with encoder.latent_mean / latent_std")
   ds = pipeline.make_dataset(config, tokenizer, config.data.split, language=language, seed=config.seed + 1)
   mean, std = measure_latent_stats(encoder, encoder_params, iter(ds))  # the same on every process
   if path and jax.process_index() == 0:

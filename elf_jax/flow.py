@@ -76,7 +76,8 @@ def logit_normal_grid(logits):
   return jnp.concatenate([jnp.zeros_like(one), inner, one], axis=-1)
 
 
-def time_grid(steps: int, kind: str, rng=None, p_mean: float = -1.5, p_std: float = 0.8, batch: int | None = None):
+def time_grid(steps: int, kind: str, rng=None, p_mean: float | None = None, p_std: float | None = None,
+              batch: int | None = None):
   """Sampling grid of `steps` intervals: (steps + 1,) points from 0 to 1 (or (batch, steps + 1) if `batch`).
 
   `uniform`: linspace. `logit_normal`: `logit_normal_grid` of steps − 1 draws p_mean + p_std · N(0, 1) from `rng`
@@ -86,8 +87,9 @@ def time_grid(steps: int, kind: str, rng=None, p_mean: float = -1.5, p_std: floa
     grid = jnp.linspace(0.0, 1.0, steps + 1, dtype=jnp.float32)
     return grid if batch is None else jnp.broadcast_to(grid, (batch, steps + 1))
   if kind == "logit_normal":
-    if rng is None:
-      raise ValueError("a logit_normal time grid is random: pass an rng")
+    if rng is None or p_mean is None or p_std is None:
+      raise ValueError("a logit_normal time grid is random: pass an rng and its p_mean / p_std "
+                       "(config.sample.grid_p_mean / grid_p_std)")
     shape = (steps - 1,) if batch is None else (batch, steps - 1)
     return logit_normal_grid(p_mean + p_std * jax.random.normal(rng, shape))
   raise ValueError(f"sample.grid={kind!r}: expected 'uniform' or 'logit_normal'")

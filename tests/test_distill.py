@@ -17,12 +17,16 @@ import pytest
 
 from conftest import SHARED
 from elf_jax import checkpoint
+from elf_jax import experiment
 from elf_jax import generate
+from elf_jax import modes
+from elf_jax import report
 from elf_jax import sample as sampling
 from elf_jax.config import base_config
 from elf_jax.model import elf
 from elf_jax.model.elf import ELF, ModelConfig, init_params
-from elf_jax.train import distill, distill_loop, loop
+from elf_jax.sample_files import Samples
+from elf_jax.train import distill, distill_loop
 from elf_jax.train.loss import FlowConfig
 from test_train_loop import REPO, SMALL, small_config  # tests/ is on sys.path (pytest rootdir-relative import)
 
@@ -175,7 +179,7 @@ def make_teacher_workdir(directory, config):
   manager = checkpoint.CheckpointManager(checkpoint.checkpoint_dir(str(directory)), async_save=False)
   manager.save(1, {"params": params, "ema_params": params})
   manager.close()
-  (directory / loop.LATENT_STATS_FILE).write_text(json.dumps({"mean": 0.01, "std": 0.9}))
+  (directory / experiment.LATENT_STATS_FILE).write_text(json.dumps({"mean": 0.01, "std": 0.9}))
 
 
 def test_mode_distill_end_to_end(tmp_path, capsys):
@@ -201,7 +205,7 @@ def test_mode_distill_end_to_end(tmp_path, capsys):
     assert sorted(p.name for p in (directory / "checkpoints").iterdir()) == ["2"]
     done = json.loads((directory / distill_loop.ROUND_DONE_FILE).read_text())
     assert done["student_steps"] == steps and done["optimizer_steps"] == 2
-    assert (directory / loop.LATENT_STATS_FILE).read_text() == (teacher / loop.LATENT_STATS_FILE).read_text()
+    assert (directory / experiment.LATENT_STATS_FILE).read_text() == (teacher / experiment.LATENT_STATS_FILE).read_text()
     sample = json.loads((directory / "config_train.json").read_text())["sample"]
     assert (sample["preset"], sample["steps"]) == ("fewstep", steps)
     rows = [json.loads(line) for line in open(directory / "metrics.jsonl")]
@@ -228,12 +232,13 @@ def test_few_step_settings_and_the_steps_sweep(tmp_path, monkeypatch):
   config = load_config(REPO / "configs" / "tiny_distill.py", {})
   assert config.sample.preset == "fewstep" and config.eval.sweep == "steps=1,2,4,8,16,32"
   used = []
-  monkeypatch.setattr(generate, "generate", lambda setup, params, num, seed, sample_config: used.append(
-      sample_config) or {"texts": []})
-  monkeypatch.setattr(generate, "score", lambda setup, result: {
+  monkeypatch.setattr(generate, "generate", lambda exp, params, num, seed, sample_config: used.append(
+      sample_config) or generate.Generation(Samples(texts=[])))
+  monkeypatch.setattr(generate, "score", lambda exp, samples: {
       "gen_ppl": 10.0 / used[-1].steps, "entropy": 1.0, "true_gen_ppl": 3.0, "true_entropy": 1.5})
-  setup = types.SimpleNamespace(config=config, tokenizer=types.SimpleNamespace(eos_token_id=1, pad_token_id=0))
-  rows = generate.frontier(setup, None, str(tmp_path), loop.MetricsWriter(str(tmp_path), tensorboard=False))
+  exp = types.SimpleNamespace(config=config, sample_config=lambda **overrides: sampling.SampleConfig.from_config(
+      config, **overrides))
+  rows = modes.frontier(exp, None, str(tmp_path), report.MetricsWriter(str(tmp_path), tensorboard=False))
   assert [(c.steps, c.gamma, c.guidance_scale, c.method) for c in used] == [
       (1, 1.5, 2.5, "sde"), (2, 1.5, 2.5, "sde"), (4, 1.5, 2.5, "sde"), (8, 1.5, 2.5, "sde"), (16, 2.0, 2.0, "sde"),
       (32, 2.0, 2.0, "sde")]

@@ -32,7 +32,7 @@ def test_guidance_scale_and_time_distributions():
   np.testing.assert_allclose(float(jnp.median(jnp.log1p(w))), 0.5 * (np.log(1.5) + np.log(6.0)), atol=0.02)
   t = flow.sample_time(jax.random.key(1), (20000,), "logit_normal", -1.5, 0.8)
   np.testing.assert_allclose(float(jnp.median(t)), 1 / (1 + np.exp(1.5)), atol=0.01)
-  grid = flow.time_grid(8, "logit_normal", jax.random.key(2))
+  grid = flow.time_grid(8, "logit_normal", jax.random.key(2), -1.5, 0.8)
   assert grid.shape == (9,) and grid[0] == 0 and grid[-1] == 1 and bool(jnp.all(jnp.diff(grid) >= 0))
   with pytest.raises(ValueError, match="rng"):
     flow.time_grid(8, "logit_normal")

@@ -171,7 +171,8 @@ def test_sde_churn(ref):
 def test_per_example_grid_equals_separate_runs(ref):
   model, params, cfg, r = ref
   config = _config(cfg, "unc", grid="logit_normal", method="sde", gamma=1.0)
-  grids = flow.time_grid(config.steps, "logit_normal", jax.random.key(3), batch=r["z0"].shape[0])
+  grids = flow.time_grid(config.steps, "logit_normal", jax.random.key(3), config.grid_p_mean, config.grid_p_std,
+                         batch=r["z0"].shape[0])
   z0, w = r["z0"], np.array([1.0, 2.0, 3.0], np.float32)
   rng = jax.random.key(5)
   run = S.make_sampler(model, config)
