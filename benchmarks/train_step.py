@@ -59,7 +59,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from elf_jax.data import latent_cache
 from elf_jax.model import elf as elf_lib
 from elf_jax.model.elf import ELF, ModelConfig, count_params
 from elf_jax.model.latents import build_encoder
@@ -422,7 +421,7 @@ def main():
     if name == "ours":
       add_ours(name, mc, batch)
     elif name == "cached":
-      add_ours(name, mc, dict(batch, latents=latent_cache.raw_encode_fn(encoder)(enc_params, batch["ids"], valid)))
+      add_ours(name, mc, dict(batch, latents=jax.jit(encoder.encode_raw)(enc_params, batch["ids"], valid)))
     else:
       fn, state, frozen, obatch = build_official(mods, config, mc, jax.device_get(state0.params), official_t5,
                                                  config.encoder.name_or_path, batch, peak_lr, warmup_updates)
