@@ -8,9 +8,8 @@
 mode tokens on and returns logits from the factored unembedding. A (B,) array instead gates the mode tokens per
 example (1 = decoding) and returns both heads of the one forward, (x̂, logits): the progressive-distillation step
 trains denoising and decoding rows together (spec §11). Parameter names are those of §9, except that the blocks are
-one `nn.scan` (one compiled block body, rematerialised per block by `model.remat`; unrolled when tracing for the
-CPU, `block_unroll`): in memory they are `blocks/...` with a leading layer axis; `stack_blocks` /
-`unstack_blocks` convert from / to the published `blocks_{i}/...` names.
+one `nn.scan` (one compiled block body, rematerialised per block by `model.remat`): in memory they are `blocks/...`
+with a leading layer axis; `stack_blocks` / `unstack_blocks` convert from / to the published `blocks_{i}/...` names.
 """
 from collections.abc import Mapping
 import dataclasses
@@ -23,7 +22,6 @@ import numpy as np
 
 from elf_jax.config import base_config
 from elf_jax.model import layers
-from elf_jax.ops.pallas.flash_attention import trace_platform
 
 BLOCKS = "blocks"  # the scanned blocks: every leaf has a leading layer axis (logical axis "layers")
 BLOCK_PREFIX = "blocks_"  # published checkpoints name block i `blocks_{i}` (spec §9)
@@ -141,8 +139,7 @@ class ELF(nn.Module):
       raise ValueError(f"model.remat={cfg.remat!r}: expected one of {sorted(REMAT_POLICIES)}")
     block_cls = layers.Block if cfg.remat == "none" else nn.remat(layers.Block, policy=REMAT_POLICIES[cfg.remat])
     blocks = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                     in_axes=(0, nn.broadcast), length=cfg.depth, unroll=block_unroll(cfg.depth),
-                     metadata_params={nn.PARTITION_NAME: "layers"})
+                     in_axes=(0, nn.broadcast), length=cfg.depth, metadata_params={nn.PARTITION_NAME: "layers"})
     h, _ = blocks(cfg.num_heads, cfg.num_prefix, cfg.swiglu_hidden, cfg.rope_theta, cfg.dropout_rate, dtype,
                   cfg.attention_impl, deterministic, name=BLOCKS)(h, layer_dropout_rates(cfg), key_mask)
     h = h[:, cfg.num_prefix:].astype(jnp.float32)  # data positions (B, S, H)
@@ -175,14 +172,6 @@ class TextProj(nn.Module):
   def __call__(self, x):
     x = layers.Dense(self.bottleneck_dim, ("latent", "bottleneck"), use_bias=False, dtype=self.dtype, name="proj1")(x)
     return layers.Dense(self.hidden_size, ("bottleneck", "embed"), dtype=self.dtype, name="proj2")(x)
-
-
-def block_unroll(depth: int) -> int:
-  """Blocks per iteration of the scan: all of them (no loop) when tracing for the CPU, else 1 (one compiled block
-  body: short TPU/GPU compiles). XLA:CPU runs the network's forward/backward ~1.4x slower with the loop: it copies every
-  block's saved activations into and out of stacked buffers and re-indexes the per-layer biases inside each fused
-  element-wise loop. The parameters keep their stacked layout either way; only the compiled program differs."""
-  return depth if trace_platform() == "cpu" else 1
 
 
 def layer_dropout_rates(cfg: ModelConfig) -> jax.Array:
