@@ -12,6 +12,7 @@ import ml_collections
 import numpy as np
 
 from elf_jax import hf_weights
+from elf_jax import report
 from elf_jax.config import ConfigError
 from elf_jax.model.t5_encoder import (T5Encoder, T5EncoderConfig, load_hf_t5_encoder, load_official_t5_encoder,
                                       make_encoder_mask, random_t5_encoder_params)
@@ -119,5 +120,5 @@ def measure_latent_stats(encoder: LatentEncoder, params, batches, max_batches: i
     raise ValueError("measure_latent_stats: the batches hold no valid tokens")
   mean = total / count
   std = float(np.sqrt(max(total_sq / count - mean ** 2, 1e-12)))
-  print(f"measured latent stats: mean {mean:.4f} std {std:.4f} over {count} values", flush=True)
+  report.say(f"measured latent stats: mean {mean:.4f} std {std:.4f} over {count} values")
   return float(mean), std
