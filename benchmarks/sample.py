@@ -75,12 +75,13 @@ def main():
   cond = None
   if args.cfg:
     k = jax.random.key(1)
-    cond = {"latents": jax.random.normal(k, (args.batch, args.seq_len, mc.latent_dim)),
-            "mask": jnp.broadcast_to(jnp.arange(args.seq_len) < args.seq_len // 2, (args.batch, args.seq_len))}
+    half = jnp.arange(args.seq_len) < args.seq_len // 2
+    cond = S.PinnedLatents(latents=jax.random.normal(k, (args.batch, args.seq_len, mc.latent_dim)),
+                           mask=jnp.broadcast_to(half, (args.batch, args.seq_len)))
 
   def run(seed):
     out = S.sample_from_seed(sampler, params, jax.random.key(seed), config, batch=args.batch, seq_len=args.seq_len,
-                             latent_dim=mc.latent_dim, cond=cond)
+                             latent_dim=mc.latent_dim, condition=cond)
     return jax.block_until_ready(out.ids)
 
   for i in range(args.warmup):

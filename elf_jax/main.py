@@ -84,11 +84,11 @@ def main(argv):
     if jax.process_index() == 0:
       (fs.path(workdir) / f"config_{mode}.json").write_text(config.to_json_best_effort(indent=2))
     if mode == "train":
-      train_loop.train(config, workdir, hooks=modes.training_hook)
+      train_loop.train(config, workdir, eval_hook=modes.training_hook)
     elif mode == "sample":
       modes.sample_mode(config, workdir)
     elif mode == "distill":
-      distill_loop.distill(config, workdir, hooks=modes.training_hook)
+      distill_loop.distill(config, workdir, eval_hook=modes.training_hook)
     else:
       modes.eval_mode(config, workdir)
   except (ConfigError, FileNotFoundError) as e:  # bad input: the message names the problem and the fix

@@ -13,7 +13,7 @@ import optax
 import pytest
 
 from elf_jax.config import base_config
-from elf_jax.model.elf import ELF, ModelConfig, init_params
+from elf_jax.model.elf import ELF, ModelConfig
 from elf_jax.objective import flow
 from elf_jax.objective import optim
 from elf_jax.objective import state as state_lib
@@ -67,11 +67,11 @@ def _assert_close(ours, ref, rtol=1e-5):
     assert error <= rtol, f"{jax.tree_util.keystr(path)}: relative error {error:.2e}"
 
 
-def _reference_micro_steps(c, obj, enc_params, state, batch):
+def _reference_micro_steps(c, obj, frozen, state, batch):
   """Per micro-batch (rows j::k, rng fold_in(step rng, j)): (loss, metrics), gradient — as the step draws them."""
   k = c.optim.grad_accum_steps
   _, step_rng = jax.random.split(state.rng)
-  grad_fn = jax.jit(jax.value_and_grad(lambda p, b, r: S.compute_loss(p, enc_params, b, r, obj), has_aux=True))
+  grad_fn = jax.jit(jax.value_and_grad(lambda p, b, r: S.compute_loss(p, frozen, b, r, obj), has_aux=True))
   return [grad_fn(state.params, jax.tree.map(lambda x: x[j::k], batch), jax.random.fold_in(step_rng, j))
           for j in range(k)]
 
@@ -80,12 +80,13 @@ def _reference_micro_steps(c, obj, enc_params, state, batch):
 def test_step_equals_clip_then_multisteps(optimizer, accum, decoder_prob):
   c = _config(optimizer, accum, decoder_prob)
   model = ELF(ModelConfig.from_config(c))
-  encoder, enc_params = build_encoder(c)
+  encoder, encoder_params = build_encoder(c)
+  frozen = S.FrozenInputs(encoder_params)
   inner = optim.make_optimizer(c.optim, LR)
-  obj = S.Objective(model, encoder, flow.FlowConfig.from_config(c), S.resolve_num_groups(c, None, B // accum))
+  obj = S.ElfObjective(model, encoder, flow.FlowConfig.from_config(c), S.resolve_num_groups(c, None, B // accum))
   state, batch = _state(model, inner), _batch()
 
-  micro = _reference_micro_steps(c, obj, enc_params, state, batch)
+  micro = _reference_micro_steps(c, obj, frozen, state, batch)
   norms = [float(optax.tree.norm(g)) for _, g in micro]
   # The clip threshold sits between the micro-batch gradient norms: some are clipped, some are not.
   c.optim.grad_clip = float(np.median(norms)) if accum > 1 else 0.5 * norms[0]
@@ -102,7 +103,7 @@ def test_step_equals_clip_then_multisteps(optimizer, accum, decoder_prob):
     assert int(ref_opt[1].gradient_step) == 1  # the chain applied exactly one update
 
   step = S.make_train_step(obj, inner, c.optim)
-  new, metrics = step(jax.tree.map(jnp.copy, state), enc_params, batch)
+  new, metrics = step(jax.tree.map(jnp.copy, state), frozen, batch)
 
   assert int(new.step) == 1
   np.testing.assert_array_equal(new.rng, jax.random.split(state.rng)[0])
@@ -132,7 +133,8 @@ def test_sharded_accumulation_equals_single_device():
   c = _config("adamw", 2, 0.5)
   c.flow.decoder_groups = 4  # a multiple of the 4 batch shards, the same groups on one device
   model = ELF(ModelConfig.from_config(c))
-  encoder, enc_params = build_encoder(c)
+  encoder, encoder_params = build_encoder(c)
+  frozen = S.FrozenInputs(encoder_params)
   optimizer = optim.make_optimizer(c.optim, LR)
   batch = _batch()
   results = []
@@ -141,13 +143,12 @@ def test_sharded_accumulation_equals_single_device():
     if shape is not None:
       c.mesh.update(data=shape[0], fsdp=shape[1], tensor=shape[2])
       mesh = make_mesh(c.mesh, jax.devices()[:4])
-      specs = sharding.param_specs(jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0), SEQ)),
-                                   sharding.rules_from_config(c))
-      shardings = state_lib.state_shardings(mesh, jax.eval_shape(lambda: _state(model, optimizer)), specs)
+      boxed = jax.eval_shape(lambda: S.init_boxed_state(model, optimizer, jax.random.PRNGKey(0), SEQ))
+      shardings = state_lib.state_shardings(mesh, boxed, sharding.rules_from_config(c))
     groups = S.resolve_num_groups(c, mesh, B // c.optim.grad_accum_steps)
-    obj = S.Objective(model, encoder, flow.FlowConfig.from_config(c), groups)
+    obj = S.ElfObjective(model, encoder, flow.FlowConfig.from_config(c), groups)
     state = jax.jit(lambda: _state(model, optimizer), out_shardings=shardings)()
-    results.append(S.make_train_step(obj, optimizer, c.optim, mesh, shardings)(state, enc_params, batch))
+    results.append(S.make_train_step(obj, optimizer, c.optim, mesh, shardings)(state, frozen, batch))
   (single, single_metrics), (sharded, sharded_metrics) = results
   np.testing.assert_allclose(float(sharded_metrics["loss"]), float(single_metrics["loss"]), rtol=1e-5)
   ref_norm = sum(float(jnp.sum(jnp.square(p))) for p in jax.tree.leaves(single.params)) ** 0.5

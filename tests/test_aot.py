@@ -198,8 +198,9 @@ def test_pallas_sampler_compiles_for_a_v5p_slice():
   abstract = lambda shape, dtype, sh: jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
   params = jax.tree.map(lambda x: abstract(x.shape, x.dtype, rep), params)
   run = sampler.make_sampler(model, config, mesh)
-  compiled = run.lower(params, abstract((b, s, d), jnp.float32, rows), abstract((3,), jnp.float32, rep),
-                       rng=jax.random.key(0), guidance_scale=abstract((b,), jnp.float32, rows),
-                       cond_latents=abstract((b, s, d), jnp.float32, rows),
-                       cond_mask=abstract((b, s), jnp.bool_, rows)).compile()
+  inputs = sampler.SampleInputs(
+      abstract((b, s, d), jnp.float32, rows), abstract((3,), jnp.float32, rep), rng=jax.random.key(0),
+      guidance_scale=abstract((b,), jnp.float32, rows),
+      condition=sampler.PinnedLatents(abstract((b, s, d), jnp.float32, rows), abstract((b, s), jnp.bool_, rows)))
+  compiled = run.lower(params, inputs).compile()
   assert "tpu_custom_call" in compiled.as_text()

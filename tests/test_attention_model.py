@@ -35,7 +35,8 @@ def _config():
 @pytest.fixture(scope="module")
 def setup():
   c = _config()
-  encoder, enc_params = build_encoder(c)
+  encoder, encoder_params = build_encoder(c)
+  frozen = S.FrozenInputs(encoder_params)
   models = {}
   for impl in ("xla", "pallas"):
     c.model.attention_impl = impl
@@ -49,7 +50,7 @@ def setup():
   valid[1::2, 5:] = False  # half the rows padded: the key mask matters
   batch = dict(ids=jnp.asarray(rs.randint(3, 40, (B, SEQ)), jnp.int32), valid=jnp.asarray(valid),
                cond_mask=jnp.zeros((B, SEQ), bool), loss_mask=jnp.asarray(valid))
-  return c, encoder, enc_params, models, params, batch
+  return c, encoder, frozen, models, params, batch
 
 
 def _tree_rel(a, b):
@@ -59,16 +60,16 @@ def _tree_rel(a, b):
 
 
 def test_forward_and_loss_gradient_match_without_mesh(setup):
-  c, encoder, enc_params, models, params, batch = setup
+  c, encoder, frozen, models, params, batch = setup
   x = jax.random.normal(jax.random.PRNGKey(2), (B, SEQ, 2 * encoder.dim))
   t, w = jnp.linspace(0.1, 0.9, B), jnp.full((B,), 2.0)
   outs = {}
   for impl, model in models.items():
     # x̂ of the denoiser; the loss covers both branches (denoising and decoding groups, decoder_prob 0.5).
     fwd = jax.jit(lambda p, model=model: model.apply({"params": p}, x, t, w, batch["valid"]))
-    obj = S.Objective(model, encoder, flow.FlowConfig.from_config(c), GROUPS)
+    obj = S.ElfObjective(model, encoder, flow.FlowConfig.from_config(c), GROUPS)
     grad = jax.jit(jax.value_and_grad(
-        lambda p, obj=obj: S.compute_loss(p, enc_params, batch, jax.random.PRNGKey(5), obj)[0]))
+        lambda p, obj=obj: S.compute_loss(p, frozen, batch, jax.random.PRNGKey(5), obj)[0]))
     outs[impl] = (fwd(params), *grad(params))
   np.testing.assert_allclose(outs["pallas"][0], outs["xla"][0], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(outs["pallas"][1], outs["xla"][1], rtol=1e-5)
@@ -88,14 +89,12 @@ def _pallas_operand_shapes(jaxpr):
 
 def _train_step(c, encoder, model, mesh):
   """One real train step (SGD, lr LR) on `mesh` (None = one device) and its state shardings."""
-  obj = S.Objective(model, encoder, flow.FlowConfig.from_config(c), GROUPS)
+  obj = S.ElfObjective(model, encoder, flow.FlowConfig.from_config(c), GROUPS)
   optimizer = optax.sgd(LR)
   shardings = None
   if mesh is not None:
-    specs = sharding.param_specs(jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0), SEQ)),
-                                 sharding.rules_from_config(c))
-    shapes = jax.eval_shape(lambda: S.init_state(model, optimizer, jax.random.PRNGKey(0), SEQ))
-    shardings = state_lib.state_shardings(mesh, shapes, specs)
+    boxed = jax.eval_shape(lambda: S.init_boxed_state(model, optimizer, jax.random.PRNGKey(0), SEQ))
+    shardings = state_lib.state_shardings(mesh, boxed, sharding.rules_from_config(c))
   return S.make_train_step(obj, optimizer, c.optim, mesh, shardings), optimizer, shardings
 
 
@@ -109,20 +108,20 @@ def _state(model, optimizer, params, shardings):
 @pytest.fixture(scope="module")
 def single_device_xla(setup):
   """Loss and state after one step of the XLA model on one device: the reference of every mesh."""
-  c, encoder, enc_params, models, params, batch = setup
+  c, encoder, frozen, models, params, batch = setup
   step, optimizer, _ = _train_step(c, encoder, models["xla"], None)
-  return step(_state(models["xla"], optimizer, params, None), enc_params, batch)
+  return step(_state(models["xla"], optimizer, params, None), frozen, batch)
 
 
 @pytest.mark.parametrize("shape", [(2, 2, 2)])  # batch over data x fsdp and heads over tensor at once
 def test_sharded_train_step_with_pallas_matches_single_device_xla(setup, single_device_xla, shape):
-  c, encoder, enc_params, models, params, batch = setup
+  c, encoder, frozen, models, params, batch = setup
   want_state, want = single_device_xla
   c.mesh.update(data=shape[0], fsdp=shape[1], tensor=shape[2])
   mesh = make_mesh(c.mesh, jax.devices()[:int(np.prod(shape))])
   step, optimizer, shardings = _train_step(c, encoder, models["pallas"], mesh)
   state = _state(models["pallas"], optimizer, params, shardings)
-  traced = step.trace(state, enc_params, batch)
+  traced = step.trace(state, frozen, batch)
   # The kernel (forward, dQ, dK/dV) runs per shard: each of its calls sees one coin group's rows (groups are
   # split over data x fsdp by the loss's shard_map, or mapped over on one batch shard) — or, in the x_sc = 0 pass
   # of the opt-in fixed_count self-conditioning draw, the group's self-conditioned rows — and HEADS / tensor heads.
@@ -130,7 +129,7 @@ def test_sharded_train_step_with_pallas_matches_single_device_xla(setup, single_
   group = B // GROUPS
   rows = {group, L.self_cond_pass_rows(group, flow.FlowConfig.from_config(c))}
   assert local and {s[:2] for s in local} == {(r, HEADS // shape[2]) for r in rows}, local
-  got_state, got = traced.lower().compile()(state, enc_params, batch)
+  got_state, got = traced.lower().compile()(state, frozen, batch)
 
   np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-5)
   grad = lambda new: jax.tree_util.tree_map(lambda p, q: (p - q) / LR, params, new.params)

@@ -1,7 +1,6 @@
 """Each default lives in one place, `elf_jax.config.base_config()`: the static dataclasses built from a config carry
 no default of their own for a value the config holds, and `from_config` reads every such value from it."""
 import dataclasses
-import inspect
 
 import pytest
 
@@ -66,12 +65,3 @@ def test_from_config_reads_every_config_value(cls):
   name = next(f.name for f in dataclasses.fields(cls) if f.name not in derived and number(getattr(built, f.name)))
   changed = _build(cls, config, **{name: getattr(built, name) + 1})
   assert changed == dataclasses.replace(built, **{name: getattr(built, name) + 1})
-
-
-def test_sampler_function_has_no_config_defaults():
-  """`sample.sample` takes the config-held settings without defaults (they come from a SampleConfig)."""
-  config = base_config()
-  config_keys = {key for group in ("sample", "flow") for key in config[group]} | {"noise_scale"}
-  params = inspect.signature(S.sample).parameters
-  defaulted = {name for name, p in params.items() if p.default is not inspect.Parameter.empty}
-  assert not defaulted & config_keys, f"sample.sample() has defaults for config fields {sorted(defaulted & config_keys)}"

@@ -83,8 +83,9 @@ def test_same_loss_with_cached_latents_as_on_the_fly(built):
   model = ELF(ModelConfig.from_config(c))
   params = nn.unbox(init_params(model, jax.random.key(0), c.data.max_length))
   params = jax.tree_util.tree_map(lambda p: p + 0.02, params)  # the final layer is zero-initialised
-  obj = step_lib.Objective(model, encoder, flow.FlowConfig.from_config(c), num_groups=1)
-  loss = jax.jit(lambda b: step_lib.compute_loss(params, enc_params, b, jax.random.key(5), obj)[0])
+  obj = step_lib.ElfObjective(model, encoder, flow.FlowConfig.from_config(c), num_groups=1)
+  frozen = step_lib.FrozenInputs(enc_params)
+  loss = jax.jit(lambda b: step_lib.compute_loss(params, frozen, b, jax.random.key(5), obj)[0])
   on_the_fly = {k: v for k, v in batch.items() if k != "latents"}
   np.testing.assert_allclose(float(loss(batch)), float(loss(on_the_fly)), rtol=1e-5)
   # The latents reach the loss: corrupting them changes it.

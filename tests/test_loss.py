@@ -155,12 +155,14 @@ def test_passes_per_branch_and_what_they_see(coins, draw):
         assert any(np.array_equal(row[:2, :C], c) and np.array_equal(row[:2, C:], c) for c in clean)
 
 
-def test_loss_fn_metrics_and_group_coins():
+def test_grouped_loss_metrics_and_group_coins():
+  """The single-shard path of the train step's loss: draws → grouped_loss → summarize."""
   model, params = _model_and_params()
   batch = _batch(b=8)
   fc = flow.FlowConfig.from_config(base_config(), decoder_prob=0.5)
+  noise = L.draw_noise(jax.random.key(1), 8, 6, C, fc, 4)
   (loss, m), grads = jax.jit(jax.value_and_grad(
-      lambda p: L.loss_fn(p, batch, jax.random.key(1), model=model, fc=fc, num_groups=4), has_aux=True))(params)
+      lambda p: L.summarize(L.grouped_loss(model, p, batch, noise, fc), 4), has_aux=True))(params)
   assert np.isfinite(loss) and all(np.isfinite(g).all() for g in jax.tree_util.tree_leaves(grads))
   frac = float(m["decode_fraction"])
   expected = (1 - frac) * (0 if np.isnan(m["denoise_loss"]) else m["denoise_loss"]) + frac * (

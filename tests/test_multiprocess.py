@@ -74,7 +74,7 @@ def test_global_batches_do_not_depend_on_the_process_count():
 def reference(tmp_path_factory):
   """The same config trained straight through in this process on 8 devices: (workdir, final state)."""
   workdir = tmp_path_factory.mktemp("reference")
-  state = train_loop.train(small_config(**MULTI), str(workdir), hooks=modes.training_hook)
+  state = train_loop.train(small_config(**MULTI), str(workdir), eval_hook=modes.training_hook)
   return workdir, state
 
 

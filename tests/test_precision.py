@@ -58,12 +58,12 @@ def _train(dtype: str, steps: int):
   encoder, enc_params = build_encoder(c)
   model = ELF(_model_config(compute_dtype=dtype))
   optimizer = optim.make_optimizer(c.optim, optim.make_schedule(c.optim, 100, steps))
-  obj = step_lib.Objective(model, encoder, flow.FlowConfig.from_config(c), num_groups=2)
+  obj = step_lib.ElfObjective(model, encoder, flow.FlowConfig.from_config(c), num_groups=2)
   train_step = step_lib.make_train_step(obj, optimizer, c.optim)
   state = jax.jit(lambda: step_lib.init_state(model, optimizer, jax.random.key(0), S))()  # distinct EMA buffers
   losses, batches = [], _batches()
   for i in range(steps):
-    state, metrics = train_step(state, enc_params, batches[i % len(batches)])
+    state, metrics = train_step(state, step_lib.FrozenInputs(enc_params), batches[i % len(batches)])
     losses.append(metrics["loss"])
   return state, metrics, np.asarray(jax.device_get(losses))
 
@@ -119,7 +119,8 @@ def _grads(remat: str):
   batch = dict(x0=jnp.asarray(rng.normal(size=(B, S, C)), jnp.float32), ids=jnp.asarray(rng.integers(0, V, (B, S))),
                valid=jnp.ones((B, S), bool), cond_mask=jnp.zeros((B, S), bool), loss_mask=jnp.ones((B, S), bool))
   fc = flow.FlowConfig.from_config(base_config(), decoder_prob=0.5)
-  grad_fn = jax.jit(jax.grad(lambda p: L.loss_fn(p, batch, jax.random.key(2), model=model, fc=fc, num_groups=2)[0]))
+  noise = L.draw_noise(jax.random.key(2), B, S, C, fc, 2)
+  grad_fn = jax.jit(jax.grad(lambda p: L.summarize(L.grouped_loss(model, p, batch, noise, fc), 2)[0]))
   compiled = grad_fn.lower(params).compile()
   temp = compiled.memory_analysis()
   return compiled(params), (temp.temp_size_in_bytes if temp is not None else None)

@@ -1,6 +1,7 @@
 """The sampler: parity with the reference sampler's outputs (ODE and CFG on the tiny fixture, SDE with the
 logit-normal grid on the training fixture), SDE/ODE/grid invariants, EOS masking and the conditional output length,
 network-call counts, sharded == unsharded, presets, and the trajectory view."""
+import dataclasses
 import json
 
 import flax.linen as nn
@@ -91,7 +92,7 @@ def test_unconditional_parity_with_reference(ref):
   model, params, cfg, r = ref
   config = _config(cfg, "unc")
   np.testing.assert_allclose(r["grid"], flow.time_grid(config.steps, config.grid), atol=1e-7)
-  out = S.make_sampler(model, config)(params, r["z0"], r["grid"])
+  out = S.make_sampler(model, config)(params, S.SampleInputs(r["z0"], r["grid"]))
   np.testing.assert_allclose(out.latents, r["z_unc"], atol=1e-4, rtol=0)
   np.testing.assert_array_equal(out.raw_ids, r["ids_unc"])
   np.testing.assert_array_equal(out.ids, _eos_mask_by_hand(r["ids_unc"], config.eos_id, config.pad_id))
@@ -103,7 +104,8 @@ def test_conditional_cfg_parity_with_reference(ref):
   config = _config(cfg, "cond")
   assert config.cfg_scale != 1.0
   cond_seq, cond_mask = _condition(cfg, r)
-  out = S.make_sampler(model, config)(params, r["z0"], r["grid"], cond_latents=cond_seq, cond_mask=cond_mask)
+  out = S.make_sampler(model, config)(params, S.SampleInputs(
+      r["z0"], r["grid"], condition=S.PinnedLatents(cond_seq, cond_mask)))
   np.testing.assert_allclose(out.latents, r["z_cond"], atol=1e-4, rtol=0)
   np.testing.assert_array_equal(out.latents[:, :cfg["cond"]["cond_len"]], cond_seq[:, :cfg["cond"]["cond_len"]])
   np.testing.assert_array_equal(out.raw_ids, r["ids_cond"])
@@ -118,7 +120,7 @@ def test_sde_parity_with_reference(sde_ref):
   config = _sde_config(cfg)
   b = r["z0"].shape[0]
   assert r["grid"].shape == (config.steps + 1,) and r["churn_noise"].shape == (config.steps - 1,) + r["z0"].shape
-  out = S.make_sampler(model, config)(params, r["z0"], r["grid"], churn_noise=r["churn_noise"])
+  out = S.make_sampler(model, config)(params, S.SampleInputs(r["z0"], r["grid"], churn_noise=r["churn_noise"]))
   error = _relative_error(out.latents, r["z_final"])
   print(f"SDE z_final: relative error {error:.2e}, max abs {np.abs(out.latents - r['z_final']).max():.2e}")
   assert error <= 1e-5
@@ -146,21 +148,22 @@ def test_injected_churn_noise_equals_the_drawn_one(sde_ref):
   noise = jnp.stack([config.noise_scale * jax.random.normal(jax.random.fold_in(rng, i), r["z0"].shape)
                      for i in range(config.steps - 1)])
   run = S.make_sampler(model, config)
-  drawn, injected = run(params, r["z0"], r["grid"], rng), run(params, r["z0"], r["grid"], churn_noise=noise)
+  drawn = run(params, S.SampleInputs(r["z0"], r["grid"], rng=rng))
+  injected = run(params, S.SampleInputs(r["z0"], r["grid"], churn_noise=noise))
   np.testing.assert_allclose(drawn.latents, injected.latents, rtol=0, atol=1e-6)
   assert np.abs(drawn.latents - r["z_final"]).max() > 1e-2  # another noise, another sample
   with pytest.raises(ValueError, match="steps − 1"):
-    run(params, r["z0"], r["grid"], churn_noise=r["churn_noise"][1:])
+    run(params, S.SampleInputs(r["z0"], r["grid"], churn_noise=r["churn_noise"][1:]))
 
 
 def test_sde_churn(ref):
   """γ = 0 is the ODE; γ > 0 depends on the key; a single (= last) interval is always an ODE step."""
   model, params, cfg, r = ref
-  kw = dict(guidance_scale=cfg["unc"]["self_cond_cfg_scale"], cfg_scale=1.0, noise_scale=cfg["denoiser_noise_scale"],
-            t_eps=cfg["t_eps"])
-  ode = jax.jit(lambda grid: S.sample(params, model, r["z0"], grid, method="ode", gamma=0.0, **kw).latents)
-  sde = jax.jit(lambda grid, gamma, key: S.sample(params, model, r["z0"], grid, method="sde", gamma=gamma,
-                                                  rng=jax.random.key(key), **kw).latents)
+  config = _config(cfg, "unc", method="ode", gamma=0.0)
+  ode_run = S.make_sampler(model, config)
+  sde_runs = {g: S.make_sampler(model, dataclasses.replace(config, method="sde", gamma=g)) for g in (0.0, 1.5)}
+  ode = lambda grid: ode_run(params, S.SampleInputs(r["z0"], grid)).latents
+  sde = lambda grid, gamma, key: sde_runs[gamma](params, S.SampleInputs(r["z0"], grid, rng=jax.random.key(key))).latents
   grid = r["grid"]
   np.testing.assert_allclose(sde(grid, 0.0, 0), ode(grid), atol=1e-5)
   a, b = sde(grid, 1.5, 0), sde(grid, 1.5, 1)
@@ -178,10 +181,10 @@ def test_per_example_grid_equals_separate_runs(ref):
   z0, w = r["z0"], np.array([1.0, 2.0, 3.0], np.float32)
   rng = jax.random.key(5)
   run = S.make_sampler(model, config)
-  batched = run(params, z0, grids, rng, guidance_scale=w)
+  batched = run(params, S.SampleInputs(z0, grids, guidance_scale=w, rng=rng))
   for i in range(z0.shape[0]):
     # The SDE noise is drawn for the whole batch: replay it by running the batch with row i's grid everywhere.
-    single = run(params, z0, grids[i], rng, guidance_scale=w)
+    single = run(params, S.SampleInputs(z0, grids[i], guidance_scale=w, rng=rng))
     np.testing.assert_allclose(batched.latents[i], single.latents[i], atol=1e-5)
 
 
@@ -208,7 +211,8 @@ def test_conditional_output_is_cut_to_the_target_length(ref):
   keep = s - n - 3  # as if the condition could be 3 tokens longer than this one
   config = _config(cfg, "cond", max_target_length=keep)
   cond_seq, cond_mask = _condition(cfg, r)
-  out = S.make_sampler(model, config)(params, r["z0"], r["grid"], cond_latents=cond_seq, cond_mask=cond_mask)
+  out = S.make_sampler(model, config)(params, S.SampleInputs(
+      r["z0"], r["grid"], condition=S.PinnedLatents(cond_seq, cond_mask)))
   np.testing.assert_array_equal(out.raw_ids, r["ids_cond"])
   targets = np.full_like(r["ids_cond"], config.pad_id)
   targets[:, :keep] = r["ids_cond"][:, n:n + keep]
@@ -245,8 +249,8 @@ def test_network_evaluations_per_step(ref, cfg_scale):
   cond_seq, cond_mask = _condition(cfg, r)
   config = _config(cfg, "cond", cfg_scale=cfg_scale)
   CALLS.clear()
-  out = S.make_sampler(SpyELF(model.config), config)(params, r["z0"], r["grid"], cond_latents=cond_seq,
-                                                      cond_mask=cond_mask)
+  out = S.make_sampler(SpyELF(model.config), config)(params, S.SampleInputs(
+      r["z0"], r["grid"], condition=S.PinnedLatents(cond_seq, cond_mask)))
   jax.block_until_ready(out)
   jax.effects_barrier()
   b, cfg_on = r["z0"].shape[0], cfg_scale != 1.0
@@ -264,16 +268,16 @@ def test_sharded_sampling_matches_single_device(ref):
   assert len(jax.devices()) == 8
   config = _config(cfg, "cond", method="sde", gamma=1.5, grid="logit_normal")
   b, s, c = 8, r["z0"].shape[1], r["z0"].shape[2]
-  cond = {"latents": jnp.tile(r["cond_seq"], (3, 1, 1))[:b],
-          "mask": jnp.broadcast_to(jnp.arange(s) < cfg["cond"]["cond_len"], (b, s))}
+  cond = S.PinnedLatents(latents=jnp.tile(r["cond_seq"], (3, 1, 1))[:b],
+                         mask=jnp.broadcast_to(jnp.arange(s) < cfg["cond"]["cond_len"], (b, s)))
   sampler = S.make_sampler(model, config)
   outs = [S.sample_from_seed(sampler, params, jax.random.key(11), config, batch=b, seq_len=s, latent_dim=c,
-                             mesh=_mesh(n), cond=cond, guidance_scale=jnp.linspace(1.0, 3.0, b)) for n in (1, 8)]
+                             mesh=_mesh(n), condition=cond, guidance_scale=jnp.linspace(1.0, 3.0, b)) for n in (1, 8)]
   assert len(outs[1].latents.sharding.device_set) == 8
   np.testing.assert_allclose(outs[0].latents, outs[1].latents, atol=1e-5)
   np.testing.assert_array_equal(outs[0].raw_ids, outs[1].raw_ids)
   other = S.sample_from_seed(sampler, params, jax.random.key(12), config, batch=b, seq_len=s, latent_dim=c,
-                             cond=cond)
+                             condition=cond)
   assert np.abs(other.latents - outs[0].latents).max() > 1e-2
 
 
@@ -319,7 +323,7 @@ def _word_tokenizer(vocab_size):
 def test_trajectory_view(ref, tmp_path):
   model, params, cfg, r = ref
   config = _config(cfg, "unc", return_trajectory=True)
-  out = S.make_sampler(model, config)(params, r["z0"], r["grid"])
+  out = S.make_sampler(model, config)(params, S.SampleInputs(r["z0"], r["grid"]))
   assert out.trajectory.shape == (config.steps,) + r["z0"].shape
   np.testing.assert_allclose(out.trajectory_t[:, 0], r["grid"][:-1])
   step_ids = trajectory.decode_trajectory(params, model, out.trajectory, config.guidance_scale)

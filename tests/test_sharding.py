@@ -6,7 +6,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from elf_jax.config import base_config
-from elf_jax.model.elf import ELF, ModelConfig, init_params
+from elf_jax.model.elf import ELF, ModelConfig
 from elf_jax.objective import flow
 from elf_jax.objective import optim
 from elf_jax.objective import state as state_lib
@@ -32,25 +32,22 @@ def _config():
 def setup():
   c = _config()
   model = ELF(ModelConfig.from_config(c))
-  encoder, enc_params = build_encoder(c)
-  obj = S.Objective(model, encoder, flow.FlowConfig.from_config(c), GROUPS)
+  encoder, encoder_params = build_encoder(c)
+  frozen = S.FrozenInputs(encoder_params)
+  obj = S.ElfObjective(model, encoder, flow.FlowConfig.from_config(c), GROUPS)
   optimizer = optim.make_optimizer(c.optim, 1e-3)
   rs = np.random.RandomState(0)
   valid = np.ones((B, SEQ), bool)
   valid[:, 6:] = False
   batch = dict(ids=jnp.asarray(rs.randint(3, 40, (B, SEQ)), jnp.int32), valid=jnp.asarray(valid),
                cond_mask=jnp.zeros((B, SEQ), bool), loss_mask=jnp.asarray(valid))
-  single = _run(c, model, obj, optimizer, enc_params, batch, None)
-  return c, model, obj, optimizer, enc_params, batch, single
+  single = _run(c, model, obj, optimizer, frozen, batch, None)
+  return c, model, obj, optimizer, frozen, batch, single
 
 
 def _shardings(c, model, optimizer, mesh):
-  init = lambda: S.init_state(model, optimizer, jax.random.PRNGKey(0), SEQ)
-  specs = sharding.param_specs(jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0), SEQ)),
-                               sharding.rules_from_config(c))
-  shapes = jax.eval_shape(init)
-  sharding.check_divisible(shapes.params, specs, mesh)
-  return state_lib.state_shardings(mesh, shapes, specs)
+  boxed = jax.eval_shape(lambda: S.init_boxed_state(model, optimizer, jax.random.PRNGKey(0), SEQ))
+  return state_lib.state_shardings(mesh, boxed, sharding.rules_from_config(c))
 
 
 def _perturbed_state(model, optimizer):
@@ -63,17 +60,17 @@ def _perturbed_state(model, optimizer):
   return state.replace(params=params, ema_params=params)
 
 
-def _run(c, model, obj, optimizer, enc_params, batch, mesh):
+def _run(c, model, obj, optimizer, frozen, batch, mesh):
   """Loss and grads at init, then params and per-step losses after two steps."""
   init = lambda: _perturbed_state(model, optimizer)
   sh = None if mesh is None else _shardings(c, model, optimizer, mesh)
   state = jax.jit(init, out_shardings=sh)()
-  grad_fn = jax.jit(jax.grad(lambda p: S.compute_loss(p, enc_params, batch, jax.random.PRNGKey(5), obj, mesh)[0]))
+  grad_fn = jax.jit(jax.grad(lambda p: S.compute_loss(p, frozen, batch, jax.random.PRNGKey(5), obj, mesh)[0]))
   grads = grad_fn(state.params)
   step = S.make_train_step(obj, optimizer, c.optim, mesh, sh)
   losses = []
   for _ in range(2):
-    state, metrics = step(state, enc_params, batch)
+    state, metrics = step(state, frozen, batch)
     losses.append(float(metrics["loss"]))
   return dict(losses=losses, grads=grads, state=state)
 
@@ -97,10 +94,10 @@ def _tree_rel(a, b):
 # parameters over fsdp x tensor); fsdp alone runs in test_multiprocess (1 x 8).
 @pytest.mark.parametrize("shape", [(8, 1, 1), (2, 2, 2)])
 def test_sharded_equals_single_device(setup, shape):
-  c, model, obj, optimizer, enc_params, batch, single = setup
+  c, model, obj, optimizer, frozen, batch, single = setup
   c.mesh.update(data=shape[0], fsdp=shape[1], tensor=shape[2])
   mesh = make_mesh(c.mesh, jax.devices()[:int(np.prod(shape))])  # the tensor-only mesh uses 4 of the 8 devices
-  out = _run(c, model, obj, optimizer, enc_params, batch, mesh)
+  out = _run(c, model, obj, optimizer, frozen, batch, mesh)
   np.testing.assert_allclose(out["losses"], single["losses"], rtol=1e-5)
   assert _max_rel(out["grads"], single["grads"]) < 1e-5
   assert _tree_rel(out["state"].params, single["state"].params) < 1e-5

@@ -92,7 +92,7 @@ def read_tensorboard_scalars(tb_dir) -> dict[str, list[tuple[int, float]]]:
 def straight(tmp_path_factory):
   """The reference: 6 uninterrupted steps (checkpoints at 3 and 6) with the sampling + evaluation hook at the end."""
   workdir = tmp_path_factory.mktemp("straight")
-  state = train_loop.train(small_config(), str(workdir), hooks=modes.training_hook)
+  state = train_loop.train(small_config(), str(workdir), eval_hook=modes.training_hook)
   return workdir, state
 
 
@@ -134,7 +134,7 @@ def test_straight_run_writes_what_a_person_reads(straight):
 def test_sample_mode_opens_no_training_data(straight, tmp_path, monkeypatch):
   """--mode=sample builds the experiment without a training plan: the training split is never opened (no source,
   no pipeline, no latent-statistics measurement) and the latent statistics are the run's saved latent_stats.json;
-  building with training=True, as --mode=train does, opens it (so the check can fail)."""
+  training (the plan and `train_loop.measure_latent_stats`, as --mode=train) opens it (so the check can fail)."""
   workdir = tmp_path / "run"
   shutil.copytree(straight[0], workdir)
   (workdir / experiment.LATENT_STATS_FILE).unlink(missing_ok=True)
@@ -152,8 +152,8 @@ def test_sample_mode_opens_no_training_data(straight, tmp_path, monkeypatch):
   assert config.data.split not in opened
   assert len(open(path).read().splitlines()) == config.sample.num_samples
   exp = experiment.build(config, str(workdir))
-  assert exp.training is None and (exp.encoder.latent_mean, exp.encoder.latent_std) == (0.125, 0.5)
-  experiment.build(config, str(workdir), training=True)
+  assert exp.training_plan is None and (exp.encoder.latent_mean, exp.encoder.latent_std) == (0.125, 0.5)
+  train_loop.measure_latent_stats(experiment.build(config, str(workdir), with_training_plan=True), str(workdir))
   assert config.data.split in opened
 
 def _send_sigterm_after_step_2(setup, workdir, state, step, writer, final):
@@ -174,7 +174,7 @@ def preempted(tmp_path_factory):
   handler_before = signal.getsignal(signal.SIGTERM)
   out = io.StringIO()
   with contextlib.redirect_stdout(out):
-    state = train_loop.train(small_config(**PREEMPTED), str(workdir), hooks=_send_sigterm_after_step_2)
+    state = train_loop.train(small_config(**PREEMPTED), str(workdir), eval_hook=_send_sigterm_after_step_2)
   return {"workdir": workdir, "step": int(state.step), "stdout": out.getvalue(), "steps_on_disk": steps_on_disk(workdir),
           "handler_restored": signal.getsignal(signal.SIGTERM) == handler_before,
           "loss_curve": (workdir / "loss_curve.png").exists(), "rows": train_rows(workdir)}
@@ -210,7 +210,7 @@ def test_resume_past_a_half_written_checkpoint_is_exact(straight, preempted, cap
   leftover = sorted(p.relative_to(ckpt / "5") for p in (ckpt / "5").rglob("*"))
 
   with caplog.at_level("WARNING"):
-    state = train_loop.train(small_config(**PREEMPTED), str(workdir), hooks=_send_sigterm_after_step_2)
+    state = train_loop.train(small_config(**PREEMPTED), str(workdir), eval_hook=_send_sigterm_after_step_2)
   assert "resumed from step 3 of 6" in capsys.readouterr().out
   messages = [r.getMessage() for r in caplog.records if "unusable" in r.getMessage()]
   assert len(messages) == 1 and str(ckpt / "5") in messages[0] and "step 3" in messages[0]

@@ -25,6 +25,7 @@ import ml_collections
 from elf_jax.model.elf import ELF
 from elf_jax.model.latents import LatentEncoder
 from elf_jax.objective import flow
+from elf_jax.objective import loss as L
 from elf_jax.objective import step as step_lib
 
 
@@ -100,15 +101,9 @@ def draw_noise(rng, batch_size: int, seq_len: int, latent_dim: int, fc: flow.Flo
       w=flow.sample_guidance_scale(k["w"], (b,), fc.guidance_min, fc.guidance_max),
       use_self_cond=jax.random.bernoulli(k["self_cond"], fc.self_cond_prob, (b,)) & ~decoder,
       eps=jax.random.normal(k["eps"], (b, s, c)),
-      decoder_lambda=jax.nn.sigmoid(fc.decoder_m_mean + fc.decoder_m_std * jax.random.normal(k["lambda"], (b, s))),
-      decoder_noise=fc.decoder_noise_scale * jax.random.normal(k["decoder_noise"], (b, s, c)),
+      **L.draw_decoder_corruption(k["lambda"], k["decoder_noise"], (b, s, c), fc),
       dropout=k["dropout"],
   )
-
-
-def _x_hat(model: ELF, params, z, x_sc, t, w):
-  """The network's x̂ (B,S,C) on concat[z, x_sc] (no key-padding mask, as the reference)."""
-  return model.apply({"params": params}, jnp.concatenate([z, x_sc], -1), t, w)
 
 
 def teacher_target(model: ELF, teacher_params, x0, cond_mask, z_s, t_s, t_t, w, sc_half, times, t_eps: float,
@@ -123,7 +118,7 @@ def teacher_target(model: ELF, teacher_params, x0, cond_mask, z_s, t_s, t_t, w, 
   def sub_step(carry, ts):
     z, x_prev = carry
     t, t_next = ts
-    x_hat = _x_hat(model, teacher_params, z, jnp.where(keep, x0, x_prev), t, w)
+    x_hat = L.apply_network(model, teacher_params, z, jnp.where(keep, x0, x_prev), t, w)
     z = jnp.where(keep, x0, z + (t_next - t)[:, None, None] * flow.velocity(x_hat, z, t, t_eps))
     return (z, x_hat), None
 
@@ -146,22 +141,18 @@ def per_example_loss(model: ELF, params, teacher_params, batch, noise, fc: flow.
   decoder, t_s, w = noise["decoder"], noise["t_s"], noise["w"]
   clean_cond = jnp.where(keep, x0, 0.0)
   z_s = jnp.where(keep, x0, flow.interpolate(x0, noise["eps"], t_s, fc.denoiser_noise_scale))
-  x_init = _x_hat(model, teacher_params, z_s, clean_cond, t_s, w)
+  x_init = L.apply_network(model, teacher_params, z_s, clean_cond, t_s, w)
   sc_half = jnp.where(keep, x0, jnp.where(noise["use_self_cond"][:, None, None], x_init, 0.0))
   target = teacher_target(model, teacher_params, x0, batch["cond_mask"], z_s, t_s, noise["t_t"], w, sc_half,
                           noise["sub_step_times"], fc.t_eps, dc.span_fallback)
   x_init, sc_half, target = jax.lax.stop_gradient((x_init, sc_half, target))
 
-  lam = noise["decoder_lambda"][..., None]
-  z = jnp.where(decoder[:, None, None], lam * x0 + (1.0 - lam) * noise["decoder_noise"], z_s)
-  dropout = dropout_rng is not None and model.config.dropout_rate > 0
-  x_hat, logits = model.apply({"params": params}, jnp.concatenate([z, sc_half], -1), t_s, w,
-                              decode=decoder.astype(jnp.float32), deterministic=not dropout,
-                              rngs={"dropout": dropout_rng} if dropout else None)
-  nll = -jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32), -1), batch["ids"][..., None], -1)[..., 0]
-  sq_error = jnp.mean(jnp.square(x_hat - target), axis=-1)
+  z = jnp.where(decoder[:, None, None], L.decoder_input(x0, noise), z_s)
+  x_hat, logits = L.apply_network(model, params, z, sc_half, t_s, w, decode=decoder.astype(jnp.float32),
+                                  dropout_rng=dropout_rng)
   row_mean = jax.vmap(flow.masked_mean)
-  loss = jnp.where(decoder, row_mean(nll, loss_mask), row_mean(sq_error, loss_mask))
+  loss = jnp.where(decoder, row_mean(L.token_nll(logits, batch["ids"]), loss_mask),
+                   row_mean(L.per_token_sq_error(x_hat, target), loss_mask))
   return loss, dict(teacher_x_init=x_init, sc_half=sc_half, target=target)
 
 
@@ -170,14 +161,7 @@ def distill_loss(model: ELF, params, teacher_params, batch, noise, fc: flow.Flow
   """The batch loss (mean over rows of `per_example_loss`) and metrics: denoise_loss (PD rows), decode_loss (CE
   rows; NaN where a batch has none of them), decode_fraction."""
   rows, _ = per_example_loss(model, params, teacher_params, batch, noise, fc, dc, dropout_rng)
-  is_dec = noise["decoder"].astype(jnp.float32)
-  n_dec = jnp.sum(is_dec)
-  n_den = rows.shape[0] - n_dec
-  loss = jnp.mean(rows)
-  return loss, dict(loss=loss,
-                    denoise_loss=jnp.where(n_den > 0, jnp.sum(rows * (1 - is_dec)) / jnp.maximum(n_den, 1), jnp.nan),
-                    decode_loss=jnp.where(n_dec > 0, jnp.sum(rows * is_dec) / jnp.maximum(n_dec, 1), jnp.nan),
-                    decode_fraction=n_dec / rows.shape[0])
+  return L.summarize(L.branch_sums(rows, noise["decoder"]), rows.shape[0])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,16 +175,16 @@ class DistillObjective:
   conditional: bool = False
 
 
-def compute_loss(params, frozen, batch, rng, obj: DistillObjective, mesh=None) -> tuple[jax.Array, dict[str, Any]]:
-  """ids-level distillation loss for `step.train_step`: frozen = (encoder params, teacher params).
+def compute_loss(params, frozen: step_lib.FrozenInputs, batch, rng, obj: DistillObjective,
+                 mesh=None) -> tuple[jax.Array, dict[str, Any]]:
+  """ids-level distillation loss for `step.train_step` (the frozen inputs carry the teacher's params).
 
   One program for the global batch (every row runs the same passes, no branch): the batch stays sharded over the
   mesh's batch axes and the teacher's parameters like the student's.
   """
   del mesh  # sharding follows the inputs
-  encoder_params, teacher_params = frozen
   b, s = batch["ids"].shape
   noise = draw_noise(rng, b, s, obj.encoder.dim, obj.flow, obj.distill)
-  x0 = step_lib.batch_latents(obj.encoder, encoder_params, batch, obj.conditional)
-  data = dict({k: v for k, v in batch.items() if k != "latents"}, x0=x0)
-  return distill_loss(obj.model, params, teacher_params, data, noise, obj.flow, obj.distill, noise["dropout"])
+  data = step_lib.with_latents(obj.encoder, frozen.encoder_params, batch, obj.conditional)
+  return distill_loss(obj.model, params, frozen.teacher_params, data, noise, obj.flow, obj.distill,
+                      noise["dropout"])

@@ -54,21 +54,43 @@ def draw_noise(rng, batch_size: int, seq_len: int, latent_dim: int, fc: flow.Flo
       t=flow.sample_time(k["t"], (b,), fc.time_schedule, fc.P_mean, fc.P_std),
       w=flow.sample_guidance_scale(k["w"], (b,), fc.guidance_min, fc.guidance_max),
       self_cond=flow.sample_self_cond(k["self_cond"], b, num_groups, fc.self_cond_prob, fc.self_cond_draw),
-      decoder_lambda=jax.nn.sigmoid(fc.decoder_m_mean + fc.decoder_m_std * jax.random.normal(k["lambda"], (b, s))),
-      decoder_noise=fc.decoder_noise_scale * jax.random.normal(k["decoder_noise"], (b, s, c)),
+      **draw_decoder_corruption(k["lambda"], k["decoder_noise"], (b, s, c), fc),
       drop_condition=drop,
       group_decode=jax.random.bernoulli(k["coin"], fc.decoder_prob, (num_groups,)),
       dropout=k["dropout"],
   )
 
 
-def _per_token_sq_error(pred, target):
+def draw_decoder_corruption(lambda_rng, noise_rng, shape: tuple[int, int, int],
+                            fc: flow.FlowConfig) -> dict[str, jax.Array]:
+  """The decoder branch's draws (spec §4) for a (B, S, C) batch: decoder_lambda (B,S) = sigmoid(N(m_mean, m_std)),
+  the per-token signal level, and decoder_noise (B,S,C), unit Gaussian × `decoder_noise_scale`."""
+  b, s, _ = shape
+  return dict(
+      decoder_lambda=jax.nn.sigmoid(fc.decoder_m_mean + fc.decoder_m_std * jax.random.normal(lambda_rng, (b, s))),
+      decoder_noise=fc.decoder_noise_scale * jax.random.normal(noise_rng, shape))
+
+
+def decoder_input(x0, noise) -> jax.Array:
+  """The decoder branch's z (B,S,C) = λ·x0 + (1 − λ)·noise at every position (the condition's too)."""
+  lam = noise["decoder_lambda"][..., None]
+  return lam * x0 + (1.0 - lam) * noise["decoder_noise"]
+
+
+def per_token_sq_error(pred, target) -> jax.Array:
+  """(B,S): the squared error averaged over the latent channels."""
   return jnp.mean(jnp.square(pred - target), axis=-1)
 
 
-def _apply(model: ELF, params, z, x_sc, t, w, decode=False, dropout_rng=None):
+def token_nll(logits, ids) -> jax.Array:
+  """(B,S) float32: −log softmax(logits)[ids], the decoder's per-token cross-entropy."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return -jnp.take_along_axis(logp, ids[..., None], axis=-1)[..., 0]
+
+
+def apply_network(model: ELF, params, z, x_sc, t, w, decode=False, dropout_rng=None):
   """The network on concat[z, x_sc] without a key-padding mask (as the reference trains); dropout iff a key is
-  given and the model has dropout."""
+  given and the model has dropout. decode: False (x̂), True (logits) or a (B,) gate ((x̂, logits))."""
   dropout = dropout_rng is not None and model.config.dropout_rate > 0
   return model.apply({"params": params}, jnp.concatenate([z, x_sc], -1), t, w, None, decode=decode,
                      deterministic=not dropout, rngs={"dropout": dropout_rng} if dropout else None)
@@ -99,24 +121,24 @@ def denoiser_loss(model: ELF, params, batch, noise, fc: flow.FlowConfig, dropout
   num_rows = self_cond_pass_rows(b, fc)
   x_uncond = jnp.zeros_like(z)
   if num_rows == b:
-    x_uncond = jax.lax.stop_gradient(_apply(model, params, z, clean_cond(jnp.zeros_like(z)), t, w))
+    x_uncond = jax.lax.stop_gradient(apply_network(model, params, z, clean_cond(jnp.zeros_like(z)), t, w))
   elif num_rows:  # fixed_count: only the self-conditioned rows
     rows = jnp.argsort(~self_cond, stable=True)[:num_rows]
     x_sc_rows = jnp.where(cond[rows], x0[rows], 0.0)
-    x_rows = _apply(model, params, z[rows], x_sc_rows, t[rows], w[rows])
+    x_rows = apply_network(model, params, z[rows], x_sc_rows, t[rows], w[rows])
     x_uncond = x_uncond.at[rows].set(jax.lax.stop_gradient(x_rows))
   use_sc = self_cond[:, None, None]
   x_sc = clean_cond(jnp.where(use_sc, x_uncond, 0.0))
-  x_hat = _apply(model, params, z, x_sc, t, w, dropout_rng=dropout_rng)
+  x_hat = apply_network(model, params, z, x_sc, t, w, dropout_rng=dropout_rng)
   # For self-conditioned rows [z, x_sc] is the v_cond pass input; without dropout that pass is the main one.
-  x_cond = x_hat if model.config.dropout_rate == 0 else _apply(model, params, z, x_sc, t, w)
+  x_cond = x_hat if model.config.dropout_rate == 0 else apply_network(model, params, z, x_sc, t, w)
   x_cond = jax.lax.stop_gradient(x_cond)
 
   v_uncond = flow.velocity(x_uncond, z, t, fc.t_eps)
   v_cond = flow.velocity(x_cond, z, t, fc.t_eps)
   target = jnp.where(use_sc, flow.guided_target(v, v_cond, v_uncond, w), v)
   v_hat = flow.velocity(x_hat, z, t, fc.t_eps)
-  return flow.masked_mean(_per_token_sq_error(v_hat, target), batch["loss_mask"])
+  return flow.masked_mean(per_token_sq_error(v_hat, target), batch["loss_mask"])
 
 
 def decoder_loss(model: ELF, params, batch, noise, fc: flow.FlowConfig, dropout_rng):
@@ -125,13 +147,10 @@ def decoder_loss(model: ELF, params, batch, noise, fc: flow.FlowConfig, dropout_
   Every position is noised, the condition's too, and the self-conditioning half is all zeros (as the reference).
   """
   del fc  # the decoder noise is drawn already scaled
-  lam = noise["decoder_lambda"][..., None]
-  z = lam * batch["x0"] + (1.0 - lam) * noise["decoder_noise"]
-  logits = _apply(model, params, z, jnp.zeros_like(z), jnp.ones_like(noise["t"]), noise["w"], decode=True,
-                  dropout_rng=dropout_rng)
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(logp, batch["ids"][..., None], axis=-1)[..., 0]
-  return flow.masked_mean(nll, batch["loss_mask"])
+  z = decoder_input(batch["x0"], noise)
+  logits = apply_network(model, params, z, jnp.zeros_like(z), jnp.ones_like(noise["t"]), noise["w"], decode=True,
+                         dropout_rng=dropout_rng)
+  return flow.masked_mean(token_nll(logits, batch["ids"]), batch["loss_mask"])
 
 
 def grouped_loss(model: ELF, params, batch, noise, fc: flow.FlowConfig, group_offset=0, skip_other_branch: bool = True):
@@ -160,12 +179,12 @@ def grouped_loss(model: ELF, params, batch, noise, fc: flow.FlowConfig, group_of
     losses = one_group((jax.tree_util.tree_map(lambda x: x[0], groups), noise["group_decode"][0], 0))[None]
   else:
     losses = jax.lax.map(one_group, (groups, noise["group_decode"], jnp.arange(g)))
-  is_decode = noise["group_decode"].astype(jnp.float32)
-  return (jnp.sum(losses), jnp.sum(losses * (1 - is_decode)), jnp.sum(losses * is_decode), jnp.sum(is_decode))
+  return branch_sums(losses, noise["group_decode"])
 
 
-def summarize(sums, num_groups: int) -> tuple[jax.Array, dict[str, Any]]:
-  """(loss_sum, denoise_sum, decode_sum, num_decode) over all groups → (loss, metrics)."""
+def summarize(sums, num_groups) -> tuple[jax.Array, dict[str, Any]]:
+  """(loss_sum, denoise_sum, decode_sum, num_decode) over `num_groups` groups (or rows) → (loss, metrics): loss,
+  denoise_loss / decode_loss (mean over the groups of that branch; NaN where there are none), decode_fraction."""
   loss_sum, den_sum, dec_sum, n_dec = sums
   n_den = num_groups - n_dec
   metrics = dict(loss=loss_sum / num_groups,
@@ -175,12 +194,7 @@ def summarize(sums, num_groups: int) -> tuple[jax.Array, dict[str, Any]]:
   return loss_sum / num_groups, metrics
 
 
-def loss_fn(params, batch, rng, *, model: ELF, fc: flow.FlowConfig, num_groups: int = 1):
-  """Single-program ELF loss: (params, batch, rng) → (loss, metrics); ready for jax.jit / jax.grad.
-
-  batch: x0 (B,S,C) normalised latents (condition latents already zeroed for dropped examples), ids (B,S) int32,
-  cond_mask / loss_mask (B,S) bool (the network gets no padding mask; loss_mask says which positions count). The sharded train step runs `grouped_loss` per batch shard instead.
-  """
-  b, s, c = batch["x0"].shape
-  noise = draw_noise(rng, b, s, c, fc, num_groups)
-  return summarize(grouped_loss(model, params, batch, noise, fc), num_groups)
+def branch_sums(losses, is_decode) -> tuple[jax.Array, ...]:
+  """Per-group (or per-row) losses (G,) and decoder flags (G,) → `summarize`'s (loss, denoise, decode, count) sums."""
+  is_decode = is_decode.astype(jnp.float32)
+  return (jnp.sum(losses), jnp.sum(losses * (1 - is_decode)), jnp.sum(losses * is_decode), jnp.sum(is_decode))

@@ -1,6 +1,7 @@
 """TrainState: everything a training run carries from step to step (and into every checkpoint)."""
 from typing import Any
 
+import flax.linen as nn
 import flax.struct
 import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -26,12 +27,10 @@ class TrainState:
   rng: jax.Array
 
 
-def state_shardings(mesh: jax.sharding.Mesh, state_shapes: TrainState, specs_of_params) -> TrainState:
-  """NamedShardings for a whole TrainState: params and EMA per `specs_of_params`, optimizer-state leaves mirroring
-  their parameter (`sharding.opt_state_specs`), step and rng replicated."""
-  named = lambda spec: NamedSharding(mesh, spec)
-  is_spec = lambda x: isinstance(x, P)
-  p = jax.tree_util.tree_map(named, specs_of_params, is_leaf=is_spec)
-  o = jax.tree_util.tree_map(named, sharding.opt_state_specs(state_shapes.opt_state, state_shapes.params,
-                                                             specs_of_params), is_leaf=is_spec)
-  return TrainState(step=named(P()), params=p, ema_params=p, opt_state=o, rng=named(P()))
+def state_shardings(mesh: jax.sharding.Mesh, boxed_state_shapes: TrainState, rules) -> TrainState:
+  """NamedShardings for a whole TrainState from its boxed shapes (`step.init_boxed_state` under `jax.eval_shape`):
+  every boxed leaf (params, EMA and the optimizer moments that mirror them) by its logical axis names and `rules`,
+  everything else (step, rng, counters) replicated. One clear error if the mesh does not divide a parameter."""
+  specs = nn.logical_to_mesh(nn.get_partition_spec(boxed_state_shapes), rules)
+  sharding.check_divisible(nn.unbox(boxed_state_shapes).params, specs.params, mesh)
+  return jax.tree_util.tree_map(lambda spec: NamedSharding(mesh, spec), specs, is_leaf=lambda x: isinstance(x, P))

@@ -14,6 +14,7 @@ import functools
 from typing import Any
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -27,14 +28,15 @@ from elf_jax.objective import flow
 from elf_jax.objective import loss as L
 from elf_jax.objective import optim
 from elf_jax.objective.state import TrainState
-from elf_jax.parallel.mesh import batch_axes, num_batch_shards
+from elf_jax.parallel import sharding
+from elf_jax.parallel.mesh import batch_axes, num_batch_shards, traced_under_mesh
 
 BATCH_KEYS = ("ids", "valid", "cond_mask", "loss_mask")
 
 
 @dataclasses.dataclass(frozen=True)
-class Objective:
-  """Everything static the loss needs: the network, the frozen encoder, the flow hyper-parameters, grouping."""
+class ElfObjective:
+  """Everything static the ELF loss needs: the network, the frozen encoder, the flow hyper-parameters, grouping."""
   model: ELF
   encoder: LatentEncoder
   flow: flow.FlowConfig
@@ -54,20 +56,29 @@ def resolve_num_groups(config: ml_collections.ConfigDict, mesh: jax.sharding.Mes
   return groups
 
 
-def batch_latents(encoder: LatentEncoder, encoder_params, batch, conditional: bool, drop_condition=None):
-  """Normalised latents x0 (B,S,C) of a batch: the frozen encoder on its ids, or its cached `latents` (then only
-  the normalisation is applied). drop_condition (B,) bool: label dropping (conditional tasks)."""
+@flax.struct.dataclass
+class FrozenInputs:
+  """The step's inputs that receive no gradient: the encoder's params and, for distillation, the teacher's."""
+  encoder_params: Any
+  teacher_params: Any = None
+
+
+def with_latents(encoder: LatentEncoder, encoder_params, batch, conditional: bool, drop_condition=None):
+  """The batch with normalised latents x0 (B,S,C) in place of `latents`: the frozen encoder on its ids, or its
+  cached `latents` (then only the normalisation is applied). drop_condition (B,) bool: label dropping."""
   if "latents" in batch:
     if conditional:
       raise ValueError("cached latents are for unconditional data (label dropping changes the encoder mask); "
                        "unset data.latent_cache_dir for conditional tasks")
-    return (batch["latents"].astype(jnp.float32) - encoder.latent_mean) / encoder.latent_std
-  return encoder.encode(encoder_params, batch["ids"], batch["valid"], batch["cond_mask"] if conditional else None,
+    x0 = (batch["latents"].astype(jnp.float32) - encoder.latent_mean) / encoder.latent_std
+  else:
+    x0 = encoder.encode(encoder_params, batch["ids"], batch["valid"], batch["cond_mask"] if conditional else None,
                         drop_condition)
+  return dict({k: v for k, v in batch.items() if k != "latents"}, x0=x0)
 
 
-def compute_loss(params, encoder_params, batch, rng, obj: Objective, mesh: jax.sharding.Mesh | None = None):
-  """ids-level ELF loss: (params, encoder params, batch, rng) → (loss, metrics).
+def compute_loss(params, frozen: FrozenInputs, batch, rng, obj: ElfObjective, mesh: jax.sharding.Mesh | None = None):
+  """ids-level ELF loss: (params, frozen encoder params, batch, rng) → (loss, metrics).
 
   batch: ids (B,S) int32, valid / cond_mask / loss_mask (B,S) bool, and optionally `latents` (B,S,C) float32, the
   raw encoder outputs from a latent cache (unconditional data; `elf_jax.data.latent_cache`): then the encoder is
@@ -76,8 +87,7 @@ def compute_loss(params, encoder_params, batch, rng, obj: Objective, mesh: jax.s
   """
   b, s = batch["ids"].shape
   noise = L.draw_noise(rng, b, s, obj.encoder.dim, obj.flow, obj.num_groups, obj.conditional)
-  x0 = batch_latents(obj.encoder, encoder_params, batch, obj.conditional, noise["drop_condition"])
-  data = dict({k: v for k, v in batch.items() if k != "latents"}, x0=x0)
+  data = with_latents(obj.encoder, frozen.encoder_params, batch, obj.conditional, noise["drop_condition"])
   shards = 1 if mesh is None else num_batch_shards(mesh)
   if shards == 1:  # every device evaluates the same group at the same time
     return L.summarize(L.grouped_loss(obj.model, params, data, noise, obj.flow), obj.num_groups)
@@ -113,7 +123,7 @@ def split_micro_batches(batch, num_micro: int, mesh=None):
   return jax.tree.map(split, batch)
 
 
-def train_step(state: TrainState, frozen, batch, *, obj: Objective, optimizer: optax.GradientTransformation,
+def train_step(state: TrainState, frozen: FrozenInputs, batch, *, obj, optimizer: optax.GradientTransformation,
                optim_config: ml_collections.ConfigDict, mesh=None, loss_fn=compute_loss):
   """One optimizer step on the whole per-update batch (B = optim.global_batch_size rows), as the reference's
   chain(clip_by_global_norm, MultiSteps(optimizer, k)) fed k micro-batches.
@@ -122,8 +132,8 @@ def train_step(state: TrainState, frozen, batch, *, obj: Objective, optimizer: o
   micro-batch's gradient with its own rng (`fold_in(step rng, j)`), clips it (global norm `optim.grad_clip`) and sums
   it; the mean clipped gradient then drives one optimizer update and one EMA update, and the step advances by one.
 
-  loss_fn(params, frozen, batch, rng, obj, mesh) → (loss, metrics): `compute_loss` (frozen = the encoder's
-  params) or another objective of the same shape (e.g. `distill.compute_loss`, frozen = (encoder, teacher)).
+  loss_fn(params, frozen, batch, rng, obj, mesh) → (loss, metrics): `compute_loss` or another objective of the
+  same shape (e.g. `distill.compute_loss`, whose frozen inputs carry the teacher).
 
   Returns:
     (new state, metrics): every metric of loss_fn averaged over the micro-batches that define it (NaN-valued ones,
@@ -153,30 +163,32 @@ def train_step(state: TrainState, frozen, batch, *, obj: Objective, optimizer: o
   return new_state, metrics
 
 
-def make_train_step(obj: Objective, optimizer, optim_config, mesh=None, state_shardings: Any = None,
-                    loss_fn=compute_loss, frozen_shardings: Any = None):
+def make_train_step(obj, optimizer, optim_config, mesh=None, state_shardings: Any = None, loss_fn=compute_loss,
+                    with_teacher: bool = False):
   """`jax.jit`-compiled train step with declared in/out shardings and donated state (when a mesh is given).
 
-  frozen_shardings: of the step's frozen inputs (default: replicated, right for the encoder's params)."""
+  Frozen inputs: the encoder's params replicated; with_teacher: teacher params sharded like the student's."""
   fn = functools.partial(train_step, obj=obj, optimizer=optimizer, optim_config=optim_config, mesh=mesh,
                          loss_fn=loss_fn)
   if mesh is None:
     return jax.jit(fn, donate_argnums=(0,))
-  batch_sh = NamedSharding(mesh, P(batch_axes(mesh)))  # every batch array (ids, masks, cached latents)
   replicated = NamedSharding(mesh, P())
-  frozen_shardings = replicated if frozen_shardings is None else frozen_shardings
-
-  def traced_under_mesh(*args):  # per-shard kernels (the Pallas attention) read the mesh while tracing
-    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-      return fn(*args)
-
-  return jax.jit(traced_under_mesh, in_shardings=(state_shardings, frozen_shardings, batch_sh),
+  frozen_shardings = FrozenInputs(replicated, state_shardings.params if with_teacher else None)
+  return jax.jit(traced_under_mesh(fn, mesh), in_shardings=(state_shardings, frozen_shardings,
+                                                             sharding.batch_sharding(mesh)),
                  out_shardings=(state_shardings, replicated), donate_argnums=(0,))
 
 
-def init_state(model: ELF, optimizer, rng, seq_len: int) -> TrainState:
-  """A fresh TrainState (params from `rng`, EMA = params); use under jit with out_shardings to create it sharded."""
+def init_boxed_state(model: ELF, optimizer, rng, seq_len: int) -> TrainState:
+  """A fresh TrainState (params from `rng`, EMA = params) whose parameter leaves stay `nn.LogicallyPartitioned`, and
+  so do the optimizer moments `optimizer.init` builds from them: under `jax.eval_shape`, the input of
+  `state.state_shardings`."""
   params_rng, state_rng = jax.random.split(rng)
-  params = nn.unbox(init_params(model, params_rng, seq_len))
+  params = init_params(model, params_rng, seq_len)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
                     opt_state=optimizer.init(params), rng=state_rng)
+
+
+def init_state(model: ELF, optimizer, rng, seq_len: int) -> TrainState:
+  """`init_boxed_state` unboxed; use under jit with out_shardings (`state.state_shardings`) to create it sharded."""
+  return nn.unbox(init_boxed_state(model, optimizer, rng, seq_len))

@@ -184,3 +184,14 @@ def describe_mesh(mesh: jax.sharding.Mesh) -> str:
   return (f"mesh {axes}: {mesh.devices.size} {platform} devices, {num_processes} "
           f"process{'es' if num_processes > 1 else ''}, batch split {num_batch_shards(mesh)} ways over "
           f"{'+'.join(batch_axes(mesh))}")
+
+
+def traced_under_mesh(fn, mesh: jax.sharding.Mesh):
+  """`fn` traced under `mesh`'s abstract mesh, for `jax.jit`: per-shard kernels (the Pallas attention) read the
+  mesh while tracing and split their inputs over its axes instead of running on whole arrays."""
+
+  def traced(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args, **kwargs)
+
+  return traced

@@ -1,12 +1,11 @@
 """Declared sharding: logical axis names → mesh axes through one rule table (`config.mesh.rules`).
 
 Parameters carry logical names (see `elf_jax.model.layers`); the rules map each to a mesh axis (or None =
-replicated). Optimizer state leaves that mirror a parameter take that parameter's spec; scalars are replicated.
+replicated); `objective.state.state_shardings` applies them to a whole boxed TrainState.
 Batches are sharded along their first axis over the batch axes ("data", "fsdp").
 """
 from typing import Any
 
-import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -18,11 +17,6 @@ from elf_jax.parallel.mesh import batch_axes, num_batch_shards
 def rules_from_config(config) -> tuple[tuple[str, Any], ...]:
   """`config.mesh.rules` (default `elf_jax.config.SHARDING_RULES`) as a tuple of (logical, mesh axis) pairs."""
   return tuple(tuple(r) for r in config.mesh.rules)
-
-
-def param_specs(boxed_params, rules) -> Any:
-  """PartitionSpecs for a parameter tree whose leaves are `nn.LogicallyPartitioned` (e.g. from `jax.eval_shape`)."""
-  return nn.logical_to_mesh(nn.get_partition_spec(boxed_params), rules)
 
 
 def check_mesh(mesh: jax.sharding.Mesh, num_heads: int, batch_size: int | None = None) -> None:
@@ -55,29 +49,6 @@ def check_divisible(shapes, specs, mesh: jax.sharding.Mesh, what: str = "paramet
     raise ConfigError(f"the mesh {dict(mesh.shape)} does not divide these {what}s: " + "; ".join(problems) +
                      ". Fix: change --config.mesh.fsdp/tensor (e.g. a tensor size that divides the number of heads"
                      " and the vocabulary) or --config.mesh.rules.")
-
-
-def _key_name(k) -> Any:
-  return getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))
-
-
-def opt_state_specs(opt_state_shapes, param_shapes, specs_of_params):
-  """Specs for an optimizer state: a leaf whose path ends with a parameter's path (and has its shape) takes that
-  parameter's spec (Adam / Muon moments); everything else (counters, scalars) is replicated."""
-  by_path = {}
-  for (path, leaf), spec in zip(jax.tree_util.tree_flatten_with_path(param_shapes)[0],
-                                jax.tree_util.tree_leaves(specs_of_params, is_leaf=lambda x: isinstance(x, P))):
-    by_path[tuple(_key_name(k) for k in path)] = (leaf.shape, spec)
-
-  def spec_for(path, leaf):
-    names = tuple(_key_name(k) for k in path)
-    for start in range(len(names)):
-      hit = by_path.get(names[start:])
-      if hit is not None and hit[0] == leaf.shape:
-        return hit[1]
-    return P()
-
-  return jax.tree_util.tree_map_with_path(spec_for, opt_state_shapes)
 
 
 def batch_spec(mesh) -> P:

@@ -27,6 +27,7 @@ from elf_jax.objective import step as step_lib
 from elf_jax.parallel import mesh as mesh_lib
 from elf_jax.run import experiment
 from elf_jax.run import hbm
+from elf_jax.run import train_loop
 
 # Slice name → jax topology name ("<generation>:<chip grid>"). v5p-N counts TensorCores (2 per chip, so N / 2
 # chips on a 3-D torus); v5litepod-N and v6e-N count chips (2-D). Chip grids are the slice shapes Cloud TPU offers.
@@ -121,15 +122,16 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: Sequence[jax.
   Raises:
     hbm.DoesNotFitError: XLA ran out of memory compiling the step (the message names the knobs to turn).
   """
-  exp = experiment.build(config, devices=devices, training=True, abstract=True)
-  plan, mesh = exp.training, exp.mesh
-  train_step = step_lib.make_train_step(exp.objective(), plan.optimizer, config.optim, mesh, plan.state_shardings)
+  exp = experiment.build(config, devices=devices, with_training_plan=True, abstract=True)
+  plan, mesh = exp.training_plan, exp.mesh
+  train_step = train_loop.elf_train_step(exp)
   replicated = NamedSharding(mesh, P())
   encoder_params = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
                                           exp.encoder_params)
   batch = exp.abstract_batch()
   device = mesh.devices.flat[0]
-  compiled = hbm.compile_or_explain(train_step.lower(plan.abstract_state, encoder_params, batch), config, mesh)
+  frozen = step_lib.FrozenInputs(encoder_params)
+  compiled = hbm.compile_or_explain(train_step.lower(plan.abstract_state, frozen, batch), config, mesh)
 
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # older jax returned one dict per computation

@@ -4,9 +4,10 @@
     DIR/round2_8step/    student from round 1's EMA, distilled to 8 steps
     ...
 
-Each round is `loop.train` in its own workdir (same mesh, sharding, checkpoints and auto-resume as training) with
-the distillation objective (`distill.compute_loss`) in place of the ELF one, and the teacher's EMA params, sharded
-like the student's, as a frozen input. The teacher is the same in every round. At the end of a round the hooks
+Each round is `train_loop.train` in its own workdir (same mesh, sharding, checkpoints and auto-resume as training)
+with the distillation objective (`distill.compute_loss`) in place of the ELF one, and the teacher's EMA params,
+sharded like the student's, as a frozen input. The teacher is the same in every round. At the end of a round the
+eval hook
 sample the student at its step count with the few-step settings (`sample.few_step_settings`) and a marker file
 records that the round is done: rerunning the command skips finished rounds and resumes the unfinished one.
 """
@@ -15,7 +16,6 @@ import json
 from etils import epath
 import jax
 import ml_collections
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from elf_jax import fs
 from elf_jax import report
@@ -27,7 +27,6 @@ from elf_jax.objective.state import TrainState
 from elf_jax.run import experiment
 from elf_jax.run import train_loop
 from elf_jax.sampling import sampler
-from elf_jax.weights import published
 
 ROUND_DONE_FILE = "round_done.json"
 SUMMARY_KEYS = ("gen_ppl", "entropy", "gen_ppl_ratio", "entropy_ratio", "ungrammatical_fraction")
@@ -53,29 +52,25 @@ def round_config(config: ml_collections.ConfigDict, student_steps: int, init_fro
   return c
 
 
-def distill_objective(config: ml_collections.ConfigDict, dc: distill_lib.DistillConfig, teacher: str):
-  """The `objective` of `loop.train` for one round: the distillation step, with (encoder params, teacher EMA params
-  sharded like the student) as its frozen inputs."""
+def distill_step_builder(dc: distill_lib.DistillConfig):
+  """The `build_step` of `train_loop.train` for one round: the compiled distillation step, whose frozen inputs
+  carry the teacher's EMA params sharded like the student's."""
 
-  def build(exp: experiment.Experiment, encoder_params):
-    plan = exp.training
-    teacher_params = jax.device_put(published.load_params_from(teacher, exp.param_shapes),
-                                    plan.state_shardings.params)
+  def build_step(exp: experiment.Experiment):
+    plan, config = exp.training_plan, exp.config
     obj = distill_lib.DistillObjective(exp.model, exp.encoder, flow.FlowConfig.from_config(config), dc,
                                        config.data.conditional)
-    frozen_shardings = (NamedSharding(exp.mesh, P()), plan.state_shardings.params)
-    train_step = step_lib.make_train_step(obj, plan.optimizer, config.optim, exp.mesh, plan.state_shardings,
-                                          loss_fn=distill_lib.compute_loss, frozen_shardings=frozen_shardings)
-    return train_step, (encoder_params, teacher_params)
+    return step_lib.make_train_step(obj, plan.optimizer, config.optim, exp.mesh, plan.state_shardings,
+                                    loss_fn=distill_lib.compute_loss, with_teacher=True)
 
-  return build
+  return build_step
 
 
-def distill(config: ml_collections.ConfigDict, workdir: str, hooks=None) -> TrainState | None:
+def distill(config: ml_collections.ConfigDict, workdir: str, eval_hook=None) -> TrainState | None:
   """Runs (or resumes) every round of `config.distill.rounds` under `workdir`; returns the last state trained here.
 
-  hooks: as in `loop.train` (sampling + evaluation of each round's student). Stops after a round that did not
-  finish (SIGTERM); the same command resumes it.
+  eval_hook: as in `train_loop.train` (sampling + evaluation of each round's student). Stops after a round that did
+  not finish (SIGTERM); the same command resumes it.
   """
   d = config.distill
   if not d.teacher:
@@ -105,9 +100,9 @@ def distill(config: ml_collections.ConfigDict, workdir: str, hooks=None) -> Trai
       (directory / experiment.LATENT_STATS_FILE).write_text(stats.read_text())
     finished = []
 
-    def round_hooks(exp, wd, st, step, writer, final):
-      if hooks is not None:
-        hooks(exp, wd, st, step, writer, final)
+    def round_eval_hook(exp, wd, st, step, writer, final):
+      if eval_hook is not None:
+        eval_hook(exp, wd, st, step, writer, final)
       if final:
         finished.append(step)
 
@@ -115,7 +110,8 @@ def distill(config: ml_collections.ConfigDict, workdir: str, hooks=None) -> Trai
     if jax.process_index() == 0:
       (directory / "config_train.json").write_text(rc.to_json_best_effort(indent=2))
     dc = distill_lib.DistillConfig.from_config(rc, steps, sub_steps)
-    state = train_loop.train(rc, str(directory), hooks=round_hooks, objective=distill_objective(rc, dc, str(teacher)))
+    state = train_loop.train(rc, str(directory), eval_hook=round_eval_hook, build_step=distill_step_builder(dc),
+                             teacher=str(teacher))
     if not finished:
       report.say(f"distillation stopped in round {index}; rerun the same command to resume")
       return state

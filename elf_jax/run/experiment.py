@@ -2,15 +2,16 @@
 
     config ─ validate ─► mesh (config.mesh; a preset resolved without writing to the config)
                       ─► tokenizer (+ the synthetic language)              [not when abstract]
-                      ─► frozen encoder + latent statistics                [shapes only when abstract]
+                      ─► frozen encoder + the run's saved latent statistics [shapes only when abstract]
                       ─► flow network, its parameter shapes
-                      ─► training plan (training=True): step arithmetic, schedule, optimizer, abstract and sharded
-                         TrainState
+                      ─► training plan (with_training_plan=True): step arithmetic, schedule, optimizer, abstract and
+                         sharded TrainState
 
-Who builds what: train and distill `build(config, workdir, training=True)` (the plan reads the training split's
-length; latent statistics are measured once and saved as DIR/latent_stats.json); sample and eval `build(config,
-workdir)` (no training split is opened: latent statistics come from the run's latent_stats.json); compile
-`build(config, devices=..., training=True, abstract=True)` (nothing is loaded or allocated).
+Who builds what: train and distill `build(config, workdir, with_training_plan=True)` (the plan reads the training
+split's length; `train_loop.measure_latent_stats` then measures and saves DIR/latent_stats.json if it is missing);
+sample and eval `build(config, workdir)` (no training split is opened: latent statistics come from the run's
+latent_stats.json); compile `build(config, devices=..., with_training_plan=True, abstract=True)` (nothing is loaded
+or allocated).
 """
 import dataclasses
 import json
@@ -20,7 +21,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
@@ -32,9 +32,9 @@ from elf_jax.run import checkpoint
 from elf_jax import fs
 from elf_jax import report
 from elf_jax.config import ConfigError, validate
-from elf_jax.data import pipeline, sources, tokenizer as tokenizers
+from elf_jax.data import sources, tokenizer as tokenizers
 from elf_jax.model.elf import ELF, ModelConfig, init_params
-from elf_jax.model.latents import LatentEncoder, measure_latent_stats
+from elf_jax.model.latents import LatentEncoder
 from elf_jax.objective import optim
 from elf_jax.objective import state as state_lib
 from elf_jax.objective import step as step_lib
@@ -74,7 +74,7 @@ class TrainingPlan:
 class Experiment:
   """Static pieces of a run. tokenizer / language are None when abstract (and language for non-synthetic data);
   encoder_params are arrays, or ShapeDtypeStructs when abstract; param_shapes: the network's parameter tree as
-  ShapeDtypeStructs (what a checkpoint must hold); training: the plan of training modes, else None."""
+  ShapeDtypeStructs (what a checkpoint must hold); training_plan: the plan of training modes, else None."""
   config: ml_collections.ConfigDict
   mesh: jax.sharding.Mesh
   tokenizer: Any
@@ -83,16 +83,16 @@ class Experiment:
   encoder_params: Any
   model: ELF
   param_shapes: Any
-  training: TrainingPlan | None = None
+  training_plan: TrainingPlan | None = None
 
   def sample_config(self, **overrides) -> sampler.SampleConfig:
     """The sampler settings of `config.sample` with this tokenizer's EOS / padding ids."""
     ids = dict(eos_id=self.tokenizer.eos_token_id, pad_id=self.tokenizer.pad_token_id) if self.tokenizer else {}
     return sampler.SampleConfig.from_config(self.config, **{**ids, **overrides})
 
-  def objective(self) -> step_lib.Objective:
+  def elf_objective(self) -> step_lib.ElfObjective:
     """The ELF objective of a training step (needs the training plan for the number of coin groups)."""
-    return step_lib.Objective(self.model, self.encoder, flow.FlowConfig.from_config(self.config),
+    return step_lib.ElfObjective(self.model, self.encoder, flow.FlowConfig.from_config(self.config),
                               self._plan().num_groups, self.config.data.conditional)
 
   def load_ema_params(self, workdir: str):
@@ -111,13 +111,18 @@ class Experiment:
     init = lambda: step_lib.init_state(self.model, plan.optimizer, rng, config.data.max_length)
     state = jax.jit(init, out_shardings=plan.state_shardings)()
     if config.init_from:
-      params = published.load_params_from(config.init_from, self.param_shapes)
-      params = jax.device_put(params, plan.state_shardings.params)
+      params = self.load_sharded_params(config.init_from)
       report.say(f"initialised params and EMA from {config.init_from}")
       ema = jax.tree_util.tree_map(jnp.copy, params)  # own buffers: the step donates params and EMA separately
       state = state.replace(params=params, ema_params=ema, opt_state=jax.jit(
           plan.optimizer.init, out_shardings=plan.state_shardings.opt_state)(params))
     return state
+
+  def load_sharded_params(self, source: str):
+    """The network's parameters from `source` (a workdir's latest EMA, a checkpoint, a published ELF), sharded like
+    the trained parameters (for `init_from` and a distillation teacher)."""
+    return jax.device_put(published.load_params_from(source, self.param_shapes),
+                          self._plan().state_shardings.params)
 
   def replicated(self, tree):
     """`tree` (e.g. the encoder's params) on every device of the mesh."""
@@ -141,19 +146,19 @@ class Experiment:
     return batch
 
   def _plan(self) -> TrainingPlan:
-    if self.training is None:
-      raise ValueError("this Experiment was built without a training plan: build(..., training=True)")
-    return self.training
+    if self.training_plan is None:
+      raise ValueError("this Experiment was built without a training plan: build(..., with_training_plan=True)")
+    return self.training_plan
 
 
-def build(config: ml_collections.ConfigDict, workdir: str | None = None, *, training: bool = False,
+def build(config: ml_collections.ConfigDict, workdir: str | None = None, *, with_training_plan: bool = False,
           devices: Sequence[jax.Device] | None = None, abstract: bool = False) -> Experiment:
   """Validates `config` and builds the run's static pieces (module docstring).
 
   Args:
     config: the full run config (read only).
-    workdir: the run directory holding latent_stats.json (None: statistics are the config's or measured unsaved).
-    training: also compute the training plan (reads the training split's length unless `abstract`).
+    workdir: the run directory holding latent_stats.json (None: the config's statistics).
+    with_training_plan: also compute the training plan (reads the training split's length unless `abstract`).
     devices: the mesh's devices (default `jax.devices()`; abstract TPU devices for ahead-of-time compilation).
     abstract: load nothing — no tokenizer, data or encoder weights (shapes only); for `--mode=compile`.
   """
@@ -161,8 +166,8 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None, *, trai
   mesh = mesh_lib.make_mesh(config.mesh, devices)
   micro_batch = config.optim.global_batch_size // config.optim.grad_accum_steps
   # Bad mesh / batch arithmetic fails before anything loads.
-  sharding.check_mesh(mesh, config.model.num_heads, micro_batch if training else None)
-  num_groups = step_lib.resolve_num_groups(config, mesh, micro_batch) if training else 0
+  sharding.check_mesh(mesh, config.model.num_heads, micro_batch if with_training_plan else None)
+  num_groups = step_lib.resolve_num_groups(config, mesh, micro_batch) if with_training_plan else 0
   tokenizer, language = (None, None) if abstract else load_tokenizer(config)
   encoder, encoder_params = build_encoder(config, abstract=abstract)
   if tokenizer is not None and len(tokenizer) > encoder.vocab_size:
@@ -170,11 +175,11 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None, *, trai
                       f"{config.encoder.name_or_path!r} embeds only {encoder.vocab_size}; use the encoder's own "
                       "tokenizer (--config.data.tokenizer) or an encoder with that vocabulary")
   if not abstract:
-    encoder = _with_latent_stats(config, workdir, encoder, encoder_params, tokenizer, language, measure=training)
+    encoder = _with_saved_latent_stats(config, workdir, encoder, training=with_training_plan)
   model = ELF(ModelConfig.from_config(config))
   param_shapes = jax.eval_shape(lambda: nn.unbox(init_params(model, jax.random.PRNGKey(0), config.data.max_length)))
   exp = Experiment(config, mesh, tokenizer, language, encoder, encoder_params, model, param_shapes)
-  if not training:
+  if not with_training_plan:
     return exp
   # Compiling needs no data: the schedule's constants (warm-up, horizon) do not change the compiled program.
   examples = config.optim.global_batch_size if abstract else len(sources.make_source(config.data, config.data.split,
@@ -186,7 +191,7 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None, *, trai
   abstract_state, state_shardings = _state_layout(config, mesh, model, optimizer)
   plan = TrainingPlan(config.optim.global_batch_size, config.optim.grad_accum_steps, micro_batch, num_groups,
                       per_epoch, n_steps, schedule, optimizer, abstract_state, state_shardings)
-  return dataclasses.replace(exp, training=plan)
+  return dataclasses.replace(exp, training_plan=plan)
 
 
 def steps_per_epoch(config: ml_collections.ConfigDict, num_examples: int) -> int:
@@ -221,39 +226,31 @@ def load_tokenizer(config: ml_collections.ConfigDict):
 def _state_layout(config, mesh, model: ELF, optimizer) -> tuple[TrainState, TrainState]:
   """(abstract TrainState with shardings, TrainState of NamedShardings), without allocating anything."""
   seq, rng = config.data.max_length, jax.random.PRNGKey(config.seed)
-  boxed = jax.eval_shape(lambda: init_params(model, rng, seq))
-  specs = sharding.param_specs(boxed, sharding.rules_from_config(config))
-  shapes = jax.eval_shape(lambda: step_lib.init_state(model, optimizer, rng, seq))
-  sharding.check_divisible(shapes.params, specs, mesh)
-  shardings = state_lib.state_shardings(mesh, shapes, specs)
-  abstract = jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
-                                    shardings)
+  boxed = jax.eval_shape(lambda: step_lib.init_boxed_state(model, optimizer, rng, seq))
+  shardings = state_lib.state_shardings(mesh, boxed, sharding.rules_from_config(config))
+  abstract = jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                    nn.unbox(boxed), shardings)
   return abstract, shardings
 
 
-def _with_latent_stats(config, workdir, encoder: LatentEncoder, encoder_params, tokenizer, language,
-                       measure: bool) -> LatentEncoder:
+def latent_stats_path(workdir: str):
+  """DIR/latent_stats.json: the run's measured latent mean / std ({"mean": float, "std": float})."""
+  return fs.path(workdir) / LATENT_STATS_FILE
+
+
+def _with_saved_latent_stats(config, workdir, encoder: LatentEncoder, training: bool) -> LatentEncoder:
   """The encoder with its latent mean / std: the config's, or (encoder.measure_latent_stats) the run's saved
-  DIR/latent_stats.json, measured from training data first when `measure` (training) and none is saved yet.
-  Without `measure` the training data is never read: a missing file is an error for conditional tasks only."""
+  DIR/latent_stats.json. A missing file is left to training (`train_loop.measure_latent_stats` measures it) and
+  to unconditional sampling and scoring (they never encode); for conditional tasks it is an error."""
   if not config.encoder.measure_latent_stats:
     return encoder
-  path = fs.path(workdir) / LATENT_STATS_FILE if workdir else None
-  saved = bool(path and path.exists())
-  if jax.process_count() > 1:  # every process has looked before process 0 writes (no half-written reads)
-    multihost_utils.sync_global_devices("latent stats looked up")
-  if saved:
+  path = latent_stats_path(workdir) if workdir else None
+  if path and path.exists():
     stats = json.loads(path.read_text())
     return encoder.with_stats(stats["mean"], stats["std"])
-  if not measure:
-    if not config.data.conditional:  # unconditional sampling and scoring never encode: the statistics are unused
-      return encoder
-    raise ConfigError(f"encoder.measure_latent_stats is set but {path or LATENT_STATS_FILE} does not exist: the "
-                      "statistics (which normalise the condition's latents) are measured and saved there when the "
-                      "run trains. Pass the training run's --workdir, or set "
-                      "--config.encoder.measure_latent_stats=False with encoder.latent_mean / latent_std")
-  ds = pipeline.make_dataset(config, tokenizer, config.data.split, language=language, seed=config.seed + 1)
-  mean, std = measure_latent_stats(encoder, encoder_params, iter(ds))  # the same on every process
-  if path and jax.process_index() == 0:
-    path.write_text(json.dumps({"mean": mean, "std": std}))
-  return encoder.with_stats(mean, std)
+  if training or not config.data.conditional:
+    return encoder
+  raise ConfigError(f"encoder.measure_latent_stats is set but {path or LATENT_STATS_FILE} does not exist: the "
+                    "statistics (which normalise the condition's latents) are measured and saved there when the "
+                    "run trains. Pass the training run's --workdir, or set "
+                    "--config.encoder.measure_latent_stats=False with encoder.latent_mean / latent_std")

@@ -57,11 +57,13 @@ def generate(exp: experiment.Experiment, params, num_samples: int, seed: int,
     if conditions is not None:
       part = {k: _take_rows(v, b * batch, batch) for k, v in conditions.items()}
       latents = encode(exp.encoder_params, part["ids"], part["valid"], part["cond_mask"])
-      cond = {"latents": jnp.where(part["cond_mask"][..., None], latents, 0.0), "mask": jnp.asarray(part["cond_mask"])}
+      cond = sampler.PinnedLatents(latents=jnp.where(part["cond_mask"][..., None], latents, 0.0),
+                                   mask=jnp.asarray(part["cond_mask"]))
     out = sampler.sample_from_seed(sample_fn, params, jax.random.fold_in(jax.random.PRNGKey(seed), b), sc, batch=batch,
-                                    seq_len=config.data.max_length, latent_dim=exp.encoder.dim, mesh=mesh, cond=cond)
+                                    seq_len=config.data.max_length, latent_dim=exp.encoder.dim, mesh=mesh,
+                                    condition=cond)
     if b == 0 and sc.return_trajectory:  # on every process, as numpy (the batch may span processes)
-      first = (multihost_utils.process_allgather(out, tiled=True), None if cond is None else np.asarray(cond["mask"]))
+      first = (multihost_utils.process_allgather(out, tiled=True), None if cond is None else np.asarray(cond.mask))
     ids = multihost_utils.process_allgather(out.ids, tiled=True)
     ids_out.extend(ids.tolist())
     texts.extend(decode(exp.tokenizer, ids))

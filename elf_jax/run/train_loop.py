@@ -6,6 +6,8 @@ progress bar with step time and ETA (one line per logging interval when the outp
 TensorBoard events in `DIR/tb`, `DIR/loss_curve.png` at the end, samples in `DIR/samples/` (hooks).
 """
 from collections.abc import Callable
+import dataclasses
+import json
 import logging
 import signal
 import sys
@@ -22,6 +24,7 @@ from elf_jax import fs
 from elf_jax import report
 from elf_jax.data import pipeline
 from elf_jax.eval import plots
+from elf_jax.model import latents
 from elf_jax.objective import step as step_lib
 from elf_jax.objective.state import TrainState
 from elf_jax.parallel import mesh as mesh_lib
@@ -62,17 +65,47 @@ def install_preemption_handler() -> Callable[[int], bool]:
   return lambda step: received.is_set()
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, hooks=None, objective=None) -> TrainState:
+def measure_latent_stats(exp: experiment.Experiment, workdir: str) -> experiment.Experiment:
+  """Training's first step when `encoder.measure_latent_stats`: the latent mean / std measured on the training
+  split and saved as DIR/latent_stats.json, unless the run saved them before (`experiment.build` loaded them then).
+  Returns `exp` with the measured statistics in its encoder."""
+  config = exp.config
+  if not config.encoder.measure_latent_stats:
+    return exp
+  path = experiment.latent_stats_path(workdir)
+  saved = path.exists()
+  if jax.process_count() > 1:  # every process has looked before process 0 writes (no half-written reads)
+    multihost_utils.sync_global_devices("latent stats looked up")
+  if saved:
+    return exp
+  ds = pipeline.make_dataset(config, exp.tokenizer, config.data.split, language=exp.language, seed=config.seed + 1)
+  mean, std = latents.measure_latent_stats(exp.encoder, exp.encoder_params, iter(ds))  # the same on every process
+  if jax.process_index() == 0:
+    path.write_text(json.dumps({"mean": mean, "std": std}))
+  return dataclasses.replace(exp, encoder=exp.encoder.with_stats(mean, std))
+
+
+def elf_train_step(exp: experiment.Experiment) -> Callable:
+  """The ELF objective's compiled train step (the default `build_step` of `train`)."""
+  plan = exp.training_plan
+  return step_lib.make_train_step(exp.elf_objective(), plan.optimizer, exp.config.optim, exp.mesh,
+                                  plan.state_shardings)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, eval_hook=None, build_step=None,
+          teacher: str | None = None) -> TrainState:
   """Trains per `config` in `workdir` (auto-resuming), returns the final state.
 
-  hooks: optional callable(exp, workdir, state, step, writer, final: bool) run every `logging.sample_every_steps`
-  and at the end (sampling + evaluation: `elf_jax.modes.training_hook`).
-  objective: optional callable(exp, encoder_params) → (train_step, frozen) replacing the ELF objective; the loop
-  calls train_step(state, frozen, batch) → (state, metrics) (progressive distillation, `elf_jax.train.distill_loop`).
+  eval_hook: optional callable(exp, workdir, state, step, writer, final: bool) run every
+  `logging.sample_every_steps` and at the end (sampling + evaluation: `elf_jax.run.modes.training_hook`).
+  build_step: optional callable(exp) → train_step replacing `elf_train_step`; the loop calls
+  train_step(state, frozen inputs, batch) → (state, metrics) (progressive distillation, `run.distill_loop`).
+  teacher: the frozen teacher's checkpoint (distillation): its EMA params, sharded like the student's, join the
+  step's frozen inputs.
   """
   fs.check_writable(workdir, jax.process_index())
-  exp = experiment.build(config, workdir, training=True)
-  plan, mesh = exp.training, exp.mesh
+  exp = measure_latent_stats(experiment.build(config, workdir, with_training_plan=True), workdir)
+  plan, mesh = exp.training_plan, exp.mesh
   report.say(mesh_lib.describe_mesh(mesh))
   dataset = pipeline.make_dataset(config, exp.tokenizer, config.data.split, language=exp.language,
                                   process_index=jax.process_index(), process_count=jax.process_count(),
@@ -93,12 +126,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, hooks=None, objective
   # a SIGTERM from now on stops every process at one step (True: at this one, already saved); False single-process.
   stop = multihost_utils.reached_preemption_sync_point(start)
 
-  encoder_params = exp.replicated(exp.encoder_params)
-  if objective is None:
-    train_step = step_lib.make_train_step(exp.objective(), plan.optimizer, config.optim, mesh, plan.state_shardings)
-    frozen = encoder_params
-  else:
-    train_step, frozen = objective(exp, encoder_params)
+  frozen = step_lib.FrozenInputs(exp.replicated(exp.encoder_params),
+                                 None if teacher is None else exp.load_sharded_params(teacher))
+  train_step = (build_step or elf_train_step)(exp)
   # Out of memory stops here, before the first step, with the knobs to turn (the first step reuses this compile).
   hbm.check_step_fits(train_step, (state, frozen, exp.abstract_batch()), mesh, config)
   writer = report.MetricsWriter(workdir, config.logging.tensorboard)
@@ -136,8 +166,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, hooks=None, objective
       if stop:
         break
       every = config.logging.sample_every_steps
-      if hooks is not None and every > 0 and step % every == 0 and step < n_steps:
-        hooks(exp, workdir, state, step, writer, False)
+      if eval_hook is not None and every > 0 and step % every == 0 and step < n_steps:
+        eval_hook(exp, workdir, state, step, writer, False)
   finally:
     signal.signal(signal.SIGTERM, previous_sigterm)  # SIGTERM during sampling / after training ends the process
     bar.close()
@@ -147,8 +177,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, hooks=None, objective
   if step >= n_steps:
     if jax.process_index() == 0:
       plots.loss_curve(workdir)
-    if hooks is not None:
-      hooks(exp, workdir, state, step, writer, True)
+    if eval_hook is not None:
+      eval_hook(exp, workdir, state, step, writer, True)
   writer.close()
   manager.close()
   return state

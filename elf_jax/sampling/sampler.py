@@ -17,20 +17,22 @@ the clean condition at condition positions). The padding mask given to the netwo
 
 Randomness (initial noise, SDE noise ε' per step, a random time grid) is always drawn for the global batch from
 explicit keys, so a seed gives the same samples on any number of devices (the official code draws one grid per
-local device instead). The churn noise can also be passed in (`churn_noise`), e.g. to replay a reference run.
+local device instead). The churn noise can also be passed in (`SampleInputs.churn_noise`), e.g. to replay a
+reference run.
 """
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 import dataclasses
 import math
 from typing import Any, NamedTuple
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
 
 from elf_jax.objective import flow
-from elf_jax.parallel.mesh import batch_axes
+from elf_jax.parallel.mesh import batch_axes, traced_under_mesh
 
 # The official sampling configs (spec §6); `apply_preset` copies one into `config.sample`. Every one draws a fresh
 # logit-normal time grid per batch, sigmoid(N(−1.5, 0.8)) (the official code takes P_mean / P_std from the training
@@ -57,12 +59,12 @@ def few_step_settings(steps: int) -> dict[str, Any]:
   return dict(method="sde", steps=steps, gamma=gamma, guidance_scale=w, cfg_scale=1.0, grid="logit_normal")
 
 
-def apply_preset(sample_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Returns a copy of `config.sample` with the fields of `sample_config.preset` filled in (if it is non-empty).
+def apply_preset(sample_group: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Returns a copy of `config.sample` with the fields of `sample_group.preset` filled in (if it is non-empty).
 
   The input is not modified. Raises ValueError naming the known presets if the preset is unknown.
   """
-  out = ml_collections.ConfigDict(sample_config.to_dict())
+  out = ml_collections.ConfigDict(sample_group.to_dict())
   name = out.get("preset", "")
   if not name:
     return out
@@ -186,11 +188,42 @@ def _per_example(x, batch: int) -> jax.Array:
   return jnp.broadcast_to(jnp.asarray(x, jnp.float32), (batch,))
 
 
-def _guided_x_hat(params, model, z, x_prev, t, w, mask, cond_latents, keep, cfg_scale: float):
+@flax.struct.dataclass
+class PinnedLatents:
+  """Positions held at given clean latents for the whole run (they get zero velocity): latents (B, S, C) float32
+  (only pinned positions are read) and mask (B, S) bool, true at pinned positions."""
+  latents: jax.Array
+  mask: jax.Array
+
+
+@flax.struct.dataclass
+class SampleInputs:
+  """The per-run inputs of `sample` (a pytree of arrays: traced, not compiled in; `sample_from_seed` draws them).
+
+  z0: (B, S, C) initial latents, already σ·ε (`draw_initial_noise`).
+  grid: (steps + 1,) shared or (B, steps + 1) per-example times, 0 → 1 non-decreasing.
+  guidance_scale: self-conditioning guidance w, scalar or (B,), also used for decoding; None = the config's.
+  rng: key of the SDE churn noise: step i draws σ·N(0, I) from fold_in(rng, i).
+  churn_noise: (steps − 1, B, S, C) the churn noise of every step but the last (already × σ), used instead of rng.
+  condition: the condition of a conditional task (clean in both halves of the input, zeroed in CFG's
+    unconditional half, stripped from the output ids), or None.
+  mask: (B, S) padding mask for the network (1 = valid), or None (all valid, as the reference samples).
+  """
+  z0: jax.Array
+  grid: jax.Array
+  guidance_scale: jax.Array | None = None
+  rng: jax.Array | None = None
+  churn_noise: jax.Array | None = None
+  condition: PinnedLatents | None = None
+  mask: jax.Array | None = None
+
+
+def _guided_x_hat(params, model, z, x_prev, t, w, mask, condition: PinnedLatents | None, keep, cfg_scale: float):
   """One (CFG-combined) denoiser evaluation → x̂ (B, S, C), clean condition latents at condition positions."""
   apply = lambda x, tt, ww, m: model.apply({"params": params}, x, tt, ww, m)
-  if cond_latents is None:
+  if condition is None:
     return apply(jnp.concatenate([z, x_prev], -1), t, w, mask)
+  cond_latents = condition.latents
   z_c, x_c = jnp.where(keep, cond_latents, z), jnp.where(keep, cond_latents, x_prev)
   x_in = jnp.concatenate([z_c, x_c], -1)
   if cfg_scale == 1.0:
@@ -204,114 +237,71 @@ def _guided_x_hat(params, model, z, x_prev, t, w, mask, cond_latents, keep, cfg_
   return jnp.where(keep, cond_latents, x_hat)
 
 
-def sample(params, model: nn.Module, z0: jax.Array, grid: jax.Array, *, method: str, gamma: float, guidance_scale,
-           cfg_scale: float, noise_scale: float, t_eps: float,
-           cond_latents: jax.Array | None = None, cond_mask: jax.Array | None = None, mask: jax.Array | None = None,
-           rng: jax.Array | None = None, churn_noise: jax.Array | None = None, eos_id: int = 1, pad_id: int = 0,
-           max_target_length: int = 0, return_trajectory: bool = False) -> SampleOutput:
-  """Samples token sequences with the ELF flow (spec §6); pure and jit-compatible. The settings have no defaults
-  here: `make_sampler` passes those of a `SampleConfig` (built from `elf_jax.config`).
+def sample(params, model: nn.Module, inputs: SampleInputs, config: SampleConfig) -> SampleOutput:
+  """Samples token sequences with the ELF flow (spec §6); pure and jit-compatible (`config` static).
 
-  Args:
-    params: the network's parameter tree (EMA params for sampling).
-    model: the `ELF` module (static).
-    z0: (B, S, C) initial latents, already σ·ε (see `draw_initial_noise`).
-    grid: (steps + 1,) shared or (B, steps + 1) per-example times, 0 → 1 non-decreasing.
-    method: "ode" (Euler) or "sde" (churn γ on every interval but the last); static.
-    gamma: SDE churn γ.
-    guidance_scale: self-conditioning guidance w, scalar or (B,); also used for decoding.
-    cfg_scale: classifier-free guidance s (static; 1 = off, one network call per step); needs a condition.
-    noise_scale: σ of the SDE churn noise.
-    t_eps: velocity denominator floor.
-    cond_latents: (B, S, C) clean condition latents (only condition positions are read) or None.
-    cond_mask: (B, S) true at condition positions; required with cond_latents.
-    mask: (B, S) padding mask for the network (1 = valid) or None (all valid, as the reference samples).
-    rng: key of the SDE churn noise: step i draws σ·N(0, I) from fold_in(rng, i) (method="sde" needs rng or
-      churn_noise).
-    churn_noise: (steps − 1, B, S, C) the churn noise of every step but the last (already × σ), used instead of
-      drawing it from rng.
-    eos_id, pad_id: token ids for the EOS masking.
-    max_target_length: keep at most this many target tokens (0 = all; see `finalize_ids`); static.
-    return_trajectory: also return x̂ of every step (static).
-
-  Returns:
-    SampleOutput (see its docstring).
+  params: the network's parameter tree (EMA params for sampling); model: the `ELF` module (static); inputs: the
+  run's arrays (`SampleInputs`); config: the settings (method, γ, CFG scale, σ, t_eps, EOS / pad ids, target
+  length, trajectory). Returns a SampleOutput (see its docstring).
   """
-  if method not in METHODS:
-    raise ValueError(f"method={method!r}: expected one of {METHODS}")
-  if (cond_latents is None) != (cond_mask is None):
-    raise ValueError("conditional sampling needs both cond_latents (B, S, C) and cond_mask (B, S); pass both or none")
-  if cfg_scale != 1.0 and cond_latents is None:
-    raise ValueError(f"cfg_scale={cfg_scale} needs a condition (cond_latents, cond_mask); use cfg_scale=1.0")
-  if method == "sde" and rng is None and churn_noise is None:
-    raise ValueError("method='sde' draws churn noise: pass rng (or the noise itself, churn_noise)")
+  condition, mask = inputs.condition, inputs.mask
+  if config.cfg_scale != 1.0 and condition is None:
+    raise ValueError(f"cfg_scale={config.cfg_scale} needs a condition (inputs.condition); use cfg_scale=1.0")
+  if config.method == "sde" and inputs.rng is None and inputs.churn_noise is None:
+    raise ValueError("method='sde' draws churn noise: pass inputs.rng (or the noise itself, inputs.churn_noise)")
+  z0 = inputs.z0
   batch = z0.shape[0]
-  w = _per_example(guidance_scale, batch)
-  grid = jnp.broadcast_to(jnp.asarray(grid, jnp.float32), (batch, jnp.shape(grid)[-1]))
+  w = _per_example(config.guidance_scale if inputs.guidance_scale is None else inputs.guidance_scale, batch)
+  grid = jnp.broadcast_to(jnp.asarray(inputs.grid, jnp.float32), (batch, jnp.shape(inputs.grid)[-1]))
   steps = grid.shape[1] - 1
+  churn_noise = inputs.churn_noise
   if churn_noise is not None:
-    if method != "sde" or churn_noise.shape != (steps - 1,) + z0.shape:
-      raise ValueError(f"churn_noise {churn_noise.shape} with method={method!r}: it is the SDE noise of every step "
-                       f"but the last, shape (steps − 1,) + z0.shape = {(steps - 1,) + z0.shape}")
+    if config.method != "sde" or churn_noise.shape != (steps - 1,) + z0.shape:
+      raise ValueError(f"churn_noise {churn_noise.shape} with method={config.method!r}: it is the SDE noise of every "
+                       f"step but the last, shape (steps − 1,) + z0.shape = {(steps - 1,) + z0.shape}")
     last = jnp.zeros((1,) + z0.shape, jnp.float32)  # the last step is an ODE step
     churn_noise = jnp.concatenate([jnp.asarray(churn_noise, jnp.float32), last])
-  keep = None if cond_mask is None else cond_mask.astype(bool)[..., None]
+  keep = None if condition is None else condition.mask.astype(bool)[..., None]
   hold = (lambda a, clean: a) if keep is None else (lambda a, clean: jnp.where(keep, clean, a))
+  cond_latents = None if condition is None else condition.latents
   z = hold(z0.astype(jnp.float32), cond_latents)
 
   def step(carry, xs):
     z, x_prev = carry
     i, t, t_next, noise = xs  # t, t_next: (B,); noise: this step's churn noise (B, S, C) or None
-    if method == "sde":
-      alpha = jnp.where(i == steps - 1, 1.0, jnp.clip(1.0 - gamma * (t_next - t), 0.0, 1.0))
+    if config.method == "sde":
+      alpha = jnp.where(i == steps - 1, 1.0, jnp.clip(1.0 - config.gamma * (t_next - t), 0.0, 1.0))
       if noise is None:
-        noise = noise_scale * jax.random.normal(jax.random.fold_in(rng, i), z.shape, z.dtype)
+        noise = config.noise_scale * jax.random.normal(jax.random.fold_in(inputs.rng, i), z.shape, z.dtype)
       a = alpha[:, None, None]
       z = hold(a * z + (1.0 - a) * noise, cond_latents)
       t = alpha * t
-    x_hat = _guided_x_hat(params, model, z, x_prev, t, w, mask, cond_latents, keep, cfg_scale)
-    v = hold(flow.velocity(x_hat, z, t, t_eps), 0.0)
+    x_hat = _guided_x_hat(params, model, z, x_prev, t, w, mask, condition, keep, config.cfg_scale)
+    v = hold(flow.velocity(x_hat, z, t, config.t_eps), 0.0)
     z = z + (t_next - t)[:, None, None] * v
-    return (z, x_hat), ((x_hat, t) if return_trajectory else None)
+    return (z, x_hat), ((x_hat, t) if config.return_trajectory else None)
 
   xs = (jnp.arange(steps), grid[:, :-1].T, grid[:, 1:].T, churn_noise)
   (z, _), traj = jax.lax.scan(step, (z, jnp.zeros_like(z)), xs)
   logits = model.apply({"params": params}, jnp.concatenate([z, jnp.zeros_like(z)], -1), jnp.ones((batch,)), w, mask,
                        decode=True)
   raw_ids = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  ids = finalize_ids(raw_ids, cond_mask, mask, eos_id=eos_id, pad_id=pad_id, max_target_length=max_target_length)
-  x_traj, t_traj = traj if return_trajectory else (None, None)
+  ids = finalize_ids(raw_ids, None if condition is None else condition.mask, mask, eos_id=config.eos_id,
+                     pad_id=config.pad_id, max_target_length=config.max_target_length)
+  x_traj, t_traj = traj if config.return_trajectory else (None, None)
   return SampleOutput(z, ids, raw_ids, x_traj, t_traj)
 
 
 def make_sampler(model: nn.Module, config: SampleConfig,
-                 mesh: jax.sharding.Mesh | None = None) -> Callable[..., SampleOutput]:
-  """A jit-compiled `run(params, z0, grid, rng=None, guidance_scale=None, cond_latents=None, cond_mask=None,
-  mask=None, churn_noise=None) -> SampleOutput` with the static settings of `config` (guidance_scale None =
-  config's).
+                 mesh: jax.sharding.Mesh | None = None) -> Callable[[Any, SampleInputs], SampleOutput]:
+  """A jit-compiled `run(params, inputs: SampleInputs) -> SampleOutput` with the static settings of `config`.
 
   Compiled once per input structure and shapes; inputs may be sharded (see `shard_batch`), the output follows.
   With `mesh` the sampler is traced under it, so per-shard kernels (the Pallas attention) split the batch, the
   CFG-doubled one included, over its axes instead of being called on the whole array.
   """
-
-  def run(params, z0, grid, rng=None, guidance_scale=None, cond_latents=None, cond_mask=None, mask=None,
-          churn_noise=None):
-    w = config.guidance_scale if guidance_scale is None else guidance_scale
-    return sample(params, model, z0, grid, method=config.method, gamma=config.gamma, guidance_scale=w,
-                  cfg_scale=config.cfg_scale, noise_scale=config.noise_scale, t_eps=config.t_eps,
-                  cond_latents=cond_latents, cond_mask=cond_mask, mask=mask, rng=rng, churn_noise=churn_noise,
-                  eos_id=config.eos_id, pad_id=config.pad_id, max_target_length=config.max_target_length,
-                  return_trajectory=config.return_trajectory)
-
-  if mesh is None:
-    return jax.jit(run)
-
-  def traced_under_mesh(*args, **kwargs):
-    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-      return run(*args, **kwargs)
-
-  return jax.jit(traced_under_mesh)
+  run = lambda params, inputs: sample(params, model, inputs, config)
+  return jax.jit(run if mesh is None else traced_under_mesh(run, mesh))
 
 
 def shard_batch(mesh: jax.sharding.Mesh, tree, axis: str | tuple[str, ...] | None = None):
@@ -331,24 +321,22 @@ def shard_batch(mesh: jax.sharding.Mesh, tree, axis: str | tuple[str, ...] | Non
   return jax.tree_util.tree_map(put, tree)
 
 
-def sample_from_seed(sampler: Callable[..., SampleOutput], params, rng: jax.Array, config: SampleConfig, *,
-                     batch: int, seq_len: int, latent_dim: int, mesh: jax.sharding.Mesh | None = None,
-                     axis: str | tuple[str, ...] | None = None, guidance_scale=None,
-                     cond: Mapping[str, jax.Array] | None = None,
+def sample_from_seed(sampler: Callable[[Any, SampleInputs], SampleOutput], params, rng: jax.Array,
+                     config: SampleConfig, *, batch: int, seq_len: int, latent_dim: int,
+                     mesh: jax.sharding.Mesh | None = None, axis: str | tuple[str, ...] | None = None,
+                     guidance_scale=None, condition: PinnedLatents | None = None,
                      mask: jax.Array | None = None) -> SampleOutput:
   """Draws z0, the grid and the SDE key for the global batch from `rng`, shards the batch over the mesh axes `axis`
   (if a mesh is given; default data × fsdp; params are replicated) and runs `sampler` (from `make_sampler(model,
   config)`). Every process of a multi-process mesh makes the same call; the output arrays span the mesh.
 
-  Samples depend only on `rng`, not on the device count. `cond` = {"latents": (B, S, C), "mask": (B, S)} or None.
+  Samples depend only on `rng`, not on the device count. condition / mask: as in `SampleInputs`.
   """
   z0, grid, sde_rng = _draw_inputs_jit(rng, config, batch, seq_len, latent_dim)
-  cond = dict(cond or {})
   w = config.guidance_scale if guidance_scale is None else guidance_scale
-  batch_args = dict(z0=z0, guidance_scale=_per_example(w, batch), cond_latents=cond.get("latents"),
-                    cond_mask=cond.get("mask"), mask=mask)
+  per_row = dict(z0=z0, guidance_scale=_per_example(w, batch), condition=condition, mask=mask)
   if mesh is not None:
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     params, grid, sde_rng = jax.device_put((params, grid, sde_rng), replicated)
-    batch_args = shard_batch(mesh, batch_args, axis)
-  return sampler(params, grid=grid, rng=sde_rng, **batch_args)
+    per_row = shard_batch(mesh, per_row, axis)
+  return sampler(params, SampleInputs(grid=grid, rng=sde_rng, **per_row))
