@@ -3,6 +3,7 @@ order), ROUGE, MAUVE wrappers; what `generate.score` scores and which texts are 
 import collections
 import json
 import math
+import subprocess
 import sys
 import types
 
@@ -20,6 +21,7 @@ from elf_jax.data import sources
 from elf_jax.data import tokenizer as tokenizer_lib
 from elf_jax.eval import gen_ppl
 from elf_jax.eval import gpt2
+from elf_jax.eval import scoring
 from elf_jax.eval import text_metrics
 from test_gpt2 import build_tiny_gpt2, EOS  # tests/ is on sys.path (pytest rootdir-relative import)
 
@@ -167,8 +169,101 @@ def test_rouge_is_stemmed_fmeasure_mean():
 
 def test_mauve_absent_names_the_install(monkeypatch):
   monkeypatch.setitem(sys.modules, "mauve", None)
-  with pytest.raises(ImportError, match="pip install mauve-text"):
-    text_metrics.mauve_score(["a"], ["b"])
+  with pytest.raises(ImportError, match=r"pip install 'elf_jax\[mauve\]'"):
+    text_metrics.mauve(np.zeros((2, 3)), np.zeros((2, 3)))
+
+
+def test_mauve_features_equal_mauves_featurizer(tiny_gpt2):
+  """Our features (Flax GPT-2, padded batches sorted by length) = mauve's own `featurize_tokens_from_model` on the
+  PyTorch model (its `get_model` only loads hub names containing "gpt2", so the featurizer is called directly)."""
+  from mauve import utils as mauve_utils  # pylint: disable=import-outside-toplevel
+  scorer = gen_ppl.GenPPLScorer.from_pretrained(str(tiny_gpt2.directory), batch_size=3, min_bucket=8)
+  ids = scorer.token_ids(gen_ppl.nonempty(TEXTS))
+  assert scorer.max_length == 64 and max(map(len, ids)) == 64  # n_positions caps it; the long text is cut
+  want = mauve_utils.featurize_tokens_from_model(tiny_gpt2.torch_model, [torch.tensor([x]) for x in ids],
+                                                 batch_size=2).numpy()
+  got = scorer.features(ids)
+  assert got.shape == (len(ids), 32)
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+  with pytest.raises(ValueError, match="1 to 64 ids per text"):
+    scorer.features([[]])
+
+
+def test_mauve_runs_from_features_without_torch():
+  """mauve-text from features needs neither torch nor a download: run with torch made unimportable."""
+  code = ("import sys\n"
+          "class NoTorch:\n"
+          "  def find_spec(self, name, path=None, target=None):\n"
+          "    if name.split('.')[0] == 'torch':\n"
+          "      raise ImportError('torch is blocked')\n"
+          "sys.meta_path.insert(0, NoTorch())\n"
+          "import numpy as np\n"
+          "from elf_jax.eval import text_metrics\n"
+          "rng = np.random.default_rng(0)\n"
+          "p, q = rng.normal(size=(60, 8)), rng.normal(size=(60, 8))\n"
+          "print(text_metrics.mauve(p, p.copy()), text_metrics.mauve(p, q + 3.0))\n"
+          "assert 'torch' not in sys.modules\n")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
+  same, shifted = map(float, out.stdout.split()[-2:])
+  assert same == pytest.approx(1.0, abs=1e-6) and shifted < 0.5
+
+
+def test_self_bleu_equals_sacrebleu_by_hand():
+  """Each text's sentence BLEU against all the others (sacreBLEU defaults), averaged; texts with repeated n-grams, a
+  duplicate (clipping against the second largest count) and tied reference lengths."""
+  texts = ["The cat sat on the mat.", "The cat sat on the mat.", "the the the cat", "A dog ran, and ran, today!",
+           "Dogs bark; cats sit on mats.", "one two three four five six"]
+  want = np.mean([sacrebleu.sentence_bleu(t, texts[:i] + texts[i + 1:]).score for i, t in enumerate(texts)])
+  assert text_metrics.self_bleu(texts) == pytest.approx(want, rel=1e-12)
+  assert text_metrics.self_bleu(["x y z", "x y z"]) == pytest.approx(100.0)
+  assert math.isnan(text_metrics.self_bleu(["alone"]))
+
+
+def test_distinct_n_by_hand():
+  texts = ["a b a b", "a b c."]  # 13a tokens: a b a b | a b c .
+  assert text_metrics.distinct_n(texts, 1) == pytest.approx(4 / 8)  # {a, b, c, .} of 8 tokens
+  assert text_metrics.distinct_n(texts, 2) == pytest.approx(4 / 6)  # {ab, ba, bc, c.} of 3 + 3 (none across texts)
+  assert text_metrics.distinct_n(texts, 4) == pytest.approx(2 / 2)
+  assert math.isnan(text_metrics.distinct_n(["a"], 2))
+  got = text_metrics.diversity(["", "a b a b", "  ", "a b c."])  # empty samples dropped
+  assert got["distinct_1"] == pytest.approx(0.5) and set(got) == {"self_bleu"} | {f"distinct_{n}" for n in range(1, 5)}
+
+
+def test_mbr_selects_the_consensus_candidate():
+  """The candidate with the highest mean utility against the others is kept; ties go to the first."""
+  consensus = ["the cat sat on the mat", "a dog barked at the moon tonight", "the cat sat on a mat",
+               "the cat sat on the mat today"]
+  by_bleu = [np.mean([sacrebleu.sentence_bleu(h, [r], lowercase=True).score for r in consensus if r is not h])
+             for h in consensus]
+  assert text_metrics.mbr_select([consensus], "bleu") == [int(np.argmax(by_bleu))] == [0]
+  outlier_first = [consensus[1], consensus[2], consensus[3]]
+  scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+  by_rouge = [np.mean([scorer.score(r, h)["rougeL"].fmeasure for r in outlier_first if r is not h])
+              for h in outlier_first]
+  assert text_metrics.mbr_select([outlier_first, ["same", "same"], ["only"]], "rougeL") == [
+      int(np.argmax(by_rouge)), 0, 0]
+  assert int(np.argmax(by_rouge)) != 0
+  with pytest.raises(ValueError, match="rougeL"):
+    text_metrics.mbr_select([consensus], "meteor")
+
+
+def test_gpt2_scores_carry_mauve_and_diversity(tiny_gpt2):
+  """The GPT-2 path: Gen. PPL, diversity and length-matched MAUVE against held-out texts, each reference cut to the
+  GPT-2 length of its sample; eval.mauve=False leaves MAUVE out."""
+  config = base_config()
+  config.data.source = "text"
+  config.eval.gpt2, config.eval.batch_size = str(tiny_gpt2.directory), 4
+  samples = [t for t in TEXTS if t.strip()] * 4
+  references = [t + " And then some more words follow here." for t in reversed(samples)]
+  got = scoring.score(samples, config, true_texts=references)
+  assert set(got) >= {"gen_ppl", "entropy", "mauve", "self_bleu", "distinct_1", "distinct_4"}
+  scorer = gen_ppl.GenPPLScorer.from_pretrained(str(tiny_gpt2.directory), batch_size=4)
+  sample_ids, reference_ids = scorer.token_ids(samples), scorer.token_ids(references)
+  want = text_metrics.mauve(scorer.features([r[:len(s)] for r, s in zip(reference_ids, sample_ids)]),
+                            scorer.features(sample_ids))
+  assert got["mauve"] == pytest.approx(want, rel=1e-6) and 0.0 < got["mauve"] <= 1.0
+  config.eval.mauve = False
+  assert "mauve" not in scoring.score(samples, config)
 
 
 def test_score_drops_empty_samples():
@@ -184,6 +279,10 @@ def test_score_drops_empty_samples():
   assert got["num_empty"] == 2
   for key in ("gen_ppl", "entropy", "ungrammatical_fraction"):
     assert got[key] == pytest.approx(exact[key], rel=1e-12), key
+  # No GPT-2 under the synthetic language: MAUVE is absent (not nan); diversity is always there.
+  assert "mauve" not in got
+  assert got["self_bleu"] == pytest.approx(text_metrics.self_bleu([sentences[0], sentences[1], "the the"]))
+  assert got["distinct_1"] == pytest.approx(text_metrics.distinct_n([sentences[0], sentences[1], "the the"], 1))
 
 
 def test_references_are_the_raw_target_text(tmp_path):
