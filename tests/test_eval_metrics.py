@@ -9,12 +9,17 @@ import types
 
 import jax
 import numpy as np
+from flax import linen as nn
 import pytest
 from rouge_score import rouge_scorer
 import sacrebleu
+import tokenizers
 import torch
+import transformers
 
+from elf_jax import experiment
 from elf_jax import generate
+from elf_jax import recipes
 from elf_jax.sample_files import Samples
 from elf_jax.config import base_config
 from elf_jax.data import sources
@@ -23,6 +28,7 @@ from elf_jax.eval import gen_ppl
 from elf_jax.eval import gpt2
 from elf_jax.eval import scoring
 from elf_jax.eval import text_metrics
+from elf_jax.model.elf import init_params
 from test_gpt2 import build_tiny_gpt2, EOS  # tests/ is on sys.path (pytest rootdir-relative import)
 
 MAX_LENGTH = 24
@@ -299,3 +305,86 @@ def test_references_are_the_raw_target_text(tmp_path):
   setup = types.SimpleNamespace(config=config, language=None, tokenizer=tokenizer)
   assert generate.held_out_texts(setup, 10, field="output") == outputs[:2] + ["sat cat"]
   assert generate.held_out_texts(setup, 1, field="input") == ["document 0"]
+
+
+def test_references_from_the_raw_target_column(tmp_path):
+  """An hf_arrow dataset laid out like the official XSum / WMT ones (target ids `input_ids`, condition ids
+  `condition_input_ids`, the raw texts beside them): the references are the raw `target` text, exactly as stored;
+  without that column (data.reference_key naming none) the target ids are decoded."""
+  import datasets  # pylint: disable=import-outside-toplevel
+  tokenizer = tokenizer_lib.build_word_tokenizer(["the", "cat", "sat", "on", "mat", "."])
+  targets = ["The cat sat on the mat.", "  the Cat, sat!  "]
+  datasets.Dataset.from_dict({
+      "condition_input_ids": [[3, 4, 5], [6, 7]], "input_ids": [[3, 4, 5, 1, 1], [4, 5, 1]],
+      "document": ["the cat sat on the mat", "on the mat"], "target": targets,
+  }).save_to_disk(str(tmp_path / "validation_t5"))
+  config = base_config()
+  config.data.update(source="hf_arrow", path=str(tmp_path / "{split}_t5"), conditional=True, eval_split="validation",
+                     input_key="condition_input_ids", output_key="input_ids")
+  setup = types.SimpleNamespace(config=config, language=None, tokenizer=tokenizer)
+  assert generate.held_out_texts(setup, 10, field="output") == targets
+  assert generate.held_out_texts(setup, 1, field="input") == ["the cat sat"]
+  config.data.reference_key = "summary"  # no such column: the ids, decoded
+  assert generate.held_out_texts(setup, 10, field="output") == ["the cat sat", "cat sat"]
+
+
+def test_decoding_cleans_up_spaces_as_the_official_environment():
+  """transformers < 4.45 (the official environment) cleaned up tokenization spaces when decoding T5 ids (its default;
+  t5-small sets nothing); transformers 5 does not. data.clean_up_tokenization_spaces (default True) is passed
+  explicitly, so the same ids give the official text under either version. Texts are kept as decoded (no strip)."""
+  words = ["John", "'s", "hat", "is", "n't", "red", ".", ",", "?", "it"]
+  tokenizer = tokenizer_lib.build_word_tokenizer(words)
+  ids = tokenizer.encode("John 's hat is n't red , is it ?", add_special_tokens=False) + [1, 0, 0]
+  config = base_config()
+  setup = types.SimpleNamespace(config=config, tokenizer=tokenizer)
+  assert config.data.clean_up_tokenization_spaces is True
+  assert generate.decode(setup, [ids]) == ["John's hat isn't red, is it?"]
+  config.data.clean_up_tokenization_spaces = False
+  assert generate.decode(setup, [ids]) == ["John 's hat is n't red , is it ?"]
+  # As decoded: a tokenizer whose decoding keeps edge spaces (a Metaspace decoder that strips no prefix).
+  vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, "\u2581": 3, "\u2581hat": 4, "s": 5}
+  spaced = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab=vocab, unk_token="<unk>"))
+  spaced.decoder = tokenizers.decoders.Metaspace(prepend_scheme="never")
+  setup.tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=spaced, pad_token="<pad>",
+                                                         eos_token="</s>", unk_token="<unk>")
+  assert generate.decode(setup, [[3, 4, 5, 3, 1, 0]]) == ["  hats "]
+
+
+def _tiny_conditional(tmp_path):
+  """A conditional experiment on a JSONL copy task (word tokenizer, random encoder, an untrained tiny ELF)."""
+  words = [f"w{i}" for i in range(20)]
+  rng = np.random.default_rng(0)
+  with open(tmp_path / "validation.jsonl", "w", encoding="utf-8") as f:
+    for _ in range(6):
+      sentence = " ".join(rng.choice(words, 3))
+      f.write(json.dumps({"input": sentence, "output": sentence}) + "\n")
+  tokenizer_lib.build_word_tokenizer(words, save_dir=str(tmp_path / "tok"))
+  config = recipes.tiny()
+  config.data.update(source="jsonl", path=str(tmp_path / "{split}.jsonl"), conditional=True, tokenizer=str(
+      tmp_path / "tok"), max_length=8, max_condition_length=4, eval_split="validation")
+  config.model.vocab_size = 23
+  config.encoder.measure_latent_stats = False
+  config.sample.update(steps=2, batch_size=8, num_samples=6, cfg_scale=2.0)
+  config.eval.mbr_candidates = 3
+  exp = experiment.build(config)
+  params = nn.unbox(init_params(exp.model, jax.random.PRNGKey(1), config.data.max_length))
+  return exp, params
+
+
+@pytest.mark.slow  # six sampling runs, each compiling its sampler (~50 s of CPU)
+def test_mbr_beside_the_single_sample_score(tmp_path):
+  """eval.mbr_candidates = 3 on a tiny conditional task: the plain scores are those of the first draw (the same as
+  without MBR), and mbr_* score each condition's MBR choice among the three draws."""
+  exp, params = _tiny_conditional(tmp_path)
+  conditions = generate.eval_conditions(exp, 6)
+  scored = generate.generate_and_score(exp, params, 6, seed=0, conditions=conditions)
+  plain = generate.generate(exp, params, 6, 0, conditions=conditions).samples
+  assert scored.samples.texts == plain.texts
+  assert {k: v for k, v in scored.metrics.items() if not k.startswith("mbr_")} == generate.score(exp, plain)
+  draws = [plain.texts] + [generate.generate(exp, params, 6, 0, conditions=conditions, candidate=c).samples.texts
+                           for c in (1, 2)]
+  assert draws[1] != draws[0] and draws[2] != draws[1]
+  chosen = text_metrics.mbr_select(list(zip(*draws)), "bleu")
+  assert scored.mbr_samples.texts == [draws[c][i] for i, c in enumerate(chosen)]
+  assert scored.metrics["mbr_bleu"] == pytest.approx(text_metrics.bleu(scored.mbr_samples.texts, plain.references))
+  assert {"mbr_rougeL", "mbr_self_bleu", "mbr_distinct_2"} <= set(scored.metrics)
