@@ -34,7 +34,7 @@ setup(
                  "libtpu>=0.0.52", "mauve-text>=0.4.0"],
         # MAUVE (eval.mauve) from our GPT-2's features; mauve-text is GPLv3, hence never a core dependency.
         "mauve": ["mauve-text>=0.4.0"],
-        # Reading and writing the authors' PyTorch checkpoint files (elf_jax/torch_checkpoint.py).
+        # Reading and writing the authors' PyTorch checkpoint files (elf_jax/torch_format.py).
         "torch": ["torch==2.13.0"],
         # gcsfs: gs:// workdirs, data, caches and checkpoints (elf_jax/fs.py).
         "tpu": ["jax[tpu]>=0.10.2", "gcsfs>=2026.10.1"],

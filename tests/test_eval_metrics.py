@@ -17,10 +17,7 @@ import tokenizers
 import torch
 import transformers
 
-from elf_jax import experiment
-from elf_jax import generate
 from elf_jax import recipes
-from elf_jax.sample_files import Samples
 from elf_jax.config import base_config
 from elf_jax.data import sources
 from elf_jax.data import tokenizer as tokenizer_lib
@@ -29,6 +26,9 @@ from elf_jax.eval import gpt2
 from elf_jax.eval import scoring
 from elf_jax.eval import text_metrics
 from elf_jax.model.elf import init_params
+from elf_jax.run import experiment
+from elf_jax.run import generate
+from elf_jax.sampling.files import Samples
 from test_gpt2 import build_tiny_gpt2, EOS  # tests/ is on sys.path (pytest rootdir-relative import)
 
 MAX_LENGTH = 24
