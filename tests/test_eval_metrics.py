@@ -371,20 +371,23 @@ def _tiny_conditional(tmp_path):
   return exp, params
 
 
-@pytest.mark.slow  # six sampling runs, each compiling its sampler (~50 s of CPU)
+@pytest.mark.slow  # three sampling runs, each compiling its sampler (~25 s of CPU)
 def test_mbr_beside_the_single_sample_score(tmp_path):
   """eval.mbr_candidates = 3 on a tiny conditional task: the plain scores are those of the first draw (the same as
   without MBR), and mbr_* score each condition's MBR choice among the three draws."""
   exp, params = _tiny_conditional(tmp_path)
   conditions = generate.eval_conditions(exp, 6)
   scored = generate.generate_and_score(exp, params, 6, seed=0, conditions=conditions)
-  plain = generate.generate(exp, params, 6, 0, conditions=conditions).samples
-  assert scored.samples.texts == plain.texts
-  assert {k: v for k, v in scored.metrics.items() if not k.startswith("mbr_")} == generate.score(exp, plain)
-  draws = [plain.texts] + [generate.generate(exp, params, 6, 0, conditions=conditions, candidate=c).samples.texts
-                           for c in (1, 2)]
+  plain = generate.generate(exp, params, 6, 0, conditions=conditions)
+  assert plain.candidates == () and scored.samples == plain.samples
+  assert {k: v for k, v in scored.metrics.items() if not k.startswith("mbr_")} == generate.score(exp, plain.samples)
+  drawn = generate.generate(exp, params, 6, 0, conditions=conditions, candidates=3)
+  assert drawn.samples == plain.samples and len(drawn.candidates) == 2
+  draws = [plain.samples.texts] + [c.texts for c in drawn.candidates]
   assert draws[1] != draws[0] and draws[2] != draws[1]
+  assert all(c.references == plain.samples.references for c in drawn.candidates)
   chosen = text_metrics.mbr_select(list(zip(*draws)), "bleu")
   assert scored.mbr_samples.texts == [draws[c][i] for i, c in enumerate(chosen)]
-  assert scored.metrics["mbr_bleu"] == pytest.approx(text_metrics.bleu(scored.mbr_samples.texts, plain.references))
+  want = text_metrics.bleu(scored.mbr_samples.texts, plain.samples.references)
+  assert scored.metrics["mbr_bleu"] == pytest.approx(want, rel=1e-12)
   assert {"mbr_rougeL", "mbr_self_bleu", "mbr_distinct_2"} <= set(scored.metrics)

@@ -29,6 +29,7 @@ class Generation:
   samples: Samples
   first_batch: sampler.SampleOutput | None = None
   first_cond_mask: np.ndarray | None = None
+  candidates: tuple[Samples, ...] = ()  # MBR: the further draws for the same conditions (generate's `candidates`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,19 +49,19 @@ def decode(exp: experiment.Experiment, ids) -> list[str]:
 
 def generate(exp: experiment.Experiment, params, num_samples: int, seed: int,
              sample_config: sampler.SampleConfig | None = None,
-             conditions: dict[str, np.ndarray] | None = None, candidate: int = 0) -> Generation:
+             conditions: dict[str, np.ndarray] | None = None, candidates: int = 1) -> Generation:
   """Draws `num_samples` samples (rounded up to whole batches of `sample.batch_size`, then cut) and decodes them.
 
   conditions: for conditional tasks, the batch-major `ids`, `valid`, `cond_mask` (N, S) of the first N examples of
   the evaluation split (`eval_conditions`); their condition parts are encoded and kept clean, their target parts are
   ignored, and at most N samples are drawn, one per example, each with its condition and reference text.
-  candidate: 0 draws with `seed`; c > 0 draws the c-th further sample of the same conditions (MBR) from a key stream
-  of its own.
+  candidates: k >= 1 draws per condition (MBR), with one compiled sampler: the first is the plain draw of `seed`
+  (`Generation.samples`, the same as with k = 1), the others (`Generation.candidates`) come from key streams of
+  their own.
   """
   config, mesh = exp.config, exp.mesh
-  root = jax.random.PRNGKey(seed)
-  if candidate:
-    root = jax.random.fold_in(jax.random.split(root)[1], candidate)
+  roots = [jax.random.PRNGKey(seed)]
+  roots += [jax.random.fold_in(jax.random.split(roots[0])[1], c) for c in range(1, candidates)]
   if conditions is not None:
     num_samples = min(num_samples, len(conditions["ids"]))
   sc = sample_config or exp.sample_config()
@@ -68,27 +69,28 @@ def generate(exp: experiment.Experiment, params, num_samples: int, seed: int,
   shards = num_batch_shards(mesh)
   batch = max(shards, config.sample.batch_size // shards * shards)
   encode = jax.jit(lambda p, ids, valid, cm: exp.encoder.encode(p, ids, valid, cm))
-  texts, ids_out, first = [], [], None
+  texts, ids_out, first = [[] for _ in roots], [[] for _ in roots], None
   for b in range(math.ceil(num_samples / batch)):
     cond = None
     if conditions is not None:
       part = {k: _take_rows(v, b * batch, batch) for k, v in conditions.items()}
       latents = encode(exp.encoder_params, part["ids"], part["valid"], part["cond_mask"])
       cond = {"latents": jnp.where(part["cond_mask"][..., None], latents, 0.0), "mask": jnp.asarray(part["cond_mask"])}
-    out = sampler.sample_from_seed(sample_fn, params, jax.random.fold_in(root, b), sc, batch=batch,
-                                    seq_len=config.data.max_length, latent_dim=exp.encoder.dim, mesh=mesh, cond=cond)
-    if b == 0 and sc.return_trajectory:  # on every process, as numpy (the batch may span processes)
-      first = (multihost_utils.process_allgather(out, tiled=True), None if cond is None else np.asarray(cond["mask"]))
-    ids = multihost_utils.process_allgather(out.ids, tiled=True)
-    ids_out.extend(ids.tolist())
-    texts.extend(decode(exp, ids))
-  samples = Samples(texts=texts[:num_samples], ids=ids_out[:num_samples])
+    for c, root in enumerate(roots):
+      out = sampler.sample_from_seed(sample_fn, params, jax.random.fold_in(root, b), sc, batch=batch,
+                                     seq_len=config.data.max_length, latent_dim=exp.encoder.dim, mesh=mesh, cond=cond)
+      if b == 0 and c == 0 and sc.return_trajectory:  # on every process, as numpy (the batch may span processes)
+        first = (multihost_utils.process_allgather(out, tiled=True), None if cond is None else np.asarray(cond["mask"]))
+      ids = multihost_utils.process_allgather(out.ids, tiled=True)
+      ids_out[c].extend(ids.tolist())
+      texts[c].extend(decode(exp, ids))
+  drawn = [Samples(texts=t[:num_samples], ids=i[:num_samples]) for t, i in zip(texts, ids_out)]
   if conditions is not None:
     ids, cm = conditions["ids"][:num_samples], conditions["cond_mask"][:num_samples]
-    samples = dataclasses.replace(
-        samples, conditions=decode(exp, np.where(cm, ids, exp.tokenizer.pad_token_id)),
-        references=held_out_texts(exp, num_samples, field="output"))
-  return Generation(samples, *(first or (None, None)))
+    pairs = {"conditions": decode(exp, np.where(cm, ids, exp.tokenizer.pad_token_id)),
+             "references": held_out_texts(exp, num_samples, field="output")}
+    drawn = [dataclasses.replace(d, **pairs) for d in drawn]
+  return Generation(drawn[0], *(first or (None, None)), candidates=tuple(drawn[1:]))
 
 
 def _take_rows(x: np.ndarray, start: int, n: int) -> np.ndarray:
@@ -139,16 +141,16 @@ def score(exp: experiment.Experiment, samples: Samples) -> dict[str, float]:
 def generate_and_score(exp: experiment.Experiment, params, num_samples: int, seed: int,
                        sample_config: sampler.SampleConfig | None = None,
                        conditions: dict[str, np.ndarray] | None = None) -> Scored:
-  """`generate` then `score`. Conditional tasks with eval.mbr_candidates = k > 1 draw k − 1 further candidates per
-  condition (`generate(..., candidate=c)`), keep each condition's MBR choice (`text_metrics.mbr_select` by
+  """`generate` then `score`. Conditional tasks with eval.mbr_candidates = k > 1 draw k candidates per condition
+  (`generate(..., candidates=k)`), keep each condition's MBR choice (`text_metrics.mbr_select` by
   eval.mbr_metric) and add its scores as mbr_<name> beside the scores of the first, single sample."""
-  samples = generate(exp, params, num_samples, seed, sample_config, conditions).samples
+  k = exp.config.eval.mbr_candidates if conditions is not None else 1
+  drawn = generate(exp, params, num_samples, seed, sample_config, conditions, candidates=k)
+  samples = drawn.samples
   metrics = score(exp, samples)
-  k = exp.config.eval.mbr_candidates
-  if conditions is None or k == 1:
+  if k == 1:
     return Scored(samples, metrics)
-  candidates = [samples] + [generate(exp, params, num_samples, seed, sample_config, conditions, candidate=c).samples
-                            for c in range(1, k)]
+  candidates = (samples,) + drawn.candidates
   chosen = text_metrics.mbr_select(list(zip(*(c.texts for c in candidates))), exp.config.eval.mbr_metric)
   mbr = dataclasses.replace(samples, texts=[candidates[c].texts[i] for i, c in enumerate(chosen)],
                             ids=[candidates[c].ids[i] for i, c in enumerate(chosen)])
