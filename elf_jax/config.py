@@ -102,8 +102,8 @@ def base_config() -> ml_collections.ConfigDict:
   d.reference_key = "target"
   # Decoding ids to text (samples, conditions, decoded references): Hugging Face's clean-up of spaces before
   # punctuation and English contractions (" ." -> ".", " n't" -> "n't", ...). True is what the official environment
-  # did (transformers < 4.45 cleans up unless the tokenizer config says otherwise, and t5-small's does not; README,
-  # "Fidelity"); transformers 5 no longer does by default, so it is always passed explicitly.
+  # did (transformers < 4.45 cleans up unless the tokenizer's config sets otherwise; README, "Evaluation", says how
+  # this was established); transformers 5 no longer does by default, so it is always passed explicitly.
   d.clean_up_tokenization_spaces = True
   d.tokenizer = "t5-small"  # Hugging Face tokenizer dir / hub id; "synthetic" = word tokenizer of the language
   d.max_length = 1024  # S, total sequence length (condition + target for conditional tasks)
