@@ -410,12 +410,12 @@ def main():
         f"overrides={args.set}", flush=True)
 
   def add_ours(name, vmc, vbatch):
-    obj = step_lib.Objective(ELF(vmc), encoder, fc, groups)
+    obj = step_lib.ElfObjective(ELF(vmc), encoder, fc, groups)
     fn = step_lib.make_train_step(obj, optimizer, config.optim)
     state = jax.tree.map(jnp.copy, state0)
-    compiled, flops, mem = _compile(fn, state, enc_params, vbatch)
-    variants[name] = Variant(compiled, force_ours, state, enc_params, vbatch, ours_decodes, ours_passes, vmc, flops,
-                             mem)
+    frozen = step_lib.FrozenInputs(enc_params)
+    compiled, flops, mem = _compile(fn, state, frozen, vbatch)
+    variants[name] = Variant(compiled, force_ours, state, frozen, vbatch, ours_decodes, ours_passes, vmc, flops, mem)
 
   for name in args.variants:
     start = time.perf_counter()

@@ -44,7 +44,9 @@ class Dense(nn.Module):
 
 
 class RMSNorm(nn.Module):
-  """x / sqrt(mean(x², -1) + eps) · weight, computed in float32, returned in the input dtype."""
+  """x / sqrt(mean(x², -1) + eps) · weight, computed in float32, returned in the input dtype.
+
+  Not `nn.RMSNorm`: that names its parameter `scale`, the published checkpoints call it `weight`."""
   eps: float = 1e-6
   axis_name: str | None = "norm"
 

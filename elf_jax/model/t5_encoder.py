@@ -131,15 +131,9 @@ def make_encoder_mask(valid: jax.Array, cond_mask: jax.Array | None = None,
   return jnp.where(cond[:, :, None], cond_cols, target_cols)
 
 
-class T5LayerNorm(nn.Module):
-  """RMS norm without mean subtraction or bias; (..., D) -> (..., D) float32."""
-  eps: float
-
-  @nn.compact
-  def __call__(self, x):
-    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
-    x = x.astype(jnp.float32)
-    return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps) * scale
+def _rms_norm(eps: float, name: str) -> nn.RMSNorm:
+  """T5's layer norm: RMS norm without mean subtraction or bias, parameter `scale`; (..., D) -> (..., D) float32."""
+  return nn.RMSNorm(epsilon=eps, dtype=jnp.float32, param_dtype=jnp.float32, name=name)
 
 
 def _dense(features: int, std: float, dtype, name: str) -> nn.Dense:
@@ -192,9 +186,9 @@ class T5Block(nn.Module):
   @nn.compact
   def __call__(self, x, position_bias, mask):
     eps = self.config.layer_norm_eps
-    h = T5LayerNorm(eps, name="attention_norm")(x).astype(self.dtype)
+    h = _rms_norm(eps, "attention_norm")(x.astype(jnp.float32)).astype(self.dtype)
     x = x + T5SelfAttention(self.config, self.dtype, name="attention")(h, position_bias, mask).astype(jnp.float32)
-    h = T5LayerNorm(eps, name="ff_norm")(x).astype(self.dtype)
+    h = _rms_norm(eps, "ff_norm")(x.astype(jnp.float32)).astype(self.dtype)
     return x + T5FeedForward(self.config, self.dtype, name="ff")(h).astype(jnp.float32)
 
 
@@ -229,7 +223,7 @@ class T5Encoder(nn.Module):
     position_bias = jnp.transpose(table(jnp.asarray(buckets)), (2, 0, 1))[None]  # (1, H, S, S)
     for i in range(c.num_layers):
       x = T5Block(c, self.dtype, name=f"block_{i}")(x, position_bias, mask)
-    return T5LayerNorm(c.layer_norm_eps, name="final_layer_norm")(x)
+    return _rms_norm(c.layer_norm_eps, "final_layer_norm")(x.astype(jnp.float32))
 
 
 def random_t5_encoder_params(config: T5EncoderConfig, seed: int) -> dict:
