@@ -20,6 +20,7 @@ import traceback
 import jax
 import ml_collections
 
+from elf_jax.config import load_config_file
 from elf_jax.run import aot
 from elf_jax.run import hbm
 
@@ -31,11 +32,7 @@ TARGET_HEADROOM = 30.0  # % of HBM the shipped configs leave free (issue: config
 
 def load_config(size: str) -> ml_collections.ConfigDict:
   """configs/owt_<size>.py's `get_config()`, loaded by path (as `--config` does)."""
-  path = os.path.join(CONFIGS, f"owt_{size}.py")
-  spec = importlib.util.spec_from_file_location(f"owt_{size}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return load_config_file(os.path.join(CONFIGS, f"owt_{size}.py"))
 
 
 def _version(package: str) -> str:

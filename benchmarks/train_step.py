@@ -33,18 +33,17 @@ self-conditioning input and v_uncond) + one forward/backward (v_cond is its stop
 step runs three no-gradient passes (x_sc = 0, x_sc = 0 again for v_uncond, x_sc = x̂_uncond for v_cond) + one
 forward/backward. Decoding steps run one forward/backward on both. MFU = formula FLOPs / time / --peak_tflops.
 
-  python benchmarks/train_step.py --config configs/tiny.py --batch 64 --set optim.optimizer=muon \
+  python benchmarks/train_step.py --config=configs/tiny.py --batch 64 --config.optim.optimizer=muon \
       --reference_src ~/ELF --rounds 5 --steps 10
-  python benchmarks/train_step.py --config configs/owt_b.py --batch 12 --seq_len 128 \
-      --set optim.optimizer=adamw --reference_src ~/ELF --rounds 3 --steps 4
-  python benchmarks/train_step.py --config configs/tiny.py                     # ours and cached only
-  python benchmarks/train_step.py --config configs/owt_b.py --batch 64 --seq_len 1024 --peak_tflops 989 \
-      --set model.compute_dtype=bfloat16 --remat
+  python benchmarks/train_step.py --config=configs/owt_b.py --batch 12 --seq_len 128 \
+      --config.optim.optimizer=adamw --reference_src ~/ELF --rounds 3 --steps 4
+  python benchmarks/train_step.py --config=configs/tiny.py                     # ours and cached only
+  python benchmarks/train_step.py --config=configs/owt_b.py --batch 64 --seq_len 1024 --peak_tflops 989 \
+      --config.model.compute_dtype=bfloat16 --remat
 """
 import argparse
 import dataclasses
 import importlib
-import importlib.util
 import os
 import pickle
 import resource
@@ -54,9 +53,11 @@ import tempfile
 import time
 from typing import Any, Callable
 
+from absl import flags
 import jax
 import jax.numpy as jnp
 import ml_collections
+from ml_collections import config_flags
 import numpy as np
 
 from elf_jax.model import elf as elf_lib
@@ -74,11 +75,14 @@ SCHEDULE_STEPS = 10**6  # total optimizer updates given to both lr schedules (on
 VARIANTS = ("ours", "official", "cached")
 
 
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py",
+                                          "config file with get_config(); fields set by --config.group.field=value")
+
+
 def _parse_args():
+  """The config (absl: --config=PATH --config.x=y, parsed first) and the benchmark's own arguments (argparse)."""
+  rest = flags.FLAGS(sys.argv, known_only=True)
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--config", default="configs/tiny.py", help="config file with get_config()")
-  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                 help="config override, e.g. --set model.depth=4 --set optim.optimizer=adamw (repeatable)")
   p.add_argument("--batch", type=int, default=None, help="global batch (default optim.global_batch_size)")
   p.add_argument("--seq_len", type=int, default=None, help="tokens per row S (default data.max_length)")
   p.add_argument("--reference_src", default=None, metavar="PATH",
@@ -92,7 +96,9 @@ def _parse_args():
                       "else ours,cached)")
   p.add_argument("--remat", action="store_true", help="also time ours with model.remat=full and dots_saveable")
   p.add_argument("--peak_tflops", type=float, default=0.0, help="peak of the device for MFU (0 = do not print MFU)")
-  args = p.parse_args()
+  args = p.parse_args(rest[1:])
+  args.config = config_flags.get_config_filename(flags.FLAGS["config"])
+  args.overrides = config_flags.get_override_values(flags.FLAGS["config"])
   args.variants = (args.variants or ("ours,official" if args.reference_src else "ours,cached")).split(",")
   for v in args.variants:
     if v not in VARIANTS:
@@ -102,23 +108,6 @@ def _parse_args():
   if args.rounds < 1 or args.steps < 1 or args.warmup < 0:
     p.error("--rounds and --steps must be >= 1 and --warmup >= 0")
   return args
-
-
-def load_config(path: str, overrides: list[str]) -> ml_collections.ConfigDict:
-  """get_config() of `path` with KEY=VALUE overrides (values parsed as the field's current type)."""
-  spec = importlib.util.spec_from_file_location("bench_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  for item in overrides:
-    key, _, value = item.partition("=")
-    *parents, leaf = key.split(".")
-    node = config
-    for name in parents:
-      node = node[name]
-    old = node[leaf]
-    node[leaf] = (value.lower() in ("1", "true", "yes")) if isinstance(old, bool) else type(old)(value)
-  return config
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -184,7 +173,7 @@ def check_optimizer_settings(config: ml_collections.ConfigDict):
   wrong = {k: o[k] for k, v in fixed.items() if k in o and o[k] != v}
   if wrong:
     raise SystemExit(f"optim settings {wrong} differ from the official optimizer's fixed values {fixed}: "
-                     "drop those --set overrides to compare with the official step")
+                     "drop those --config overrides to compare with the official step")
 
 
 def write_official_encoder(t5_mod, config: ml_collections.ConfigDict, vocab: int, directory: str):
@@ -359,7 +348,7 @@ def expected_step(times, round_index: int, num_rounds: int, p: float) -> float:
 def main():
   args = _parse_args()
   mods = import_official(args.reference_src) if "official" in args.variants else None
-  config = load_config(args.config, args.set)
+  config = _CONFIG.value
   if config.encoder.name_or_path == "t5-small":  # offline: random weights, T5-small's shapes (same encoder cost)
     config.encoder.update(T5_SMALL)
   config.encoder.name_or_path, config.encoder.measure_latent_stats = "random", False
@@ -407,7 +396,7 @@ def main():
     return state.replace(dropout_rng=key[None])
   variants = {}
   print(f"backend={jax.default_backend()} device={jax.devices()[0].device_kind} config={args.config} "
-        f"overrides={args.set}", flush=True)
+        f"overrides={args.overrides}", flush=True)
 
   def add_ours(name, vmc, vbatch):
     obj = step_lib.ElfObjective(ELF(vmc), encoder, fc, groups)

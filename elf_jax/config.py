@@ -9,6 +9,7 @@ researcher may want to change lives here, with a comment; `validate` checks valu
 import importlib.util
 
 import ml_collections
+from ml_collections.config_flags import config_flags
 
 # Logical parameter axis → mesh axis (None = replicated). `embed` (H) is split over fsdp (ZeRO-3 style);
 # heads / MLP hidden / vocabulary over tensor. Unlisted logical axes are replicated.
@@ -278,3 +279,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
        "own HBM)")
   if problems:
     raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def load_config_file(path, overrides: dict | None = None) -> ml_collections.ConfigDict:
+  """`get_config()` of the config file at `path`, loaded as `--config=path` loads it, then `overrides`
+  ({"group.field": value}, as `--config.group.field=value` sets them; a misspelt key raises KeyError)."""
+  config = config_flags.ConfigFileFlagParser(name="config").parse(str(path))
+  config.update_from_flattened_dict(dict(overrides or {}))
+  return config

@@ -1,6 +1,5 @@
 """Progressive distillation (issue 15): the objective against the authors' PyTorch code (`pd.npz` of
 reference_elf_train), the draws of a step, and `--mode=distill` end to end."""
-import importlib.util
 import json
 import os
 import re
@@ -17,7 +16,7 @@ import pytest
 
 from conftest import SHARED
 from elf_jax import report
-from elf_jax.config import base_config
+from elf_jax.config import base_config, load_config_file
 from elf_jax.model import elf
 from elf_jax.model.elf import ELF, ModelConfig, init_params
 from elf_jax.objective import distill
@@ -161,18 +160,6 @@ def test_rounds_spec():
       distill.parse_rounds(bad)
 
 
-def load_config(path, overrides: dict):
-  """A config file loaded by path (as --config does), then `overrides` ("group.field": value)."""
-  spec = importlib.util.spec_from_file_location(path.stem, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  for key, value in overrides.items():
-    group, field = key.split(".")
-    config[group][field] = value
-  return config
-
-
 def make_teacher_workdir(directory, config):
   """A teacher's training workdir without training it: a checkpoint of fresh params (as params and EMA) and the
   latent statistics that the students must reuse."""
@@ -218,7 +205,7 @@ def test_mode_distill_end_to_end(tmp_path, capsys):
   assert re.search(r"^ +2 +1 +[\d.]+", result.stdout, re.M), result.stdout[-2000:]  # the summary table
 
   capsys.readouterr()
-  distill_loop.distill(load_config(REPO / "configs" / "tiny_distill.py", overrides), str(workdir))
+  distill_loop.distill(load_config_file(REPO / "configs" / "tiny_distill.py", overrides), str(workdir))
   assert capsys.readouterr().out.count("finished before") == 2
   assert sorted(p.name for p in (rounds[1] / "checkpoints").iterdir()) == ["2"]
 
@@ -231,7 +218,7 @@ def test_few_step_settings_and_the_steps_sweep(tmp_path, monkeypatch):
                                                              guidance_scale=1.0, cfg_scale=1.0, grid="uniform")))
     assert (s.method, s.steps, s.grid, s.gamma, s.guidance_scale) == ("sde", steps, "logit_normal", gamma, w)
 
-  config = load_config(REPO / "configs" / "tiny_distill.py", {})
+  config = load_config_file(REPO / "configs" / "tiny_distill.py", {})
   assert config.sample.preset == "fewstep" and config.eval.sweep == "steps=1,2,4,8,16,32"
   used = []
   monkeypatch.setattr(generate, "generate", lambda exp, params, num, seed, sample_config: used.append(

@@ -1,6 +1,5 @@
 """Latent cache: stored rows and latents equal the pipeline's rows and the encoder's output; the train-step loss is
 the same with cached latents as with the encoder run on the fly; a cache built for another config is refused."""
-import importlib.util
 import json
 import pathlib
 
@@ -9,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+from elf_jax.config import load_config_file
 from elf_jax.data import latent_cache, pipeline, sources, tokenizer as tokenizers_
 from elf_jax.model.elf import ELF, ModelConfig, init_params
 from elf_jax.model.t5_encoder import make_encoder_mask
@@ -21,15 +21,8 @@ ROWS = 40
 TINY = pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny.py"
 
 
-def _tiny_config():
-  spec = importlib.util.spec_from_file_location("tiny_config", TINY)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 def _config(packing=False):
-  c = _tiny_config()
+  c = load_config_file(TINY)
   c.data.synthetic_num_sentences = 200
   c.data.packing = packing
   c.encoder.measure_latent_stats = False

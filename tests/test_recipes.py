@@ -1,13 +1,12 @@
 """The shipped recipes equal the reference's training YAMLs (src/configs/training_configs/train_*.yml over the
 defaults of src/configs/config.py, spec §7), field by field; they name its pre-tokenized Hugging Face datasets, which
 the pipeline reads as they are from a local copy."""
-import importlib.util
 import pathlib
 
 import numpy as np
 import pytest
 
-from elf_jax.config import validate
+from elf_jax.config import load_config_file, validate
 from elf_jax.data import pipeline, sources
 from elf_jax.data import tokenizer as tokenizer_lib
 from elf_jax.objective import optim
@@ -75,10 +74,7 @@ WARMUP = {"owt_b": 0.5, "owt_m": 0.5, "owt_l": 0.5, "xsum_b": 5000, "wmt_de_en_b
 
 def load_config(name: str):
   """configs/<name>.py loaded by path, as --config does."""
-  spec = importlib.util.spec_from_file_location(f"recipe_{name}", CONFIGS / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return load_config_file(CONFIGS / f"{name}.py")
 
 
 def test_every_shipped_recipe_has_a_table():

@@ -6,7 +6,6 @@ The reference is one straight 6-step run, shared by the tests; the others interr
 its per-step losses and final params / EMA bit for bit.
 """
 import contextlib
-import importlib.util
 import io
 import json
 import os
@@ -20,6 +19,7 @@ import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2
 
+from elf_jax.config import load_config_file
 from elf_jax.data import pipeline, sources
 from elf_jax.objective import optim
 from elf_jax.run import checkpoint
@@ -46,14 +46,7 @@ SMALL = {
 
 def small_config(**overrides):
   """configs/tiny.py (loaded by path, as --config does) with SMALL and then `overrides` ("group.field": value)."""
-  spec = importlib.util.spec_from_file_location("tiny_config", TINY_CONFIG)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  for key, value in {**SMALL, **overrides}.items():
-    group, field = key.split(".")
-    config[group][field] = value
-  return config
+  return load_config_file(TINY_CONFIG, {**SMALL, **overrides})
 
 
 def train_rows(workdir) -> list[dict]:
