@@ -129,7 +129,8 @@ class GenPPLScorer:
     # The scorer needs the tokenizer files (vocab.json, merges.txt, tokenizer*.json) beside config.json.
     directory = hf_weights.resolve_dir(name_or_path, "GPT-2", ["*.json", "*.txt"], field="eval.gpt2")
     config, params = gpt2.load_hf_gpt2(str(directory))
-    return cls(config, params, transformers.AutoTokenizer.from_pretrained(str(directory)), **kwargs)
+    return cls(config, params, transformers.AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False),
+               **kwargs)
 
   def _row_nll_impl(self, params, input_ids, attention_mask, counted):
     """(B,T) ids and mask, (B,T-1) counted -> (B,) float32 sum of counted next-token NLLs (nats) per row."""
