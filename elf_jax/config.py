@@ -101,6 +101,9 @@ def base_config() -> ml_collections.ConfigDict:
   d.packing = False  # pack documents into max_length rows (unconditional) instead of pad/truncate
   d.shuffle = True
   d.num_workers = 0  # grain worker processes
+  # A malformed record (not UTF-8 / not JSON / a missing field): "error" stops with FILE:LINE and the problem (jsonl
+  # and text files are checked before training); "skip" leaves such records out and counts them.
+  d.on_bad_record = "error"
   # Unconditional data: a directory written by `python -m elf_jax.cache_latents` holding the rows and their
   # raw (unnormalised) frozen-encoder outputs; the pipeline then reads them and the train step skips the encoder.
   d.latent_cache_dir = ""
@@ -129,6 +132,10 @@ def base_config() -> ml_collections.ConfigDict:
   o.grad_accum_steps = 1  # micro-batches per optimizer step, run inside the one jitted step (lax.scan); divides it
   o.num_epochs = 5.0
   o.num_steps = -1  # if > 0, overrides num_epochs (steps per epoch = len(train split) // global_batch_size)
+  # A step whose loss or gradient norm is NaN / inf: False stops the run with one line before anything is saved
+  # (the newest checkpoint stays the last good one); True leaves params, EMA and optimizer state unchanged for that
+  # step (counted as `skipped_nonfinite` in the metrics) and trains on.
+  o.skip_nonfinite = False
 
   # Sampling (spec §6); named presets in elf_jax/sample.py (PRESETS).
   c.sample = s = ml_collections.ConfigDict()
@@ -171,6 +178,9 @@ def base_config() -> ml_collections.ConfigDict:
   k.every_steps = 1000
   k.max_to_keep = 3
   k.async_save = True
+  # One run per workdir (DIR/lease.json, renewed at every log and save): a lease not renewed for this long (a run
+  # that died on another host) is taken over with a warning; one of a dead process on this host at once.
+  k.lease_stale_after_s = 7200.0
 
   c.logging = g = ml_collections.ConfigDict()
   g.log_every_steps = 50
@@ -235,6 +245,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   need(m.remat in ("none", "full", "dots_saveable"), f"model.remat={m.remat!r}: expected none, full or "
        "dots_saveable")
   need(d.max_length > 0, f"data.max_length={d.max_length} must be > 0")
+  need(d.on_bad_record in ("error", "skip"), f"data.on_bad_record={d.on_bad_record!r}: expected 'error' or 'skip'")
   need(not (d.conditional and d.get("latent_cache_dir")), "data.latent_cache_dir is for unconditional data (label "
        "dropping changes the encoder input of conditional tasks); set --config.data.latent_cache_dir=''")
   if d.conditional:
