@@ -104,7 +104,7 @@ def base_config() -> ml_collections.ConfigDict:
   # A malformed record (not UTF-8 / not JSON / a missing field): "error" stops with FILE:LINE and the problem (jsonl
   # and text files are checked before training); "skip" leaves such records out and counts them.
   d.on_bad_record = "error"
-  # Unconditional data: a directory written by `python -m elf_jax.cache_latents` holding the rows and their
+  # Unconditional data: a directory written by `python -m elf_jax.run.cache_latents` holding the rows and their
   # raw (unnormalised) frozen-encoder outputs; the pipeline then reads them and the train step skips the encoder.
   d.latent_cache_dir = ""
   d.synthetic_num_sentences = 200_000  # synthetic language: size of the training corpus
@@ -137,7 +137,7 @@ def base_config() -> ml_collections.ConfigDict:
   # step (counted as `skipped_nonfinite` in the metrics) and trains on.
   o.skip_nonfinite = False
 
-  # Sampling (spec §6); named presets in elf_jax/sample.py (PRESETS).
+  # Sampling (spec §6); named presets in elf_jax/sampling/sampler.py (PRESETS).
   c.sample = s = ml_collections.ConfigDict()
   s.preset = ""  # owt_sde32 | owt_sde64 | cond_ode64 | fewstep (a distilled student, spec §11) | "" (fields below)
   s.method = "sde"  # ode | sde
@@ -171,7 +171,7 @@ def base_config() -> ml_collections.ConfigDict:
   h.rules = SHARDING_RULES  # logical axis → mesh axis table (elf_jax/parallel/sharding.py)
   h.compile_topology = ""  # --mode=compile: e.g. v5p-64
   # Per-chip memory budget (GiB) that --mode=compile and a training run (before its first step) check the compiled
-  # step against; 0 = the chip's own HBM (no check on CPU). Set it to plan for a smaller chip (elf_jax/parallel/hbm.py).
+  # step against; 0 = the chip's own HBM (no check on CPU). Set it to plan for a smaller chip (elf_jax/run/hbm.py).
   h.hbm_limit_gib = 0.0
 
   c.checkpoint = k = ml_collections.ConfigDict()

@@ -95,25 +95,23 @@ def main(argv):
   workdir = _WORKDIR.value or default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
   mode = _MODE.value
   if mode == "compile":
-    from elf_jax import aot
+    from elf_jax.run import aot
     aot.main(config)
     return
-  from elf_jax import experiment
-  from elf_jax import modes
   from elf_jax.config import ConfigError
   from elf_jax.report import RunStopped
-  from elf_jax.train import distill_loop, loop
+  from elf_jax.run import distill_loop, experiment, modes, train_loop
   print(f"workdir: {workdir}", flush=True)
   try:
     fs.check_writable(workdir, jax.process_index())
     # Training writes the workdir: one run at a time, the lease taken before the config is written.
-    with loop.hold_workdir(workdir, config) if mode in ("train", "distill") else contextlib.nullcontext():
+    with train_loop.hold_workdir(workdir, config) if mode in ("train", "distill") else contextlib.nullcontext():
       if mode == "train":  # a changed model against the workdir's checkpoints: one line before anything loads
         experiment.check_resume_config(config, workdir, f"config_{mode}.json")
       if jax.process_index() == 0:
         (fs.path(workdir) / f"config_{mode}.json").write_text(config.to_json_best_effort(indent=2))
       if mode == "train":
-        loop.train(config, workdir, hooks=modes.training_hook)
+        train_loop.train(config, workdir, hooks=modes.training_hook)
       elif mode == "sample":
         modes.sample_mode(config, workdir)
       elif mode == "distill":

@@ -20,12 +20,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from elf_jax import checkpoint
 from elf_jax import fs
 from elf_jax import report
 from elf_jax.config import ConfigError
-from elf_jax.train import loop
-from elf_jax.train.state import TrainState
+from elf_jax.objective.state import TrainState
+from elf_jax.run import checkpoint
+from elf_jax.run import train_loop as loop
+from elf_jax.weights import published
 from cli_runs import REPO, TINY_CONFIG  # tests/ is on sys.path (pytest rootdir-relative import)
 from test_train_loop import SMALL
 
@@ -183,7 +184,7 @@ def test_a_diverging_run_stops_before_saving(cli, tmp_path):
   assert line.startswith("error: training diverged at step ") and "skip_nonfinite" in line, out[-3000:]
   bad_step = int(line.split("step ")[1].split()[0])
   assert _steps(workdir) and max(_steps(workdir)) < bad_step
-  restored = checkpoint.load_params_from(str(workdir), which="raw")
+  restored = published.load_params_from(str(workdir), which="raw")
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(restored))
 
   workdir = tmp_path / "skipped"
@@ -191,7 +192,7 @@ def test_a_diverging_run_stops_before_saving(cli, tmp_path):
   assert rc == 0, out[-3000:]
   rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert sum(r.get("skipped_nonfinite", 0) for r in rows if r["kind"] == "train") >= 1
-  assert all(np.isfinite(x).all() for x in jax.tree.leaves(checkpoint.load_params_from(str(workdir), which="raw")))
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(published.load_params_from(str(workdir), which="raw")))
 
 
 @pytest.fixture
