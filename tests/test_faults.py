@@ -62,10 +62,11 @@ def _largest_data_file(step_dir: pathlib.Path) -> pathlib.Path:
   return max((p for p in step_dir.rglob("*") if p.is_file() and "/d/" in str(p)), key=lambda p: p.stat().st_size)
 
 
-@pytest.mark.parametrize("where", ["local", "gs"])
-def test_flipped_bytes_in_the_newest_step_fall_back_to_the_previous_one(tmp_path, caplog, gcs, where):
+@pytest.mark.parametrize("where, damage", [("local", "flip"), ("local", "truncate"), ("gs", "flip")])
+def test_flipped_bytes_in_the_newest_step_fall_back_to_the_previous_one(tmp_path, caplog, gcs, where, damage):
   """Without a digest, 3 flipped bytes in an OCDBT data file restore silently with wrong values (orbax's crc covers
-  only the shard index); with it, the step is moved aside with one warning naming it and the file."""
+  only the shard index), and a truncated one fails deep inside TensorStore; with it, the step is moved aside with one
+  warning naming it and the file."""
   directory = str(tmp_path) if where == "local" else f"gs://{gcs.bucket}/flip/{time.time_ns()}"
   manager = checkpoint.CheckpointManager(directory, async_save=True)
   manager.save(1, _state(1))
@@ -75,7 +76,8 @@ def test_flipped_bytes_in_the_newest_step_fall_back_to_the_previous_one(tmp_path
   assert (step_dir / checkpoint.DIGEST_FILE).exists()  # written after the commit, off the training thread
   if where == "local":
     target = _largest_data_file(pathlib.Path(str(step_dir)))
-    target.write_bytes(_flip_bytes(target.read_bytes()))
+    data = target.read_bytes()
+    target.write_bytes(_flip_bytes(data) if damage == "flip" else data[:len(data) // 2])
     name = str(target.relative_to(str(step_dir)))
   else:  # a partial / rewritten object: the store's crc32c changes
     import fsspec

@@ -145,7 +145,11 @@ def _train(config, workdir, hooks, objective, lease) -> TrainState:
   data_iter = iter(dataset)
   manager = checkpoint.CheckpointManager(checkpoint.checkpoint_dir(workdir), max_to_keep=config.checkpoint.max_to_keep,
                                          async_save=config.checkpoint.async_save)
-  state = manager.restore(plan.abstract_state, data_iterator=data_iter)
+  try:
+    state = manager.restore(plan.abstract_state, data_iterator=data_iter)
+  except BaseException:
+    _close_quietly(manager)  # no orbax thread or event loop left to complain at exit after the one-line error
+    raise
   n_steps = plan.total_steps
   if state is None:
     state = exp.create_state()
