@@ -29,166 +29,173 @@ def base_config() -> ml_collections.ConfigDict:
   c.init_from = ""
 
   # Flow transformer (spec §5).
-  c.model = m = ml_collections.ConfigDict()
-  m.hidden_size = 768  # H
-  m.depth = 12  # number of blocks
-  m.num_heads = 12
-  m.bottleneck_dim = 128  # proj1: C -> bottleneck, proj2: bottleneck -> H
-  m.mlp_ratio = 4.0  # SwiGLU hidden = floor(floor(mlp_ratio * H) * 2 / 3)
-  m.num_time_tokens = 4
-  m.num_guidance_tokens = 4  # "self_cond_cfg" tokens carrying the guidance scale w
-  m.num_mode_tokens = 4  # switched on for decoding (t = 1 token readout)
-  m.rope_theta = 10000.0
-  m.dropout_rate = 0.0  # applied in the middle half of the blocks only
-  m.vocab_size = 32100  # readout head size V (T5 tokens incl. sentinels)
-  m.compute_dtype = "float32"  # float32 | bfloat16; params, softmax, norms, losses stay float32
-  m.attention_impl = "xla"  # xla | pallas | auto (see elf_jax/ops/attention.py)
-  m.remat = "none"  # none | full | dots_saveable (per block)
+  c.model = ml_collections.ConfigDict()
+  c.model.hidden_size = 768  # H
+  c.model.depth = 12  # number of blocks
+  c.model.num_heads = 12
+  c.model.bottleneck_dim = 128  # proj1: C -> bottleneck, proj2: bottleneck -> H
+  c.model.mlp_ratio = 4.0  # SwiGLU hidden = floor(floor(mlp_ratio * H) * 2 / 3)
+  c.model.num_time_tokens = 4
+  c.model.num_guidance_tokens = 4  # "self_cond_cfg" tokens carrying the guidance scale w
+  c.model.num_mode_tokens = 4  # switched on for decoding (t = 1 token readout)
+  c.model.rope_theta = 10000.0
+  c.model.dropout_rate = 0.0  # applied in the middle half of the blocks only
+  c.model.vocab_size = 32100  # readout head size V (T5 tokens incl. sentinels)
+  c.model.compute_dtype = "float32"  # float32 | bfloat16; params, softmax, norms, losses stay float32
+  c.model.attention_impl = "xla"  # xla | pallas | auto (see elf_jax/ops/attention.py)
+  c.model.remat = "none"  # none | full | dots_saveable (per block)
 
   # Frozen T5 encoder (spec §1). `name_or_path`: a local Hugging Face directory, a hub id (online), an official
   # ELF encoder `.pkl` (the published t5_small_encoder_jax.pkl format; dims read from its shapes), or "random"
   # for a T5-architecture encoder with fixed seeded weights (offline default; dims below are used then).
-  c.encoder = e = ml_collections.ConfigDict()
-  e.name_or_path = "t5-small"
-  e.dim = 512  # C, the latent width; must equal the encoder's d_model
-  e.compute_dtype = "float32"
-  e.latent_mean = 0.0  # x0 = (E(ids) - latent_mean) / latent_std
-  e.latent_std = 0.2
-  e.measure_latent_stats = False  # if True, measure mean/std from data at start-up (overrides the two above)
-  e.random_seed = 0  # weights of the "random" encoder
-  e.random_num_layers = 2
-  e.random_num_heads = 4
-  e.random_d_kv = 16
-  e.random_d_ff = 256
+  c.encoder = ml_collections.ConfigDict()
+  c.encoder.name_or_path = "t5-small"
+  c.encoder.dim = 512  # C, the latent width; must equal the encoder's d_model
+  c.encoder.compute_dtype = "float32"
+  c.encoder.latent_mean = 0.0  # x0 = (E(ids) - latent_mean) / latent_std
+  c.encoder.latent_std = 0.2
+  c.encoder.measure_latent_stats = False  # if True, measure mean/std from data at start-up (overrides the two above)
+  c.encoder.random_seed = 0  # weights of the "random" encoder
+  c.encoder.random_num_layers = 2
+  c.encoder.random_num_heads = 4
+  c.encoder.random_d_kv = 16
+  c.encoder.random_d_ff = 256
 
   # Flow objective (spec §2-4).
-  c.flow = f = ml_collections.ConfigDict()
-  f.denoiser_noise_scale = 2.0  # sigma: z_t = t x0 + (1 - t) sigma eps
-  f.time_schedule = "logit_normal"  # logit_normal | uniform
-  f.P_mean = -1.5
-  f.P_std = 0.8
-  f.t_eps = 0.05  # v = (x - z) / max(1 - t, t_eps)
-  f.self_cond_prob = 0.5
+  c.flow = ml_collections.ConfigDict()
+  c.flow.denoiser_noise_scale = 2.0  # sigma: z_t = t x0 + (1 - t) sigma eps
+  c.flow.time_schedule = "logit_normal"  # logit_normal | uniform
+  c.flow.P_mean = -1.5
+  c.flow.P_std = 0.8
+  c.flow.t_eps = 0.05  # v = (x - z) / max(1 - t, t_eps)
+  c.flow.self_cond_prob = 0.5
   # bernoulli: one coin per example (the reference) | fixed_count: exactly round(p * group size) per coin group,
   # so the x_sc = 0 pass runs on those rows only (a cheaper, different objective; opt-in)
-  f.self_cond_draw = "bernoulli"
-  f.guidance_min = 0.5  # w ~ log-uniform: w = a (b / a)^u - 1, a = 1 + min, b = 1 + max
-  f.guidance_max = 5.0
-  f.decoder_prob = 0.2  # probability that a group of examples is a decoding step
-  f.decoder_groups = -1  # number of coin groups per global batch; -1 = one per batch shard (as the reference)
-  f.decoder_noise_scale = 5.0
-  f.decoder_m_mean = 0.8  # lambda = sigmoid(m), m ~ N(mean, std)
-  f.decoder_m_std = 0.8
-  f.label_drop_prob = 0.1  # conditional tasks: drop the condition (CFG training)
-  f.pad_token = "pad"  # pad: loss on valid tokens only | eos: padding is EOS and is learned
+  c.flow.self_cond_draw = "bernoulli"
+  c.flow.guidance_min = 0.5  # w ~ log-uniform: w = a (b / a)^u - 1, a = 1 + min, b = 1 + max
+  c.flow.guidance_max = 5.0
+  c.flow.decoder_prob = 0.2  # probability that a group of examples is a decoding step
+  c.flow.decoder_groups = -1  # number of coin groups per global batch; -1 = one per batch shard (as the reference)
+  c.flow.decoder_noise_scale = 5.0
+  c.flow.decoder_m_mean = 0.8  # lambda = sigmoid(m), m ~ N(mean, std)
+  c.flow.decoder_m_std = 0.8
+  c.flow.label_drop_prob = 0.1  # conditional tasks: drop the condition (CFG training)
+  c.flow.pad_token = "pad"  # pad: loss on valid tokens only | eos: padding is EOS and is learned
 
   # Data.
-  c.data = d = ml_collections.ConfigDict()
-  d.source = "synthetic"  # synthetic | tfds | hf_arrow | jsonl | text
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "synthetic"  # synthetic | tfds | hf_arrow | jsonl | text
   # Dataset name (tfds), hub id or local directory (hf_arrow: Hugging Face datasets), or file (jsonl / text); "{split}"
   # is replaced by the split name.
-  d.path = ""
-  d.data_dir = ""  # tfds: the TFDS data dir ("" = TFDS_DATA_DIR or ~/tensorflow_datasets)
-  d.split = "train"
-  d.eval_split = "validation"
-  d.conditional = False  # [condition ; target] sequences (XSum, WMT)
-  d.input_key = "input"  # conditional fields
-  d.output_key = "output"
-  d.text_key = "text"
-  d.tokenizer = "t5-small"  # Hugging Face tokenizer dir / hub id; "synthetic" = word tokenizer of the language
-  d.max_length = 1024  # S, total sequence length (condition + target for conditional tasks)
-  d.max_condition_length = 0  # conditional tasks: condition tokens are cut to this (the reference's max_input_length)
-  d.packing = False  # pack documents into max_length rows (unconditional) instead of pad/truncate
-  d.shuffle = True
-  d.num_workers = 0  # grain worker processes
+  c.data.path = ""
+  c.data.data_dir = ""  # tfds: the TFDS data dir ("" = TFDS_DATA_DIR or ~/tensorflow_datasets)
+  c.data.split = "train"
+  c.data.eval_split = "validation"
+  c.data.conditional = False  # [condition ; target] sequences (XSum, WMT)
+  c.data.input_key = "input"  # conditional fields
+  c.data.output_key = "output"
+  c.data.text_key = "text"
+  c.data.tokenizer = "t5-small"  # Hugging Face tokenizer dir / hub id; "synthetic" = word tokenizer of the language
+  c.data.max_length = 1024  # S, total sequence length (condition + target for conditional tasks)
+  # Conditional tasks: condition tokens are cut to this (the reference's max_input_length).
+  c.data.max_condition_length = 0
+  c.data.packing = False  # pack documents into max_length rows (unconditional) instead of pad/truncate
+  c.data.shuffle = True
+  c.data.num_workers = 0  # grain worker processes
   # Unconditional data: a directory written by `python -m elf_jax.cache_latents` holding the rows and their
   # raw (unnormalised) frozen-encoder outputs; the pipeline then reads them and the train step skips the encoder.
-  d.latent_cache_dir = ""
-  d.synthetic_num_sentences = 200_000  # synthetic language: size of the training corpus
-  d.synthetic_seed = 1234
-  d.synthetic_words_per_class = 0  # 0 = the full vocabulary (399 words); a small number gives an easier language
+  c.data.latent_cache_dir = ""
+  c.data.synthetic_num_sentences = 200_000  # synthetic language: size of the training corpus
+  c.data.synthetic_seed = 1234
+  c.data.synthetic_words_per_class = 0  # 0 = the full vocabulary (399 words); a small number gives an easier language
 
   # Optimisation (spec §7).
-  c.optim = o = ml_collections.ConfigDict()
-  o.optimizer = "muon"  # muon | adamw
-  o.base_lr = 1e-3  # lr = base_lr * global_batch / 256
+  c.optim = ml_collections.ConfigDict()
+  c.optim.optimizer = "muon"  # muon | adamw
+  c.optim.base_lr = 1e-3  # lr = base_lr * global_batch / 256
   # Muon: optax.contrib.muon's own defaults, as the reference (which passes none): Nesterov momentum on 2-D leaves,
   # and its internal Adam (b1, b2 0.999) on every other leaf. AdamW: the reference's adam_b1 / adam_b2.
-  o.muon_momentum = 0.95
-  o.muon_adam_b1 = 0.9
-  o.muon_adam_b2 = 0.999
-  o.adamw_b1 = 0.9
-  o.adamw_b2 = 0.95
-  o.weight_decay = 0.0  # decoupled, every leaf, either optimizer (the reference: 0)
-  o.warmup_steps = -1  # >= 0: warm-up length in optimizer updates; < 0: warmup_epochs is used
-  o.warmup_epochs = 0.5
-  o.schedule = "constant"  # constant | cosine (after warm-up)
-  o.grad_clip = 1.0  # global-norm clip of each micro-batch gradient, before Muon / AdamW (reference); 0 = off
-  o.ema_decay = 0.9999
-  o.global_batch_size = 512
-  o.grad_accum_steps = 1  # micro-batches per optimizer step, run inside the one jitted step (lax.scan); divides it
-  o.num_epochs = 5.0
-  o.num_steps = -1  # if > 0, overrides num_epochs (steps per epoch = len(train split) // global_batch_size)
+  c.optim.muon_momentum = 0.95
+  c.optim.muon_adam_b1 = 0.9
+  c.optim.muon_adam_b2 = 0.999
+  c.optim.adamw_b1 = 0.9
+  c.optim.adamw_b2 = 0.95
+  c.optim.weight_decay = 0.0  # decoupled, every leaf, either optimizer (the reference: 0)
+  c.optim.warmup_steps = -1  # >= 0: warm-up length in optimizer updates; < 0: warmup_epochs is used
+  c.optim.warmup_epochs = 0.5
+  c.optim.schedule = "constant"  # constant | cosine (after warm-up)
+  c.optim.grad_clip = 1.0  # global-norm clip of each micro-batch gradient, before Muon / AdamW (reference); 0 = off
+  c.optim.ema_decay = 0.9999
+  c.optim.global_batch_size = 512
+  # Micro-batches per optimizer step, run inside the one jitted step (lax.scan); divides global_batch_size.
+  c.optim.grad_accum_steps = 1
+  c.optim.num_epochs = 5.0
+  c.optim.num_steps = -1  # if > 0, overrides num_epochs (steps per epoch = len(train split) // global_batch_size)
 
   # Sampling (spec §6); named presets in elf_jax/sample.py (PRESETS).
-  c.sample = s = ml_collections.ConfigDict()
-  s.preset = ""  # owt_sde32 | owt_sde64 | cond_ode64 | fewstep (a distilled student, spec §11) | "" (fields below)
-  s.method = "sde"  # ode | sde
-  s.steps = 32
-  s.grid = "logit_normal"  # logit_normal (a fresh grid per batch, as every official preset) | uniform
-  s.grid_p_mean = -1.5  # logit-normal grid: sorted sigmoid(N(grid_p_mean, grid_p_std)) draws between 0 and 1
-  s.grid_p_std = 0.8
-  s.gamma = 1.5  # SDE churn
-  s.guidance_scale = 3.0  # w (self-conditioning guidance)
-  s.cfg_scale = 1.0  # s (classifier-free guidance, conditional tasks)
-  s.num_samples = 1000
-  s.batch_size = 64
-  s.save_trajectory = False  # --mode=sample: also write DIR/samples/trajectory.{html,jsonl,png} (first 8 samples)
+  c.sample = ml_collections.ConfigDict()
+  # owt_sde32 | owt_sde64 | cond_ode64 | fewstep (a distilled student, spec §11) | "" (fields below)
+  c.sample.preset = ""
+  c.sample.method = "sde"  # ode | sde
+  c.sample.steps = 32
+  c.sample.grid = "logit_normal"  # logit_normal (a fresh grid per batch, as every official preset) | uniform
+  c.sample.grid_p_mean = -1.5  # logit-normal grid: sorted sigmoid(N(grid_p_mean, grid_p_std)) draws between 0 and 1
+  c.sample.grid_p_std = 0.8
+  c.sample.gamma = 1.5  # SDE churn
+  c.sample.guidance_scale = 3.0  # w (self-conditioning guidance)
+  c.sample.cfg_scale = 1.0  # s (classifier-free guidance, conditional tasks)
+  c.sample.num_samples = 1000
+  c.sample.batch_size = 64
+  # --mode=sample: also write DIR/samples/trajectory.{html,jsonl,png} (first 8 samples).
+  c.sample.save_trajectory = False
 
   # Evaluation (spec §8).
-  c.eval = v = ml_collections.ConfigDict()
-  v.gpt2 = "gpt2-large"  # Hugging Face GPT-2 dir / hub id for Gen. PPL
-  v.num_seeds = 1
-  v.samples_path = ""  # --mode=eval on an existing samples JSONL instead of sampling
-  v.batch_size = 8
+  c.eval = ml_collections.ConfigDict()
+  c.eval.gpt2 = "gpt2-large"  # Hugging Face GPT-2 dir / hub id for Gen. PPL
+  c.eval.num_seeds = 1
+  c.eval.samples_path = ""  # --mode=eval on an existing samples JSONL instead of sampling
+  c.eval.batch_size = 8
   # --mode=eval: also sweep sampling settings and plot Gen. PPL against entropy (DIR/frontier.png), e.g.
   # "guidance_scale=1,2,3;steps=16,32" (fields of elf_jax.sample.SampleConfig; the grid of all combinations).
-  v.sweep = ""
+  c.eval.sweep = ""
 
   # Device mesh; -1 = fill with the remaining devices.
-  c.mesh = h = ml_collections.ConfigDict()
-  h.data = -1
-  h.fsdp = 1
-  h.tensor = 1
-  h.preset = ""  # v5p-64 | v5p-64-fsdp | gpu | gpu-fsdp | cpu-8 (elf_jax/parallel/mesh.py); overrides the sizes
-  h.rules = SHARDING_RULES  # logical axis → mesh axis table (elf_jax/parallel/sharding.py)
-  h.compile_topology = ""  # --mode=compile: e.g. v5p-64
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+  c.mesh.preset = ""  # v5p-64 | v5p-64-fsdp | gpu | gpu-fsdp | cpu-8 (elf_jax/parallel/mesh.py); overrides the sizes
+  c.mesh.rules = SHARDING_RULES  # logical axis → mesh axis table (elf_jax/parallel/sharding.py)
+  c.mesh.compile_topology = ""  # --mode=compile: e.g. v5p-64
   # Per-chip memory budget (GiB) that --mode=compile and a training run (before its first step) check the compiled
   # step against; 0 = the chip's own HBM (no check on CPU). Set it to plan for a smaller chip (elf_jax/parallel/hbm.py).
-  h.hbm_limit_gib = 0.0
+  c.mesh.hbm_limit_gib = 0.0
 
-  c.checkpoint = k = ml_collections.ConfigDict()
-  k.every_steps = 1000
-  k.max_to_keep = 3
-  k.async_save = True
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_steps = 1000
+  c.checkpoint.max_to_keep = 3
+  c.checkpoint.async_save = True
 
-  c.logging = g = ml_collections.ConfigDict()
-  g.log_every_steps = 50
-  g.sample_every_steps = 0  # sample + evaluate every N steps during training; 0 = only at the end
-  g.tensorboard = True
+  c.logging = ml_collections.ConfigDict()
+  c.logging.log_every_steps = 50
+  c.logging.sample_every_steps = 0  # sample + evaluate every N steps during training; 0 = only at the end
+  c.logging.tensorboard = True
 
   # Progressive distillation (--mode=distill, spec §11): rounds of training a few-step student against the frozen
   # teacher. Each round is a training run in DIR/round<i>_<steps>step (optim.* is its recipe, apart from the length
   # and warm-up below); round 1 starts from init_from or else the teacher, round i > 1 from round i − 1's EMA.
-  c.distill = x = ml_collections.ConfigDict()
-  x.teacher = ""  # the frozen teacher (its EMA params): a training workdir, a checkpoint dir or a published checkpoint
-  x.rounds = "16:4,8:8,4:16,2:32,1:64"  # student steps:teacher sub-steps per student step, one round each, in order
-  x.steps_per_round = -1  # optimizer updates per round; <= 0: epochs_per_round
-  x.epochs_per_round = 1.0
-  x.warmup_steps = -1  # per round, as optim.warmup_steps (< 0: warmup_epochs is used)
-  x.warmup_epochs = 0.1
-  x.student_schedule = "logit_normal"  # t_s = u (1 − 1/steps), u: logit_normal (flow.P_mean, P_std) | uniform
-  x.teacher_schedule = "logit_normal"  # the teacher's inner sub-step times within [t_s, t_t]: logit_normal | uniform
+  c.distill = ml_collections.ConfigDict()
+  # The frozen teacher (its EMA params): a training workdir, a checkpoint dir or a published checkpoint.
+  c.distill.teacher = ""
+  # Student steps:teacher sub-steps per student step, one round each, in order.
+  c.distill.rounds = "16:4,8:8,4:16,2:32,1:64"
+  c.distill.steps_per_round = -1  # optimizer updates per round; <= 0: epochs_per_round
+  c.distill.epochs_per_round = 1.0
+  c.distill.warmup_steps = -1  # per round, as optim.warmup_steps (< 0: warmup_epochs is used)
+  c.distill.warmup_epochs = 0.1
+  c.distill.student_schedule = "logit_normal"  # t_s = u (1 − 1/steps), u: logit_normal (flow.P_mean, P_std) | uniform
+  # The teacher's inner sub-step times within [t_s, t_t]: logit_normal | uniform.
+  c.distill.teacher_schedule = "logit_normal"
   return c
 
 
