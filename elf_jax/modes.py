@@ -10,7 +10,6 @@ Neither mode opens the training split: they build the experiment without a train
 statistics saved with the run.
 """
 import dataclasses
-import itertools
 from typing import Any
 
 import jax
@@ -23,6 +22,7 @@ from elf_jax import generate as gen
 from elf_jax import report
 from elf_jax import sample as sampling
 from elf_jax import trajectory
+from elf_jax.config import SAMPLE_PRESET_FIELDS, parse_sweep
 from elf_jax.eval import plots
 from elf_jax.sample_files import read_samples, write_samples
 
@@ -115,36 +115,19 @@ def training_hook(exp: experiment.Experiment, workdir: str, state, step: int, wr
   report.say(report.format_table({"step": step, **metrics}))
 
 
-def parse_sweep(spec: str) -> list[dict[str, Any]]:
-  """'guidance_scale=1,2;steps=16,32' → every combination as SampleConfig overrides (values cast to the field type)."""
-  types = {f.name: f.type for f in dataclasses.fields(sampling.SampleConfig)}
-  axes = []
-  for part in filter(None, (p.strip() for p in spec.split(";"))):
-    name, _, values = part.partition("=")
-    name = name.strip()
-    if name not in types or not values:
-      raise ValueError(f"eval.sweep entry {part!r}: expected FIELD=v1,v2 with FIELD one of {sorted(types)}")
-    kind = types[name] if isinstance(types[name], str) else types[name].__name__
-    cast = {"int": int, "float": float, "str": str, "bool": lambda v: v.lower() in ("1", "true")}[kind]
-    axes.append([(name, cast(v.strip())) for v in values.split(",")])
-  return [dict(combo) for combo in itertools.product(*axes)]
-
-
 def frontier(exp: experiment.Experiment, params, workdir: str, writer: report.MetricsWriter) -> list[dict[str, Any]]:
   """Scores every sampling setting of `config.eval.sweep` and plots Gen. PPL against entropy (DIR/frontier.png) and,
-  when the sweep varies `steps`, Gen. PPL and entropy against steps (DIR/steps.png). Under the `fewstep` preset each
-  step count gets its own few-step settings (a distilled student, spec §11). Returns one row per setting."""
+  when the sweep varies `steps`, Gen. PPL and entropy against steps (DIR/steps.png). `sample.preset` fills what a
+  sweep point and the config leave unset (under `fewstep`, each step count gets its own few-step settings, spec §11).
+  Returns one row per setting: the sampling settings used (SAMPLE_PRESET_FIELDS) and the scores."""
   config = exp.config
-  few_step = config.sample.preset == sampling.FEW_STEP_PRESET
   settings = parse_sweep(config.eval.sweep)
   axes = list(settings[0])
   rows = []
   for overrides in settings:
-    if few_step and "steps" in overrides:
-      overrides = {**sampling.few_step_settings(overrides["steps"]), **overrides}
-    samples = gen.generate(exp, params, config.sample.num_samples, config.seed,
-                           sample_config=exp.sample_config(**overrides)).samples
-    row = {**overrides, **gen.score(exp, samples)}
+    sc = exp.sample_config(**overrides)
+    samples = gen.generate(exp, params, config.sample.num_samples, config.seed, sample_config=sc).samples
+    row = {**{name: getattr(sc, name) for name in SAMPLE_PRESET_FIELDS}, **gen.score(exp, samples)}
     writer.write(0, row, kind="frontier")
     rows.append(row)
     report.say(report.format_table(row))

@@ -22,7 +22,7 @@ local device instead). The churn noise can also be passed in (`churn_noise`), e.
 from collections.abc import Callable, Mapping
 import dataclasses
 import math
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -30,50 +30,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from elf_jax import flow
+from elf_jax.config import SAMPLE_METHODS, sample_settings
 from elf_jax.parallel.mesh import batch_axes
-
-# The official sampling configs (spec §6); `apply_preset` copies one into `config.sample`. Every one draws a fresh
-# logit-normal time grid per batch, sigmoid(N(−1.5, 0.8)) (the official code takes P_mean / P_std from the training
-# recipe's denoiser time distribution, −1.5 / 0.8 in every official recipe).
-_OFFICIAL_GRID = dict(grid="logit_normal", grid_p_mean=-1.5, grid_p_std=0.8)
-PRESETS: dict[str, dict[str, Any]] = {
-    # OpenWebText headline: SDE, 32 steps, churn 1.5, self-conditioning guidance 3.
-    "owt_sde32": dict(method="sde", steps=32, gamma=1.5, guidance_scale=3.0, cfg_scale=1.0, **_OFFICIAL_GRID),
-    # OpenWebText, more steps and less churn.
-    "owt_sde64": dict(method="sde", steps=64, gamma=1.0, guidance_scale=3.0, cfg_scale=1.0, **_OFFICIAL_GRID),
-    # Conditional tasks (XSum, WMT14 De-En): ODE, 64 steps, classifier-free guidance 2, no self-cond. guidance.
-    "cond_ode64": dict(method="ode", steps=64, gamma=0.0, guidance_scale=1.0, cfg_scale=2.0, **_OFFICIAL_GRID),
-}
-METHODS = ("ode", "sde")
-# A progressively distilled student's few-step sampling (spec §11, the authors' few-step eval): preset "fewstep"
-# keeps sample.steps and takes the rest from `few_step_settings`.
-FEW_STEP_PRESET = "fewstep"
-
-
-def few_step_settings(steps: int) -> dict[str, Any]:
-  """`config.sample` fields for `steps` steps of a distilled student: SDE on the logit-normal grid, churn γ and
-  guidance w by step count (the authors' table: 1-8 steps γ 1.5, w 2.5; 16-32 steps γ 2.0, w 2.0)."""
-  gamma, w = (1.5, 2.5) if steps <= 8 else (2.0, 2.0)
-  return dict(method="sde", steps=steps, gamma=gamma, guidance_scale=w, cfg_scale=1.0, grid="logit_normal")
-
-
-def apply_preset(sample_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Returns a copy of `config.sample` with the fields of `sample_config.preset` filled in (if it is non-empty).
-
-  The input is not modified. Raises ValueError naming the known presets if the preset is unknown.
-  """
-  out = ml_collections.ConfigDict(sample_config.to_dict())
-  name = out.get("preset", "")
-  if not name:
-    return out
-  if name == FEW_STEP_PRESET:
-    out.update(few_step_settings(out.steps))
-    return out
-  if name not in PRESETS:
-    raise ValueError(f"sample.preset={name!r} is unknown; choose one of {sorted([*PRESETS, FEW_STEP_PRESET])} or '' "
-                     "(use the fields)")
-  out.update(PRESETS[name])
-  return out
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -81,7 +39,7 @@ class SampleConfig:
   """Static sampler settings (hashable: `make_sampler` compiles once per config), built by `from_config`; the
   defaults live only in `elf_jax.config.base_config()` (e.g. `SampleConfig.from_config(base_config(), steps=8)`).
 
-  method: "ode" | "sde"; steps: grid intervals (= denoiser evaluations); grid: "uniform" | "logit_normal";
+  method: one of SAMPLE_METHODS; steps: grid intervals (= denoiser evaluations); grid: one of SAMPLE_GRIDS;
   grid_p_mean / grid_p_std: the logit-normal grid's sigmoid(N(P_mean, P_std)) draws; gamma: SDE churn γ;
   guidance_scale: default self-conditioning guidance w; cfg_scale: classifier-free guidance s (1 = off;
   conditional only); noise_scale: σ of the initial and churn noise; t_eps: velocity denominator floor;
@@ -105,19 +63,19 @@ class SampleConfig:
   return_trajectory: bool
 
   def __post_init__(self):
-    if self.method not in METHODS:
-      raise ValueError(f"sample.method={self.method!r}: expected one of {METHODS}")
+    if self.method not in SAMPLE_METHODS:
+      raise ValueError(f"sample.method={self.method!r}: expected one of {', '.join(SAMPLE_METHODS)}")
     if self.steps < 1:
       raise ValueError(f"sample.steps={self.steps}: need at least one step")
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict, **overrides) -> "SampleConfig":
-    """From a full run config: `config.sample` (after `apply_preset`), σ and t_eps of `config.flow`, and the target
-    length of a conditional `config.data`."""
-    s, f, d = apply_preset(config.sample), config.flow, config.data
-    fields = dict(method=s.method, steps=s.steps, grid=s.grid, grid_p_mean=s.grid_p_mean, grid_p_std=s.grid_p_std,
-                  gamma=s.gamma, guidance_scale=s.guidance_scale, cfg_scale=s.cfg_scale,
-                  noise_scale=f.denoiser_noise_scale, t_eps=f.t_eps, return_trajectory=s.save_trajectory,
+    """From a full run config: the sampling settings of `config.sample` (`elf_jax.config.sample_settings`: what
+    `overrides` or the config set, `sample.preset` for the rest), σ and t_eps of `config.flow`, and the target length
+    of a conditional `config.data`."""
+    f, d = config.flow, config.data
+    fields = dict(**sample_settings(config, **overrides), noise_scale=f.denoiser_noise_scale, t_eps=f.t_eps,
+                  return_trajectory=config.sample.save_trajectory,
                   max_target_length=d.max_length - d.max_condition_length if d.conditional else 0)
     return cls(**{**fields, **overrides})
 
@@ -237,8 +195,8 @@ def sample(params, model: nn.Module, z0: jax.Array, grid: jax.Array, *, method: 
   Returns:
     SampleOutput (see its docstring).
   """
-  if method not in METHODS:
-    raise ValueError(f"method={method!r}: expected one of {METHODS}")
+  if method not in SAMPLE_METHODS:
+    raise ValueError(f"method={method!r}: expected one of {SAMPLE_METHODS}")
   if (cond_latents is None) != (cond_mask is None):
     raise ValueError("conditional sampling needs both cond_latents (B, S, C) and cond_mask (B, S); pass both or none")
   if cfg_scale != 1.0 and cond_latents is None:

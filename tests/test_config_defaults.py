@@ -6,7 +6,7 @@ import inspect
 import pytest
 
 from elf_jax import sample as S
-from elf_jax.config import base_config
+from elf_jax.config import base_config, resolve
 from elf_jax.model.elf import ModelConfig
 from elf_jax.train.distill import DistillConfig
 from elf_jax.train.loss import FlowConfig
@@ -50,11 +50,11 @@ def test_no_default_outside_config_py(cls):
 
 @pytest.mark.parametrize("cls", list(CASES), ids=lambda c: c.__name__)
 def test_from_config_reads_every_config_value(cls):
-  """Built from base_config(), each field equals the config value of the same name (or its renamed counterpart);
-  keyword overrides replace single fields and leave the others."""
+  """Built from base_config(), each field equals the value of the same name (or its renamed counterpart) in the
+  resolved config (presets filled in); keyword overrides replace single fields and leave the others."""
   groups, allowed, derived = CASES[cls]
-  config = base_config()
-  built = _build(cls, config)
+  config = resolve(base_config())
+  built = _build(cls, base_config())
   for field in dataclasses.fields(cls):
     if field.name in allowed | derived:
       continue

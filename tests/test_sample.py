@@ -6,7 +6,6 @@ import json
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 import tokenizers
@@ -14,7 +13,9 @@ import transformers
 
 from elf_jax import checkpoint, flow, trajectory
 from elf_jax import sample as S
-from elf_jax.config import base_config
+from conftest import CONFIGS, config_from_command_line
+from elf_jax.config import (SAMPLE_PRESETS, ConfigError, base_config, few_step_settings, resolve, sample_settings,
+                            validate)
 from elf_jax.model.elf import ELF, ModelConfig, init_params
 
 
@@ -279,22 +280,53 @@ def test_presets():
   c = base_config()
   c.sample.preset = "cond_ode64"
   c.sample.grid = "uniform"
-  filled = S.apply_preset(c.sample)
-  assert (filled.method, filled.steps, filled.cfg_scale, filled.guidance_scale) == ("ode", 64, 2.0, 1.0)
-  assert c.sample.method == "sde" and c.sample.grid == "uniform"  # the input is not modified
-  c.sample.preset = "owt_sde32"
+  sc = S.SampleConfig.from_config(c)
+  assert (sc.method, sc.steps, sc.cfg_scale, sc.guidance_scale, sc.grid) == ("ode", 64, 2.0, 1.0, "uniform")
+  assert c.sample.method is None and c.sample.grid == "uniform"  # the config is not modified
+  c.sample.preset, c.sample.grid = "owt_sde32", None
   sc = S.SampleConfig.from_config(c)
   assert (sc.method, sc.steps, sc.gamma, sc.guidance_scale, sc.noise_scale) == ("sde", 32, 1.5, 3.0,
                                                                                c.flow.denoiser_noise_scale)
   # Every preset is an official sampling config: a fresh logit-normal grid per batch, sigmoid(N(−1.5, 0.8)).
-  for name in S.PRESETS:
+  for name in SAMPLE_PRESETS:
     c.sample.preset = name
     sc = S.SampleConfig.from_config(c)
     assert (sc.grid, sc.grid_p_mean, sc.grid_p_std) == ("logit_normal", -1.5, 0.8), name
-  assert S.apply_preset(ml_collections.ConfigDict({"preset": "", "steps": 7})).steps == 7
   c.sample.preset = "nope"
-  with pytest.raises(ValueError, match="owt_sde64"):
-    S.apply_preset(c.sample)
+  with pytest.raises(ConfigError, match="sample.preset='nope' is unknown; choose one of owt_sde32, owt_sde64"):
+    S.SampleConfig.from_config(c)
+
+
+def test_explicit_sample_fields_beat_the_preset():
+  """owt_b samples with the owt_sde32 preset; sample.steps=64 set on the command line or in Python wins over its
+  32 (the preset still fills the rest), in the sampler's config and in the printed (resolved) config."""
+  on_command_line = config_from_command_line(CONFIGS / "owt_b.py", "--config.sample.steps=64",
+                                             "--config.sample.cfg_scale=1")
+  in_python = config_from_command_line(CONFIGS / "owt_b.py")
+  in_python.sample.steps = 64
+  in_python.sample.cfg_scale = 1.0
+  for config in (on_command_line, in_python):
+    assert config.sample.preset == "owt_sde32"
+    validate(config)
+    sc = S.SampleConfig.from_config(config)
+    assert (sc.steps, sc.method, sc.gamma, sc.guidance_scale) == (64, "sde", 1.5, 3.0)
+    assert resolve(config).sample.to_dict() == {**config.sample.to_dict(), **SAMPLE_PRESETS["owt_sde32"], "steps": 64}
+    assert config.sample.gamma is None  # resolving leaves the config as it was
+  # Keyword overrides of from_config are explicit too (the eval sweep's points): the preset fills around them.
+  config = config_from_command_line(CONFIGS / "xsum_b.py", "--config.sample.gamma=0.5")
+  sc = S.SampleConfig.from_config(config, steps=8)
+  assert (sc.method, sc.steps, sc.gamma, sc.cfg_scale) == ("ode", 8, 0.5, 2.0)
+
+
+def test_the_few_step_preset_follows_the_step_count():
+  """fewstep: γ and w by sample.steps (unset: the last distillation round's student steps); explicit fields win."""
+  config = base_config()
+  config.sample.preset = "fewstep"
+  config.distill.rounds = "16:4,8:8"
+  assert sample_settings(config) == few_step_settings(8)
+  assert (sample_settings(config)["gamma"], sample_settings(config, steps=16)["gamma"]) == (1.5, 2.0)
+  config.sample.gamma = 0.7
+  assert sample_settings(config, steps=16) == {**few_step_settings(16), "gamma": 0.7}
 
 
 def test_sample_config_target_length_from_the_data():

@@ -33,7 +33,7 @@ from jax.sharding import PartitionSpec as P
 from elf_jax.ops.pallas import flash_attention as flash
 from elf_jax.parallel.mesh import BATCH_AXES
 
-HEAD_AXIS = "tensor"  # the mesh axis that splits attention heads (elf_jax.parallel.mesh.MESH_AXES)
+HEAD_AXIS = "tensor"  # the mesh axis that splits attention heads (elf_jax.config.MESH_AXES)
 
 IMPLS = ("xla", "pallas", "auto")
 # Sequence length from which "auto" uses the flash kernel on TPU / GPU. Below it the L x L float32 scores of one
