@@ -57,7 +57,8 @@ def _sample_config(args) -> S.SampleConfig:
   config.sample.preset = args.preset
   names = ("method", "steps", "gamma", "guidance_scale", "cfg_scale")
   explicit = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
-  sc = S.SampleConfig.from_config(config, noise_scale=args.noise_scale, **explicit)
+  # Random parameters: any token ids do; T5's EOS / pad.
+  sc = S.SampleConfig.from_config(config, noise_scale=args.noise_scale, eos_id=1, pad_id=0, **explicit)
   if sc.cfg_scale != 1.0 and not args.cfg:
     raise SystemExit(f"cfg_scale={sc.cfg_scale} (--preset {args.preset}) is classifier-free guidance, which needs a "
                      "condition: add --cfg")

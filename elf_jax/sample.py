@@ -30,20 +30,21 @@ import jax.numpy as jnp
 import ml_collections
 
 from elf_jax import flow
-from elf_jax.config import SAMPLE_METHODS, sample_settings
+from elf_jax.config import SAMPLE_METHODS, check_choice, sample_settings
 from elf_jax.parallel.mesh import batch_axes
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SampleConfig:
   """Static sampler settings (hashable: `make_sampler` compiles once per config), built by `from_config`; the
-  defaults live only in `elf_jax.config.base_config()` (e.g. `SampleConfig.from_config(base_config(), steps=8)`).
+  defaults live only in `elf_jax.config.base_config()` (e.g. `SampleConfig.from_config(base_config(), eos_id=1,
+  pad_id=0, steps=8)`).
 
   method: one of SAMPLE_METHODS; steps: grid intervals (= denoiser evaluations); grid: one of SAMPLE_GRIDS;
   grid_p_mean / grid_p_std: the logit-normal grid's sigmoid(N(P_mean, P_std)) draws; gamma: SDE churn γ;
   guidance_scale: default self-conditioning guidance w; cfg_scale: classifier-free guidance s (1 = off;
   conditional only); noise_scale: σ of the initial and churn noise; t_eps: velocity denominator floor;
-  eos_id / pad_id: token ids (T5's by default; the run's tokenizer passes its own); max_target_length: conditional
+  eos_id / pad_id: the tokenizer's token ids (no config field: given to from_config); max_target_length: conditional
   outputs keep at most this many target tokens (0 = all; from a config: max_length − max_condition_length, as the
   official generation cuts them); return_trajectory: keep x̂ of every step.
   """
@@ -57,14 +58,13 @@ class SampleConfig:
   cfg_scale: float
   noise_scale: float
   t_eps: float
-  eos_id: int = 1
-  pad_id: int = 0
+  eos_id: int
+  pad_id: int
   max_target_length: int
   return_trajectory: bool
 
   def __post_init__(self):
-    if self.method not in SAMPLE_METHODS:
-      raise ValueError(f"sample.method={self.method!r}: expected one of {', '.join(SAMPLE_METHODS)}")
+    check_choice("sample.method", self.method, SAMPLE_METHODS)
     if self.steps < 1:
       raise ValueError(f"sample.steps={self.steps}: need at least one step")
 
@@ -128,7 +128,7 @@ def mask_after_eos(ids: jax.Array, eos_id: int, pad_id: int) -> jax.Array:
   return jnp.where(jnp.cumsum(ids == eos_id, axis=-1) > 0, pad_id, ids)
 
 
-def finalize_ids(raw_ids, cond_mask=None, mask=None, *, eos_id: int = 1, pad_id: int = 0,
+def finalize_ids(raw_ids, cond_mask=None, mask=None, *, eos_id: int, pad_id: int,
                  max_target_length: int = 0) -> jax.Array:
   """raw argmax ids (B, S) → target ids (B, S): padded positions → pad_id, condition stripped, positions from
   max_target_length on → pad_id (if > 0), EOS masking."""
@@ -165,7 +165,7 @@ def _guided_x_hat(params, model, z, x_prev, t, w, mask, cond_latents, keep, cfg_
 def sample(params, model: nn.Module, z0: jax.Array, grid: jax.Array, *, method: str, gamma: float, guidance_scale,
            cfg_scale: float, noise_scale: float, t_eps: float,
            cond_latents: jax.Array | None = None, cond_mask: jax.Array | None = None, mask: jax.Array | None = None,
-           rng: jax.Array | None = None, churn_noise: jax.Array | None = None, eos_id: int = 1, pad_id: int = 0,
+           rng: jax.Array | None = None, churn_noise: jax.Array | None = None, eos_id: int, pad_id: int,
            max_target_length: int = 0, return_trajectory: bool = False) -> SampleOutput:
   """Samples token sequences with the ELF flow (spec §6); pure and jit-compatible. The settings have no defaults
   here: `make_sampler` passes those of a `SampleConfig` (built from `elf_jax.config`).
@@ -195,8 +195,7 @@ def sample(params, model: nn.Module, z0: jax.Array, grid: jax.Array, *, method: 
   Returns:
     SampleOutput (see its docstring).
   """
-  if method not in SAMPLE_METHODS:
-    raise ValueError(f"method={method!r}: expected one of {SAMPLE_METHODS}")
+  check_choice("sample.method", method, SAMPLE_METHODS)
   if (cond_latents is None) != (cond_mask is None):
     raise ValueError("conditional sampling needs both cond_latents (B, S, C) and cond_mask (B, S); pass both or none")
   if cfg_scale != 1.0 and cond_latents is None:

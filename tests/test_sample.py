@@ -59,6 +59,10 @@ def _sde_config(cfg, **overrides):
   return S.SampleConfig.from_config(base_config(), **{**fields, **overrides})
 
 
+# The reference samples with T5's EOS / pad ids (the word tokenizer of these tests has the same).
+T5_IDS = dict(eos_id=1, pad_id=0)
+
+
 def _relative_error(got, want) -> float:
   return float(np.linalg.norm(np.asarray(got, np.float64) - want) / np.linalg.norm(want))
 
@@ -66,7 +70,7 @@ def _relative_error(got, want) -> float:
 def _config(cfg, task, **overrides):
   run = cfg[task]
   fields = dict(method=run["method"], steps=run["steps"], grid=run["grid"], guidance_scale=run["self_cond_cfg_scale"],
-                cfg_scale=run["cfg_scale"], noise_scale=cfg["denoiser_noise_scale"], t_eps=cfg["t_eps"])
+                cfg_scale=run["cfg_scale"], noise_scale=cfg["denoiser_noise_scale"], t_eps=cfg["t_eps"], **T5_IDS)
   return S.SampleConfig.from_config(base_config(), **{**fields, **overrides})
 
 
@@ -156,7 +160,7 @@ def test_sde_churn(ref):
   """γ = 0 is the ODE; γ > 0 depends on the key; a single (= last) interval is always an ODE step."""
   model, params, cfg, r = ref
   kw = dict(guidance_scale=cfg["unc"]["self_cond_cfg_scale"], cfg_scale=1.0, noise_scale=cfg["denoiser_noise_scale"],
-            t_eps=cfg["t_eps"])
+            t_eps=cfg["t_eps"], **T5_IDS)
   ode = jax.jit(lambda grid: S.sample(params, model, r["z0"], grid, method="ode", gamma=0.0, **kw).latents)
   sde = jax.jit(lambda grid, gamma, key: S.sample(params, model, r["z0"], grid, method="sde", gamma=gamma,
                                                   rng=jax.random.key(key), **kw).latents)
@@ -215,7 +219,7 @@ def test_conditional_output_is_cut_to_the_target_length(ref):
 
 
 def test_random_grid_per_key_and_sorted():
-  config = S.SampleConfig.from_config(base_config(), steps=16, grid="logit_normal", noise_scale=2.0)
+  config = S.SampleConfig.from_config(base_config(), steps=16, grid="logit_normal", noise_scale=2.0, **T5_IDS)
   z0, g0, k0 = S.draw_inputs(jax.random.key(0), config, batch=2, seq_len=4, latent_dim=3)
   _, g1, k1 = S.draw_inputs(jax.random.key(1), config, batch=2, seq_len=4, latent_dim=3)
   _, g0b, _ = S.draw_inputs(jax.random.key(0), config, batch=2, seq_len=4, latent_dim=3)
@@ -280,21 +284,21 @@ def test_presets():
   c = base_config()
   c.sample.preset = "cond_ode64"
   c.sample.grid = "uniform"
-  sc = S.SampleConfig.from_config(c)
+  sc = S.SampleConfig.from_config(c, **T5_IDS)
   assert (sc.method, sc.steps, sc.cfg_scale, sc.guidance_scale, sc.grid) == ("ode", 64, 2.0, 1.0, "uniform")
   assert c.sample.method is None and c.sample.grid == "uniform"  # the config is not modified
   c.sample.preset, c.sample.grid = "owt_sde32", None
-  sc = S.SampleConfig.from_config(c)
+  sc = S.SampleConfig.from_config(c, **T5_IDS)
   assert (sc.method, sc.steps, sc.gamma, sc.guidance_scale, sc.noise_scale) == ("sde", 32, 1.5, 3.0,
                                                                                c.flow.denoiser_noise_scale)
   # Every preset is an official sampling config: a fresh logit-normal grid per batch, sigmoid(N(−1.5, 0.8)).
   for name in SAMPLE_PRESETS:
     c.sample.preset = name
-    sc = S.SampleConfig.from_config(c)
+    sc = S.SampleConfig.from_config(c, **T5_IDS)
     assert (sc.grid, sc.grid_p_mean, sc.grid_p_std) == ("logit_normal", -1.5, 0.8), name
   c.sample.preset = "nope"
   with pytest.raises(ConfigError, match="sample.preset='nope' is unknown; choose one of owt_sde32, owt_sde64"):
-    S.SampleConfig.from_config(c)
+    S.SampleConfig.from_config(c, **T5_IDS)
 
 
 def test_explicit_sample_fields_beat_the_preset():
@@ -308,13 +312,13 @@ def test_explicit_sample_fields_beat_the_preset():
   for config in (on_command_line, in_python):
     assert config.sample.preset == "owt_sde32"
     validate(config)
-    sc = S.SampleConfig.from_config(config)
+    sc = S.SampleConfig.from_config(config, **T5_IDS)
     assert (sc.steps, sc.method, sc.gamma, sc.guidance_scale) == (64, "sde", 1.5, 3.0)
     assert resolve(config).sample.to_dict() == {**config.sample.to_dict(), **SAMPLE_PRESETS["owt_sde32"], "steps": 64}
     assert config.sample.gamma is None  # resolving leaves the config as it was
   # Keyword overrides of from_config are explicit too (the eval sweep's points): the preset fills around them.
   config = config_from_command_line(CONFIGS / "xsum_b.py", "--config.sample.gamma=0.5")
-  sc = S.SampleConfig.from_config(config, steps=8)
+  sc = S.SampleConfig.from_config(config, steps=8, **T5_IDS)
   assert (sc.method, sc.steps, sc.gamma, sc.cfg_scale) == ("ode", 8, 0.5, 2.0)
 
 
@@ -332,9 +336,9 @@ def test_the_few_step_preset_follows_the_step_count():
 def test_sample_config_target_length_from_the_data():
   """Unconditional outputs are not cut; conditional ones keep max_length − max_condition_length target tokens."""
   c = base_config()
-  assert S.SampleConfig.from_config(c).max_target_length == 0
+  assert S.SampleConfig.from_config(c, **T5_IDS).max_target_length == 0
   c.data.conditional, c.data.max_length, c.data.max_condition_length = True, 96, 64
-  assert S.SampleConfig.from_config(c).max_target_length == 96 - 64
+  assert S.SampleConfig.from_config(c, **T5_IDS).max_target_length == 96 - 64
 
 
 def _word_tokenizer(vocab_size):
@@ -361,7 +365,7 @@ def test_trajectory_view(ref, tmp_path):
 
   tok = _word_tokenizer(cfg["vocab_size"])
   paths = trajectory.render_trajectory(str(tmp_path), params, model, out, tok, guidance_scale=config.guidance_scale,
-                                       png=True)
+                                       eos_id=config.eos_id, pad_id=config.pad_id, png=True)
   lines = [json.loads(l) for l in open(paths["jsonl"], encoding="utf-8")]
   assert [l["step"] for l in lines] == [str(i) for i in range(config.steps)] + ["final"]
   assert lines[2]["t"] == pytest.approx(float(r["grid"][2])) and lines[-1]["t"] == 1.0

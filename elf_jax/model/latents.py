@@ -22,8 +22,8 @@ from elf_jax.model.t5_encoder import (T5Encoder, T5EncoderConfig, load_hf_t5_enc
 class LatentEncoder:
   """Frozen encoder + latent normalisation. `dim` is C."""
   t5: T5Encoder
-  latent_mean: float = 0.0
-  latent_std: float = 0.2
+  latent_mean: float  # x0 = (E(ids) − latent_mean) / latent_std (config.encoder)
+  latent_std: float
 
   @property
   def dim(self) -> int:
@@ -97,7 +97,7 @@ def build_encoder(config: ml_collections.ConfigDict, abstract: bool = False) -> 
     params = jax.eval_shape(load or (lambda: random_t5_encoder_params(t5_config, 0)))
   else:
     params = load()
-  return LatentEncoder(t5, e.latent_mean, e.latent_std), params
+  return LatentEncoder(t5, latent_mean=e.latent_mean, latent_std=e.latent_std), params
 
 
 def measure_latent_stats(encoder: LatentEncoder, params, batches, max_batches: int = 8) -> tuple[float, float]:
