@@ -5,6 +5,8 @@ config files in configs/) starts from `base_config()`, and the static dataclasse
 Groups: `model` (flow transformer, spec §5), `encoder` (frozen T5, §1), `flow` (objective, §2-4), `data`, `optim`
 (§7), `sample` (§6), `eval` (§8), `mesh` (device mesh), `checkpoint`, `logging`, `distill` (§11). Every knob a
 researcher may want to change lives here, with a comment; `validate` checks values before anything compiles.
+Presets (`sample.preset`, `mesh.preset`) fill only the fields left unset (None): a value set on the command line or
+in Python always wins, and `resolve` gives the values a run uses (what it prints and saves).
 """
 from collections.abc import Mapping
 import itertools
@@ -77,7 +79,7 @@ MESH_PRESETS: dict[str, dict[str, int]] = {
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """Reference defaults (ELF-B on OpenWebText shapes); specific configs override fields."""
+  """The reference's defaults: ELF-B on OpenWebText (`recipes.owt` sets the rest); recipes override fields."""
   c = ml_collections.ConfigDict()
   c.seed = 0  # master seed: init, data order, noise
   # Published ELF checkpoint (msgpack file / orbax dir / the authors' PyTorch torch.save file) or one of our
@@ -414,4 +416,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
   need(config.mesh.hbm_limit_gib >= 0, f"mesh.hbm_limit_gib={config.mesh.hbm_limit_gib} must be >= 0 (0 = the chip's "
        "own HBM)")
   if problems:
-    raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+    # One problem: one line; several: one line each under a heading.
+    raise ConfigError("invalid config: " + problems[0] if len(problems) == 1 else
+                      "invalid config:\n  - " + "\n  - ".join(problems))
