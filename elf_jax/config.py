@@ -31,14 +31,15 @@ SHARDING_RULES = (
 COMPUTE_DTYPES = ("float32", "bfloat16")  # model.compute_dtype, encoder.compute_dtype
 ATTENTION_IMPLS = ("xla", "pallas", "auto")  # model.attention_impl: elf_jax/ops/attention.py
 REMAT_POLICIES = ("none", "full", "dots_saveable")  # model.remat: elf_jax/model/elf.py
-TIME_SCHEDULES = ("logit_normal", "uniform")  # flow.time_schedule, distill.*_schedule: elf_jax/flow.py sample_time
-SELF_COND_DRAWS = ("bernoulli", "fixed_count")  # flow.self_cond_draw: elf_jax/flow.py sample_self_cond
+# flow.time_schedule, distill.student_schedule / teacher_schedule: elf_jax/objective/flow.py sample_time
+TIME_SCHEDULES = ("logit_normal", "uniform")
+SELF_COND_DRAWS = ("bernoulli", "fixed_count")  # flow.self_cond_draw: elf_jax/objective/flow.py sample_self_cond
 PAD_TOKENS = ("pad", "eos")  # flow.pad_token: elf_jax/data/pipeline.py
 DATA_SOURCES = ("synthetic", "tfds", "hf_arrow", "jsonl", "text")  # data.source: elf_jax/data/sources.py
-OPTIMIZERS = ("muon", "adamw")  # optim.optimizer: elf_jax/train/optim.py
-LR_SCHEDULES = ("constant", "cosine")  # optim.schedule: elf_jax/train/optim.py
-SAMPLE_METHODS = ("ode", "sde")  # sample.method: elf_jax/sample.py
-SAMPLE_GRIDS = ("logit_normal", "uniform")  # sample.grid: elf_jax/flow.py time_grid
+OPTIMIZERS = ("muon", "adamw")  # optim.optimizer: elf_jax/objective/optim.py
+LR_SCHEDULES = ("constant", "cosine")  # optim.schedule: elf_jax/objective/optim.py
+SAMPLE_METHODS = ("ode", "sde")  # sample.method: elf_jax/sampling/sampler.py
+SAMPLE_GRIDS = ("logit_normal", "uniform")  # sample.grid: elf_jax/objective/flow.py time_grid
 
 # Presets fill the fields they control that the user left unset (None in `base_config`); a field the user sets, on
 # the command line or in Python, always wins. `resolve` / `sample_settings` / `mesh_settings` apply them.
@@ -68,8 +69,8 @@ MESH_PRESETS: dict[str, dict[str, int]] = {
     # TPU v5p-64: 32 chips (4 per host, 8 hosts), one ICI slice. ELF-B (105M params) and ELF-M fit every copy of
     # params + EMA + optimizer state on each chip: pure data parallelism, batch 512 = 16 rows per chip.
     "v5p-64": dict(data=32, fsdp=1, tensor=1),
-    # TPU v5p-64 for ELF-L (~0.6B params): params, EMA and optimizer state sharded over 8 chips (FSDP), which
-    # frees memory for activations; 4 data-parallel replicas of that group.
+    # TPU v5p-64 with params, EMA and optimizer state sharded over 8 chips (FSDP), 4 data-parallel replicas: optional
+    # for every shipped config (ELF-L fits data=32 with 55% headroom); frees room for larger per-chip batches.
     "v5p-64-fsdp": dict(data=4, fsdp=8, tensor=1),
     # GPUs, hosts of 8 (NVLink inside a host): FSDP over a host's 8 GPUs, data parallel across hosts.
     "gpu-fsdp": dict(data=-1, fsdp=8, tensor=1),
@@ -160,7 +161,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.packing = False  # pack documents into max_length rows (unconditional) instead of pad/truncate
   c.data.shuffle = True
   c.data.num_workers = 0  # grain worker processes
-  # Unconditional data: a directory written by `python -m elf_jax.cache_latents` holding the rows and their
+  # Unconditional data: a directory written by `python -m elf_jax.run.cache_latents` holding the rows and their
   # raw (unnormalised) frozen-encoder outputs; the pipeline then reads them and the train step skips the encoder.
   c.data.latent_cache_dir = ""
   c.data.synthetic_num_sentences = 200_000  # synthetic language: size of the training corpus
@@ -229,7 +230,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.compile_topology = ""  # --mode=compile: e.g. v5p-64
   # Per-chip memory budget (GiB) that --mode=compile and a training run (before its first step) check the compiled
   # step against; 0 = the chip's own HBM (no check on CPU). Set it to plan for a smaller chip
-  # (elf_jax/parallel/hbm.py).
+  # (elf_jax/run/hbm.py).
   c.mesh.hbm_limit_gib = 0.0
 
   c.checkpoint = ml_collections.ConfigDict()

@@ -7,11 +7,11 @@ import pathlib
 
 import pytest
 
-from elf_jax import sample as S
 from elf_jax.config import base_config, resolve
 from elf_jax.model.elf import ModelConfig
-from elf_jax.train.distill import DistillConfig
-from elf_jax.train.loss import FlowConfig
+from elf_jax.objective.distill import DistillConfig
+from elf_jax.objective.flow import FlowConfig
+from elf_jax.sampling import sampler as S
 
 # Per dataclass: the config groups its fields come from; the only fields allowed a default (no config counterpart:
 # derived from others); and the fields computed from the config (or the round) or given by the caller (the
@@ -84,11 +84,11 @@ def test_sampler_function_has_no_config_defaults():
 # Keyword defaults equal to base_config's value of the same-named field that remain, with why. The train step's
 # `conditional` is False for unconditional data (folded into the shared objective core, issue 20 item 4); a checkpoint
 # manager opened only to restore needs no retention policy.
-KNOWN_DEFAULTS = {("elf_jax/train/step.py", "Objective", "conditional"),
-                  ("elf_jax/train/distill.py", "DistillObjective", "conditional"),
-                  ("elf_jax/train/loss.py", "draw_noise", "conditional"),
-                  ("elf_jax/checkpoint.py", "__init__", "max_to_keep"),
-                  ("elf_jax/checkpoint.py", "__init__", "async_save")}
+KNOWN_DEFAULTS = {("elf_jax/objective/step.py", "Objective", "conditional"),
+                  ("elf_jax/objective/distill.py", "DistillObjective", "conditional"),
+                  ("elf_jax/objective/loss.py", "draw_noise", "conditional"),
+                  ("elf_jax/run/checkpoint.py", "__init__", "max_to_keep"),
+                  ("elf_jax/run/checkpoint.py", "__init__", "async_save")}
 
 
 def _defaults(tree: ast.AST):
@@ -126,5 +126,5 @@ def test_no_code_default_repeats_a_config_value():
         continue
       if value is not None and name in values and any(value == v and type(value) is type(v) for v in values[name]):
         found.add((path.relative_to(root).as_posix(), owner, name))
-  assert found <= KNOWN_DEFAULTS, f"defaults repeating config values (take them from the config): {found - KNOWN_DEFAULTS}"
+  assert found <= KNOWN_DEFAULTS, f"defaults repeating config values (take them from config): {found - KNOWN_DEFAULTS}"
   assert KNOWN_DEFAULTS <= found, f"fixed, drop from KNOWN_DEFAULTS: {KNOWN_DEFAULTS - found}"

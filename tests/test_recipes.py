@@ -13,7 +13,7 @@ from elf_jax import recipes
 from elf_jax.config import base_config, validate
 from elf_jax.data import pipeline, sources
 from elf_jax.data import tokenizer as tokenizer_lib
-from elf_jax.train import optim
+from elf_jax.objective import optim
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 HUB = "embedded-language-flows/"

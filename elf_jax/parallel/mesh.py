@@ -118,7 +118,7 @@ def initialize_distributed(flag: bool | None = None) -> bool:
   ELF_PROCESS_ID when set; whatever is unset is left to jax's auto-detection (TPU VM metadata, SLURM, ...).
   Errors from `jax.distributed.initialize` propagate. CPU processes (tests, CPU clusters) run their collectives over
   gloo, jax's default `jax_cpu_collectives_implementation`. The initialisation also starts jax's preemption
-  service, which catches SIGTERM from then on (`elf_jax.train.loop.install_preemption_handler`).
+  service, which catches SIGTERM from then on (`elf_jax.run.train_loop.install_preemption_handler`).
 
   Returns:
     True if `jax.distributed.initialize` was called, False for a single-process run.

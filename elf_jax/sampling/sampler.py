@@ -29,8 +29,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from elf_jax import flow
 from elf_jax.config import SAMPLE_METHODS, check_choice, sample_settings
+from elf_jax.objective import flow
 from elf_jax.parallel.mesh import batch_axes
 
 

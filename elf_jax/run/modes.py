@@ -16,15 +16,15 @@ import jax
 import ml_collections
 import numpy as np
 
-from elf_jax import experiment
 from elf_jax import fs
-from elf_jax import generate as gen
 from elf_jax import report
-from elf_jax import sample as sampling
-from elf_jax import trajectory
 from elf_jax.config import SAMPLE_PRESET_FIELDS, parse_sweep
 from elf_jax.eval import plots
-from elf_jax.sample_files import read_samples, write_samples
+from elf_jax.run import experiment
+from elf_jax.run import generate as gen
+from elf_jax.sampling import sampler
+from elf_jax.sampling import trajectory
+from elf_jax.sampling.files import read_samples, write_samples
 
 TRAJECTORY_EXAMPLES = 8  # samples whose denoising trajectory --mode=sample renders
 
@@ -57,7 +57,7 @@ def sample_mode(config: ml_collections.ConfigDict, workdir: str) -> str:
 
 
 def _render_trajectory(exp: experiment.Experiment, params, result: gen.Generation, workdir: str,
-                       sc: sampling.SampleConfig) -> None:
+                       sc: sampler.SampleConfig) -> None:
   out, cond_mask = result.first_batch, result.first_cond_mask
   n = min(TRAJECTORY_EXAMPLES, out.ids.shape[0])
   out = out._replace(latents=out.latents[:n], ids=out.ids[:n], raw_ids=out.raw_ids[:n],
