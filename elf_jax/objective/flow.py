@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from elf_jax.config import SAMPLE_GRIDS, SELF_COND_DRAWS, TIME_SCHEDULES, check_choice
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class FlowConfig:
@@ -34,8 +36,6 @@ class FlowConfig:
     `FlowConfig.from_config(base_config(), decoder_prob=0.5)`)."""
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{**{k: v for k, v in config.flow.items() if k in names}, **overrides})
-
-from elf_jax.config import SAMPLE_GRIDS, SELF_COND_DRAWS, TIME_SCHEDULES, check_choice
 
 
 def _bcast(s: jax.Array, like: jax.Array) -> jax.Array:
