@@ -9,6 +9,7 @@ Presets (`sample.preset`, `mesh.preset`) fill only the fields left unset (None):
 in Python always wins, and `resolve` gives the values a run uses (what it prints and saves).
 """
 from collections.abc import Mapping
+import importlib.util
 import itertools
 from typing import Any
 
@@ -40,6 +41,7 @@ OPTIMIZERS = ("muon", "adamw")  # optim.optimizer: elf_jax/objective/optim.py
 LR_SCHEDULES = ("constant", "cosine")  # optim.schedule: elf_jax/objective/optim.py
 SAMPLE_METHODS = ("ode", "sde")  # sample.method: elf_jax/sampling/sampler.py
 SAMPLE_GRIDS = ("logit_normal", "uniform")  # sample.grid: elf_jax/objective/flow.py time_grid
+MBR_METRICS = ("bleu", "rougeL")  # eval.mbr_metric: elf_jax/eval/text_metrics.py
 
 # Presets fill the fields they control that the user left unset (None in `base_config`); a field the user sets, on
 # the command line or in Python, always wins. `resolve` / `sample_settings` / `mesh_settings` apply them.
@@ -154,6 +156,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.input_key = "input"  # conditional fields
   c.data.output_key = "output"
   c.data.text_key = "text"
+  # Conditional tasks: the dataset's raw target text column, read as the references of BLEU / ROUGE when the output
+  # column is token ids (the official XSum / WMT datasets hold both); a dataset without it has its output ids decoded.
+  c.data.reference_key = "target"
+  # Decoding ids to text (samples, conditions, decoded references): Hugging Face's clean-up of spaces before
+  # punctuation and English contractions (" ." -> ".", " n't" -> "n't", ...). True is what the official environment
+  # did (transformers < 4.45 cleans up unless the tokenizer's config sets otherwise; README, "Evaluation", says how
+  # this was established); transformers 5 no longer does by default, so it is always passed explicitly.
+  c.data.clean_up_tokenization_spaces = True
   c.data.tokenizer = "t5-small"  # Hugging Face tokenizer dir / hub id; "synthetic" = word tokenizer of the language
   c.data.max_length = 1024  # S, total sequence length (condition + target for conditional tasks)
   # Conditional tasks: condition tokens are cut to this (the reference's max_input_length).
@@ -218,6 +228,14 @@ def base_config() -> ml_collections.ConfigDict:
   # --mode=eval: also sweep sampling settings and plot Gen. PPL against entropy (DIR/frontier.png), e.g.
   # "guidance_scale=1,2,3;steps=16,32" (SAMPLE_PRESET_FIELDS; every combination, each filled by sample.preset).
   c.eval.sweep = ""
+  # MAUVE of unconditional samples against as many held-out texts (length-matched), from the eval.gpt2 model's
+  # features; needs the optional package mauve-text (pip install 'elf_jax[mauve]'). Not computed for the synthetic
+  # language (no GPT-2) nor for conditional tasks.
+  c.eval.mauve = True
+  # Conditional tasks: minimum-Bayes-risk decoding over this many samples per condition (1 = off): the candidate with
+  # the highest mean mbr_metric against the other candidates is kept and scored as mbr_* beside the first sample.
+  c.eval.mbr_candidates = 1
+  c.eval.mbr_metric = "bleu"  # MBR_METRICS. bleu: sacreBLEU sentence BLEU (WMT); rougeL: ROUGE-L F (XSum)
 
   # Device mesh (MESH_AXES): each axis a size or -1 = fill with the remaining devices. The axes left unset (None) take
   # the sizes of `preset` (MESH_PRESETS); an axis set explicitly wins over the preset.
@@ -272,7 +290,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.attention_impl": ATTENTION_IMPLS, "model.remat": REMAT_POLICIES, "flow.time_schedule": TIME_SCHEDULES,
     "flow.self_cond_draw": SELF_COND_DRAWS, "flow.pad_token": PAD_TOKENS, "data.source": DATA_SOURCES,
     "optim.optimizer": OPTIMIZERS, "optim.schedule": LR_SCHEDULES, "distill.student_schedule": TIME_SCHEDULES,
-    "distill.teacher_schedule": TIME_SCHEDULES,
+    "distill.teacher_schedule": TIME_SCHEDULES, "eval.mbr_metric": MBR_METRICS,
 }
 
 
@@ -402,6 +420,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     need(0 < d.max_condition_length < d.max_length,
          f"data.max_length={d.max_length} must be longer than data.max_condition_length={d.max_condition_length} "
          "(> 0) so that target tokens fit after the condition")
+  v = config.eval
+  need(v.mbr_candidates >= 1, f"eval.mbr_candidates={v.mbr_candidates} must be >= 1 (1 = no MBR)")
+  need(not (v.mbr_candidates > 1 and not d.conditional), f"eval.mbr_candidates={v.mbr_candidates} is for conditional "
+       "tasks (several samples per condition); set --config.eval.mbr_candidates=1")
+  need(not (v.mauve and d.source != "synthetic" and not d.conditional) or importlib.util.find_spec("mauve"),
+       "eval.mauve=True needs the optional package mauve-text: pip install 'elf_jax[mauve]' (or set "
+       "--config.eval.mauve=False)")
   attempt(parse_distill_rounds, config.distill.rounds)
   # The sampling settings of the run and of every eval.sweep point (each filled by sample.preset).
   for point in [{}] + (attempt(parse_sweep, config.eval.sweep) or []):

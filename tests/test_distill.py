@@ -239,8 +239,8 @@ def test_few_step_settings_and_the_steps_sweep(tmp_path, monkeypatch):
 
   assert config.sample.preset == "fewstep" and config.eval.sweep == "steps=1,2,4,8,16,32"
   used = []
-  monkeypatch.setattr(generate, "generate", lambda exp, params, num, seed, sample_config: used.append(
-      sample_config) or generate.Generation(Samples(texts=[])))
+  monkeypatch.setattr(generate, "generate", lambda exp, params, num, seed, sample_config, conditions, candidates: (
+      used.append(sample_config) or generate.Generation(Samples(texts=[]))))
   monkeypatch.setattr(generate, "score", lambda exp, samples: {
       "gen_ppl": 10.0 / used[-1].steps, "entropy": 1.0, "true_gen_ppl": 3.0, "true_entropy": 1.5})
   exp = types.SimpleNamespace(config=config, sample_config=lambda **overrides: sampler.SampleConfig.from_config(
