@@ -205,7 +205,8 @@ def test_mode_distill_end_to_end(tmp_path, capsys):
     assert sorted(p.name for p in (directory / "checkpoints").iterdir()) == ["2"]
     done = json.loads((directory / distill_loop.ROUND_DONE_FILE).read_text())
     assert done["student_steps"] == steps and done["optimizer_steps"] == 2
-    assert (directory / experiment.LATENT_STATS_FILE).read_text() == (teacher / experiment.LATENT_STATS_FILE).read_text()
+    stats_file = experiment.LATENT_STATS_FILE
+    assert (directory / stats_file).read_text() == (teacher / stats_file).read_text()
     sample = json.loads((directory / "config_train.json").read_text())["sample"]
     assert (sample["preset"], sample["steps"]) == ("fewstep", steps)
     rows = [json.loads(line) for line in open(directory / "metrics.jsonl")]

@@ -275,7 +275,8 @@ def test_muon_reduces_a_quadratic_loss():
 
 
 def test_ema_update():
-  """ema ← decay·ema + (1 − decay)·params, in float32 whatever the params' dtype (accumulation: tests/test_accumulation)."""
+  """ema ← decay·ema + (1 − decay)·params, in float32 whatever the params' dtype (accumulation:
+  tests/test_accumulation)."""
   params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), _tree(jax.random.PRNGKey(5)))
   ema = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), params)
   decay = 0.9

@@ -157,7 +157,8 @@ class ELF(nn.Module):
     cfg = self.config
     w1 = self.param("proj_kernel", layers.logical(layers.xavier, "embed", "latent"), (cfg.hidden_size, cfg.latent_dim))
     b1 = self.param("proj_bias", layers.logical(layers.zeros, "latent"), (cfg.latent_dim,))
-    w2 = self.param("unembed_kernel", layers.logical(layers.xavier, "latent", "vocab"), (cfg.latent_dim, cfg.vocab_size))
+    w2 = self.param("unembed_kernel", layers.logical(layers.xavier, "latent", "vocab"),
+                    (cfg.latent_dim, cfg.vocab_size))
     b2 = self.param("unembed_bias", layers.logical(layers.zeros, "vocab"), (cfg.vocab_size,))
     return nn.gelu(h @ w1 + b1) @ w2 + b2
 

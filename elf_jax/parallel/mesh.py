@@ -23,8 +23,8 @@ MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
 # Named mesh shapes; `config.mesh.preset = name` replaces the data / fsdp / tensor fields (`mesh_sizes`; the config
-# itself is never modified). -1 = fill with the remaining devices. Each comment states the device count the preset is meant for; `make_mesh` checks it against the
-# devices it finds.
+# itself is never modified). -1 = fill with the remaining devices. Each comment states the device count the preset is
+# meant for; `make_mesh` checks it against the devices it finds.
 MESH_PRESETS: dict[str, dict[str, int]] = {
     # TPU v5p-64: 32 chips (4 per host, 8 hosts), one ICI slice. ELF-B (105M params) and ELF-M fit every copy of
     # params + EMA + optimizer state on each chip: pure data parallelism, batch 512 = 16 rows per chip.

@@ -208,7 +208,8 @@ def loss_fn(params, batch, rng, *, model: ELF, fc: FlowConfig, num_groups: int =
   """Single-program ELF loss: (params, batch, rng) → (loss, metrics); ready for jax.jit / jax.grad.
 
   batch: x0 (B,S,C) normalised latents (condition latents already zeroed for dropped examples), ids (B,S) int32,
-  cond_mask / loss_mask (B,S) bool (the network gets no padding mask; loss_mask says which positions count). The sharded train step runs `grouped_loss` per batch shard instead.
+  cond_mask / loss_mask (B,S) bool (the network gets no padding mask; loss_mask says which positions count). The
+  sharded train step runs `grouped_loss` per batch shard instead.
   """
   b, s, c = batch["x0"].shape
   noise = draw_noise(rng, b, s, c, fc, num_groups)
