@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import SHARED
+from conftest import fixture_config
 from elf_jax import checkpoint
 from elf_jax import experiment
 from elf_jax import generate
@@ -30,7 +30,6 @@ from elf_jax.train import distill, distill_loop
 from elf_jax.train.loss import FlowConfig
 from test_train_loop import REPO, SMALL, small_config  # tests/ is on sys.path (pytest rootdir-relative import)
 
-TRAIN_FIXTURE = SHARED / "fixtures" / "reference_elf_train"
 
 
 def rel_err(ours, ref) -> float:
@@ -40,13 +39,11 @@ def rel_err(ours, ref) -> float:
 
 
 @pytest.fixture(scope="module")
-def pd():
+def pd(train_fixture_dir):
   """The fixture's network (teacher = student), settings, batch and draws, and our per-example loss on them."""
-  if not TRAIN_FIXTURE.exists():
-    pytest.fail(f"fixture not found at {TRAIN_FIXTURE}; set ELF_SHARED_DIR to the shared/ folder")
-  cfg = json.loads((TRAIN_FIXTURE / "config.json").read_text())
-  ref = dict(np.load(TRAIN_FIXTURE / "pd.npz"))
-  params = jax.tree.map(jnp.asarray, checkpoint.load_published_elf(TRAIN_FIXTURE / "checkpoint.msgpack", "raw"))
+  cfg = fixture_config(train_fixture_dir)
+  ref = dict(np.load(train_fixture_dir / "pd.npz"))
+  params = jax.tree.map(jnp.asarray, checkpoint.load_published_elf(train_fixture_dir / "checkpoint.msgpack", "raw"))
   model = ELF(ModelConfig.from_params(params))
   s = cfg["pd"]
   fc = FlowConfig.from_config(base_config(), denoiser_noise_scale=s["denoiser_noise_scale"],

@@ -14,8 +14,8 @@ from elf_jax.model.elf import (ELF, ModelConfig, count_params, init_params, laye
                                unstack_blocks)
 
 
-def _fixture_model(fixture_dir, **overrides):
-  cfg = json.loads((fixture_dir / "config.json").read_text())
+def _fixture_model(tiny_fixture_dir, **overrides):
+  cfg = json.loads((tiny_fixture_dir / "config.json").read_text())
   mc = ModelConfig.from_config(
       base_config(), latent_dim=cfg["text_encoder_dim"], hidden_size=cfg["hidden_size"], depth=cfg["depth"],
       num_heads=cfg["num_heads"], bottleneck_dim=cfg["bottleneck_dim"], vocab_size=cfg["vocab_size"],
@@ -25,13 +25,13 @@ def _fixture_model(fixture_dir, **overrides):
 
 
 @pytest.mark.parametrize("layout", ["checkpoint_7", "orbax_checkpoint_7"])
-def test_reference_forward_parity(fixture_dir, layout):
+def test_reference_forward_parity(tiny_fixture_dir, layout):
   """Denoiser x̂ (with and without mask) and decoder logits equal the reference network's to 1e-5."""
-  model = _fixture_model(fixture_dir)
+  model = _fixture_model(tiny_fixture_dir)
   expected = jax.eval_shape(lambda: nn.unbox(init_params(model, jax.random.key(0))))
-  params = checkpoint.load_published_elf(fixture_dir / layout, which="ema", expected=expected)
+  params = checkpoint.load_published_elf(tiny_fixture_dir / layout, which="ema", expected=expected)
   assert ModelConfig.from_params(params) == dataclasses.replace(model.config, mlp_hidden=model.config.swiglu_hidden)
-  ref = np.load(fixture_dir / "reference.npz")
+  ref = np.load(tiny_fixture_dir / "reference.npz")
   x, t, w, mask = ref["x"], ref["t"], ref["w"], ref["mask"]
   assert np.abs(ref["out_den"] - ref["out_den_nomask"]).max() > 1e-3  # the mask matters in this fixture
 
@@ -43,11 +43,11 @@ def test_reference_forward_parity(fixture_dir, layout):
   np.testing.assert_allclose(logits, ref["logits"], atol=1e-5, rtol=0)
 
 
-def test_raw_params_differ_from_ema(fixture_dir):
+def test_raw_params_differ_from_ema(tiny_fixture_dir):
   """`which='raw'` returns the raw parameters (the fixture's EMA copy is 0.9 × raw), giving other outputs."""
-  model = _fixture_model(fixture_dir)
-  raw = checkpoint.load_published_elf(fixture_dir / "checkpoint_7", which="raw")
-  ref = np.load(fixture_dir / "reference.npz")
+  model = _fixture_model(tiny_fixture_dir)
+  raw = checkpoint.load_published_elf(tiny_fixture_dir / "checkpoint_7", which="raw")
+  ref = np.load(tiny_fixture_dir / "reference.npz")
   out = model.apply({"params": raw}, ref["x"], ref["t"], ref["w"], ref["mask"])
   assert np.abs(out - ref["out_den"]).max() > 1e-3
 

@@ -3,7 +3,6 @@ schedules and of three Muon / AdamW updates with the reference optimizer (fixtur
 running the authors' `get_optimizer` and `create_learning_rate_fn`), then clipping, routing and EMA (gradient
 accumulation: tests/test_accumulation.py)."""
 import inspect
-import json
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +10,7 @@ import numpy as np
 import optax
 import pytest
 
+from conftest import fixture_config
 from elf_jax import checkpoint
 from elf_jax import config as config_lib
 from elf_jax import experiment
@@ -29,14 +29,12 @@ def _optim_config(**overrides):
 
 
 @pytest.fixture(scope="module")
-def reference(fixture_dir):
-  """(config.json, reference.npz arrays, checkpoint params) of ../shared/fixtures/reference_elf_train."""
-  root = fixture_dir.parent / "reference_elf_train"
-  if not root.exists():
-    pytest.fail(f"reference fixture not found at {root}; set ELF_SHARED_DIR to the shared/ folder")
+def reference(train_fixture_dir):
+  """(config.json, reference.npz arrays, checkpoint params) of the reference_elf_train fixture."""
+  root = train_fixture_dir
   params = checkpoint.load_published_elf(root / "checkpoint.msgpack", which="raw")
   with np.load(root / "reference.npz") as arrays:
-    return json.loads((root / "config.json").read_text()), dict(arrays), jax.tree.map(jnp.asarray, params)
+    return fixture_config(root), dict(arrays), jax.tree.map(jnp.asarray, params)
 
 
 def _path(key_path) -> str:
