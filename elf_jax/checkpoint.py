@@ -4,9 +4,9 @@ Layout written by `CheckpointManager` (orbax defaults): `<directory>/<step>/stat
 `<directory>/<step>/data/` (grain iterator state, one JSON per process) and `<directory>/<step>/commit_success.txt`,
 the marker orbax writes once a step is complete. A training workdir keeps them under `checkpoint_dir(workdir)`.
 
-Published ELF checkpoints (spec §9) are either a Flax msgpack file or an orbax PyTree directory, each holding the
-raw parameters under `params` and their EMA under `ema_params1`, with the parameter names of spec §9 (blocks
-`blocks_{i}`; they are read into the model's stacked `blocks` layout, and our own workdirs store that layout).
+Published ELF checkpoints are either a Flax msgpack file or an orbax PyTree directory, each holding the
+raw parameters under `params` and their EMA under `ema_params1`, with the names of docs/method.md#checkpoint-names
+(blocks `blocks_{i}`; they are read into the model's stacked `blocks` layout, and our own workdirs store that layout).
 The authors' PyTorch checkpoint files (`torch.save` payloads, renamed and transposed by `elf_jax.torch_checkpoint`)
 load the same way; `python -m elf_jax.checkpoint export SOURCE OUT` writes ours in their layout.
 """
@@ -147,7 +147,7 @@ class CheckpointManager:
 
 
 def load_published_elf(path: str, which: str = "ema", expected: Any = None) -> dict[str, Any]:
-  """Reads the parameter tree of an ELF checkpoint (spec §9) as numpy arrays.
+  """Reads the parameter tree of an ELF checkpoint (docs/method.md#checkpoint-names) as numpy arrays.
 
   Args:
     path: a Flax msgpack file or an orbax PyTree directory holding `params` and `ema_params1` (our own `state`
@@ -159,8 +159,8 @@ def load_published_elf(path: str, which: str = "ema", expected: Any = None) -> d
       dtypes.
 
   Returns:
-    Nested dict of numpy arrays named as in spec §9 (a wrapping `{"params": ...}` level is removed), with the blocks
-    stacked as the model holds them (`blocks/...`, see `elf_jax.model.elf.stack_blocks`).
+    Nested dict of numpy arrays named as in docs/method.md#checkpoint-names (a wrapping `{"params": ...}` level is
+    removed), with the blocks stacked as the model holds them (`blocks/...`, see `elf_jax.model.elf.stack_blocks`).
 
   Raises:
     ValueError: `expected` was given and leaves are missing, extra or mis-shaped (all are named, '/'-joined).

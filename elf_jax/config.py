@@ -2,9 +2,10 @@
 config files in configs/) starts from `base_config()`, and the static dataclasses (`ModelConfig`, `FlowConfig`,
 `SampleConfig`, `DistillConfig`) are built from a config by their `from_config(config, **overrides)`.
 
-Groups: `model` (flow transformer, spec §5), `encoder` (frozen T5, §1), `flow` (objective, §2-4), `data`, `optim`
-(§7), `sample` (§6), `eval` (§8), `mesh` (device mesh), `checkpoint`, `logging`, `distill` (§11). Every knob a
-researcher may want to change lives here, with a comment; `validate` checks values before anything compiles.
+Groups (sections of docs/method.md): `model` (flow transformer, #network), `encoder` (frozen T5, #latents), `flow`
+(#objective), `data`, `optim` (#training-recipe), `sample` (#sampling), `eval` (#evaluation), `mesh` (device mesh),
+`checkpoint`, `logging`, `distill` (#distillation). Every knob a researcher may want to change lives here, with a
+comment; `validate` checks values before anything compiles.
 """
 import ml_collections
 
@@ -28,7 +29,7 @@ def base_config() -> ml_collections.ConfigDict:
   # workdirs; "" = random init
   c.init_from = ""
 
-  # Flow transformer (spec §5).
+  # Flow transformer (docs/method.md#network).
   c.model = m = ml_collections.ConfigDict()
   m.hidden_size = 768  # H
   m.depth = 12  # number of blocks
@@ -45,8 +46,8 @@ def base_config() -> ml_collections.ConfigDict:
   m.attention_impl = "xla"  # xla | pallas | auto (see elf_jax/ops/attention.py)
   m.remat = "none"  # none | full | dots_saveable (per block)
 
-  # Frozen T5 encoder (spec §1). `name_or_path`: a local Hugging Face directory, a hub id (online), an official
-  # ELF encoder `.pkl` (the published t5_small_encoder_jax.pkl format; dims read from its shapes), or "random"
+  # Frozen T5 encoder (docs/method.md#latents). `name_or_path`: a local Hugging Face directory, a hub id (online), an
+  # official ELF encoder `.pkl` (the published t5_small_encoder_jax.pkl format; dims read from its shapes), or "random"
   # for a T5-architecture encoder with fixed seeded weights (offline default; dims below are used then).
   c.encoder = e = ml_collections.ConfigDict()
   e.name_or_path = "t5-small"
@@ -61,7 +62,7 @@ def base_config() -> ml_collections.ConfigDict:
   e.random_d_kv = 16
   e.random_d_ff = 256
 
-  # Flow objective (spec §2-4).
+  # Flow objective (docs/method.md#objective).
   c.flow = f = ml_collections.ConfigDict()
   f.denoiser_noise_scale = 2.0  # sigma: z_t = t x0 + (1 - t) sigma eps
   f.time_schedule = "logit_normal"  # logit_normal | uniform
@@ -108,7 +109,7 @@ def base_config() -> ml_collections.ConfigDict:
   d.synthetic_seed = 1234
   d.synthetic_words_per_class = 0  # 0 = the full vocabulary (399 words); a small number gives an easier language
 
-  # Optimisation (spec §7).
+  # Optimisation (docs/method.md#training-recipe).
   c.optim = o = ml_collections.ConfigDict()
   o.optimizer = "muon"  # muon | adamw
   o.base_lr = 1e-3  # lr = base_lr * global_batch / 256
@@ -130,9 +131,9 @@ def base_config() -> ml_collections.ConfigDict:
   o.num_epochs = 5.0
   o.num_steps = -1  # if > 0, overrides num_epochs (steps per epoch = len(train split) // global_batch_size)
 
-  # Sampling (spec §6); named presets in elf_jax/sample.py (PRESETS).
+  # Sampling (docs/method.md#sampling); named presets in elf_jax/sample.py (PRESETS).
   c.sample = s = ml_collections.ConfigDict()
-  s.preset = ""  # owt_sde32 | owt_sde64 | cond_ode64 | fewstep (a distilled student, spec §11) | "" (fields below)
+  s.preset = ""  # owt_sde32 | owt_sde64 | cond_ode64 | fewstep (a distilled student) | "" (fields below)
   s.method = "sde"  # ode | sde
   s.steps = 32
   s.grid = "logit_normal"  # logit_normal (a fresh grid per batch, as every official preset) | uniform
@@ -145,7 +146,7 @@ def base_config() -> ml_collections.ConfigDict:
   s.batch_size = 64
   s.save_trajectory = False  # --mode=sample: also write DIR/samples/trajectory.{html,jsonl,png} (first 8 samples)
 
-  # Evaluation (spec §8).
+  # Evaluation (docs/method.md#evaluation).
   c.eval = v = ml_collections.ConfigDict()
   v.gpt2 = "gpt2-large"  # Hugging Face GPT-2 dir / hub id for Gen. PPL
   v.num_seeds = 1
@@ -177,9 +178,10 @@ def base_config() -> ml_collections.ConfigDict:
   g.sample_every_steps = 0  # sample + evaluate every N steps during training; 0 = only at the end
   g.tensorboard = True
 
-  # Progressive distillation (--mode=distill, spec §11): rounds of training a few-step student against the frozen
-  # teacher. Each round is a training run in DIR/round<i>_<steps>step (optim.* is its recipe, apart from the length
-  # and warm-up below); round 1 starts from init_from or else the teacher, round i > 1 from round i − 1's EMA.
+  # Progressive distillation (--mode=distill, docs/method.md#distillation): rounds of training a few-step student
+  # against the frozen teacher. Each round is a training run in DIR/round<i>_<steps>step (optim.* is its recipe, apart
+  # from the length and warm-up below); round 1 starts from init_from or else the teacher, round i > 1 from round
+  # i − 1's EMA.
   c.distill = x = ml_collections.ConfigDict()
   x.teacher = ""  # the frozen teacher (its EMA params): a training workdir, a checkpoint dir or a published checkpoint
   x.rounds = "16:4,8:8,4:16,2:32,1:64"  # student steps:teacher sub-steps per student step, one round each, in order

@@ -1,4 +1,4 @@
-"""Pure flow math (spec §2-4, §6): time sampling, the path, x̂ → v, the guided target, decoder inputs, time grids.
+"""Pure flow math (docs/method.md#objective, #sampling): time sampling, the path, x̂ → v, guided target, time grids.
 
 Conventions: t = 0 is noise, t = 1 is data; latents are (B, S, C); per-example scalars are (B,).
 """

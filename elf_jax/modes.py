@@ -133,7 +133,7 @@ def parse_sweep(spec: str) -> list[dict[str, Any]]:
 def frontier(exp: experiment.Experiment, params, workdir: str, writer: report.MetricsWriter) -> list[dict[str, Any]]:
   """Scores every sampling setting of `config.eval.sweep` and plots Gen. PPL against entropy (DIR/frontier.png) and,
   when the sweep varies `steps`, Gen. PPL and entropy against steps (DIR/steps.png). Under the `fewstep` preset each
-  step count gets its own few-step settings (a distilled student, spec §11). Returns one row per setting."""
+  step count gets its own few-step settings (a distilled student, docs/method.md#distillation). One row per setting."""
   config = exp.config
   few_step = config.sample.preset == sampling.FEW_STEP_PRESET
   settings = parse_sweep(config.eval.sweep)

@@ -9,13 +9,14 @@ import ml_collections
 
 from elf_jax.config import base_config
 
-# Network sizes (spec §5): depth, hidden, heads. ELF-B 104.58M, ELF-M 342.54M, ELF-L 652.10M parameters.
+# Network sizes (docs/method.md#network): depth, hidden, heads. ELF-B 104.58M, ELF-M 342.54M, ELF-L 652.10M parameters.
 OWT_SIZES = {"b": (12, 768, 12), "m": (24, 1056, 16), "l": (32, 1280, 16)}
 OWT_EPOCHS = {"b": 5.0, "m": 4.0, "l": 3.0}
 
 
 def owt(size: str) -> ml_collections.ConfigDict:
-  """ELF-`size` ("b" | "m" | "l") on OpenWebText, the reference recipe (spec §5, §7; sampling §6)."""
+  """ELF-`size` ("b" | "m" | "l") on OpenWebText, the reference recipe (docs/method.md#network, #training-recipe;
+  sampling #sampling)."""
   if size not in OWT_SIZES:
     raise ValueError(f"owt recipe: unknown size {size!r}; expected one of {sorted(OWT_SIZES)}")
   c = base_config()
@@ -29,7 +30,7 @@ def owt(size: str) -> ml_collections.ConfigDict:
   c.encoder.name_or_path = "t5-small"
   c.encoder.dim = 512
   c.encoder.latent_mean, c.encoder.latent_std = 0.0, 0.2
-  # Objective (spec §2-4): OpenWebText settings.
+  # Objective (docs/method.md#objective): OpenWebText settings.
   c.flow.denoiser_noise_scale = 2.0
   c.flow.time_schedule, c.flow.P_mean, c.flow.P_std = "logit_normal", -1.5, 0.8
   c.flow.t_eps = 0.05
@@ -46,8 +47,8 @@ def owt(size: str) -> ml_collections.ConfigDict:
   c.data.text_key = "input_ids"
   c.data.tokenizer = "t5-small"
   c.data.max_length = 1024
-  # Optimisation (spec §7): Muon, lr = 1e-3 * 512 / 256 = 2e-3, warm-up 0.5 epoch then constant; 5 / 4 / 3 epochs
-  # of len(train) // 512 steps for B / M / L.
+  # Optimisation (docs/method.md#training-recipe): Muon, lr = 1e-3 * 512 / 256 = 2e-3, warm-up 0.5 epoch then constant;
+  # 5 / 4 / 3 epochs of len(train) // 512 steps for B / M / L.
   c.optim.optimizer = "muon"
   c.optim.base_lr = 1e-3
   c.optim.weight_decay = 0.0

@@ -1,5 +1,5 @@
-"""Pure-functional ODE/SDE sampler (spec §6): trained self-conditioning guidance, classifier-free guidance,
-conditional prefixes and token decoding.
+"""Pure-functional ODE/SDE sampler (docs/method.md#sampling): trained self-conditioning guidance, classifier-free
+guidance, conditional prefixes and token decoding.
 
     z = z0 (= σ·ε), x_prev = 0
     for each interval [t, t_next] of the grid (the last one always ODE):
@@ -32,9 +32,9 @@ import ml_collections
 from elf_jax import flow
 from elf_jax.parallel.mesh import batch_axes
 
-# The official sampling configs (spec §6); `apply_preset` copies one into `config.sample`. Every one draws a fresh
-# logit-normal time grid per batch, sigmoid(N(−1.5, 0.8)) (the official code takes P_mean / P_std from the training
-# recipe's denoiser time distribution, −1.5 / 0.8 in every official recipe).
+# The official sampling configs (docs/method.md#sampling); `apply_preset` copies one into `config.sample`. Every one
+# draws a fresh logit-normal time grid per batch, sigmoid(N(−1.5, 0.8)) (the official code takes P_mean / P_std from the
+# training recipe's denoiser time distribution, −1.5 / 0.8 in every official recipe).
 _OFFICIAL_GRID = dict(grid="logit_normal", grid_p_mean=-1.5, grid_p_std=0.8)
 PRESETS: dict[str, dict[str, Any]] = {
     # OpenWebText headline: SDE, 32 steps, churn 1.5, self-conditioning guidance 3.
@@ -45,8 +45,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cond_ode64": dict(method="ode", steps=64, gamma=0.0, guidance_scale=1.0, cfg_scale=2.0, **_OFFICIAL_GRID),
 }
 METHODS = ("ode", "sde")
-# A progressively distilled student's few-step sampling (spec §11, the authors' few-step eval): preset "fewstep"
-# keeps sample.steps and takes the rest from `few_step_settings`.
+# A progressively distilled student's few-step sampling (docs/method.md#distillation, the authors' few-step eval):
+# preset "fewstep" keeps sample.steps and takes the rest from `few_step_settings`.
 FEW_STEP_PRESET = "fewstep"
 
 
@@ -147,7 +147,7 @@ def draw_initial_noise(rng: jax.Array, batch: int, seq_len: int, latent_dim: int
 def draw_inputs(rng: jax.Array, config: SampleConfig, batch: int, seq_len: int, latent_dim: int):
   """All randomness of one sampling run from one key: (z0 (B, S, C), grid (steps + 1,), sde_rng).
 
-  The grid is one per batch (random for `logit_normal`, spec §6); everything has global shapes.
+  The grid is one per batch (random for `logit_normal`, docs/method.md#sampling); everything has global shapes.
   """
   k_noise, k_grid, k_sde = jax.random.split(rng, 3)
   z0 = draw_initial_noise(k_noise, batch, seq_len, latent_dim, config.noise_scale)
@@ -209,8 +209,8 @@ def sample(params, model: nn.Module, z0: jax.Array, grid: jax.Array, *, method: 
            cond_latents: jax.Array | None = None, cond_mask: jax.Array | None = None, mask: jax.Array | None = None,
            rng: jax.Array | None = None, churn_noise: jax.Array | None = None, eos_id: int = 1, pad_id: int = 0,
            max_target_length: int = 0, return_trajectory: bool = False) -> SampleOutput:
-  """Samples token sequences with the ELF flow (spec §6); pure and jit-compatible. The settings have no defaults
-  here: `make_sampler` passes those of a `SampleConfig` (built from `elf_jax.config`).
+  """Samples token sequences with the ELF flow (docs/method.md#sampling); pure and jit-compatible. The settings have no
+  defaults here: `make_sampler` passes those of a `SampleConfig` (built from `elf_jax.config`).
 
   Args:
     params: the network's parameter tree (EMA params for sampling).

@@ -52,8 +52,9 @@ def test_raw_params_differ_from_ema(tiny_fixture_dir):
   assert np.abs(out - ref["out_den"]).max() > 1e-3
 
 
-# (depth, hidden, heads) of ELF-B/M/L; the spec's totals count every parameter of the network with C = 512 and
-# V = 32100, the readout head (proj_* + unembed_*) included; the frozen T5 encoder is not part of it.
+# (depth, hidden, heads) of ELF-B/M/L; the published totals (docs/method.md#network) count every parameter of the
+# network with C = 512 and V = 32100, the readout head (proj_* + unembed_*) included; the frozen T5 encoder is not part
+# of it.
 SIZES = {"B": ((12, 768, 12), 104.58e6, 16.86e6), "M": ((24, 1056, 16), 342.54e6, 17.01e6),
          "L": ((32, 1280, 16), 652.10e6, 17.12e6)}
 
@@ -79,8 +80,9 @@ def _small_model_config(**overrides) -> ModelConfig:
 
 
 def test_parameter_names_match_spec():
-  """Unstacked, every §9 name is present with the documented shape and nothing else is; stacked, each block leaf
-  has the leading layer axis (logical name "layers") and `stack_blocks` inverts `unstack_blocks`."""
+  """Unstacked, every name of docs/method.md#checkpoint-names is present with the documented shape and nothing else is;
+  stacked, each block leaf has the leading layer axis (logical name "layers") and `stack_blocks` inverts
+  `unstack_blocks`."""
   mc = _small_model_config()
   boxed = init_params(ELF(mc), jax.random.key(0))
   p = nn.unbox(boxed)

@@ -1,4 +1,4 @@
-"""Conditional-generation metrics (spec §8): BLEU (WMT14 De→En), ROUGE (XSum), and optional MAUVE.
+"""Conditional-generation metrics (docs/method.md#evaluation): BLEU (WMT14 De→En), ROUGE (XSum), and optional MAUVE.
 
 Each hypothesis is paired with one reference string at the same index.
 """

@@ -1,7 +1,7 @@
-"""Building blocks of the flow transformer (spec §5): RMSNorm, rotary embedding, SwiGLU, timestep embedder, block.
+"""Flow transformer blocks (docs/method.md#network): RMSNorm, rotary embedding, SwiGLU, timestep embedder, block.
 
-Parameter names follow the published checkpoints (spec §9). Every parameter carries logical axis names
-(`embed`, `qkv`, `heads`, `mlp`, `latent`, `vocab`, ...) that `elf_jax.parallel.sharding` maps to mesh axes.
+Parameter names follow the published checkpoints (docs/method.md#checkpoint-names). Every parameter carries logical axis
+names (`embed`, `qkv`, `heads`, `mlp`, `latent`, `vocab`, ...) that `elf_jax.parallel.sharding` maps to mesh axes.
 """
 import math
 from collections.abc import Callable

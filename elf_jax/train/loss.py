@@ -1,4 +1,4 @@
-"""The ELF training objective (spec §2-4), the reference train step's: denoiser branch with trained
+"""The ELF training objective (docs/method.md#objective), the reference train step's: denoiser branch with trained
 self-conditioning guidance, decoder branch.
 
 The global batch is split into `num_groups` contiguous groups; each group is either a denoising or a decoding step,
@@ -39,8 +39,8 @@ from elf_jax.model.elf import ELF
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class FlowConfig:
-  """Static objective hyper-parameters (spec §2-4), built by `from_config`: the fields of `config.flow` of the same
-  names (their meaning and defaults live only in `elf_jax.config.base_config()`)."""
+  """Static objective hyper-parameters (docs/method.md#objective), built by `from_config`: the fields of `config.flow`
+  of the same names (their meaning and defaults live only in `elf_jax.config.base_config()`)."""
   denoiser_noise_scale: float
   time_schedule: str
   P_mean: float
@@ -112,7 +112,7 @@ def self_cond_pass_rows(group_size: int, fc: FlowConfig) -> int:
 
 
 def denoiser_loss(model: ELF, params, batch, noise, fc: FlowConfig, dropout_rng):
-  """Flow-matching loss of one group (spec §2-3). batch: x0 (b,S,C), cond_mask, loss_mask (b,S).
+  """Flow-matching loss of one group (docs/method.md#self-conditioning). batch: x0 (b,S,C), cond_mask, loss_mask (b,S).
 
   With `fc.self_cond_draw == "fixed_count"`, noise["self_cond"] (b,) must mark exactly
   `flow.num_self_conditioned(b, fc.self_cond_prob)` examples.
@@ -149,7 +149,7 @@ def denoiser_loss(model: ELF, params, batch, noise, fc: FlowConfig, dropout_rng)
 
 
 def decoder_loss(model: ELF, params, batch, noise, fc: FlowConfig, dropout_rng):
-  """Token cross-entropy of one group decoded at t = 1 from a partially noised x0 (spec §4).
+  """Token cross-entropy of one group decoded at t = 1 from a partially noised x0 (docs/method.md#decoder-branch).
 
   Every position is noised, the condition's too, and the self-conditioning half is all zeros (as the reference).
   """
