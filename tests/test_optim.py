@@ -1,7 +1,7 @@
-"""Tests for elf_jax.train.optim (and the steps-per-epoch rule of elf_jax.train.loop): parity of the learning-rate
-schedules and of three Muon / AdamW updates with the reference optimizer (fixture `reference_elf_train`, made by
-running the authors' `get_optimizer` and `create_learning_rate_fn`), then clipping, routing and EMA (gradient
-accumulation: tests/test_accumulation.py)."""
+"""Tests for elf_jax.objective.optim (and the steps-per-epoch rule of elf_jax.run.train_loop): parity of the
+learning-rate schedules and of three Muon / AdamW updates with the reference optimizer (fixture
+`reference_elf_train`, made by running the authors' `get_optimizer` and `create_learning_rate_fn`), then clipping,
+routing and EMA (gradient accumulation: tests/test_accumulation.py)."""
 import inspect
 
 import jax
@@ -11,13 +11,13 @@ import optax
 import pytest
 
 from conftest import fixture_config
-from elf_jax import checkpoint
 from elf_jax import config as config_lib
-from elf_jax import experiment
 from elf_jax.config import ConfigError
 from elf_jax.data import sources
 from elf_jax.model import elf
-from elf_jax.train import optim
+from elf_jax.objective import optim
+from elf_jax.run import experiment
+from elf_jax.weights import published
 
 NUM_UPDATES = 3  # the fixture's optim/grads_{0,1,2}
 
@@ -32,7 +32,7 @@ def _optim_config(**overrides):
 def reference(train_fixture_dir):
   """(config.json, reference.npz arrays, checkpoint params) of the reference_elf_train fixture."""
   root = train_fixture_dir
-  params = checkpoint.load_published_elf(root / "checkpoint.msgpack", which="raw")
+  params = published.load_published_elf(root / "checkpoint.msgpack", which="raw")
   with np.load(root / "reference.npz") as arrays:
     return fixture_config(root), dict(arrays), jax.tree.map(jnp.asarray, params)
 

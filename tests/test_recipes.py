@@ -10,7 +10,7 @@ import pytest
 from elf_jax.config import validate
 from elf_jax.data import pipeline, sources
 from elf_jax.data import tokenizer as tokenizer_lib
-from elf_jax.train import optim
+from elf_jax.objective import optim
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 HUB = "embedded-language-flows/"

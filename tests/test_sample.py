@@ -13,10 +13,12 @@ import tokenizers
 import transformers
 
 from conftest import fixture_config, relative_error
-from elf_jax import checkpoint, flow, trajectory
-from elf_jax import sample as S
 from elf_jax.config import base_config
 from elf_jax.model.elf import ELF, ModelConfig, init_params
+from elf_jax.objective import flow
+from elf_jax.sampling import sampler as S
+from elf_jax.sampling import trajectory
+from elf_jax.weights import published
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +30,7 @@ def ref(tiny_fixture_dir):
       num_heads=cfg["num_heads"], bottleneck_dim=cfg["bottleneck_dim"], vocab_size=cfg["vocab_size"],
       num_time_tokens=cfg["num_time_tokens"], num_guidance_tokens=cfg["num_self_cond_cfg_tokens"],
       num_mode_tokens=cfg["num_model_mode_tokens"]))
-  params = checkpoint.load_published_elf(tiny_fixture_dir / "checkpoint_7", which="ema")
+  params = published.load_published_elf(tiny_fixture_dir / "checkpoint_7", which="ema")
   return model, params, cfg, dict(np.load(tiny_fixture_dir / "reference.npz"))
 
 
@@ -45,7 +47,7 @@ def sde_ref(train_fixture_dir):
       num_mode_tokens=tokens["num_mode_tokens"]))
   expected = jax.eval_shape(lambda: nn.unbox(init_params(model, jax.random.key(0), dims["S"])))
   # The fixture's ema_params1 equals its params; sampling reads the EMA copy.
-  params = checkpoint.load_published_elf(directory / "checkpoint.msgpack", which="ema", expected=expected)
+  params = published.load_published_elf(directory / "checkpoint.msgpack", which="ema", expected=expected)
   with np.load(directory / "reference.npz") as npz:
     arrays = {k.removeprefix("sde/"): npz[k] for k in npz.files if k.startswith("sde/")}
   return model, params, cfg, arrays

@@ -1,5 +1,7 @@
 """The authors' PyTorch checkpoint files: import of reference_elf_train's torch_checkpoint_0 (the network of its
 checkpoint.msgpack), export in the same payload layout, safetensors export, and the error without torch."""
+import os
+import subprocess
 import sys
 
 import flax.linen as nn
@@ -12,11 +14,12 @@ import safetensors.numpy
 import torch
 
 from conftest import fixture_config
-from elf_jax import checkpoint, torch_checkpoint
 from elf_jax.config import base_config
 from elf_jax.model.elf import ELF, ModelConfig, init_params
-from elf_jax.train.state import TrainState
-
+from elf_jax.objective.state import TrainState
+from elf_jax.run import checkpoint
+from elf_jax.weights import published
+from elf_jax.weights import torch_format
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +71,8 @@ def _outputs(model, params, cfg):
 @pytest.mark.parametrize("which", ["raw", "ema"])  # payload params ↔ msgpack params, ema_params1 ↔ ema_params1
 def test_import_matches_the_msgpack_network(model_and_shapes, which, torch_file, msgpack_file):
   model, shapes, cfg = model_and_shapes
-  from_torch = checkpoint.load_published_elf(torch_file, which, expected=shapes)
-  from_msgpack = checkpoint.load_published_elf(msgpack_file, which, expected=shapes)
+  from_torch = published.load_published_elf(torch_file, which, expected=shapes)
+  from_msgpack = published.load_published_elf(msgpack_file, which, expected=shapes)
   _assert_same_tree(from_torch, from_msgpack)
   (x_torch, logits_torch), (x_msgpack, logits_msgpack) = (_outputs(model, p, cfg) for p in (from_torch, from_msgpack))
   assert np.abs(x_msgpack).max() > 1e-3 and np.abs(logits_msgpack).max() > 1e-3  # the outputs are not trivial
@@ -79,19 +82,19 @@ def test_import_matches_the_msgpack_network(model_and_shapes, which, torch_file,
 
 def test_init_from_accepts_a_torch_file(model_and_shapes, torch_file, msgpack_file):
   _, shapes, _ = model_and_shapes
-  _assert_same_tree(checkpoint.load_params_from(str(torch_file), shapes),
-                    checkpoint.load_published_elf(msgpack_file, "ema", expected=shapes))
+  _assert_same_tree(published.load_params_from(str(torch_file), shapes),
+                    published.load_published_elf(msgpack_file, "ema", expected=shapes))
 
 
 def test_export_has_the_authors_layout_and_reimports_exactly(model_and_shapes, tmp_path, torch_file, msgpack_file):
   _, shapes, _ = model_and_shapes
-  raw = checkpoint.load_published_elf(msgpack_file, "raw", expected=shapes)
+  raw = published.load_published_elf(msgpack_file, "raw", expected=shapes)
   ema = jax.tree.map(lambda v: v * np.float32(0.5), raw)  # a distinct EMA tree, so a swap would show
   out = tmp_path / "checkpoint_3"
-  torch_checkpoint.export_torch(out, raw, ema, step=3, epoch=1)
+  torch_format.export_torch(out, raw, ema, step=3, epoch=1)
 
   for which, tree in (("raw", raw), ("ema", ema)):
-    _assert_same_tree(checkpoint.load_published_elf(out, which, expected=shapes), tree)
+    _assert_same_tree(published.load_published_elf(out, which, expected=shapes), tree)
   ours = torch.load(out, map_location="cpu", weights_only=True)
   reference = torch.load(torch_file, map_location="cpu", weights_only=True)
   assert set(ours) == set(reference)
@@ -105,7 +108,7 @@ def test_export_has_the_authors_layout_and_reimports_exactly(model_and_shapes, t
 def test_cli_export_of_a_workdir_with_safetensors(model_and_shapes, tmp_path, torch_file, msgpack_file):
   """A training workdir's newest step: its params become `params`, its EMA `ema_params1` and the safetensors."""
   _, shapes, _ = model_and_shapes
-  raw = checkpoint.load_published_elf(msgpack_file, "raw", expected=shapes)
+  raw = published.load_published_elf(msgpack_file, "raw", expected=shapes)
   ema = jax.tree.map(lambda v: v * np.float32(0.5), raw)
   state = TrainState(step=jnp.int32(5), params=raw, ema_params=ema, opt_state=optax.adamw(1e-3).init(raw),
                      rng=jax.random.key_data(jax.random.key(0)))
@@ -114,7 +117,8 @@ def test_cli_export_of_a_workdir_with_safetensors(model_and_shapes, tmp_path, to
   manager.close()
 
   out, ema_file = tmp_path / "checkpoint_5", tmp_path / "ema.safetensors"
-  checkpoint.main(["export", str(tmp_path / "run"), str(out), "--safetensors", str(ema_file)])
+  subprocess.run([sys.executable, "-m", "elf_jax.run.export", f"--source={tmp_path / 'run'}", f"--out={out}",
+                  f"--safetensors={ema_file}"], check=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
   reference = torch.load(torch_file, map_location="cpu", weights_only=True)["params"]  # the msgpack's raw params
   ours = torch.load(out, map_location="cpu", weights_only=True)
   tensors = safetensors.numpy.load_file(ema_file)
@@ -128,20 +132,20 @@ def test_cli_export_of_a_workdir_with_safetensors(model_and_shapes, tmp_path, to
 def test_compiled_model_names_are_accepted(torch_file):
   """torch.compile prefixes state-dict names with `_orig_mod.`; the authors strip it when loading, so do we."""
   reference = torch.load(torch_file, map_location="cpu", weights_only=True)["params"]
-  plain = torch_checkpoint.from_torch_state(reference)
-  _assert_same_tree(torch_checkpoint.from_torch_state({f"_orig_mod.{k}": v for k, v in reference.items()}), plain)
+  plain = torch_format.from_torch_state(reference)
+  _assert_same_tree(torch_format.from_torch_state({f"_orig_mod.{k}": v for k, v in reference.items()}), plain)
 
 
 def test_missing_torch_is_a_clear_error(monkeypatch, tmp_path, torch_file):
   monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now fails as if it were not installed
   with pytest.raises(ImportError, match=r"needs torch: pip install 'elf_jax\[torch\]'"):
-    checkpoint.load_published_elf(torch_file)
+    published.load_published_elf(torch_file)
   with pytest.raises(ImportError, match=r"needs torch"):
-    torch_checkpoint.export_torch(tmp_path / "out", {"w": np.zeros(2)}, {"w": np.zeros(2)})
-  torch_checkpoint.export_safetensors(tmp_path / "ema.safetensors", {"blocks_0": {"w": {"kernel": np.eye(2)}}})
+    torch_format.export_torch(tmp_path / "out", {"w": np.zeros(2)}, {"w": np.zeros(2)})
+  torch_format.export_safetensors(tmp_path / "ema.safetensors", {"blocks_0": {"w": {"kernel": np.eye(2)}}})
   assert list(safetensors.numpy.load_file(tmp_path / "ema.safetensors")) == ["blocks.0.w.weight"]
   stacked = {"blocks": {"w": {"kernel": np.arange(8.0).reshape(2, 2, 2)}}}  # the model's layout: unstacked on export
-  torch_checkpoint.export_safetensors(tmp_path / "ema.safetensors", stacked)
+  torch_format.export_safetensors(tmp_path / "ema.safetensors", stacked)
   tensors = safetensors.numpy.load_file(tmp_path / "ema.safetensors")
   assert sorted(tensors) == ["blocks.0.w.weight", "blocks.1.w.weight"]
   np.testing.assert_array_equal(tensors["blocks.1.w.weight"], stacked["blocks"]["w"]["kernel"][1].T)
