@@ -1,6 +1,5 @@
 """Tests for elf_jax.run.checkpoint: save/restore with a grain iterator, keep-N, sharded restore, corrupt steps,
 the SIGTERM flag and import of the reference tiny-ELF fixture."""
-import json
 import logging
 import os
 import signal
@@ -13,6 +12,7 @@ import numpy as np
 import optax
 import pytest
 
+from conftest import fixture_config
 from elf_jax.run import checkpoint
 
 from elf_jax.model import elf
@@ -161,13 +161,9 @@ def test_preemption_flag_is_raised_by_sigterm():
     signal.signal(signal.SIGTERM, previous)
 
 
-def _fixture_config(tiny_fixture_dir) -> dict:
-  return json.loads((tiny_fixture_dir / "config.json").read_text())
-
-
 def test_fixture_msgpack_and_orbax_agree(tiny_fixture_dir):
   """Both published layouts load into the stacked blocks; unstacked, that is exactly the file's tree."""
-  cfg = _fixture_config(tiny_fixture_dir)
+  cfg = fixture_config(tiny_fixture_dir)
   width, depth = cfg["hidden_size"], cfg["depth"]
   raw = flax.serialization.msgpack_restore((tiny_fixture_dir / "checkpoint_7").read_bytes())
   for which, key in (("raw", "params"), ("ema", "ema_params1")):
@@ -196,7 +192,7 @@ def test_fixture_wrapped_params_level_is_stripped(tmp_path, tiny_fixture_dir):
 
 def test_fixture_expected_mismatch_names_every_bad_leaf(tiny_fixture_dir):
   """`expected` in either layout (stacked, as the model's init; or published); problems are named per block."""
-  cfg = _fixture_config(tiny_fixture_dir)
+  cfg = fixture_config(tiny_fixture_dir)
   width, extra_block = cfg["hidden_size"], f"blocks_{cfg['depth']}"  # one block more than the checkpoint has
   params = published.load_published_elf(tiny_fixture_dir / "checkpoint_7")
   stacked = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)

@@ -1,6 +1,5 @@
 """The flow transformer: parity with the reference implementation's outputs, parameter names and counts."""
 import dataclasses
-import json
 
 import flax.linen as nn
 import jax
@@ -8,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import fixture_config
 from elf_jax.config import base_config
 from elf_jax.weights import published
 from elf_jax.model.elf import (ELF, ModelConfig, count_params, init_params, layer_dropout_rates, stack_blocks,
@@ -15,7 +15,7 @@ from elf_jax.model.elf import (ELF, ModelConfig, count_params, init_params, laye
 
 
 def _fixture_model(tiny_fixture_dir, **overrides):
-  cfg = json.loads((tiny_fixture_dir / "config.json").read_text())
+  cfg = fixture_config(tiny_fixture_dir)
   mc = ModelConfig.from_config(
       base_config(), latent_dim=cfg["text_encoder_dim"], hidden_size=cfg["hidden_size"], depth=cfg["depth"],
       num_heads=cfg["num_heads"], bottleneck_dim=cfg["bottleneck_dim"], vocab_size=cfg["vocab_size"],
