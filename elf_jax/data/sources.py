@@ -2,9 +2,11 @@
 
 Every source returns dict records in one of two shapes, which the pipeline consumes:
   unconditional (config.data.conditional = False): {"text": str | ids}
-  conditional   (config.data.conditional = True):  {"input": str | ids, "output": str | ids}
-where `ids` is a 1-D int32 numpy array of already tokenized data, used as it is (no EOS is added), and a str is
-tokenized by the pipeline without special tokens (`add_special_tokens=False`, as the reference tokenizes raw text;
+  conditional   (config.data.conditional = True):  {"input": str | ids, "output": str | ids[, "reference": str]}
+where "reference" is the raw target text column config.data.reference_key, kept where the dataset has one (the
+official XSum / WMT datasets hold the target as ids and as text; the pipeline ignores it, evaluation reads it), `ids`
+is a 1-D int32 numpy array of already tokenized data, used as it is (no EOS is added), and a str is tokenized by the
+pipeline without special tokens (`add_special_tokens=False`, as the reference tokenizes raw text;
 see elf_jax/data/pipeline.py). Every source has a length: steps per epoch = len(train source) // global batch.
 
 Kinds (config.data.source) and what config.data.path means for each:
@@ -45,7 +47,7 @@ import numpy as np
 
 from elf_jax import fs
 from elf_jax import report
-from elf_jax.config import ConfigError
+from elf_jax.config import DATA_SOURCES, ConfigError, check_choice
 from elf_jax.data import synthetic
 
 # Conditional field names (input, output) of the TFDS datasets we know.
@@ -70,6 +72,7 @@ def make_source(data_config: ml_collections.ConfigDict, split: str,
     language: the synthetic language (source "synthetic"); default `make_language(data_config)`.
   """
   kind = data_config.source
+  check_choice("data.source", kind, DATA_SOURCES)
   if kind == "synthetic":
     if data_config.conditional:
       raise ValueError("config.data.source = 'synthetic' is unconditional; set config.data.conditional = False")
@@ -77,24 +80,23 @@ def make_source(data_config: ml_collections.ConfigDict, split: str,
                            data_config.synthetic_seed, split)
   if kind == "tfds":
     return _tfds_source(data_config, split)
-  if kind not in ("hf_arrow", "jsonl", "text"):
-    raise ValueError(f"unknown config.data.source {kind!r}; use synthetic | tfds | hf_arrow | jsonl | text")
   path = data_config.path.replace("{split}", split)
   fields = _fields(data_config)
   if kind == "hf_arrow" and HUB_ID.fullmatch(path) and not os.path.exists(path):
     return MappedSource(_hf_dataset(_hub_snapshot(path), split), fields, f"Hugging Face dataset {path!r}",
-                        data_config.on_bad_record)
+                        _optional_fields(data_config), data_config.on_bad_record)
   if not data_config.path or not fs.path(path).exists():
     raise FileNotFoundError(f"config.data.path = {data_config.path!r} (split {split!r}): {path!r} does not exist; "
                             f"set config.data.path to your {kind} data")
   if kind == "hf_arrow":
-    return MappedSource(_hf_dataset(path, split), fields, f"Hugging Face dataset {path!r}", data_config.on_bad_record)
+    return MappedSource(_hf_dataset(path, split), fields, f"Hugging Face dataset {path!r}",
+                        _optional_fields(data_config), data_config.on_bad_record)
   if kind == "text" and data_config.conditional:
     raise ValueError("config.data.source = 'text' is unconditional; use jsonl for conditional data")
   lines = _scan_lines(path, None if kind == "text" else fields, data_config.on_bad_record)
   if kind == "text":
     return [{"text": line} for _, line in lines]
-  return MappedSource(_JsonLines(lines), fields, path)
+  return MappedSource(_JsonLines(lines), fields, path, _optional_fields(data_config))
 
 
 def _line_problem(line: str, fields: dict[str, str] | None) -> str:
@@ -159,16 +161,19 @@ class SyntheticSource(Sequence):
 
 
 class MappedSource(Sequence):
-  """Renames fields of a parent source's records: fields maps our name ("text" / "input" / "output") to theirs."""
+  """Renames fields of a parent source's records: fields maps our name ("text" / "input" / "output") to theirs;
+  optional fields (our name -> theirs: "reference") are kept when the parent's records have them."""
 
-  def __init__(self, parent: Sequence, fields: dict[str, str], description: str, on_bad_record: str = "error"):
-    self._parent, self._fields, self._description, self._on_bad_record = parent, fields, description, on_bad_record
+  def __init__(self, parent: Sequence, fields: dict[str, str], description: str,
+               optional: dict[str, str] | None = None, on_bad_record: str = "error"):
+    self._parent, self._description, self._on_bad_record = parent, description, on_bad_record
     if len(parent) == 0:
       raise ValueError(f"{description} holds no records")
     missing = [theirs for theirs in fields.values() if theirs not in parent[0]]
     if missing:
       raise KeyError(f"{description}: records lack the field(s) {missing} (have {sorted(parent[0])}); set "
                      "config.data.text_key / input_key / output_key")
+    self._fields = {**fields, **{ours: theirs for ours, theirs in (optional or {}).items() if theirs in parent[0]}}
 
   def __len__(self) -> int:
     return len(self._parent)
@@ -220,6 +225,11 @@ def _fields(data_config: ml_collections.ConfigDict) -> dict[str, str]:
   return {"text": data_config.text_key}
 
 
+def _optional_fields(data_config: ml_collections.ConfigDict) -> dict[str, str]:
+  """Conditional records: the raw target text column (data.reference_key) as "reference", where a dataset has it."""
+  return {"reference": data_config.reference_key} if data_config.conditional and data_config.reference_key else {}
+
+
 def _value(value) -> str | np.ndarray:
   """A record field as str (text) or int32 ids (pre-tokenized)."""
   if isinstance(value, bytes):
@@ -250,7 +260,7 @@ def _tfds_source(data_config: ml_collections.ConfigDict, split: str) -> Sequence
   known = TFDS_FIELDS.get(name.split(":")[0])
   if data_config.conditional and known:
     fields = {"input": known[0], "output": known[1]}
-  return MappedSource(source, fields, f"TFDS dataset {name!r} split {split!r}", data_config.on_bad_record)
+  return MappedSource(source, fields, f"TFDS dataset {name!r} split {split!r}", on_bad_record=data_config.on_bad_record)
 
 
 def _hub_snapshot(repo_id: str) -> str:
