@@ -84,19 +84,19 @@ def make_source(data_config: ml_collections.ConfigDict, split: str,
   fields = _fields(data_config)
   if kind == "hf_arrow" and HUB_ID.fullmatch(path) and not os.path.exists(path):
     return MappedSource(_hf_dataset(_hub_snapshot(path), split), fields, f"Hugging Face dataset {path!r}",
-                        _optional_fields(data_config), data_config.on_bad_record)
+                        data_config.on_bad_record, _optional_fields(data_config))
   if not data_config.path or not fs.path(path).exists():
     raise FileNotFoundError(f"config.data.path = {data_config.path!r} (split {split!r}): {path!r} does not exist; "
                             f"set config.data.path to your {kind} data")
   if kind == "hf_arrow":
     return MappedSource(_hf_dataset(path, split), fields, f"Hugging Face dataset {path!r}",
-                        _optional_fields(data_config), data_config.on_bad_record)
+                        data_config.on_bad_record, _optional_fields(data_config))
   if kind == "text" and data_config.conditional:
     raise ValueError("config.data.source = 'text' is unconditional; use jsonl for conditional data")
   lines = _scan_lines(path, None if kind == "text" else fields, data_config.on_bad_record)
   if kind == "text":
     return [{"text": line} for _, line in lines]
-  return MappedSource(_JsonLines(lines), fields, path, _optional_fields(data_config))
+  return MappedSource(_JsonLines(lines), fields, path, data_config.on_bad_record, _optional_fields(data_config))
 
 
 def _line_problem(line: str, fields: dict[str, str] | None) -> str:
@@ -164,8 +164,8 @@ class MappedSource(Sequence):
   """Renames fields of a parent source's records: fields maps our name ("text" / "input" / "output") to theirs;
   optional fields (our name -> theirs: "reference") are kept when the parent's records have them."""
 
-  def __init__(self, parent: Sequence, fields: dict[str, str], description: str,
-               optional: dict[str, str] | None = None, on_bad_record: str = "error"):
+  def __init__(self, parent: Sequence, fields: dict[str, str], description: str, on_bad_record: str,
+               optional: dict[str, str] | None = None):
     self._parent, self._description, self._on_bad_record = parent, description, on_bad_record
     if len(parent) == 0:
       raise ValueError(f"{description} holds no records")
@@ -260,7 +260,7 @@ def _tfds_source(data_config: ml_collections.ConfigDict, split: str) -> Sequence
   known = TFDS_FIELDS.get(name.split(":")[0])
   if data_config.conditional and known:
     fields = {"input": known[0], "output": known[1]}
-  return MappedSource(source, fields, f"TFDS dataset {name!r} split {split!r}", on_bad_record=data_config.on_bad_record)
+  return MappedSource(source, fields, f"TFDS dataset {name!r} split {split!r}", data_config.on_bad_record)
 
 
 def _hub_snapshot(repo_id: str) -> str:
