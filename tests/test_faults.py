@@ -9,7 +9,6 @@ disk and as two real processes for two runs on one workdir.
 import json
 import os
 import pathlib
-import shutil
 import socket
 import subprocess
 import sys
