@@ -14,6 +14,8 @@ out-of-memory error, or a total above the budget of `elf_jax.run.hbm`, e.g. an i
 `--config.mesh.hbm_limit_gib`) fails with one message naming the knobs to turn (remat, fsdp, precision, batch).
 """
 import dataclasses
+import functools
+import os
 import sys
 from collections.abc import Sequence
 
@@ -22,9 +24,9 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from elf_jax import report
 from elf_jax.config import ConfigError
 from elf_jax.objective import step as step_lib
-from elf_jax.parallel import mesh as mesh_lib
 from elf_jax.run import experiment
 from elf_jax.run import hbm
 from elf_jax.run import train_loop
@@ -82,6 +84,14 @@ class CompileReport:
     ])
 
 
+@functools.cache
+def _explain_libtpu_start() -> None:
+  """One line before libtpu first starts on a host that is no TPU VM, where it prints complaints to stderr."""
+  if not os.environ.get("TPU_ACCELERATOR_TYPE"):
+    report.say("libtpu starts without a TPU here: its complaints that follow (\"Failed to find host bounds\", "
+               "\"unexpected worker hostname\") are expected on a CPU host and do not affect the compile")
+
+
 def topology_devices(name: str) -> list:
   """The abstract devices of the TPU slice `name` (e.g. "v5p-64"), via libtpu; nothing needs a TPU.
 
@@ -93,6 +103,7 @@ def topology_devices(name: str) -> list:
     raise ConfigError(f"unknown compile topology {name!r}; known: {', '.join(TOPOLOGIES)}. "
                       "Fix: --config.mesh.compile_topology=<one of these>.")
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  _explain_libtpu_start()
   try:
     return list(topologies.get_topology_desc(platform="tpu", topology_name=TOPOLOGIES[name]).devices)
   except Exception as e:  # jax raises a RuntimeError / JaxRuntimeError naming the missing TPU plug-in
@@ -146,13 +157,10 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: Sequence[jax.
 def compile_for_topology(config: ml_collections.ConfigDict, name: str) -> CompileReport:
   """`compile_train_step` over the abstract devices of the TPU slice `name`.
 
-  The mesh sizes come from `config.mesh.preset`, else from the preset named like the slice when one exists
-  (e.g. "v5p-64" in `elf_jax.parallel.mesh.MESH_PRESETS`), else from `config.mesh.data/fsdp/tensor`.
+  The mesh sizes come from `config.mesh` (`elf_jax.config.mesh_settings`; by default pure data parallelism over the
+  slice's chips).
   """
   devices = topology_devices(name)
-  if not config.mesh.preset and name in mesh_lib.MESH_PRESETS:
-    config = ml_collections.ConfigDict(config.to_dict())  # a copy: the caller's (locked) config is never written
-    config.mesh.preset = name
   return compile_train_step(config, devices, topology=name)
 
 
