@@ -63,8 +63,9 @@ def draw_noise(rng, batch_size: int, seq_len: int, latent_dim: int, fc: flow.Flo
 
 def draw_decoder_corruption(lambda_rng, noise_rng, shape: tuple[int, int, int],
                             fc: flow.FlowConfig) -> dict[str, jax.Array]:
-  """The decoder branch's draws (spec §4) for a (B, S, C) batch: decoder_lambda (B,S) = sigmoid(N(m_mean, m_std)),
-  the per-token signal level, and decoder_noise (B,S,C), unit Gaussian × `decoder_noise_scale`."""
+  """The decoder branch's draws (docs/method.md#decoder-branch) for a (B, S, C) batch: decoder_lambda (B,S) =
+  sigmoid(N(m_mean, m_std)), the per-token signal level, and decoder_noise (B,S,C), unit Gaussian ×
+  `decoder_noise_scale`."""
   b, s, _ = shape
   return dict(
       decoder_lambda=jax.nn.sigmoid(fc.decoder_m_mean + fc.decoder_m_std * jax.random.normal(lambda_rng, (b, s))),
