@@ -31,7 +31,7 @@ from elf_jax import fs
 from elf_jax import report
 from elf_jax import sample as sampling
 from elf_jax.config import ConfigError, validate
-from elf_jax.data import pipeline, sources, tokenizer as tokenizers
+from elf_jax.data import pipeline, sources, synthetic, tokenizer as tokenizers
 from elf_jax.model.elf import ELF, ModelConfig, init_params
 from elf_jax.model.latents import LatentEncoder, build_encoder, measure_latent_stats
 from elf_jax.parallel import mesh as mesh_lib
@@ -205,9 +205,11 @@ def total_steps(config: ml_collections.ConfigDict, per_epoch: int) -> int:
 
 
 def load_tokenizer(config: ml_collections.ConfigDict):
-  """(tokenizer, synthetic language or None) of `config.data`, checked against the model's vocabulary."""
+  """(tokenizer, synthetic language or None) of `config.data`, checked against the model's vocabulary. The
+  "synthetic" tokenizer of conditional data (the translation task) covers the target language's words too."""
   language = sources.make_language(config.data) if config.data.source == "synthetic" else None
-  tok = tokenizers.load_tokenizer(config.data.tokenizer, language)
+  task = synthetic.SyntheticTranslation(language.vocabulary) if language and config.data.conditional else language
+  tok = tokenizers.load_tokenizer(config.data.tokenizer, task)
   if len(tok) > config.model.vocab_size:  # checked before the encoder is built (a random one uses this size too)
     raise ConfigError(f"the tokenizer {config.data.tokenizer!r} has {len(tok)} tokens but the model head predicts "
                       f"model.vocab_size={config.model.vocab_size}; set --config.model.vocab_size={len(tok)} (or "

@@ -110,6 +110,7 @@ def held_out_texts(exp: experiment.Experiment, num: int, field: str = "text") ->
 def score(exp: experiment.Experiment, samples: Samples) -> dict[str, float]:
   """`elf_jax.eval.scoring.score` of `samples` with this experiment's data: references (conditional), the synthetic
   language and as many held-out true sentences, or GPT-2 over the mesh."""
-  true_texts = held_out_texts(exp, len(samples.texts)) if exp.language is not None else None
+  unconditional_synthetic = exp.language is not None and not exp.config.data.conditional
+  true_texts = held_out_texts(exp, len(samples.texts)) if unconditional_synthetic else None
   return scoring.score(samples.texts, exp.config, references=samples.references, language=exp.language,
                        true_texts=true_texts, mesh=exp.mesh)

@@ -44,14 +44,16 @@ def build_word_tokenizer(vocabulary: list[str], save_dir: str | None = None
   return hf
 
 
-def load_tokenizer(name_or_path: str, language: synthetic.HiddenMarkovLanguage | None = None
+def load_tokenizer(name_or_path: str,
+                   language: synthetic.HiddenMarkovLanguage | synthetic.SyntheticTranslation | None = None
                    ) -> transformers.PreTrainedTokenizerBase:
   """The tokenizer named by config.data.tokenizer.
 
   Args:
-    name_or_path: "synthetic" (word tokenizer of `language`), a local directory with a saved Hugging Face
-      tokenizer, or a hub id (needs network access or the Hugging Face cache).
-    language: the synthetic language; required for "synthetic".
+    name_or_path: "synthetic" (word tokenizer of `language.vocabulary`), a local directory with a saved Hugging
+      Face tokenizer, or a hub id (needs network access or the Hugging Face cache).
+    language: the synthetic language, or the synthetic translation task (its vocabulary holds the words of both
+      languages); required for "synthetic".
   """
   if name_or_path == "synthetic":
     if language is None:
