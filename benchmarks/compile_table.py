@@ -20,8 +20,8 @@ import traceback
 import jax
 import ml_collections
 
-from elf_jax import aot
-from elf_jax.parallel import hbm
+from elf_jax.run import aot
+from elf_jax.run import hbm
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "configs")
 SIZES = (("ELF-B", "b"), ("ELF-M", "m"), ("ELF-L", "l"))
@@ -97,12 +97,12 @@ def _start(path: str, topology: str, command: str, append: bool) -> None:
       command,
       "```",
       "",
-      "The whole optimizer step of `elf_jax.train.step.make_train_step` (declared in/out shardings, donated state;",
+      "The whole optimizer step of `elf_jax.objective.step.make_train_step` (declared in/out shardings, donated state;",
       "its micro-batches in one `lax.scan`, the blocks in one `nn.scan`) for each config as shipped",
       "(configs/owt_{b,m,l}.py: global batch 512 × 1024 tokens, Muon, the config's remat, attention and precision)",
       f"on the mesh of the {topology} preset. Memory is per chip in GiB from XLA's `memory_analysis()`; total =",
       "arguments + outputs − outputs aliased to the donated state + temporaries + generated code; HBM headroom =",
-      "the share of the chip's HBM (`elf_jax.parallel.hbm`) the total leaves free (the shipped configs aim at",
+      "the share of the chip's HBM (`elf_jax.run.hbm`) the total leaves free (the shipped configs aim at",
       f">= {TARGET_HEADROOM:.0f}%). TFLOPs (XLA) are per chip per step from XLA's `cost_analysis()`, which counts the",
       "body of a scan / while loop once (one block of the `nn.scan`, one micro-batch): a lower bound, not",
       "comparable across depths. ≈ model TFLOPs = 8 · N · T (self-conditioning pass +",

@@ -17,9 +17,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from elf_jax import sample as S
 from elf_jax.config import base_config
 from elf_jax.model.elf import ELF, ModelConfig, count_params, init_params
+from elf_jax.sampling import sampler as S
 
 # name -> (depth, hidden, heads, latent dim C, vocab V); ELF-B/M/L as in spec §5 with T5-small latents.
 SIZES = {"tiny": (2, 64, 4, 32, 128), "ELF-B": (12, 768, 12, 512, 32100), "ELF-M": (24, 1056, 16, 512, 32100),

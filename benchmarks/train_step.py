@@ -3,14 +3,14 @@ memory, FLOPs and MFU of each variant.
 
 Variants (same network, same batch, same optimizer; each is timed in ROUNDS: every round runs `--steps` steps of
 each variant in turn, the order flipping every round, so that load on a shared machine hits them alike):
-  ours        the library train step (`elf_jax.train.step.make_train_step`, jit, no mesh).
+  ours        the library train step (`elf_jax.objective.step.make_train_step`, jit, no mesh).
   official    the authors' `train_step` (`--reference_src=PATH`, a checkout the user fetched, e.g.
               `git clone https://github.com/lillian039/ELF`; nothing of it is part of this repository), run as their
               train.py runs it: `jax.pmap(train_step, axis_name="batch")` on one device, their `TrainState`,
               `get_optimizer` + `create_learning_rate_fn` (same clip, optimizer, peak lr and warm-up as ours), their
               T5 encoder module and their network module. The network starts from OUR initial parameters (same
               names, spec §9; shapes checked) and the encoder weights are shared (the official module's random
-              init, pickled in the official encoder format and read by `elf_jax.model.t5_encoder` for our side).
+              init, pickled in the official encoder format and read by `elf_jax.weights.encoder` for our side).
   cached      `ours` fed raw encoder outputs (`batch["latents"]`, as from `data.latent_cache_dir`): no encoder.
   remat=...   `ours` with `model.remat` = full / dots_saveable (--remat), for the memory effect.
 
@@ -61,10 +61,11 @@ import numpy as np
 
 from elf_jax.model import elf as elf_lib
 from elf_jax.model.elf import ELF, ModelConfig, count_params
-from elf_jax.model.latents import build_encoder
-from elf_jax.train import loss as L
-from elf_jax.train import optim
-from elf_jax.train import step as step_lib
+from elf_jax.objective import flow
+from elf_jax.objective import loss as L
+from elf_jax.objective import optim
+from elf_jax.objective import step as step_lib
+from elf_jax.weights.encoder import build_encoder
 
 T5_SMALL = dict(random_num_layers=6, random_num_heads=8, random_d_kv=64, random_d_ff=2048)
 OFFICIAL_FILES = ("train_step.py", "modules/model.py", "modules/t5_encoder.py", "utils/train_utils.py",
@@ -307,7 +308,7 @@ def choose_key(base, coin_fns, decode: bool, what: str):
   raise SystemExit(f"no key draws decode={decode} for {what}: is flow.decoder_prob 0 or 1?")
 
 
-def ours_coin_fns(batch_size, seq_len, fc: L.FlowConfig, groups: int):
+def ours_coin_fns(batch_size, seq_len, fc: flow.FlowConfig, groups: int):
   """The decoder coins (G,) that our step draws from state key k: the step splits k and draws its noise from the
   second half, directly or (with in-step gradient accumulation) for micro-batch 0 from fold_in(·, 0); a key is
   accepted only when both agree, so either version of the step draws the wanted coin."""
@@ -376,7 +377,7 @@ def main():
   encoder, enc_params = build_encoder(config)
   mc = ModelConfig.from_config(config)
   groups = step_lib.resolve_num_groups(config, None, batch_size)
-  fc = L.FlowConfig.from_config(config)
+  fc = flow.FlowConfig.from_config(config)
   warmup_updates = optim.warmup_steps(config.optim, 1000)
   optimizer = optim.make_optimizer(config.optim, optim.make_schedule(config.optim, 1000, SCHEDULE_STEPS))
   peak_lr = optim.learning_rate(config.optim, config.optim.global_batch_size)

@@ -101,7 +101,7 @@ def base_config() -> ml_collections.ConfigDict:
   d.packing = False  # pack documents into max_length rows (unconditional) instead of pad/truncate
   d.shuffle = True
   d.num_workers = 0  # grain worker processes
-  # Unconditional data: a directory written by `python -m elf_jax.cache_latents` holding the rows and their
+  # Unconditional data: a directory written by `python -m elf_jax.run.cache_latents` holding the rows and their
   # raw (unnormalised) frozen-encoder outputs; the pipeline then reads them and the train step skips the encoder.
   d.latent_cache_dir = ""
   d.synthetic_num_sentences = 200_000  # synthetic language: size of the training corpus
@@ -130,7 +130,7 @@ def base_config() -> ml_collections.ConfigDict:
   o.num_epochs = 5.0
   o.num_steps = -1  # if > 0, overrides num_epochs (steps per epoch = len(train split) // global_batch_size)
 
-  # Sampling (spec §6); named presets in elf_jax/sample.py (PRESETS).
+  # Sampling (spec §6); named presets in elf_jax/sampling/sampler.py (PRESETS).
   c.sample = s = ml_collections.ConfigDict()
   s.preset = ""  # owt_sde32 | owt_sde64 | cond_ode64 | fewstep (a distilled student, spec §11) | "" (fields below)
   s.method = "sde"  # ode | sde
@@ -164,7 +164,7 @@ def base_config() -> ml_collections.ConfigDict:
   h.rules = SHARDING_RULES  # logical axis → mesh axis table (elf_jax/parallel/sharding.py)
   h.compile_topology = ""  # --mode=compile: e.g. v5p-64
   # Per-chip memory budget (GiB) that --mode=compile and a training run (before its first step) check the compiled
-  # step against; 0 = the chip's own HBM (no check on CPU). Set it to plan for a smaller chip (elf_jax/parallel/hbm.py).
+  # step against; 0 = the chip's own HBM (no check on CPU). Set it to plan for a smaller chip (elf_jax/run/hbm.py).
   h.hbm_limit_gib = 0.0
 
   c.checkpoint = k = ml_collections.ConfigDict()

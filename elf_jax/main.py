@@ -72,19 +72,19 @@ def main(argv):
   workdir = _WORKDIR.value or default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
   mode = _MODE.value
   if mode == "compile":
-    from elf_jax import aot
+    from elf_jax.run import aot
     aot.main(config)
     return
-  from elf_jax import modes
+  from elf_jax.run import modes
   from elf_jax.config import ConfigError
-  from elf_jax.train import distill_loop, loop
+  from elf_jax.run import distill_loop, train_loop
   print(f"workdir: {workdir}", flush=True)
   try:
     fs.check_writable(workdir, jax.process_index())
     if jax.process_index() == 0:
       (fs.path(workdir) / f"config_{mode}.json").write_text(config.to_json_best_effort(indent=2))
     if mode == "train":
-      loop.train(config, workdir, hooks=modes.training_hook)
+      train_loop.train(config, workdir, hooks=modes.training_hook)
     elif mode == "sample":
       modes.sample_mode(config, workdir)
     elif mode == "distill":

@@ -14,14 +14,14 @@ import pytest
 
 from elf_jax.config import base_config
 from elf_jax.model.elf import ELF, ModelConfig, init_params
-from elf_jax.model.latents import build_encoder
-from elf_jax import aot
+from elf_jax.objective import flow
+from elf_jax.objective import optim
+from elf_jax.objective import state as state_lib
+from elf_jax.objective import step as S
 from elf_jax.parallel import sharding
 from elf_jax.parallel.mesh import make_mesh
-from elf_jax.train import loss as L
-from elf_jax.train import optim
-from elf_jax.train import state as state_lib
-from elf_jax.train import step as S
+from elf_jax.run import aot
+from elf_jax.weights.encoder import build_encoder
 
 B, SEQ, LR, EMA_DECAY = 16, 8, 1e-2, 0.5
 
@@ -82,7 +82,7 @@ def test_step_equals_clip_then_multisteps(optimizer, accum, decoder_prob):
   model = ELF(ModelConfig.from_config(c))
   encoder, enc_params = build_encoder(c)
   inner = optim.make_optimizer(c.optim, LR)
-  obj = S.Objective(model, encoder, L.FlowConfig.from_config(c), S.resolve_num_groups(c, None, B // accum))
+  obj = S.Objective(model, encoder, flow.FlowConfig.from_config(c), S.resolve_num_groups(c, None, B // accum))
   state, batch = _state(model, inner), _batch()
 
   micro = _reference_micro_steps(c, obj, enc_params, state, batch)
@@ -145,7 +145,7 @@ def test_sharded_accumulation_equals_single_device():
                                    sharding.rules_from_config(c))
       shardings = state_lib.state_shardings(mesh, jax.eval_shape(lambda: _state(model, optimizer)), specs)
     groups = S.resolve_num_groups(c, mesh, B // c.optim.grad_accum_steps)
-    obj = S.Objective(model, encoder, L.FlowConfig.from_config(c), groups)
+    obj = S.Objective(model, encoder, flow.FlowConfig.from_config(c), groups)
     state = jax.jit(lambda: _state(model, optimizer), out_shardings=shardings)()
     results.append(S.make_train_step(obj, optimizer, c.optim, mesh, shardings)(state, enc_params, batch))
   (single, single_metrics), (sharded, sharded_metrics) = results

@@ -16,11 +16,11 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from elf_jax import recipes  # noqa: E402
 from elf_jax.config import ConfigError  # noqa: E402
-from elf_jax import aot  # noqa: E402
-from elf_jax.parallel import hbm  # noqa: E402
 from elf_jax.parallel import mesh as mesh_lib  # noqa: E402
 from elf_jax.parallel.mesh import make_mesh  # noqa: E402
-from elf_jax.train import loop  # noqa: E402
+from elf_jax.run import aot  # noqa: E402
+from elf_jax.run import hbm  # noqa: E402
+from elf_jax.run import train_loop  # noqa: E402
 
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # jax.monitoring: one per XLA compile
 KNOBS = ("--config.model.remat=full", "--config.mesh.fsdp=N", "--config.model.compute_dtype=bfloat16",
@@ -145,7 +145,7 @@ def test_training_stops_before_the_first_step_when_the_step_does_not_fit(tmp_pat
   """An injected per-chip budget (config.mesh.hbm_limit_gib) below the compiled step's memory: the run stops with
   the knobs message before any step runs."""
   with pytest.raises(hbm.DoesNotFitError) as error:
-    loop.train(_small_run_config(hbm_limit_gib=1e-5), str(tmp_path))
+    train_loop.train(_small_run_config(hbm_limit_gib=1e-5), str(tmp_path))
   message = str(error.value)
   assert re.match(r"the train step does not fit in one cpu chip: it needs [\d.]+ GiB per chip but the budget is "
                   r"0\.00 GiB \(config\.mesh\.hbm_limit_gib\) \(\d+% over\)", message), message
@@ -184,7 +184,7 @@ def test_fit_check_compiles_the_step_that_the_first_call_runs():
 def test_pallas_sampler_compiles_for_a_v5p_slice():
   """The sampler (SDE, CFG: the batch doubles inside) with the Pallas attention compiles for v5p-8 on a data=2 x
   tensor=2 mesh: traced under the mesh, every kernel call runs per shard (Mosaic refuses a whole-array call)."""
-  from elf_jax import sample as sampling  # pylint: disable=import-outside-toplevel
+  from elf_jax.sampling import sampler  # pylint: disable=import-outside-toplevel
   from elf_jax.model.elf import ELF, ModelConfig, init_params  # pylint: disable=import-outside-toplevel
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
   c = _tiny_config()
@@ -192,12 +192,12 @@ def test_pallas_sampler_compiles_for_a_v5p_slice():
   mesh = make_mesh(dict(data=2, fsdp=1, tensor=2), aot.topology_devices("v5p-8"))
   model = ELF(ModelConfig.from_config(c))
   params = jax.eval_shape(lambda: nn.unbox(init_params(model, jax.random.key(0))))
-  config = sampling.SampleConfig.from_config(c, method="sde", steps=2, cfg_scale=2.0, grid="uniform")
+  config = sampler.SampleConfig.from_config(c, method="sde", steps=2, cfg_scale=2.0, grid="uniform")
   b, s, d = 4, c.data.max_length, c.encoder.dim
   rep, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P(("data", "fsdp")))
   abstract = lambda shape, dtype, sh: jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
   params = jax.tree.map(lambda x: abstract(x.shape, x.dtype, rep), params)
-  run = sampling.make_sampler(model, config, mesh)
+  run = sampler.make_sampler(model, config, mesh)
   compiled = run.lower(params, abstract((b, s, d), jnp.float32, rows), abstract((3,), jnp.float32, rep),
                        rng=jax.random.key(0), guidance_scale=abstract((b,), jnp.float32, rows),
                        cond_latents=abstract((b, s, d), jnp.float32, rows),

@@ -9,13 +9,14 @@ import pytest
 
 from elf_jax.config import base_config
 from elf_jax.model.elf import ELF, ModelConfig, init_params
-from elf_jax.model.latents import build_encoder
+from elf_jax.objective import flow
+from elf_jax.objective import loss as L
+from elf_jax.objective import state as state_lib
+from elf_jax.objective import step as S
 from elf_jax.ops import attention as attn
 from elf_jax.parallel import sharding
 from elf_jax.parallel.mesh import make_mesh
-from elf_jax.train import loss as L
-from elf_jax.train import state as state_lib
-from elf_jax.train import step as S
+from elf_jax.weights.encoder import build_encoder
 
 B, SEQ, GROUPS, HEADS = 8, 8, 4, 4
 LR = 1e3  # SGD step: new params = params - LR * grads, so the step's gradient is read back to ~1e-7 relative
@@ -65,7 +66,7 @@ def test_forward_and_loss_gradient_match_without_mesh(setup):
   for impl, model in models.items():
     # x̂ of the denoiser; the loss covers both branches (denoising and decoding groups, decoder_prob 0.5).
     fwd = jax.jit(lambda p, model=model: model.apply({"params": p}, x, t, w, batch["valid"]))
-    obj = S.Objective(model, encoder, L.FlowConfig.from_config(c), GROUPS)
+    obj = S.Objective(model, encoder, flow.FlowConfig.from_config(c), GROUPS)
     grad = jax.jit(jax.value_and_grad(
         lambda p, obj=obj: S.compute_loss(p, enc_params, batch, jax.random.PRNGKey(5), obj)[0]))
     outs[impl] = (fwd(params), *grad(params))
@@ -87,7 +88,7 @@ def _pallas_operand_shapes(jaxpr):
 
 def _train_step(c, encoder, model, mesh):
   """One real train step (SGD, lr LR) on `mesh` (None = one device) and its state shardings."""
-  obj = S.Objective(model, encoder, L.FlowConfig.from_config(c), GROUPS)
+  obj = S.Objective(model, encoder, flow.FlowConfig.from_config(c), GROUPS)
   optimizer = optax.sgd(LR)
   shardings = None
   if mesh is not None:
@@ -127,7 +128,7 @@ def test_sharded_train_step_with_pallas_matches_single_device_xla(setup, single_
   # of the opt-in fixed_count self-conditioning draw, the group's self-conditioned rows — and HEADS / tensor heads.
   local = _pallas_operand_shapes(traced.jaxpr.jaxpr)
   group = B // GROUPS
-  rows = {group, L.self_cond_pass_rows(group, L.FlowConfig.from_config(c))}
+  rows = {group, L.self_cond_pass_rows(group, flow.FlowConfig.from_config(c))}
   assert local and {s[:2] for s in local} == {(r, HEADS // shape[2]) for r in rows}, local
   got_state, got = traced.lower().compile()(state, enc_params, batch)
 

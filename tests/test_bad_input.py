@@ -12,7 +12,7 @@ import pytest
 
 from elf_jax.config import ConfigError
 from elf_jax.data import tokenizer as tokenizers
-from elf_jax.train import loop
+from elf_jax.run import train_loop
 from test_train_loop import REPO, small_config  # tests/ is on sys.path (pytest rootdir-relative import)
 
 
@@ -27,7 +27,7 @@ def no_jit(monkeypatch):
 def train_error(workdir, exception=ValueError, **overrides) -> str:
   """Runs loop.train on small_config(**overrides); returns the message of the `exception` it must raise."""
   with pytest.raises(exception) as err:
-    loop.train(small_config(**overrides), str(workdir))
+    train_loop.train(small_config(**overrides), str(workdir))
   assert not os.path.exists(os.path.join(workdir, "checkpoints"))
   assert not os.path.exists(os.path.join(workdir, "metrics.jsonl"))
   return str(err.value)
@@ -108,7 +108,7 @@ def test_workdir_not_writable(tmp_path, no_jit, blocked):
   (tmp_path / "a_file").write_text("not a directory")
   workdir = tmp_path / "a_file" / "run" if blocked == "file_as_parent" else tmp_path / "a_file"
   with pytest.raises(ConfigError, match=f"--workdir='{workdir}' is not writable .*pass a directory you can write to"):
-    loop.train(small_config(), str(workdir))
+    train_loop.train(small_config(), str(workdir))
 
 
 @pytest.mark.parametrize("override, hint", [("--config.model.nonexistent=1", "('nonexistent')"),

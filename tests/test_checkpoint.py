@@ -1,4 +1,4 @@
-"""Tests for elf_jax.checkpoint: save/restore with a grain iterator, keep-N, sharded restore, corrupt steps,
+"""Tests for elf_jax.run.checkpoint: save/restore with a grain iterator, keep-N, sharded restore, corrupt steps,
 the SIGTERM flag and import of the reference tiny-ELF fixture."""
 import json
 import logging
@@ -13,10 +13,12 @@ import numpy as np
 import optax
 import pytest
 
-from elf_jax import checkpoint
+from elf_jax.run import checkpoint
+
 from elf_jax.model import elf
-from elf_jax.train import loop
-from elf_jax.train.state import TrainState
+from elf_jax.objective.state import TrainState
+from elf_jax.run import train_loop
+from elf_jax.weights import published
 
 
 def _state(step, scale=1.0):
@@ -151,7 +153,7 @@ def test_no_fallback_when_every_step_fails(tmp_path):
 def test_preemption_flag_is_raised_by_sigterm():
   previous = signal.getsignal(signal.SIGTERM)
   try:
-    preempted = loop.install_preemption_handler()
+    preempted = train_loop.install_preemption_handler()
     assert not preempted(1)
     os.kill(os.getpid(), signal.SIGTERM)
     assert preempted(2)
@@ -169,8 +171,8 @@ def test_fixture_msgpack_and_orbax_agree(fixture_dir):
   width, depth = cfg["hidden_size"], cfg["depth"]
   raw = flax.serialization.msgpack_restore((fixture_dir / "checkpoint_7").read_bytes())
   for which, key in (("raw", "params"), ("ema", "ema_params1")):
-    from_msgpack = checkpoint.load_published_elf(fixture_dir / "checkpoint_7", which=which)
-    from_orbax = checkpoint.load_published_elf(fixture_dir / "orbax_checkpoint_7", which=which)
+    from_msgpack = published.load_published_elf(fixture_dir / "checkpoint_7", which=which)
+    from_orbax = published.load_published_elf(fixture_dir / "orbax_checkpoint_7", which=which)
     _assert_same(from_msgpack, from_orbax)
     _assert_same(elf.unstack_blocks(from_msgpack), raw[key])
     _assert_same(elf.stack_blocks(raw[key]), from_msgpack)
@@ -179,8 +181,8 @@ def test_fixture_msgpack_and_orbax_agree(fixture_dir):
     assert not [k for k in from_msgpack if k.startswith("blocks_")]
     np.testing.assert_array_equal(from_msgpack["blocks"]["mlp"]["w3"]["kernel"][depth - 1],
                                   raw[key][f"blocks_{depth - 1}"]["mlp"]["w3"]["kernel"])
-  ema = checkpoint.load_published_elf(fixture_dir / "orbax_checkpoint_7", which="ema")
-  raw_params = checkpoint.load_published_elf(fixture_dir / "orbax_checkpoint_7", which="raw")
+  ema = published.load_published_elf(fixture_dir / "orbax_checkpoint_7", which="ema")
+  raw_params = published.load_published_elf(fixture_dir / "orbax_checkpoint_7", which="raw")
   for e, r in zip(jax.tree.leaves(ema), jax.tree.leaves(raw_params)):
     np.testing.assert_allclose(e, 0.9 * r, rtol=1e-6)
 
@@ -189,20 +191,20 @@ def test_fixture_wrapped_params_level_is_stripped(tmp_path, fixture_dir):
   raw = flax.serialization.msgpack_restore((fixture_dir / "checkpoint_7").read_bytes())
   wrapped = tmp_path / "wrapped.msgpack"
   wrapped.write_bytes(flax.serialization.msgpack_serialize({"params": {"params": raw["params"]}}))
-  _assert_same(checkpoint.load_published_elf(wrapped, which="raw"), elf.stack_blocks(raw["params"]))
+  _assert_same(published.load_published_elf(wrapped, which="raw"), elf.stack_blocks(raw["params"]))
 
 
 def test_fixture_expected_mismatch_names_every_bad_leaf(fixture_dir):
   """`expected` in either layout (stacked, as the model's init; or published); problems are named per block."""
   cfg = _fixture_config(fixture_dir)
   width, extra_block = cfg["hidden_size"], f"blocks_{cfg['depth']}"  # one block more than the checkpoint has
-  params = checkpoint.load_published_elf(fixture_dir / "checkpoint_7")
+  params = published.load_published_elf(fixture_dir / "checkpoint_7")
   stacked = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-  _assert_same(checkpoint.load_published_elf(fixture_dir / "checkpoint_7", expected=stacked), params)
+  _assert_same(published.load_published_elf(fixture_dir / "checkpoint_7", expected=stacked), params)
   stacked["blocks"] = jax.tree.map(lambda x: jax.ShapeDtypeStruct((x.shape[0] + 1,) + x.shape[1:], x.dtype),
                                    stacked["blocks"])
   with pytest.raises(ValueError, match=f"missing: {extra_block}/norm1/weight"):
-    checkpoint.load_published_elf(fixture_dir / "checkpoint_7", expected=stacked)
+    published.load_published_elf(fixture_dir / "checkpoint_7", expected=stacked)
   expected = jax.eval_shape(elf.unstack_blocks, params)
   params = elf.unstack_blocks(params)
   w3 = params["blocks_0"]["mlp"]["w3"]["kernel"].shape
@@ -211,7 +213,7 @@ def test_fixture_expected_mismatch_names_every_bad_leaf(fixture_dir):
   del expected["unembed_bias"]
   expected[extra_block] = {"norm1": {"weight": jax.ShapeDtypeStruct((width,), jnp.float32)}}
   with pytest.raises(ValueError) as err:
-    checkpoint.load_published_elf(fixture_dir / "orbax_checkpoint_7", expected=expected)
+    published.load_published_elf(fixture_dir / "orbax_checkpoint_7", expected=expected)
   message = str(err.value)
   assert "3 problems" in message
   assert f"missing: {extra_block}/norm1/weight" in message
@@ -225,11 +227,11 @@ def test_load_params_from_a_workdir_takes_the_latest_ema(tmp_path):
   manager.save(2, _state(2, scale=4.0))
   manager.close()
   expected = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), _state(0).params)
-  loaded = checkpoint.load_params_from(tmp_path, expected)
+  loaded = published.load_params_from(tmp_path, expected)
   _assert_same(loaded, jax.tree.map(np.asarray, _state(2, scale=4.0).ema_params))
   assert isinstance(loaded["kernel"], np.ndarray)
 
 
 def test_load_params_from_a_published_checkpoint(fixture_dir):
-  _assert_same(checkpoint.load_params_from(fixture_dir / "checkpoint_7"),
-               checkpoint.load_published_elf(fixture_dir / "orbax_checkpoint_7", which="ema"))
+  _assert_same(published.load_params_from(fixture_dir / "checkpoint_7"),
+               published.load_published_elf(fixture_dir / "orbax_checkpoint_7", which="ema"))

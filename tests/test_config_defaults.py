@@ -5,11 +5,11 @@ import inspect
 
 import pytest
 
-from elf_jax import sample as S
 from elf_jax.config import base_config
 from elf_jax.model.elf import ModelConfig
-from elf_jax.train.distill import DistillConfig
-from elf_jax.train.loss import FlowConfig
+from elf_jax.objective.distill import DistillConfig
+from elf_jax.objective.flow import FlowConfig
+from elf_jax.sampling import sampler as S
 
 # Per dataclass: the config groups its fields come from; the only fields allowed a default (no config counterpart:
 # given by the tokenizer or derived from others); and the fields computed from the config (or the round) rather

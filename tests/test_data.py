@@ -12,8 +12,8 @@ from conftest import SHARED
 from elf_jax.config import ConfigError, base_config
 from elf_jax.data import pipeline
 from elf_jax.data import sources
-from elf_jax.data import tokenizer as tokenizer_lib
 from elf_jax.data import synthetic
+from elf_jax.data import tokenizer as tokenizer_lib
 from elf_jax.model.t5_encoder import make_encoder_mask
 
 S = 16

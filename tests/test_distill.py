@@ -16,18 +16,20 @@ import numpy as np
 import pytest
 
 from conftest import SHARED
-from elf_jax import checkpoint
-from elf_jax import experiment
-from elf_jax import generate
-from elf_jax import modes
 from elf_jax import report
-from elf_jax import sample as sampling
 from elf_jax.config import base_config
 from elf_jax.model import elf
 from elf_jax.model.elf import ELF, ModelConfig, init_params
-from elf_jax.sample_files import Samples
-from elf_jax.train import distill, distill_loop
-from elf_jax.train.loss import FlowConfig
+from elf_jax.objective import distill
+from elf_jax.objective.flow import FlowConfig
+from elf_jax.run import checkpoint
+from elf_jax.run import distill_loop
+from elf_jax.run import experiment
+from elf_jax.run import generate
+from elf_jax.run import modes
+from elf_jax.sampling import sampler
+from elf_jax.sampling.files import Samples
+from elf_jax.weights import published
 from test_train_loop import REPO, SMALL, small_config  # tests/ is on sys.path (pytest rootdir-relative import)
 
 TRAIN_FIXTURE = SHARED / "fixtures" / "reference_elf_train"
@@ -46,7 +48,7 @@ def pd():
     pytest.fail(f"fixture not found at {TRAIN_FIXTURE}; set ELF_SHARED_DIR to the shared/ folder")
   cfg = json.loads((TRAIN_FIXTURE / "config.json").read_text())
   ref = dict(np.load(TRAIN_FIXTURE / "pd.npz"))
-  params = jax.tree.map(jnp.asarray, checkpoint.load_published_elf(TRAIN_FIXTURE / "checkpoint.msgpack", "raw"))
+  params = jax.tree.map(jnp.asarray, published.load_published_elf(TRAIN_FIXTURE / "checkpoint.msgpack", "raw"))
   model = ELF(ModelConfig.from_params(params))
   s = cfg["pd"]
   fc = FlowConfig.from_config(base_config(), denoiser_noise_scale=s["denoiser_noise_scale"],
@@ -225,7 +227,7 @@ def test_few_step_settings_and_the_steps_sweep(tmp_path, monkeypatch):
   """The authors' few-step table by step count; `--mode=eval`'s sweep under the fewstep preset samples every step
   count with its own settings and plots Gen. PPL and entropy against steps."""
   for steps, gamma, w in [(1, 1.5, 2.5), (8, 1.5, 2.5), (16, 2.0, 2.0), (32, 2.0, 2.0)]:
-    s = sampling.apply_preset(ml_collections.ConfigDict(dict(preset="fewstep", steps=steps, method="ode", gamma=0.0,
+    s = sampler.apply_preset(ml_collections.ConfigDict(dict(preset="fewstep", steps=steps, method="ode", gamma=0.0,
                                                              guidance_scale=1.0, cfg_scale=1.0, grid="uniform")))
     assert (s.method, s.steps, s.grid, s.gamma, s.guidance_scale) == ("sde", steps, "logit_normal", gamma, w)
 
@@ -236,7 +238,7 @@ def test_few_step_settings_and_the_steps_sweep(tmp_path, monkeypatch):
       sample_config) or generate.Generation(Samples(texts=[])))
   monkeypatch.setattr(generate, "score", lambda exp, samples: {
       "gen_ppl": 10.0 / used[-1].steps, "entropy": 1.0, "true_gen_ppl": 3.0, "true_entropy": 1.5})
-  exp = types.SimpleNamespace(config=config, sample_config=lambda **overrides: sampling.SampleConfig.from_config(
+  exp = types.SimpleNamespace(config=config, sample_config=lambda **overrides: sampler.SampleConfig.from_config(
       config, **overrides))
   rows = modes.frontier(exp, None, str(tmp_path), report.MetricsWriter(str(tmp_path), tensorboard=False))
   assert [(c.steps, c.gamma, c.guidance_scale, c.method) for c in used] == [

@@ -13,14 +13,14 @@ from rouge_score import rouge_scorer
 import sacrebleu
 import torch
 
-from elf_jax import generate
-from elf_jax.sample_files import Samples
 from elf_jax.config import base_config
 from elf_jax.data import sources
 from elf_jax.data import tokenizer as tokenizer_lib
 from elf_jax.eval import gen_ppl
 from elf_jax.eval import gpt2
 from elf_jax.eval import text_metrics
+from elf_jax.run import generate
+from elf_jax.sampling.files import Samples
 from test_gpt2 import build_tiny_gpt2, EOS  # tests/ is on sys.path (pytest rootdir-relative import)
 
 MAX_LENGTH = 24

@@ -10,9 +10,9 @@ import json
 import numpy as np
 import pytest
 
-from elf_jax import cache_latents
 from elf_jax import fs
 from elf_jax.data import latent_cache, sources
+from elf_jax.run import cache_latents
 from cli_runs import TINY_CONFIG  # tests/ is on sys.path (pytest rootdir-relative import)
 from test_train_loop import SMALL, small_config
 

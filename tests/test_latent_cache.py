@@ -9,13 +9,13 @@ import jax
 import numpy as np
 import pytest
 
-from elf_jax import cache_latents
 from elf_jax.data import latent_cache, pipeline, sources, tokenizer as tokenizers_
 from elf_jax.model.elf import ELF, ModelConfig, init_params
-from elf_jax.model.latents import build_encoder
 from elf_jax.model.t5_encoder import make_encoder_mask
-from elf_jax.train import loss as L
-from elf_jax.train import step as step_lib
+from elf_jax.objective import flow
+from elf_jax.objective import step as step_lib
+from elf_jax.run import cache_latents
+from elf_jax.weights.encoder import build_encoder
 
 ROWS = 40
 TINY = pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny.py"
@@ -83,7 +83,7 @@ def test_same_loss_with_cached_latents_as_on_the_fly(built):
   model = ELF(ModelConfig.from_config(c))
   params = nn.unbox(init_params(model, jax.random.key(0), c.data.max_length))
   params = jax.tree_util.tree_map(lambda p: p + 0.02, params)  # the final layer is zero-initialised
-  obj = step_lib.Objective(model, encoder, L.FlowConfig.from_config(c), num_groups=1)
+  obj = step_lib.Objective(model, encoder, flow.FlowConfig.from_config(c), num_groups=1)
   loss = jax.jit(lambda b: step_lib.compute_loss(params, enc_params, b, jax.random.key(5), obj)[0])
   on_the_fly = {k: v for k, v in batch.items() if k != "latents"}
   np.testing.assert_allclose(float(loss(batch)), float(loss(on_the_fly)), rtol=1e-5)
@@ -99,5 +99,5 @@ def test_cache_for_another_config_is_refused(built):
   c.data.max_length = 24
   with pytest.raises(ValueError, match="max_length"):
     latent_cache.open_cache(c, c.data.split)
-  with pytest.raises(FileNotFoundError, match="python -m elf_jax.cache_latents"):
+  with pytest.raises(FileNotFoundError, match="python -m elf_jax.run.cache_latents"):
     latent_cache.CachedRows(out + "/missing")

@@ -1,41 +1,41 @@
-"""Imports flow one way: shared helpers → data → model / ops → objective, sampler and scorers → checkpoint →
-orchestration (experiment builder, loops, CLI modes). Every module of the package is placed in one layer; a module
-may import its own layer or the ones below, and the import graph (function-level imports included) has no cycle."""
+"""Imports flow one way, down the layer map of docs/architecture.md (base → data → model → weights → computation →
+orchestration). Every module of the package, `__init__` files included, is placed in one layer; a module may import
+its own layer or the ones below, and the import graph (function-level imports included) has no cycle."""
 import ast
 import pathlib
+import re
 import subprocess
 import sys
 
-PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "elf_jax"
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "elf_jax"
+LAYER_MAP = ROOT / "docs" / "architecture.md"
 
-# Bottom first. A name covers the module itself and everything under it (`elf_jax.data` covers elf_jax.data.*).
-LAYERS = (
-    ("shared helpers", ("elf_jax.config", "elf_jax.recipes", "elf_jax.fs", "elf_jax.hf_weights", "elf_jax.report",
-                        "elf_jax.parallel.mesh")),
-    ("data", ("elf_jax.data",)),
-    ("model and ops", ("elf_jax.model", "elf_jax.ops", "elf_jax.parallel.sharding", "elf_jax.parallel.hbm")),
-    ("objective, sampler and scorers", ("elf_jax.flow", "elf_jax.train.loss", "elf_jax.train.step",
-                                        "elf_jax.train.optim", "elf_jax.train.state", "elf_jax.train.distill",
-                                        "elf_jax.sample", "elf_jax.sample_files", "elf_jax.trajectory",
-                                        "elf_jax.eval")),
-    ("checkpoint", ("elf_jax.checkpoint", "elf_jax.torch_checkpoint")),
-    ("orchestration", ("elf_jax.experiment", "elf_jax.generate", "elf_jax.train.loop", "elf_jax.train.distill_loop",
-                       "elf_jax.aot", "elf_jax.cache_latents", "elf_jax.modes", "elf_jax.main")),
-)
+
+def _layers() -> list[tuple[str, tuple[str, ...]]]:
+  """(layer, module names) bottom first, from the table under `## Layers` in docs/architecture.md."""
+  section = LAYER_MAP.read_text().split("## Layers", 1)[1].split("\n## ", 1)[0]
+  rows = [line.split("|")[1:3] for line in section.splitlines() if line.startswith("| ")][1:]  # skip the header
+  return [(name.strip(), tuple(re.findall(r"`([\w.]+)`", modules))) for name, modules in rows]
+
+
+LAYERS = _layers()
 
 
 def _modules() -> dict[str, pathlib.Path]:
-  """Every module of the package by dotted name (package __init__ files are empty and left out)."""
+  """Every module of the package by dotted name (a package's `__init__.py` is the package itself)."""
   out = {}
   for path in PACKAGE.rglob("*.py"):
-    if path.name != "__init__.py":
-      out[".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts)] = path
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
   return out
 
 
 def _layer(module: str) -> int | None:
+  """The layer index of `module`: the longest name of the map that is the module or a package above it (the
+  package itself, `elf_jax`, covers only its `__init__.py`)."""
   hits = [(len(name), i) for i, (_, names) in enumerate(LAYERS) for name in names
-          if module == name or module.startswith(name + ".")]
+          if module == name or (module.startswith(name + ".") and name != PACKAGE.name)]
   return max(hits)[1] if hits else None
 
 
@@ -89,13 +89,14 @@ def test_the_layering_check_sees_a_climb(tmp_path, monkeypatch):
   """The checks above can fail: a data module importing the training loop is reported."""
   fake = tmp_path / "elf_jax"
   (fake / "data").mkdir(parents=True)
-  (fake / "train").mkdir()
-  (fake / "data" / "pipeline.py").write_text("def f():\n  from elf_jax.train import loop\n")
-  (fake / "train" / "loop.py").write_text("from elf_jax.data import pipeline\n")
+  (fake / "run").mkdir()
+  (fake / "data" / "pipeline.py").write_text("def f():\n  from elf_jax.run import train_loop\n")
+  (fake / "run" / "train_loop.py").write_text("from elf_jax.data import pipeline\n")
   monkeypatch.setattr(sys.modules[__name__], "PACKAGE", fake)
   graph = _graph()
-  assert graph == {"elf_jax.data.pipeline": {"elf_jax.train.loop"}, "elf_jax.train.loop": {"elf_jax.data.pipeline"}}
-  assert _layer("elf_jax.train.loop") > _layer("elf_jax.data.pipeline")
+  assert graph == {"elf_jax.data.pipeline": {"elf_jax.run.train_loop"},
+                   "elf_jax.run.train_loop": {"elf_jax.data.pipeline"}}
+  assert _layer("elf_jax.run.train_loop") > _layer("elf_jax.data.pipeline")
 
 
 def test_the_input_pipeline_loads_without_the_network():

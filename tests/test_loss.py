@@ -7,10 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from elf_jax import flow
 from elf_jax.config import base_config
 from elf_jax.model.elf import ELF, ModelConfig, init_params
-from elf_jax.train import loss as L
+from elf_jax.objective import flow
+from elf_jax.objective import loss as L
 
 C = 8
 
@@ -86,7 +86,7 @@ def test_denoiser_loss_and_gradients_match_independent_computation(draw, prob, s
   row), no padding mask, the guidance term kept on self-conditioned rows only."""
   model, params = _model_and_params()
   batch = _batch(cond_len=2)
-  fc = L.FlowConfig.from_config(base_config(), self_cond_prob=prob, self_cond_draw=draw)
+  fc = flow.FlowConfig.from_config(base_config(), self_cond_prob=prob, self_cond_draw=draw)
   noise = L.draw_noise(jax.random.key(7), 4, 6, C, fc, 1)
   noise["self_cond"] = jnp.array(self_cond)
 
@@ -132,7 +132,7 @@ def test_passes_per_branch_and_what_they_see(coins, draw):
   _, params = _model_and_params()
   spy = SpyELF(_small_model_config())
   batch = _batch(b=4, cond_len=2)
-  fc = L.FlowConfig.from_config(base_config(), self_cond_draw=draw)
+  fc = flow.FlowConfig.from_config(base_config(), self_cond_draw=draw)
   noise = L.draw_noise(jax.random.key(0), 4, 6, C, fc, num_groups=2)
   noise["group_decode"] = jnp.array(coins)
   CALLS.clear()
@@ -158,7 +158,7 @@ def test_passes_per_branch_and_what_they_see(coins, draw):
 def test_loss_fn_metrics_and_group_coins():
   model, params = _model_and_params()
   batch = _batch(b=8)
-  fc = L.FlowConfig.from_config(base_config(), decoder_prob=0.5)
+  fc = flow.FlowConfig.from_config(base_config(), decoder_prob=0.5)
   (loss, m), grads = jax.jit(jax.value_and_grad(
       lambda p: L.loss_fn(p, batch, jax.random.key(1), model=model, fc=fc, num_groups=4), has_aux=True))(params)
   assert np.isfinite(loss) and all(np.isfinite(g).all() for g in jax.tree_util.tree_leaves(grads))

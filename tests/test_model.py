@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from elf_jax import checkpoint
 from elf_jax.config import base_config
+from elf_jax.weights import published
 from elf_jax.model.elf import (ELF, ModelConfig, count_params, init_params, layer_dropout_rates, stack_blocks,
                                unstack_blocks)
 
@@ -29,7 +29,7 @@ def test_reference_forward_parity(fixture_dir, layout):
   """Denoiser x̂ (with and without mask) and decoder logits equal the reference network's to 1e-5."""
   model = _fixture_model(fixture_dir)
   expected = jax.eval_shape(lambda: nn.unbox(init_params(model, jax.random.key(0))))
-  params = checkpoint.load_published_elf(fixture_dir / layout, which="ema", expected=expected)
+  params = published.load_published_elf(fixture_dir / layout, which="ema", expected=expected)
   assert ModelConfig.from_params(params) == dataclasses.replace(model.config, mlp_hidden=model.config.swiglu_hidden)
   ref = np.load(fixture_dir / "reference.npz")
   x, t, w, mask = ref["x"], ref["t"], ref["w"], ref["mask"]
@@ -46,7 +46,7 @@ def test_reference_forward_parity(fixture_dir, layout):
 def test_raw_params_differ_from_ema(fixture_dir):
   """`which='raw'` returns the raw parameters (the fixture's EMA copy is 0.9 × raw), giving other outputs."""
   model = _fixture_model(fixture_dir)
-  raw = checkpoint.load_published_elf(fixture_dir / "checkpoint_7", which="raw")
+  raw = published.load_published_elf(fixture_dir / "checkpoint_7", which="raw")
   ref = np.load(fixture_dir / "reference.npz")
   out = model.apply({"params": raw}, ref["x"], ref["t"], ref["w"], ref["mask"])
   assert np.abs(out - ref["out_den"]).max() > 1e-3

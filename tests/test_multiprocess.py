@@ -19,12 +19,14 @@ import jax
 import numpy as np
 import pytest
 
-from elf_jax import checkpoint
+from elf_jax.run import checkpoint
+
 from elf_jax import fs
-from elf_jax import modes
 from elf_jax.data import pipeline, sources, tokenizer as tokenizers_
 from elf_jax.eval import gen_ppl
-from elf_jax.train import loop
+from elf_jax.run import modes
+from elf_jax.run import train_loop
+from elf_jax.weights import published
 from cli_runs import TINY_CONFIG  # tests/ is on sys.path (pytest rootdir-relative import)
 from test_train_loop import SMALL, small_config
 
@@ -72,7 +74,7 @@ def test_global_batches_do_not_depend_on_the_process_count():
 def reference(tmp_path_factory):
   """The same config trained straight through in this process on 8 devices: (workdir, final state)."""
   workdir = tmp_path_factory.mktemp("reference")
-  state = loop.train(small_config(**MULTI), str(workdir), hooks=modes.training_hook)
+  state = train_loop.train(small_config(**MULTI), str(workdir), hooks=modes.training_hook)
   return workdir, state
 
 
@@ -118,7 +120,7 @@ def test_two_processes_train_like_one(reference, chain):
     assert r["loss"] == pytest.approx(ref_rows[r["step"]]["loss"], rel=1e-5), r["step"]
   final = checkpoint.checkpoint_dir(workdir) / str(NUM_STEPS) / checkpoint.STATE_ITEM
   for which, want in (("raw", ref_state.params), ("ema", ref_state.ema_params)):
-    got = _leaves(checkpoint.load_published_elf(final, which, expected=want))
+    got = _leaves(published.load_published_elf(final, which, expected=want))
     errors = {path: _rel_frobenius(got[path], value) for path, value in _leaves(jax.device_get(want)).items()}
     assert max(errors.values()) <= 1e-5, (which, errors)
 

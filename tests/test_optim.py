@@ -1,4 +1,4 @@
-"""Tests for elf_jax.train.optim (and the steps-per-epoch rule of elf_jax.train.loop): parity of the learning-rate
+"""Tests for elf_jax.objective.optim (and the steps-per-epoch rule of elf_jax.run.train_loop): parity of the learning-rate
 schedules and of three Muon / AdamW updates with the reference optimizer (fixture `reference_elf_train`, made by
 running the authors' `get_optimizer` and `create_learning_rate_fn`), then clipping, routing and EMA (gradient
 accumulation: tests/test_accumulation.py)."""
@@ -11,13 +11,14 @@ import numpy as np
 import optax
 import pytest
 
-from elf_jax import checkpoint
+
 from elf_jax import config as config_lib
-from elf_jax import experiment
 from elf_jax.config import ConfigError
 from elf_jax.data import sources
 from elf_jax.model import elf
-from elf_jax.train import optim
+from elf_jax.objective import optim
+from elf_jax.run import experiment
+from elf_jax.weights import published
 
 NUM_UPDATES = 3  # the fixture's optim/grads_{0,1,2}
 
@@ -34,7 +35,7 @@ def reference(fixture_dir):
   root = fixture_dir.parent / "reference_elf_train"
   if not root.exists():
     pytest.fail(f"reference fixture not found at {root}; set ELF_SHARED_DIR to the shared/ folder")
-  params = checkpoint.load_published_elf(root / "checkpoint.msgpack", which="raw")
+  params = published.load_published_elf(root / "checkpoint.msgpack", which="raw")
   with np.load(root / "reference.npz") as arrays:
     return json.loads((root / "config.json").read_text()), dict(arrays), jax.tree.map(jnp.asarray, params)
 

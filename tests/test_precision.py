@@ -14,10 +14,11 @@ import numpy as np
 
 from elf_jax.config import base_config
 from elf_jax.model.elf import ELF, ModelConfig, init_params
-from elf_jax.model.latents import build_encoder
-from elf_jax.train import loss as L
-from elf_jax.train import optim
-from elf_jax.train import step as step_lib
+from elf_jax.objective import flow
+from elf_jax.objective import loss as L
+from elf_jax.objective import optim
+from elf_jax.objective import step as step_lib
+from elf_jax.weights.encoder import build_encoder
 
 B, S, C, V = 16, 16, 16, 32
 
@@ -57,7 +58,7 @@ def _train(dtype: str, steps: int):
   encoder, enc_params = build_encoder(c)
   model = ELF(_model_config(compute_dtype=dtype))
   optimizer = optim.make_optimizer(c.optim, optim.make_schedule(c.optim, 100, steps))
-  obj = step_lib.Objective(model, encoder, L.FlowConfig.from_config(c), num_groups=2)
+  obj = step_lib.Objective(model, encoder, flow.FlowConfig.from_config(c), num_groups=2)
   train_step = step_lib.make_train_step(obj, optimizer, c.optim)
   state = jax.jit(lambda: step_lib.init_state(model, optimizer, jax.random.key(0), S))()  # distinct EMA buffers
   losses, batches = [], _batches()
@@ -117,7 +118,7 @@ def _grads(remat: str):
   rng = np.random.default_rng(1)
   batch = dict(x0=jnp.asarray(rng.normal(size=(B, S, C)), jnp.float32), ids=jnp.asarray(rng.integers(0, V, (B, S))),
                valid=jnp.ones((B, S), bool), cond_mask=jnp.zeros((B, S), bool), loss_mask=jnp.ones((B, S), bool))
-  fc = L.FlowConfig.from_config(base_config(), decoder_prob=0.5)
+  fc = flow.FlowConfig.from_config(base_config(), decoder_prob=0.5)
   grad_fn = jax.jit(jax.grad(lambda p: L.loss_fn(p, batch, jax.random.key(2), model=model, fc=fc, num_groups=2)[0]))
   compiled = grad_fn.lower(params).compile()
   temp = compiled.memory_analysis()

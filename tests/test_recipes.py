@@ -11,7 +11,7 @@ from elf_jax import experiment
 from elf_jax.config import validate
 from elf_jax.data import pipeline, sources, synthetic
 from elf_jax.data import tokenizer as tokenizer_lib
-from elf_jax.train import optim
+from elf_jax.objective import optim
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 HUB = "embedded-language-flows/"

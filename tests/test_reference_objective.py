@@ -8,10 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from elf_jax import checkpoint
+from elf_jax.objective import flow
+
 from elf_jax.config import base_config
 from elf_jax.model.elf import ELF, ModelConfig, unstack_blocks
-from elf_jax.train import loss as L
+from elf_jax.objective import loss as L
+from elf_jax.weights import published
 
 CASES = ("uncond_pad", "cond_eos")
 BRANCHES = ("denoiser", "decoder")
@@ -24,7 +26,7 @@ def reference(fixture_dir):
   if not root.exists():
     pytest.fail(f"reference fixture not found at {root}; set ELF_SHARED_DIR to the shared/ folder")
   config = json.loads((root / "config.json").read_text())
-  params = checkpoint.load_published_elf(root / "checkpoint.msgpack", which="raw")
+  params = published.load_published_elf(root / "checkpoint.msgpack", which="raw")
   model = ELF(ModelConfig.from_params(params))
   d = config["dims"]
   mc = model.config
@@ -34,9 +36,9 @@ def reference(fixture_dir):
     return config, dict(arrays), model, jax.tree.map(jnp.asarray, params)
 
 
-def _flow_config(config, case) -> L.FlowConfig:
+def _flow_config(config, case) -> flow.FlowConfig:
   f, recipe = config["flow"], config["cases"][case]
-  return L.FlowConfig.from_config(
+  return flow.FlowConfig.from_config(
       base_config(), denoiser_noise_scale=f["denoiser_noise_scale"], P_mean=f["denoiser_p_mean"],
       P_std=f["denoiser_p_std"], t_eps=f["t_eps"], self_cond_prob=f["self_cond_prob"],
       guidance_min=f["guidance_min"], guidance_max=f["guidance_max"],

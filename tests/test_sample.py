@@ -12,10 +12,12 @@ import pytest
 import tokenizers
 import transformers
 
-from elf_jax import checkpoint, flow, trajectory
-from elf_jax import sample as S
 from elf_jax.config import base_config
 from elf_jax.model.elf import ELF, ModelConfig, init_params
+from elf_jax.objective import flow
+from elf_jax.sampling import sampler as S
+from elf_jax.sampling import trajectory
+from elf_jax.weights import published
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +29,7 @@ def ref(fixture_dir):
       num_heads=cfg["num_heads"], bottleneck_dim=cfg["bottleneck_dim"], vocab_size=cfg["vocab_size"],
       num_time_tokens=cfg["num_time_tokens"], num_guidance_tokens=cfg["num_self_cond_cfg_tokens"],
       num_mode_tokens=cfg["num_model_mode_tokens"]))
-  params = checkpoint.load_published_elf(fixture_dir / "checkpoint_7", which="ema")
+  params = published.load_published_elf(fixture_dir / "checkpoint_7", which="ema")
   return model, params, cfg, dict(np.load(fixture_dir / "reference.npz"))
 
 
@@ -44,7 +46,7 @@ def sde_ref(fixture_dir):
       num_mode_tokens=tokens["num_mode_tokens"]))
   expected = jax.eval_shape(lambda: nn.unbox(init_params(model, jax.random.key(0), dims["S"])))
   # The fixture's ema_params1 equals its params; sampling reads the EMA copy.
-  params = checkpoint.load_published_elf(directory / "checkpoint.msgpack", which="ema", expected=expected)
+  params = published.load_published_elf(directory / "checkpoint.msgpack", which="ema", expected=expected)
   with np.load(directory / "reference.npz") as npz:
     arrays = {k.removeprefix("sde/"): npz[k] for k in npz.files if k.startswith("sde/")}
   return model, params, cfg, arrays

@@ -7,13 +7,13 @@ from jax.sharding import PartitionSpec as P
 
 from elf_jax.config import base_config
 from elf_jax.model.elf import ELF, ModelConfig, init_params
-from elf_jax.model.latents import build_encoder
+from elf_jax.objective import flow
+from elf_jax.objective import optim
+from elf_jax.objective import state as state_lib
+from elf_jax.objective import step as S
 from elf_jax.parallel import sharding
 from elf_jax.parallel.mesh import make_mesh
-from elf_jax.train import loss as L
-from elf_jax.train import optim
-from elf_jax.train import state as state_lib
-from elf_jax.train import step as S
+from elf_jax.weights.encoder import build_encoder
 
 B, SEQ, GROUPS = 16, 8, 8
 
@@ -33,7 +33,7 @@ def setup():
   c = _config()
   model = ELF(ModelConfig.from_config(c))
   encoder, enc_params = build_encoder(c)
-  obj = S.Objective(model, encoder, L.FlowConfig.from_config(c), GROUPS)
+  obj = S.Objective(model, encoder, flow.FlowConfig.from_config(c), GROUPS)
   optimizer = optim.make_optimizer(c.optim, 1e-3)
   rs = np.random.RandomState(0)
   valid = np.ones((B, SEQ), bool)

@@ -16,7 +16,8 @@ import transformers
 
 from conftest import SHARED
 from elf_jax import config as elf_config
-from elf_jax.model import latents, t5_encoder
+from elf_jax.model import t5_encoder
+from elf_jax.weights import encoder as encoder_weights
 
 B, S = 3, 12
 TINY = dict(vocab_size=100, d_model=32, num_layers=2, num_heads=4, d_kv=8, d_ff=64)
@@ -66,7 +67,7 @@ def _additive_4d(mask3d):
 @pytest.mark.parametrize("fmt", ["safetensors", "bin"])
 def test_padding_mask_matches_hf(hf_encoder, fmt):
   model, dirs = hf_encoder
-  config, params = t5_encoder.load_hf_t5_encoder(str(dirs[fmt]))
+  config, params = encoder_weights.load_hf_t5_encoder(str(dirs[fmt]))
   assert config == t5_encoder.T5EncoderConfig(**TINY)
   ids, valid = _inputs()
   ours = _flax(params, config, ids, valid)
@@ -79,7 +80,7 @@ def test_padding_mask_matches_hf(hf_encoder, fmt):
 
 def test_conditional_mask_matches_hf(hf_encoder):
   model, dirs = hf_encoder
-  config, params = t5_encoder.load_hf_t5_encoder(str(dirs["safetensors"]))
+  config, params = encoder_weights.load_hf_t5_encoder(str(dirs["safetensors"]))
   ids, valid = _inputs(1)
   cond = np.arange(S)[None, :] < np.array([4, 3, 2])[:, None]
   mask = t5_encoder.make_encoder_mask(valid, cond, np.array([False, True, False]))
@@ -98,7 +99,7 @@ def test_full_gated_sharded_checkpoint_matches_hf(tmp_path):
   model = transformers.T5ForConditionalGeneration(_hf_config(feed_forward_proj="gated-gelu")).eval()
   model.save_pretrained(tmp_path, max_shard_size="20KB")
   assert (tmp_path / "model.safetensors.index.json").exists()
-  config, params = t5_encoder.load_hf_t5_encoder(str(tmp_path))
+  config, params = encoder_weights.load_hf_t5_encoder(str(tmp_path))
   assert config.feed_forward_proj == "gated-gelu"
   ids, valid = _inputs(2)
   ref = _torch(model.get_encoder(), ids, torch.as_tensor(valid, dtype=torch.long))
@@ -118,7 +119,7 @@ def test_relative_position_buckets_match_hf():
 
 def test_bfloat16_compute_close_to_float32(hf_encoder):
   _, dirs = hf_encoder
-  config, params = t5_encoder.load_hf_t5_encoder(str(dirs["safetensors"]))
+  config, params = encoder_weights.load_hf_t5_encoder(str(dirs["safetensors"]))
   ids, valid = _inputs()
   full = _flax(params, config, ids, valid)
   half = _flax(params, config, ids, valid, jnp.bfloat16)
@@ -161,7 +162,7 @@ def test_mismatched_checkpoint_lists_every_problem(hf_encoder, tmp_path):
   safetensors.numpy.save_file(tensors, tmp_path / "model.safetensors")
   shutil.copy(dirs["safetensors"] / "config.json", tmp_path / "config.json")
   with pytest.raises(ValueError) as err:
-    t5_encoder.load_hf_t5_encoder(str(tmp_path))
+    encoder_weights.load_hf_t5_encoder(str(tmp_path))
   message = str(err.value)
   assert "missing encoder.block.1.layer.0.SelfAttention.k.weight" in message
   assert "encoder.block.0.layer.1.DenseReluDense.wo.weight has shape (32, 63), expected (32, 64)" in message
@@ -170,7 +171,7 @@ def test_mismatched_checkpoint_lists_every_problem(hf_encoder, tmp_path):
 
 def test_random_params_are_seeded_and_shaped_like_checkpoints(hf_encoder):
   _, dirs = hf_encoder
-  config, loaded = t5_encoder.load_hf_t5_encoder(str(dirs["safetensors"]))
+  config, loaded = encoder_weights.load_hf_t5_encoder(str(dirs["safetensors"]))
   a, b, c = (t5_encoder.random_t5_encoder_params(config, seed) for seed in (0, 0, 1))
   shapes = lambda tree: jax.tree.map(lambda x: (x.shape, x.dtype), tree)
   assert shapes(a) == shapes(loaded)
@@ -190,10 +191,10 @@ def test_config_from_hf_and_errors(tmp_path, monkeypatch):
     t5_encoder.T5EncoderConfig(**TINY, feed_forward_proj="gated-silu")
   with pytest.raises(FileNotFoundError, match="no weights"):
     (tmp_path / "config.json").write_text(hf.to_json_string())
-    t5_encoder.load_hf_t5_encoder(str(tmp_path))
+    encoder_weights.load_hf_t5_encoder(str(tmp_path))
   monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
   with pytest.raises(elf_config.ConfigError, match="--config.encoder.name_or_path=DIR"):
-    t5_encoder.load_hf_t5_encoder("no-such-org/no-such-t5")
+    encoder_weights.load_hf_t5_encoder("no-such-org/no-such-t5")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -221,7 +222,7 @@ def official_encoder(train_fixture):
   config.encoder.dim = fixture_config["dims"]["C"]
   config.encoder.latent_mean = fixture_config["latent_mean"]
   config.encoder.latent_std = fixture_config["latent_std"]
-  return latents.build_encoder(config)
+  return encoder_weights.build_encoder(config)
 
 
 def _rel_err(ours, ref):
@@ -281,12 +282,12 @@ def test_latent_encoder_gives_official_x0(train_fixture, official_encoder, case)
 
 def test_official_pickle_numpy1_names(tmp_path):
   """Files pickled under numpy 1 name numpy.core.multiarray._reconstruct; protocol 3 spells globals as text."""
-  tree = t5_encoder.read_numpy_pickle(str(OFFICIAL_PKL))
+  tree = encoder_weights.read_numpy_pickle(str(OFFICIAL_PKL))
   data = pickle.dumps(tree, protocol=3)
   assert b"numpy._core.multiarray\n" in data
   (tmp_path / "old.pkl").write_bytes(data.replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n"))
-  config, params = t5_encoder.load_official_t5_encoder(str(tmp_path / "old.pkl"))
-  reference_config, reference_params = t5_encoder.load_official_t5_encoder(str(OFFICIAL_PKL))
+  config, params = encoder_weights.load_official_t5_encoder(str(tmp_path / "old.pkl"))
+  reference_config, reference_params = encoder_weights.load_official_t5_encoder(str(OFFICIAL_PKL))
   assert config == reference_config
   assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), params, reference_params))
 
@@ -311,24 +312,24 @@ def test_official_pickle_refuses_other_globals(tmp_path):
   for name, payload in payloads.items():
     (tmp_path / name).write_bytes(pickle.dumps(payload))
   with pytest.raises(pickle.UnpicklingError, match=f"system.pkl: refused to load {os.system.__module__}.system"):
-    t5_encoder.load_official_t5_encoder(str(tmp_path / "system.pkl"))
+    encoder_weights.load_official_t5_encoder(str(tmp_path / "system.pkl"))
   assert not marker.exists()
   with pytest.raises(pickle.UnpicklingError, match=r"refused to load .*_Custom: .* only dicts, lists, numpy"):
-    t5_encoder.load_official_t5_encoder(str(tmp_path / "custom.pkl"))
+    encoder_weights.load_official_t5_encoder(str(tmp_path / "custom.pkl"))
   (tmp_path / "text.pkl").write_text("not a pickle")
   with pytest.raises(pickle.UnpicklingError, match="text.pkl"):
-    t5_encoder.load_official_t5_encoder(str(tmp_path / "text.pkl"))
+    encoder_weights.load_official_t5_encoder(str(tmp_path / "text.pkl"))
 
 
 def test_official_pickle_wrong_structure_names_the_problem(tmp_path):
-  tree = t5_encoder.read_numpy_pickle(str(OFFICIAL_PKL))
+  tree = encoder_weights.read_numpy_pickle(str(OFFICIAL_PKL))
   encoder = tree["params"]["encoder"]
   del encoder["final_layer_norm"]
   encoder["block_1"]["layer_0"]["SelfAttention"]["k"]["kernel"] = np.zeros((3, 3), np.float32)
   encoder["extra"] = {"weight": np.ones(2, np.float32)}
   (tmp_path / "broken.pkl").write_bytes(pickle.dumps(tree))
   with pytest.raises(ValueError) as err:
-    t5_encoder.load_official_t5_encoder(str(tmp_path / "broken.pkl"))
+    encoder_weights.load_official_t5_encoder(str(tmp_path / "broken.pkl"))
   message = str(err.value)
   assert "missing encoder/final_layer_norm/weight" in message
   assert "encoder/block_1/layer_0/SelfAttention/k/kernel has shape (3, 3)" in message
@@ -337,7 +338,7 @@ def test_official_pickle_wrong_structure_names_the_problem(tmp_path):
   del tree["params"]["shared"]
   (tmp_path / "no_embedding.pkl").write_bytes(pickle.dumps(tree))
   with pytest.raises(ValueError, match="shared/embedding .* is missing"):
-    t5_encoder.load_official_t5_encoder(str(tmp_path / "no_embedding.pkl"))
+    encoder_weights.load_official_t5_encoder(str(tmp_path / "no_embedding.pkl"))
   (tmp_path / "list.pkl").write_bytes(pickle.dumps([np.zeros(2)]))
   with pytest.raises(ValueError, match="holds a list"):
-    t5_encoder.load_official_t5_encoder(str(tmp_path / "list.pkl"))
+    encoder_weights.load_official_t5_encoder(str(tmp_path / "list.pkl"))

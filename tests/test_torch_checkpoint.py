@@ -1,6 +1,8 @@
 """The authors' PyTorch checkpoint files: import of reference_elf_train's torch_checkpoint_0 (the network of its
 checkpoint.msgpack), export in the same payload layout, safetensors export, and the error without torch."""
 import json
+import os
+import subprocess
 import sys
 
 import flax.linen as nn
@@ -13,10 +15,12 @@ import safetensors.numpy
 import torch
 
 from conftest import SHARED
-from elf_jax import checkpoint, torch_checkpoint
 from elf_jax.config import base_config
 from elf_jax.model.elf import ELF, ModelConfig, init_params
-from elf_jax.train.state import TrainState
+from elf_jax.objective.state import TrainState
+from elf_jax.run import checkpoint
+from elf_jax.weights import published
+from elf_jax.weights import torch_format
 
 TRAIN_FIXTURE = SHARED / "fixtures" / "reference_elf_train"
 TORCH_FILE = TRAIN_FIXTURE / "torch_checkpoint_0"
@@ -62,8 +66,8 @@ def _outputs(model, params, cfg):
 @pytest.mark.parametrize("which", ["raw", "ema"])  # payload params ↔ msgpack params, ema_params1 ↔ ema_params1
 def test_import_matches_the_msgpack_network(model_and_shapes, which):
   model, shapes, cfg = model_and_shapes
-  from_torch = checkpoint.load_published_elf(TORCH_FILE, which, expected=shapes)
-  from_msgpack = checkpoint.load_published_elf(MSGPACK_FILE, which, expected=shapes)
+  from_torch = published.load_published_elf(TORCH_FILE, which, expected=shapes)
+  from_msgpack = published.load_published_elf(MSGPACK_FILE, which, expected=shapes)
   _assert_same_tree(from_torch, from_msgpack)
   (x_torch, logits_torch), (x_msgpack, logits_msgpack) = (_outputs(model, p, cfg) for p in (from_torch, from_msgpack))
   assert np.abs(x_msgpack).max() > 1e-3 and np.abs(logits_msgpack).max() > 1e-3  # the outputs are not trivial
@@ -73,19 +77,19 @@ def test_import_matches_the_msgpack_network(model_and_shapes, which):
 
 def test_init_from_accepts_a_torch_file(model_and_shapes):
   _, shapes, _ = model_and_shapes
-  _assert_same_tree(checkpoint.load_params_from(str(TORCH_FILE), shapes),
-                    checkpoint.load_published_elf(MSGPACK_FILE, "ema", expected=shapes))
+  _assert_same_tree(published.load_params_from(str(TORCH_FILE), shapes),
+                    published.load_published_elf(MSGPACK_FILE, "ema", expected=shapes))
 
 
 def test_export_has_the_authors_layout_and_reimports_exactly(model_and_shapes, tmp_path):
   _, shapes, _ = model_and_shapes
-  raw = checkpoint.load_published_elf(MSGPACK_FILE, "raw", expected=shapes)
+  raw = published.load_published_elf(MSGPACK_FILE, "raw", expected=shapes)
   ema = jax.tree.map(lambda v: v * np.float32(0.5), raw)  # a distinct EMA tree, so a swap would show
   out = tmp_path / "checkpoint_3"
-  torch_checkpoint.export_torch(out, raw, ema, step=3, epoch=1)
+  torch_format.export_torch(out, raw, ema, step=3, epoch=1)
 
   for which, tree in (("raw", raw), ("ema", ema)):
-    _assert_same_tree(checkpoint.load_published_elf(out, which, expected=shapes), tree)
+    _assert_same_tree(published.load_published_elf(out, which, expected=shapes), tree)
   ours = torch.load(out, map_location="cpu", weights_only=True)
   reference = torch.load(TORCH_FILE, map_location="cpu", weights_only=True)
   assert set(ours) == set(reference)
@@ -99,7 +103,7 @@ def test_export_has_the_authors_layout_and_reimports_exactly(model_and_shapes, t
 def test_cli_export_of_a_workdir_with_safetensors(model_and_shapes, tmp_path):
   """A training workdir's newest step: its params become `params`, its EMA `ema_params1` and the safetensors."""
   _, shapes, _ = model_and_shapes
-  raw = checkpoint.load_published_elf(MSGPACK_FILE, "raw", expected=shapes)
+  raw = published.load_published_elf(MSGPACK_FILE, "raw", expected=shapes)
   ema = jax.tree.map(lambda v: v * np.float32(0.5), raw)
   state = TrainState(step=jnp.int32(5), params=raw, ema_params=ema, opt_state=optax.adamw(1e-3).init(raw),
                      rng=jax.random.key_data(jax.random.key(0)))
@@ -108,7 +112,8 @@ def test_cli_export_of_a_workdir_with_safetensors(model_and_shapes, tmp_path):
   manager.close()
 
   out, ema_file = tmp_path / "checkpoint_5", tmp_path / "ema.safetensors"
-  checkpoint.main(["export", str(tmp_path / "run"), str(out), "--safetensors", str(ema_file)])
+  subprocess.run([sys.executable, "-m", "elf_jax.run.export", f"--source={tmp_path / 'run'}", f"--out={out}",
+                  f"--safetensors={ema_file}"], check=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
   reference = torch.load(TORCH_FILE, map_location="cpu", weights_only=True)["params"]  # the msgpack's raw params
   ours = torch.load(out, map_location="cpu", weights_only=True)
   tensors = safetensors.numpy.load_file(ema_file)
@@ -122,20 +127,20 @@ def test_cli_export_of_a_workdir_with_safetensors(model_and_shapes, tmp_path):
 def test_compiled_model_names_are_accepted():
   """torch.compile prefixes state-dict names with `_orig_mod.`; the authors strip it when loading, so do we."""
   reference = torch.load(TORCH_FILE, map_location="cpu", weights_only=True)["params"]
-  plain = torch_checkpoint.from_torch_state(reference)
-  _assert_same_tree(torch_checkpoint.from_torch_state({f"_orig_mod.{k}": v for k, v in reference.items()}), plain)
+  plain = torch_format.from_torch_state(reference)
+  _assert_same_tree(torch_format.from_torch_state({f"_orig_mod.{k}": v for k, v in reference.items()}), plain)
 
 
 def test_missing_torch_is_a_clear_error(monkeypatch, tmp_path):
   monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now fails as if it were not installed
   with pytest.raises(ImportError, match=r"needs torch: pip install 'elf_jax\[torch\]'"):
-    checkpoint.load_published_elf(TORCH_FILE)
+    published.load_published_elf(TORCH_FILE)
   with pytest.raises(ImportError, match=r"needs torch"):
-    torch_checkpoint.export_torch(tmp_path / "out", {"w": np.zeros(2)}, {"w": np.zeros(2)})
-  torch_checkpoint.export_safetensors(tmp_path / "ema.safetensors", {"blocks_0": {"w": {"kernel": np.eye(2)}}})
+    torch_format.export_torch(tmp_path / "out", {"w": np.zeros(2)}, {"w": np.zeros(2)})
+  torch_format.export_safetensors(tmp_path / "ema.safetensors", {"blocks_0": {"w": {"kernel": np.eye(2)}}})
   assert list(safetensors.numpy.load_file(tmp_path / "ema.safetensors")) == ["blocks.0.w.weight"]
   stacked = {"blocks": {"w": {"kernel": np.arange(8.0).reshape(2, 2, 2)}}}  # the model's layout: unstacked on export
-  torch_checkpoint.export_safetensors(tmp_path / "ema.safetensors", stacked)
+  torch_format.export_safetensors(tmp_path / "ema.safetensors", stacked)
   tensors = safetensors.numpy.load_file(tmp_path / "ema.safetensors")
   assert sorted(tensors) == ["blocks.0.w.weight", "blocks.1.w.weight"]
   np.testing.assert_array_equal(tensors["blocks.1.w.weight"], stacked["blocks"]["w"]["kernel"][1].T)

@@ -20,12 +20,12 @@ import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2
 
-from elf_jax import checkpoint
-from elf_jax import experiment
-from elf_jax import modes
 from elf_jax.data import pipeline, sources
-from elf_jax.train import loop
-from elf_jax.train import optim
+from elf_jax.objective import optim
+from elf_jax.run import checkpoint
+from elf_jax.run import experiment
+from elf_jax.run import modes
+from elf_jax.run import train_loop
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "tiny.py"
@@ -92,7 +92,7 @@ def read_tensorboard_scalars(tb_dir) -> dict[str, list[tuple[int, float]]]:
 def straight(tmp_path_factory):
   """The reference: 6 uninterrupted steps (checkpoints at 3 and 6) with the sampling + evaluation hook at the end."""
   workdir = tmp_path_factory.mktemp("straight")
-  state = loop.train(small_config(), str(workdir), hooks=modes.training_hook)
+  state = train_loop.train(small_config(), str(workdir), hooks=modes.training_hook)
   return workdir, state
 
 
@@ -174,7 +174,7 @@ def preempted(tmp_path_factory):
   handler_before = signal.getsignal(signal.SIGTERM)
   out = io.StringIO()
   with contextlib.redirect_stdout(out):
-    state = loop.train(small_config(**PREEMPTED), str(workdir), hooks=_send_sigterm_after_step_2)
+    state = train_loop.train(small_config(**PREEMPTED), str(workdir), hooks=_send_sigterm_after_step_2)
   return {"workdir": workdir, "step": int(state.step), "stdout": out.getvalue(), "steps_on_disk": steps_on_disk(workdir),
           "handler_restored": signal.getsignal(signal.SIGTERM) == handler_before,
           "loss_curve": (workdir / "loss_curve.png").exists(), "rows": train_rows(workdir)}
@@ -210,7 +210,7 @@ def test_resume_past_a_half_written_checkpoint_is_exact(straight, preempted, cap
   leftover = sorted(p.relative_to(ckpt / "5") for p in (ckpt / "5").rglob("*"))
 
   with caplog.at_level("WARNING"):
-    state = loop.train(small_config(**PREEMPTED), str(workdir), hooks=_send_sigterm_after_step_2)
+    state = train_loop.train(small_config(**PREEMPTED), str(workdir), hooks=_send_sigterm_after_step_2)
   assert "resumed from step 3 of 6" in capsys.readouterr().out
   messages = [r.getMessage() for r in caplog.records if "unusable" in r.getMessage()]
   assert len(messages) == 1 and str(ckpt / "5") in messages[0] and "step 3" in messages[0]
@@ -237,6 +237,6 @@ def test_init_from_a_relative_workdir_trains(straight, tmp_path, monkeypatch):
   monkeypatch.chdir(source.parent)
   config = small_config(**{"optim.num_steps": 3})
   config.init_from = source.name
-  state = loop.train(config, str(tmp_path))
+  state = train_loop.train(config, str(tmp_path))
   assert int(state.step) == 3
   assert all(np.isfinite(r["loss"]) for r in train_rows(tmp_path))

@@ -1,6 +1,6 @@
 r"""Latent cache for the frozen encoder (unconditional data): encoder outputs computed once, read every epoch.
 
-  python -m elf_jax.cache_latents --config=configs/tiny.py --out=/data/tiny_latents [--max_rows=100000]
+  python -m elf_jax.run.cache_latents --config=configs/tiny.py --out=/data/tiny_latents [--max_rows=100000]
   python -m elf_jax.main --config=configs/tiny.py --workdir=runs/tiny --config.data.latent_cache_dir=/data/tiny_latents
 
 Layout of DIR, local or gs:// (numpy shards, memory-mapped on read; row by row from gs://):
@@ -94,7 +94,7 @@ class CachedRows:
     path = fs.path(cache_dir) / INDEX_FILE
     if not path.exists():
       raise FileNotFoundError(f"no latent cache at {cache_dir!r} ({INDEX_FILE} missing); build it with "
-                              f"`python -m elf_jax.cache_latents --config=... --out={cache_dir}`")
+                              f"`python -m elf_jax.run.cache_latents --config=... --out={cache_dir}`")
     self.index = json.loads(path.read_text())
     if self.index.get("version") != FORMAT_VERSION:
       raise ValueError(f"latent cache {cache_dir!r} has format {self.index.get('version')}, this code reads "

@@ -4,18 +4,13 @@
 as a pytree so jit sees them as arguments, not constants.
 """
 import dataclasses
-import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-from elf_jax import hf_weights
 from elf_jax import report
-from elf_jax.config import ConfigError
-from elf_jax.model.t5_encoder import (T5Encoder, T5EncoderConfig, load_hf_t5_encoder, load_official_t5_encoder,
-                                      make_encoder_mask, random_t5_encoder_params)
+from elf_jax.model.t5_encoder import T5Encoder, make_encoder_mask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,51 +48,6 @@ class LatentEncoder:
 
   def with_stats(self, mean: float, std: float) -> "LatentEncoder":
     return dataclasses.replace(self, latent_mean=float(mean), latent_std=float(std))
-
-
-# Frozen encoders whose architecture is known without their files (the published T5-small), for `abstract=True`.
-KNOWN_ENCODERS = {
-    "t5-small": T5EncoderConfig(vocab_size=32128, d_model=512, num_layers=6, num_heads=8, d_kv=64, d_ff=2048),
-}
-
-
-def build_encoder(config: ml_collections.ConfigDict, abstract: bool = False) -> tuple[LatentEncoder, dict]:
-  """The frozen encoder of `config.encoder`: Hugging Face weights (local dir / hub id), an official ELF encoder
-  pickle (a `.pkl` file such as `t5_small_encoder_jax.pkl`) or "random" seeded weights.
-
-  abstract: return the parameters' ShapeDtypeStructs without loading any weights (ahead-of-time compilation); the
-  architecture then comes from the "random" fields, `KNOWN_ENCODERS`, a local Hugging Face directory's config.json
-  or the `.pkl` file's shapes.
-  Returns (encoder, params). Raises ConfigError if the encoder width differs from `config.encoder.dim`.
-  """
-  e = config.encoder
-  if e.name_or_path == "random":
-    t5_config = T5EncoderConfig(vocab_size=config.model.vocab_size, d_model=e.dim, num_layers=e.random_num_layers,
-                                num_heads=e.random_num_heads, d_kv=e.random_d_kv, d_ff=e.random_d_ff)
-    load = lambda: random_t5_encoder_params(t5_config, e.random_seed)
-  elif e.name_or_path.endswith(".pkl"):
-    t5_config, params = load_official_t5_encoder(e.name_or_path)
-    load = lambda: params
-  elif abstract and e.name_or_path in KNOWN_ENCODERS:
-    t5_config, load = KNOWN_ENCODERS[e.name_or_path], None
-  elif abstract and os.path.isfile(os.path.join(e.name_or_path, "config.json")):
-    t5_config, load = T5EncoderConfig.from_hf_config(hf_weights.read_config(e.name_or_path)), None
-  elif abstract:
-    raise ConfigError(f"encoder.name_or_path={e.name_or_path!r}: its architecture is unknown offline; use one of "
-                      f"{sorted(KNOWN_ENCODERS)}, 'random', an official .pkl or a local directory with a T5 "
-                      "config.json")
-  else:
-    t5_config, params = load_hf_t5_encoder(e.name_or_path)
-    load = lambda: params
-  if t5_config.d_model != e.dim:
-    raise ConfigError(f"encoder {e.name_or_path!r} has width {t5_config.d_model} but config.encoder.dim={e.dim}; "
-                      f"set --config.encoder.dim={t5_config.d_model}")
-  t5 = T5Encoder(t5_config, dtype=jnp.dtype(e.compute_dtype))
-  if abstract:
-    params = jax.eval_shape(load or (lambda: random_t5_encoder_params(t5_config, 0)))
-  else:
-    params = load()
-  return LatentEncoder(t5, e.latent_mean, e.latent_std), params
 
 
 def measure_latent_stats(encoder: LatentEncoder, params, batches, max_batches: int = 8) -> tuple[float, float]:

@@ -20,7 +20,7 @@ sliced off), so every call runs per shard whatever the shape: e.g. the x_sc = 0 
 rows, or the sampler's CFG batch. Padding costs at most one row (head) per device, where replicating the call over
 the axis that does not divide would cost the whole count on every device, and falling back to XLA would bring back
 the L x L scores. A jitted caller that runs over a mesh must therefore trace under it
-(`jax.sharding.use_abstract_mesh(mesh.abstract_mesh)`, as `elf_jax.train.step.make_train_step` does); with no
+(`jax.sharding.use_abstract_mesh(mesh.abstract_mesh)`, as `elf_jax.objective.step.make_train_step` does); with no
 abstract mesh the kernel is called on whole arrays, which only a single device can compile.
 """
 import functools

@@ -1,7 +1,7 @@
 """The training loop: data → sharded train step → checkpoints, metrics, progress, periodic sample/eval hooks.
 
 Everything static comes from `elf_jax.experiment.build` (mesh, encoder, network, step arithmetic, optimizer,
-sharded state); everything numerical lives in pure modules (`train/step.py`, `train/loss.py`). What a person sees: a
+sharded state); everything numerical lives in pure modules (`objective/step.py`, `objective/loss.py`). What a person sees: a
 progress bar with step time and ETA (one line per logging interval when the output is a file), `DIR/metrics.jsonl`,
 TensorBoard events in `DIR/tb`, `DIR/loss_curve.png` at the end, samples in `DIR/samples/` (hooks).
 """
@@ -18,16 +18,16 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from elf_jax import checkpoint
-from elf_jax import experiment
 from elf_jax import fs
 from elf_jax import report
 from elf_jax.data import pipeline
 from elf_jax.eval import plots
-from elf_jax.parallel import hbm
+from elf_jax.objective import step as step_lib
+from elf_jax.objective.state import TrainState
 from elf_jax.parallel import mesh as mesh_lib
-from elf_jax.train import step as step_lib
-from elf_jax.train.state import TrainState
+from elf_jax.run import checkpoint
+from elf_jax.run import experiment
+from elf_jax.run import hbm
 
 
 def _nanmean(values) -> float:

@@ -2,8 +2,38 @@
 
 Conventions: t = 0 is noise, t = 1 is data; latents are (B, S, C); per-example scalars are (B,).
 """
+import dataclasses
+
 import jax
 import jax.numpy as jnp
+import ml_collections
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FlowConfig:
+  """Static objective hyper-parameters (spec §2-4), built by `from_config`: the fields of `config.flow` of the same
+  names (their meaning and defaults live only in `elf_jax.config.base_config()`)."""
+  denoiser_noise_scale: float
+  time_schedule: str
+  P_mean: float
+  P_std: float
+  t_eps: float
+  self_cond_prob: float
+  guidance_min: float
+  guidance_max: float
+  decoder_prob: float
+  decoder_noise_scale: float
+  decoder_m_mean: float
+  decoder_m_std: float
+  label_drop_prob: float
+  self_cond_draw: str
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict, **overrides) -> "FlowConfig":
+    """From `config.flow`; `overrides` replace fields (the defaults with a change:
+    `FlowConfig.from_config(base_config(), decoder_prob=0.5)`)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{**{k: v for k, v in config.flow.items() if k in names}, **overrides})
 
 
 def _bcast(s: jax.Array, like: jax.Array) -> jax.Array:

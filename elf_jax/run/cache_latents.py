@@ -1,16 +1,16 @@
 r"""Builds a latent cache (`elf_jax.data.latent_cache`): one unshuffled pass over a split through the pipeline and
 the frozen encoder, written once and read by every epoch of training.
 
-  python -m elf_jax.cache_latents --config=configs/tiny.py --out=/data/tiny_latents [--max_rows=100000]
+  python -m elf_jax.run.cache_latents --config=configs/tiny.py --out=/data/tiny_latents [--max_rows=100000]
   python -m elf_jax.main --config=configs/tiny.py --workdir=runs/tiny --config.data.latent_cache_dir=/data/tiny_latents
 """
 import jax
 import ml_collections
 
-from elf_jax import experiment
 from elf_jax import fs
 from elf_jax.data import latent_cache, pipeline
-from elf_jax.model.latents import build_encoder
+from elf_jax.run import experiment
+from elf_jax.weights.encoder import build_encoder
 
 
 def build_cache(config: ml_collections.ConfigDict, out_dir: str, split: str | None = None, *,

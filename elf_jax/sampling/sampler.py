@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from elf_jax import flow
+from elf_jax.objective import flow
 from elf_jax.parallel.mesh import batch_axes
 
 # The official sampling configs (spec §6); `apply_preset` copies one into `config.sample`. Every one draws a fresh

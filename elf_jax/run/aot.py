@@ -10,7 +10,7 @@ encoder's parameters and the global batch are `jax.ShapeDtypeStruct`s with their
 its accumulation micro-batches. The report gives per-chip memory (XLA's `memory_analysis`) against the chip's HBM as
 a headroom percentage, and per-chip FLOPs (XLA's `cost_analysis`, which counts the accumulation loop's body once:
 with grad_accum_steps > 1, one micro-batch's FLOPs plus the update). A step that does not fit (XLA's compile-time
-out-of-memory error, or a total above the budget of `elf_jax.parallel.hbm`, e.g. an injected
+out-of-memory error, or a total above the budget of `elf_jax.run.hbm`, e.g. an injected
 `--config.mesh.hbm_limit_gib`) fails with one message naming the knobs to turn (remat, fsdp, precision, batch).
 """
 import dataclasses
@@ -22,11 +22,11 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from elf_jax import experiment
 from elf_jax.config import ConfigError
-from elf_jax.parallel import hbm
+from elf_jax.objective import step as step_lib
 from elf_jax.parallel import mesh as mesh_lib
-from elf_jax.train import step as step_lib
+from elf_jax.run import experiment
+from elf_jax.run import hbm
 
 # Slice name → jax topology name ("<generation>:<chip grid>"). v5p-N counts TensorCores (2 per chip, so N / 2
 # chips on a 3-D torus); v5litepod-N and v6e-N count chips (2-D). Chip grids are the slice shapes Cloud TPU offers.

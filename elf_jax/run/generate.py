@@ -12,12 +12,12 @@ import jax.numpy as jnp
 from jax.experimental import multihost_utils
 import numpy as np
 
-from elf_jax import experiment
-from elf_jax import sample as sampling
 from elf_jax.data import pipeline, sources
 from elf_jax.eval import scoring
 from elf_jax.parallel.mesh import num_batch_shards
-from elf_jax.sample_files import Samples
+from elf_jax.run import experiment
+from elf_jax.sampling import sampler
+from elf_jax.sampling.files import Samples
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,7 +25,7 @@ class Generation:
   """What `generate` draws: the decoded samples and, when the sampler keeps trajectories, the SampleOutput of the
   first batch (numpy, every process) with its condition mask (B, S) (conditional tasks, else None)."""
   samples: Samples
-  first_batch: sampling.SampleOutput | None = None
+  first_batch: sampler.SampleOutput | None = None
   first_cond_mask: np.ndarray | None = None
 
 
@@ -35,7 +35,7 @@ def decode(tokenizer, ids: np.ndarray) -> list[str]:
 
 
 def generate(exp: experiment.Experiment, params, num_samples: int, seed: int,
-             sample_config: sampling.SampleConfig | None = None,
+             sample_config: sampler.SampleConfig | None = None,
              conditions: dict[str, np.ndarray] | None = None) -> Generation:
   """Draws `num_samples` samples (rounded up to whole batches of `sample.batch_size`, then cut) and decodes them.
 
@@ -47,7 +47,7 @@ def generate(exp: experiment.Experiment, params, num_samples: int, seed: int,
   if conditions is not None:
     num_samples = min(num_samples, len(conditions["ids"]))
   sc = sample_config or exp.sample_config()
-  sampler = sampling.make_sampler(exp.model, sc, mesh)
+  sample_fn = sampler.make_sampler(exp.model, sc, mesh)
   shards = num_batch_shards(mesh)
   batch = max(shards, config.sample.batch_size // shards * shards)
   encode = jax.jit(lambda p, ids, valid, cm: exp.encoder.encode(p, ids, valid, cm))
@@ -58,7 +58,7 @@ def generate(exp: experiment.Experiment, params, num_samples: int, seed: int,
       part = {k: _take_rows(v, b * batch, batch) for k, v in conditions.items()}
       latents = encode(exp.encoder_params, part["ids"], part["valid"], part["cond_mask"])
       cond = {"latents": jnp.where(part["cond_mask"][..., None], latents, 0.0), "mask": jnp.asarray(part["cond_mask"])}
-    out = sampling.sample_from_seed(sampler, params, jax.random.fold_in(jax.random.PRNGKey(seed), b), sc, batch=batch,
+    out = sampler.sample_from_seed(sample_fn, params, jax.random.fold_in(jax.random.PRNGKey(seed), b), sc, batch=batch,
                                     seq_len=config.data.max_length, latent_dim=exp.encoder.dim, mesh=mesh, cond=cond)
     if b == 0 and sc.return_trajectory:  # on every process, as numpy (the batch may span processes)
       first = (multihost_utils.process_allgather(out, tiled=True), None if cond is None else np.asarray(cond["mask"]))

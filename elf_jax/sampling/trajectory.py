@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from elf_jax import fs
-from elf_jax import sample as sampling
+from elf_jax.sampling import sampler
 
 
 def decode_trajectory(params, model, trajectory: jax.Array, guidance_scale, mask: jax.Array | None = None
@@ -54,7 +54,7 @@ def build_view(step_ids, step_times, final_ids, tokenizer, *, cond_mask=None, ma
   step_times (steps, B): the time of each step's x̂; final_ids (B, S): the sampler's `ids` (added as the last row,
   t = 1).
   """
-  finalize = lambda ids: np.asarray(sampling.finalize_ids(ids, cond_mask, mask, eos_id=eos_id, pad_id=pad_id,
+  finalize = lambda ids: np.asarray(sampler.finalize_ids(ids, cond_mask, mask, eos_id=eos_id, pad_id=pad_id,
                                                           max_target_length=max_target_length))
   ids = np.concatenate([np.stack([finalize(s) for s in step_ids]), np.asarray(final_ids)[None]], 0)
   times = np.concatenate([np.asarray(step_times, np.float64), np.ones((1, ids.shape[1]))], 0)
@@ -129,7 +129,7 @@ def write_png(path: str, view: TrajectoryView, example: int = 0, max_chars: int 
   return path
 
 
-def render_trajectory(out_dir: str, params, model, output: sampling.SampleOutput, tokenizer, *, guidance_scale,
+def render_trajectory(out_dir: str, params, model, output: sampler.SampleOutput, tokenizer, *, guidance_scale,
                       cond_mask=None, mask=None, eos_id: int = 1, pad_id: int = 0, max_target_length: int = 0,
                       png: bool = False) -> dict[str, str]:
   """Decodes `output.trajectory` and writes trajectory.jsonl, trajectory.html (and trajectory.png) to `out_dir`.

@@ -23,10 +23,11 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from elf_jax.config import ConfigError
 from elf_jax.model.elf import ELF, init_params
 from elf_jax.model.latents import LatentEncoder
+from elf_jax.objective import flow
+from elf_jax.objective import loss as L
+from elf_jax.objective import optim
+from elf_jax.objective.state import TrainState
 from elf_jax.parallel.mesh import batch_axes, num_batch_shards
-from elf_jax.train import loss as L
-from elf_jax.train import optim
-from elf_jax.train.state import TrainState
 
 BATCH_KEYS = ("ids", "valid", "cond_mask", "loss_mask")
 
@@ -36,7 +37,7 @@ class Objective:
   """Everything static the loss needs: the network, the frozen encoder, the flow hyper-parameters, grouping."""
   model: ELF
   encoder: LatentEncoder
-  flow: L.FlowConfig
+  flow: flow.FlowConfig
   num_groups: int
   conditional: bool = False
 

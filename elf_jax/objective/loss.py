@@ -26,45 +26,16 @@ self-conditions a group of one example when self_cond_prob ≤ 0.5.
 All randomness is drawn for the whole global batch by `draw_noise` before the per-group programs run, so the
 result depends only on the seed — not on how the batch is sharded.
 """
-import dataclasses
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 
-from elf_jax import flow
 from elf_jax.model.elf import ELF
+from elf_jax.objective import flow
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class FlowConfig:
-  """Static objective hyper-parameters (spec §2-4), built by `from_config`: the fields of `config.flow` of the same
-  names (their meaning and defaults live only in `elf_jax.config.base_config()`)."""
-  denoiser_noise_scale: float
-  time_schedule: str
-  P_mean: float
-  P_std: float
-  t_eps: float
-  self_cond_prob: float
-  guidance_min: float
-  guidance_max: float
-  decoder_prob: float
-  decoder_noise_scale: float
-  decoder_m_mean: float
-  decoder_m_std: float
-  label_drop_prob: float
-  self_cond_draw: str
-
-  @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict, **overrides) -> "FlowConfig":
-    """From `config.flow`; `overrides` replace fields (the defaults with a change:
-    `FlowConfig.from_config(base_config(), decoder_prob=0.5)`)."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{**{k: v for k, v in config.flow.items() if k in names}, **overrides})
-
-
-def draw_noise(rng, batch_size: int, seq_len: int, latent_dim: int, fc: FlowConfig, num_groups: int,
+def draw_noise(rng, batch_size: int, seq_len: int, latent_dim: int, fc: flow.FlowConfig, num_groups: int,
                conditional: bool = False) -> dict[str, jax.Array]:
   """Every random quantity of one training step, for the whole global batch (the reference's draws, one to one).
 
@@ -103,7 +74,7 @@ def _apply(model: ELF, params, z, x_sc, t, w, decode=False, dropout_rng=None):
                      deterministic=not dropout, rngs={"dropout": dropout_rng} if dropout else None)
 
 
-def self_cond_pass_rows(group_size: int, fc: FlowConfig) -> int:
+def self_cond_pass_rows(group_size: int, fc: flow.FlowConfig) -> int:
   """How many rows of a denoising group the no-gradient x_sc = 0 pass runs on (static): all of them
   (`bernoulli`), the self-conditioned ones (`fixed_count`), none when `self_cond_prob` is 0."""
   if fc.self_cond_draw == "fixed_count":
@@ -111,7 +82,7 @@ def self_cond_pass_rows(group_size: int, fc: FlowConfig) -> int:
   return group_size if fc.self_cond_prob > 0 else 0
 
 
-def denoiser_loss(model: ELF, params, batch, noise, fc: FlowConfig, dropout_rng):
+def denoiser_loss(model: ELF, params, batch, noise, fc: flow.FlowConfig, dropout_rng):
   """Flow-matching loss of one group (spec §2-3). batch: x0 (b,S,C), cond_mask, loss_mask (b,S).
 
   With `fc.self_cond_draw == "fixed_count"`, noise["self_cond"] (b,) must mark exactly
@@ -148,7 +119,7 @@ def denoiser_loss(model: ELF, params, batch, noise, fc: FlowConfig, dropout_rng)
   return flow.masked_mean(_per_token_sq_error(v_hat, target), batch["loss_mask"])
 
 
-def decoder_loss(model: ELF, params, batch, noise, fc: FlowConfig, dropout_rng):
+def decoder_loss(model: ELF, params, batch, noise, fc: flow.FlowConfig, dropout_rng):
   """Token cross-entropy of one group decoded at t = 1 from a partially noised x0 (spec §4).
 
   Every position is noised, the condition's too, and the self-conditioning half is all zeros (as the reference).
@@ -163,7 +134,7 @@ def decoder_loss(model: ELF, params, batch, noise, fc: FlowConfig, dropout_rng):
   return flow.masked_mean(nll, batch["loss_mask"])
 
 
-def grouped_loss(model: ELF, params, batch, noise, fc: FlowConfig, group_offset=0, skip_other_branch: bool = True):
+def grouped_loss(model: ELF, params, batch, noise, fc: flow.FlowConfig, group_offset=0, skip_other_branch: bool = True):
   """Sum over the groups of this batch of each group's loss, with per-branch sums.
 
   batch/noise hold `g = len(noise['group_decode'])` groups of equal size along axis 0 (g ≥ 1); `group_offset`
@@ -204,7 +175,7 @@ def summarize(sums, num_groups: int) -> tuple[jax.Array, dict[str, Any]]:
   return loss_sum / num_groups, metrics
 
 
-def loss_fn(params, batch, rng, *, model: ELF, fc: FlowConfig, num_groups: int = 1):
+def loss_fn(params, batch, rng, *, model: ELF, fc: flow.FlowConfig, num_groups: int = 1):
   """Single-program ELF loss: (params, batch, rng) → (loss, metrics); ready for jax.jit / jax.grad.
 
   batch: x0 (B,S,C) normalised latents (condition latents already zeroed for dropped examples), ids (B,S) int32,

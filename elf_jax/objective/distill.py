@@ -22,11 +22,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from elf_jax import flow
 from elf_jax.model.elf import ELF
 from elf_jax.model.latents import LatentEncoder
-from elf_jax.train import loss as loss_lib
-from elf_jax.train import step as step_lib
+from elf_jax.objective import flow
+from elf_jax.objective import step as step_lib
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -79,7 +78,7 @@ def sub_step_times(rng, t_s, t_t, num_sub_steps: int, schedule: str, p_mean: flo
   return jnp.concatenate([t_s[:, None], inner, t_t[:, None]], axis=-1)
 
 
-def draw_noise(rng, batch_size: int, seq_len: int, latent_dim: int, fc: loss_lib.FlowConfig,
+def draw_noise(rng, batch_size: int, seq_len: int, latent_dim: int, fc: flow.FlowConfig,
                dc: DistillConfig) -> dict[str, jax.Array]:
   """Every random quantity of one distillation step, for the whole global batch.
 
@@ -136,7 +135,7 @@ def teacher_target(model: ELF, teacher_params, x0, cond_mask, z_s, t_s, t_t, w, 
   return jnp.where(span < span_fallback, x_last, inverted)
 
 
-def per_example_loss(model: ELF, params, teacher_params, batch, noise, fc: loss_lib.FlowConfig, dc: DistillConfig,
+def per_example_loss(model: ELF, params, teacher_params, batch, noise, fc: flow.FlowConfig, dc: DistillConfig,
                      dropout_rng=None) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Each row's loss (B,): token CE for decoder rows, the PD MSE for the others; and the teacher's tensors.
 
@@ -166,7 +165,7 @@ def per_example_loss(model: ELF, params, teacher_params, batch, noise, fc: loss_
   return loss, dict(teacher_x_init=x_init, sc_half=sc_half, target=target)
 
 
-def distill_loss(model: ELF, params, teacher_params, batch, noise, fc: loss_lib.FlowConfig, dc: DistillConfig,
+def distill_loss(model: ELF, params, teacher_params, batch, noise, fc: flow.FlowConfig, dc: DistillConfig,
                  dropout_rng=None) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The batch loss (mean over rows of `per_example_loss`) and metrics: denoise_loss (PD rows), decode_loss (CE
   rows; NaN where a batch has none of them), decode_fraction."""
@@ -187,7 +186,7 @@ class DistillObjective:
   encoder, the flow and the round's settings."""
   model: ELF
   encoder: LatentEncoder
-  flow: loss_lib.FlowConfig
+  flow: flow.FlowConfig
   distill: DistillConfig
   conditional: bool = False
 

@@ -26,21 +26,24 @@ import ml_collections
 import numpy as np
 import optax
 
-from elf_jax import checkpoint
+from elf_jax.objective import flow
+from elf_jax.run import checkpoint
+
 from elf_jax import fs
 from elf_jax import report
-from elf_jax import sample as sampling
 from elf_jax.config import ConfigError, validate
 from elf_jax.data import pipeline, sources, synthetic, tokenizer as tokenizers
 from elf_jax.model.elf import ELF, ModelConfig, init_params
-from elf_jax.model.latents import LatentEncoder, build_encoder, measure_latent_stats
+from elf_jax.model.latents import LatentEncoder, measure_latent_stats
+from elf_jax.objective import optim
+from elf_jax.objective import state as state_lib
+from elf_jax.objective import step as step_lib
+from elf_jax.objective.state import TrainState
 from elf_jax.parallel import mesh as mesh_lib
 from elf_jax.parallel import sharding
-from elf_jax.train import loss as loss_lib
-from elf_jax.train import optim
-from elf_jax.train import state as state_lib
-from elf_jax.train import step as step_lib
-from elf_jax.train.state import TrainState
+from elf_jax.sampling import sampler
+from elf_jax.weights import published
+from elf_jax.weights.encoder import build_encoder
 
 LATENT_STATS_FILE = "latent_stats.json"
 
@@ -82,14 +85,14 @@ class Experiment:
   param_shapes: Any
   training: TrainingPlan | None = None
 
-  def sample_config(self, **overrides) -> sampling.SampleConfig:
+  def sample_config(self, **overrides) -> sampler.SampleConfig:
     """The sampler settings of `config.sample` with this tokenizer's EOS / padding ids."""
     ids = dict(eos_id=self.tokenizer.eos_token_id, pad_id=self.tokenizer.pad_token_id) if self.tokenizer else {}
-    return sampling.SampleConfig.from_config(self.config, **{**ids, **overrides})
+    return sampler.SampleConfig.from_config(self.config, **{**ids, **overrides})
 
   def objective(self) -> step_lib.Objective:
     """The ELF objective of a training step (needs the training plan for the number of coin groups)."""
-    return step_lib.Objective(self.model, self.encoder, loss_lib.FlowConfig.from_config(self.config),
+    return step_lib.Objective(self.model, self.encoder, flow.FlowConfig.from_config(self.config),
                               self._plan().num_groups, self.config.data.conditional)
 
   def load_ema_params(self, workdir: str):
@@ -97,7 +100,7 @@ class Experiment:
     ckpt_dir = checkpoint.checkpoint_dir(workdir)
     for source in (workdir if ckpt_dir.is_dir() else None, self.config.init_from or None):
       if source:
-        return checkpoint.load_params_from(source, self.param_shapes)
+        return published.load_params_from(source, self.param_shapes)
     raise FileNotFoundError(f"no checkpoint in {ckpt_dir} and no --config.init_from: train first "
                             "(--mode=train) or point --config.init_from at a published ELF checkpoint")
 
@@ -108,7 +111,7 @@ class Experiment:
     init = lambda: step_lib.init_state(self.model, plan.optimizer, rng, config.data.max_length)
     state = jax.jit(init, out_shardings=plan.state_shardings)()
     if config.init_from:
-      params = checkpoint.load_params_from(config.init_from, self.param_shapes)
+      params = published.load_params_from(config.init_from, self.param_shapes)
       params = jax.device_put(params, plan.state_shardings.params)
       report.say(f"initialised params and EMA from {config.init_from}")
       ema = jax.tree_util.tree_map(jnp.copy, params)  # own buffers: the step donates params and EMA separately

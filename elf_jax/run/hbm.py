@@ -6,7 +6,7 @@ TPU device (compiling ahead of time from a CPU host, which has no memory stats),
 check allows on that chip (TPU_HBM_GIB). A CPU has no budget, so nothing is checked there unless one is injected.
 
 Two places check: `--mode=compile` (`elf_jax.aot`) and a training run before its first step
-(`elf_jax.train.loop.train`). Both compile the step once (a training run's first call then reuses that executable)
+(`elf_jax.run.train_loop.train`). Both compile the step once (a training run's first call then reuses that executable)
 and raise `DoesNotFitError`, a ConfigError, instead of XLA's RESOURCE_EXHAUSTED traceback.
 """
 import dataclasses

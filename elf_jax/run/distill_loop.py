@@ -17,17 +17,17 @@ import jax
 import ml_collections
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from elf_jax import checkpoint
-from elf_jax import experiment
 from elf_jax import fs
 from elf_jax import report
-from elf_jax import sample as sampling
 from elf_jax.config import ConfigError
-from elf_jax.train import distill as distill_lib
-from elf_jax.train import loop
-from elf_jax.train import loss as loss_lib
-from elf_jax.train import step as step_lib
-from elf_jax.train.state import TrainState
+from elf_jax.objective import distill as distill_lib
+from elf_jax.objective import flow
+from elf_jax.objective import step as step_lib
+from elf_jax.objective.state import TrainState
+from elf_jax.run import experiment
+from elf_jax.run import train_loop
+from elf_jax.sampling import sampler
+from elf_jax.weights import published
 
 ROUND_DONE_FILE = "round_done.json"
 SUMMARY_KEYS = ("gen_ppl", "entropy", "gen_ppl_ratio", "entropy_ratio", "ungrammatical_fraction")
@@ -48,7 +48,7 @@ def round_config(config: ml_collections.ConfigDict, student_steps: int, init_fro
   c.optim.num_epochs = d.epochs_per_round
   c.optim.warmup_steps = d.warmup_steps
   c.optim.warmup_epochs = d.warmup_epochs
-  c.sample.preset = sampling.FEW_STEP_PRESET
+  c.sample.preset = sampler.FEW_STEP_PRESET
   c.sample.steps = student_steps
   return c
 
@@ -59,9 +59,9 @@ def distill_objective(config: ml_collections.ConfigDict, dc: distill_lib.Distill
 
   def build(exp: experiment.Experiment, encoder_params):
     plan = exp.training
-    teacher_params = jax.device_put(checkpoint.load_params_from(teacher, exp.param_shapes),
+    teacher_params = jax.device_put(published.load_params_from(teacher, exp.param_shapes),
                                     plan.state_shardings.params)
-    obj = distill_lib.DistillObjective(exp.model, exp.encoder, loss_lib.FlowConfig.from_config(config), dc,
+    obj = distill_lib.DistillObjective(exp.model, exp.encoder, flow.FlowConfig.from_config(config), dc,
                                        config.data.conditional)
     frozen_shardings = (NamedSharding(exp.mesh, P()), plan.state_shardings.params)
     train_step = step_lib.make_train_step(obj, plan.optimizer, config.optim, exp.mesh, plan.state_shardings,
@@ -115,7 +115,7 @@ def distill(config: ml_collections.ConfigDict, workdir: str, hooks=None) -> Trai
     if jax.process_index() == 0:
       (directory / "config_train.json").write_text(rc.to_json_best_effort(indent=2))
     dc = distill_lib.DistillConfig.from_config(rc, steps, sub_steps)
-    state = loop.train(rc, str(directory), hooks=round_hooks, objective=distill_objective(rc, dc, str(teacher)))
+    state = train_loop.train(rc, str(directory), hooks=round_hooks, objective=distill_objective(rc, dc, str(teacher)))
     if not finished:
       report.say(f"distillation stopped in round {index}; rerun the same command to resume")
       return state

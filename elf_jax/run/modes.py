@@ -17,14 +17,14 @@ import jax
 import ml_collections
 import numpy as np
 
-from elf_jax import experiment
 from elf_jax import fs
-from elf_jax import generate as gen
 from elf_jax import report
-from elf_jax import sample as sampling
-from elf_jax import trajectory
 from elf_jax.eval import plots
-from elf_jax.sample_files import read_samples, write_samples
+from elf_jax.run import experiment
+from elf_jax.run import generate as gen
+from elf_jax.sampling import sampler
+from elf_jax.sampling import trajectory
+from elf_jax.sampling.files import read_samples, write_samples
 
 TRAJECTORY_EXAMPLES = 8  # samples whose denoising trajectory --mode=sample renders
 
@@ -57,7 +57,7 @@ def sample_mode(config: ml_collections.ConfigDict, workdir: str) -> str:
 
 
 def _render_trajectory(exp: experiment.Experiment, params, result: gen.Generation, workdir: str,
-                       sc: sampling.SampleConfig) -> None:
+                       sc: sampler.SampleConfig) -> None:
   out, cond_mask = result.first_batch, result.first_cond_mask
   n = min(TRAJECTORY_EXAMPLES, out.ids.shape[0])
   out = out._replace(latents=out.latents[:n], ids=out.ids[:n], raw_ids=out.raw_ids[:n],
@@ -117,7 +117,7 @@ def training_hook(exp: experiment.Experiment, workdir: str, state, step: int, wr
 
 def parse_sweep(spec: str) -> list[dict[str, Any]]:
   """'guidance_scale=1,2;steps=16,32' → every combination as SampleConfig overrides (values cast to the field type)."""
-  types = {f.name: f.type for f in dataclasses.fields(sampling.SampleConfig)}
+  types = {f.name: f.type for f in dataclasses.fields(sampler.SampleConfig)}
   axes = []
   for part in filter(None, (p.strip() for p in spec.split(";"))):
     name, _, values = part.partition("=")
@@ -135,13 +135,13 @@ def frontier(exp: experiment.Experiment, params, workdir: str, writer: report.Me
   when the sweep varies `steps`, Gen. PPL and entropy against steps (DIR/steps.png). Under the `fewstep` preset each
   step count gets its own few-step settings (a distilled student, spec §11). Returns one row per setting."""
   config = exp.config
-  few_step = config.sample.preset == sampling.FEW_STEP_PRESET
+  few_step = config.sample.preset == sampler.FEW_STEP_PRESET
   settings = parse_sweep(config.eval.sweep)
   axes = list(settings[0])
   rows = []
   for overrides in settings:
     if few_step and "steps" in overrides:
-      overrides = {**sampling.few_step_settings(overrides["steps"]), **overrides}
+      overrides = {**sampler.few_step_settings(overrides["steps"]), **overrides}
     samples = gen.generate(exp, params, config.sample.num_samples, config.seed,
                            sample_config=exp.sample_config(**overrides)).samples
     row = {**overrides, **gen.score(exp, samples)}
