@@ -7,7 +7,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from elf_jax import experiment
+from elf_jax.run import experiment
 from elf_jax.config import validate
 from elf_jax.data import pipeline, sources, synthetic
 from elf_jax.data import tokenizer as tokenizer_lib
