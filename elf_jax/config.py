@@ -91,7 +91,7 @@ def base_config() -> ml_collections.ConfigDict:
   d.data_dir = ""  # tfds: the TFDS data dir ("" = TFDS_DATA_DIR or ~/tensorflow_datasets)
   d.split = "train"
   d.eval_split = "validation"
-  d.conditional = False  # [condition ; target] sequences (XSum, WMT)
+  d.conditional = False  # [condition ; target] sequences (XSum, WMT; source "synthetic": the translation task)
   d.input_key = "input"  # conditional fields
   d.output_key = "output"
   d.text_key = "text"
