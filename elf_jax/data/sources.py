@@ -2,9 +2,11 @@
 
 Every source returns dict records in one of two shapes, which the pipeline consumes:
   unconditional (config.data.conditional = False): {"text": str | ids}
-  conditional   (config.data.conditional = True):  {"input": str | ids, "output": str | ids}
-where `ids` is a 1-D int32 numpy array of already tokenized data, used as it is (no EOS is added), and a str is
-tokenized by the pipeline without special tokens (`add_special_tokens=False`, as the reference tokenizes raw text;
+  conditional   (config.data.conditional = True):  {"input": str | ids, "output": str | ids[, "reference": str]}
+where "reference" is the raw target text column config.data.reference_key, kept where the dataset has one (the
+official XSum / WMT datasets hold the target as ids and as text; the pipeline ignores it, evaluation reads it), `ids`
+is a 1-D int32 numpy array of already tokenized data, used as it is (no EOS is added), and a str is tokenized by the
+pipeline without special tokens (`add_special_tokens=False`, as the reference tokenizes raw text;
 see elf_jax/data/pipeline.py). Every source has a length: steps per epoch = len(train source) // global batch.
 
 Kinds (config.data.source) and what config.data.path means for each:
@@ -40,7 +42,7 @@ import ml_collections
 import numpy as np
 
 from elf_jax import fs
-from elf_jax.config import ConfigError
+from elf_jax.config import DATA_SOURCES, ConfigError, check_choice
 from elf_jax.data import synthetic
 
 # Conditional field names (input, output) of the TFDS datasets we know.
@@ -65,6 +67,7 @@ def make_source(data_config: ml_collections.ConfigDict, split: str,
     language: the synthetic language (source "synthetic"); default `make_language(data_config)`.
   """
   kind = data_config.source
+  check_choice("data.source", kind, DATA_SOURCES)
   if kind == "synthetic":
     language = language or make_language(data_config)
     translation = synthetic.SyntheticTranslation(language.vocabulary) if data_config.conditional else None
@@ -72,24 +75,24 @@ def make_source(data_config: ml_collections.ConfigDict, split: str,
                            translation)
   if kind == "tfds":
     return _tfds_source(data_config, split)
-  if kind not in ("hf_arrow", "jsonl", "text"):
-    raise ValueError(f"unknown config.data.source {kind!r}; use synthetic | tfds | hf_arrow | jsonl | text")
   path = data_config.path.replace("{split}", split)
   fields = _fields(data_config)
   if kind == "hf_arrow" and HUB_ID.fullmatch(path) and not os.path.exists(path):
-    return MappedSource(_hf_dataset(_hub_snapshot(path), split), fields, f"Hugging Face dataset {path!r}")
+    return MappedSource(_hf_dataset(_hub_snapshot(path), split), fields, f"Hugging Face dataset {path!r}",
+                        _optional_fields(data_config))
   if not data_config.path or not fs.path(path).exists():
     raise FileNotFoundError(f"config.data.path = {data_config.path!r} (split {split!r}): {path!r} does not exist; "
                             f"set config.data.path to your {kind} data")
   if kind == "hf_arrow":
-    return MappedSource(_hf_dataset(path, split), fields, f"Hugging Face dataset {path!r}")
+    return MappedSource(_hf_dataset(path, split), fields, f"Hugging Face dataset {path!r}",
+                        _optional_fields(data_config))
   with fs.path(path).open(encoding="utf-8") as f:  # local or gs://
     lines = [line.rstrip("\n") for line in f if line.strip()]
   if kind == "text":
     if data_config.conditional:
       raise ValueError("config.data.source = 'text' is unconditional; use jsonl for conditional data")
     return [{"text": line} for line in lines]
-  return MappedSource(_JsonLines(lines), fields, path)
+  return MappedSource(_JsonLines(lines), fields, path, _optional_fields(data_config))
 
 
 class SyntheticSource(Sequence):
@@ -115,16 +118,19 @@ class SyntheticSource(Sequence):
 
 
 class MappedSource(Sequence):
-  """Renames fields of a parent source's records: fields maps our name ("text" / "input" / "output") to theirs."""
+  """Renames fields of a parent source's records: fields maps our name ("text" / "input" / "output") to theirs;
+  optional fields (our name -> theirs: "reference") are kept when the parent's records have them."""
 
-  def __init__(self, parent: Sequence, fields: dict[str, str], description: str):
-    self._parent, self._fields = parent, fields
+  def __init__(self, parent: Sequence, fields: dict[str, str], description: str,
+               optional: dict[str, str] | None = None):
+    self._parent = parent
     if len(parent) == 0:
       raise ValueError(f"{description} holds no records")
     missing = [theirs for theirs in fields.values() if theirs not in parent[0]]
     if missing:
       raise KeyError(f"{description}: records lack the field(s) {missing} (have {sorted(parent[0])}); set "
                      "config.data.text_key / input_key / output_key")
+    self._fields = {**fields, **{ours: theirs for ours, theirs in (optional or {}).items() if theirs in parent[0]}}
 
   def __len__(self) -> int:
     return len(self._parent)
@@ -153,6 +159,11 @@ def _fields(data_config: ml_collections.ConfigDict) -> dict[str, str]:
   if data_config.conditional:
     return {"input": data_config.input_key, "output": data_config.output_key}
   return {"text": data_config.text_key}
+
+
+def _optional_fields(data_config: ml_collections.ConfigDict) -> dict[str, str]:
+  """Conditional records: the raw target text column (data.reference_key) as "reference", where a dataset has it."""
+  return {"reference": data_config.reference_key} if data_config.conditional and data_config.reference_key else {}
 
 
 def _value(value) -> str | np.ndarray:

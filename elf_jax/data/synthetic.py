@@ -215,7 +215,7 @@ class HiddenMarkovLanguage:
     return log_scale + math.log(final) if final > 0.0 else -math.inf
 
   def gen_ppl_and_entropy(self, sentences: Iterable[str], smoothing: float = 1e-3) -> dict[str, float]:
-    """Gen. PPL and unigram entropy of sentences under this (true) language, mirroring spec §8.
+    """Gen. PPL and unigram entropy of sentences under this (true) language, mirroring docs/method.md#evaluation.
 
     Per sentence of n words the n + 1 tokens (words and the end event) count. Ungrammatical and out-of-vocabulary
     sentences have probability 0 under the language; two figures treat them differently:
@@ -263,7 +263,7 @@ class SyntheticLanguage(HiddenMarkovLanguage):
       classes keep their most common words first). None: the full vocabulary (399 words; words_per_class=3 gives 156).
   """
 
-  def __init__(self, seed: int = 0, words_per_class: int | None = None):
+  def __init__(self, seed: int, words_per_class: int | None = None):
     if words_per_class is not None and words_per_class < 1:
       raise ValueError(f"words_per_class must be >= 1 or None, got {words_per_class}")
     self.seed = seed

@@ -1,4 +1,4 @@
-"""The ELF flow transformer (spec §5): one network for denoising (x-prediction) and decoding (token logits).
+"""The ELF flow transformer (docs/method.md#network): one network for denoising (x̂) and decoding (token logits).
 
     x (B, S, 2C) = concat[z, x_sc] ─ self_cond_proj ─ proj1 ─ proj2 ─┐
     [4 time tokens][4 guidance tokens][4 mode tokens][S data tokens] ─ blocks ─┬─ final_layer → x̂ (B, S, C)
@@ -7,9 +7,10 @@
 `decode` is a static flag: False gives x̂ (mode tokens multiplied by zero, no logits computed); True switches the
 mode tokens on and returns logits from the factored unembedding. A (B,) array instead gates the mode tokens per
 example (1 = decoding) and returns both heads of the one forward, (x̂, logits): the progressive-distillation step
-trains denoising and decoding rows together (spec §11). Parameter names are those of §9, except that the blocks are
-one `nn.scan` (one compiled block body, rematerialised per block by `model.remat`): in memory they are `blocks/...`
-with a leading layer axis; `stack_blocks` / `unstack_blocks` convert from / to the published `blocks_{i}/...` names.
+trains denoising and decoding rows together (docs/method.md#distillation). Parameter names are those of
+docs/method.md#checkpoint-names, except that the blocks are one `nn.scan` (one compiled block body, rematerialised per
+block by `model.remat`): in memory they are `blocks/...` with a leading layer axis; `stack_blocks` / `unstack_blocks`
+convert from / to the published `blocks_{i}/...` names.
 """
 from collections.abc import Mapping
 import dataclasses
@@ -20,16 +21,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from elf_jax.config import base_config
+from elf_jax.config import REMAT_POLICIES, base_config, check_choice
 from elf_jax.model import layers
 
 BLOCKS = "blocks"  # the scanned blocks: every leaf has a leading layer axis (logical axis "layers")
-BLOCK_PREFIX = "blocks_"  # published checkpoints name block i `blocks_{i}` (spec §9)
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
+BLOCK_PREFIX = "blocks_"  # published checkpoints name block i `blocks_{i}` (docs/method.md#checkpoint-names)
+# jax.checkpoint policy of each of config.REMAT_POLICIES (none: no rematerialisation).
+_CHECKPOINT_POLICIES = dict(zip(REMAT_POLICIES, (None, jax.checkpoint_policies.nothing_saveable,
+                                                 jax.checkpoint_policies.dots_with_no_batch_dims_saveable)))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -54,7 +53,7 @@ class ModelConfig:
   dropout_rate: float
   compute_dtype: str  # float32 | bfloat16
   attention_impl: str  # xla | pallas | auto
-  remat: str  # none | full | dots_saveable
+  remat: str  # one of config.REMAT_POLICIES
 
   @property
   def num_prefix(self) -> int:
@@ -66,7 +65,7 @@ class ModelConfig:
 
   @classmethod
   def from_params(cls, params, **overrides) -> "ModelConfig":
-    """Reads every dimension off a parameter tree: published (§9 names, `blocks_{i}`) or stacked (`blocks`)."""
+    """Every dimension read off a parameter tree, published (docs/method.md#checkpoint-names) or stacked."""
     p = stack_blocks(nn.unbox(params))
     hidden, blocks = p["t_emb_tokens"].shape[-1], p[BLOCKS]
     dims = dict(
@@ -135,9 +134,9 @@ class ELF(nn.Module):
     data_mask = jnp.ones((b, s), bool) if mask is None else mask.astype(bool)
     key_mask = jnp.concatenate([jnp.ones((b, cfg.num_prefix), bool), data_mask], axis=1)
 
-    if REMAT_POLICIES.get(cfg.remat, "?") == "?":
-      raise ValueError(f"model.remat={cfg.remat!r}: expected one of {sorted(REMAT_POLICIES)}")
-    block_cls = layers.Block if cfg.remat == "none" else nn.remat(layers.Block, policy=REMAT_POLICIES[cfg.remat])
+    check_choice("model.remat", cfg.remat, REMAT_POLICIES)
+    policy = _CHECKPOINT_POLICIES[cfg.remat]
+    block_cls = layers.Block if policy is None else nn.remat(layers.Block, policy=policy)
     blocks = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                      in_axes=(0, nn.broadcast), length=cfg.depth, metadata_params={nn.PARTITION_NAME: "layers"})
     h, _ = blocks(cfg.num_heads, cfg.num_prefix, cfg.swiglu_hidden, cfg.rope_theta, cfg.dropout_rate, dtype,
@@ -157,7 +156,8 @@ class ELF(nn.Module):
     cfg = self.config
     w1 = self.param("proj_kernel", layers.logical(layers.xavier, "embed", "latent"), (cfg.hidden_size, cfg.latent_dim))
     b1 = self.param("proj_bias", layers.logical(layers.zeros, "latent"), (cfg.latent_dim,))
-    w2 = self.param("unembed_kernel", layers.logical(layers.xavier, "latent", "vocab"), (cfg.latent_dim, cfg.vocab_size))
+    w2 = self.param("unembed_kernel", layers.logical(layers.xavier, "latent", "vocab"),
+                    (cfg.latent_dim, cfg.vocab_size))
     b2 = self.param("unembed_bias", layers.logical(layers.zeros, "vocab"), (cfg.vocab_size,))
     return nn.gelu(h @ w1 + b1) @ w2 + b2
 
@@ -186,7 +186,7 @@ def _is_published_block(key) -> bool:
 
 
 def stack_blocks(params: Mapping) -> dict:
-  """Published layout → ours: `blocks_{i}/...` (spec §9) become one `blocks/...` tree with a leading layer axis.
+  """Published layout → ours: `blocks_{i}/...` (docs/method.md#checkpoint-names) become one `blocks/...` tree.
 
   Leaves may be numpy (stacked with numpy) or jax arrays. A tree that is already stacked is returned as is.
   """
@@ -204,7 +204,7 @@ def stack_blocks(params: Mapping) -> dict:
 
 
 def unstack_blocks(params: Mapping) -> dict:
-  """Ours → published layout: `blocks/...` with a leading layer axis become `blocks_{i}/...` (spec §9 names).
+  """Ours → published layout: stacked `blocks/...` become `blocks_{i}/...` (docs/method.md#checkpoint-names).
 
   A tree without `blocks` is returned as is (for shapes only, use `jax.eval_shape(unstack_blocks, tree)`).
   """

@@ -1,4 +1,4 @@
-"""The latent space (spec §1): token ids → frozen T5 encoder → normalised latents x0 = (E(ids) − mean) / std.
+"""The latent space (docs/method.md#latents): ids → frozen T5 encoder → normalised latents x0 = (E(ids) − mean) / std.
 
 `LatentEncoder` is static (hashable: the T5 module and the normalisation constants); its weights travel separately
 as a pytree so jit sees them as arguments, not constants.
@@ -17,8 +17,8 @@ from elf_jax.model.t5_encoder import T5Encoder, make_encoder_mask
 class LatentEncoder:
   """Frozen encoder + latent normalisation. `dim` is C."""
   t5: T5Encoder
-  latent_mean: float = 0.0
-  latent_std: float = 0.2
+  latent_mean: float  # x0 = (E(ids) − latent_mean) / latent_std (config.encoder)
+  latent_std: float
 
   @property
   def dim(self) -> int:

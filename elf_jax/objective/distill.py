@@ -1,4 +1,4 @@
-"""Progressive distillation (spec §11, the authors' PyTorch branch `distillation`): the objective of one round.
+"""Progressive distillation (docs/method.md#distillation; the authors' PyTorch branch `distillation`): one round.
 
 A student of the teacher's architecture learns to cover a span Δ = 1 / student_steps of the flow in one
 evaluation. Per example, a decoder coin picks the branch:
@@ -55,20 +55,6 @@ class DistillConfig:
     return cls(**{**dict(student_steps=student_steps, teacher_sub_steps=teacher_sub_steps,
                          student_schedule=config.distill.student_schedule,
                          teacher_schedule=config.distill.teacher_schedule), **overrides})
-
-
-def parse_rounds(spec: str) -> list[tuple[int, int]]:
-  """'16:4,8:8' → [(16, 4), (8, 8)]: (student steps, teacher sub-steps) per round, in order."""
-  rounds = []
-  for part in filter(None, (p.strip() for p in spec.split(","))):
-    steps, _, sub = part.partition(":")
-    if not (steps.strip().isdigit() and sub.strip().isdigit() and int(steps) >= 1 and int(sub) >= 1):
-      raise ValueError(f"distill.rounds entry {part!r}: expected STUDENT_STEPS:TEACHER_SUB_STEPS, both integers "
-                       ">= 1, e.g. '16:4,8:8,4:16,2:32,1:64'")
-    rounds.append((int(steps), int(sub)))
-  if not rounds:
-    raise ValueError(f"distill.rounds={spec!r} names no round; e.g. '16:4,8:8,4:16,2:32,1:64'")
-  return rounds
 
 
 def sub_step_times(rng, t_s, t_t, num_sub_steps: int, schedule: str, p_mean: float, p_std: float) -> jax.Array:

@@ -28,7 +28,7 @@ _PARAM_KEYS = {"ema": ("ema_params1", "ema_params"), "raw": ("params",)}  # publ
 
 
 def load_published_elf(path: str, which: str = "ema", expected: Any = None) -> dict[str, Any]:
-  """Reads the parameter tree of an ELF checkpoint (spec §9) as numpy arrays.
+  """Reads the parameter tree of an ELF checkpoint (docs/method.md#checkpoint-names) as numpy arrays.
 
   Args:
     path: a Flax msgpack file or an orbax PyTree directory holding `params` and `ema_params1` (our own `state`
@@ -40,8 +40,8 @@ def load_published_elf(path: str, which: str = "ema", expected: Any = None) -> d
       dtypes.
 
   Returns:
-    Nested dict of numpy arrays named as in spec §9 (a wrapping `{"params": ...}` level is removed), with the blocks
-    stacked as the model holds them (`blocks/...`, see `elf_jax.model.elf.stack_blocks`).
+    Nested dict of numpy arrays named as in docs/method.md#checkpoint-names (a wrapping `{"params": ...}` level is
+    removed), with the blocks stacked as the model holds them (`blocks/...`, see `elf_jax.model.elf.stack_blocks`).
 
   Raises:
     ValueError: `expected` was given and leaves are missing, extra or mis-shaped (all are named, '/'-joined).
