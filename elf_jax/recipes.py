@@ -1,9 +1,10 @@
 """The shipped training recipes: each `configs/<name>.py` is a `get_config()` that calls one of these.
 
 `owt(size)` is the reference's OpenWebText recipe at ELF-B / M / L (its train_owt_ELF-{B,M,L}.yml), `xsum()` and
-`wmt_de_en()` its conditional ELF-B recipes, `tiny()` / `tiny_distill()` / `tiny_cond()` the offline demos. They live in the package
-(not in configs/) so that configs sharing a recipe import it like any module; `tests/test_recipes.py` compares the
-official ones field by field with the reference's YAMLs. Every field is documented in `elf_jax/config.py`.
+`wmt_de_en()` its conditional ELF-B recipes, `tiny()` / `tiny_distill()` / `tiny_cond()` the offline demos. They
+live in the package (not in configs/) so that configs sharing a recipe import it like any module;
+`tests/test_recipes.py` compares the official ones field by field with the reference's YAMLs. Every field is
+documented in `elf_jax/config.py`.
 """
 import ml_collections
 
