@@ -110,8 +110,34 @@ def test_text_and_jsonl_sources(tmp_path):
   jsonl = sources.make_source(_config(source="jsonl", path=str(tmp_path / "pairs.jsonl"), conditional=True).data,
                               "train")
   assert len(jsonl) == 2 and jsonl[1] == {"input": "d", "output": "e f"}
-  with pytest.raises(KeyError, match="text"):
+  with pytest.raises(ConfigError, match=r"pairs.jsonl:1: no field 'text'"):
     sources.make_source(_config(source="jsonl", path=str(tmp_path / "pairs.jsonl")).data, "train")
+
+
+@pytest.mark.parametrize("on_bad_record", ["error", "skip"])
+def test_bad_jsonl_records_are_named_by_file_and_line(tmp_path, capsys, on_bad_record):
+  """Line numbers count blank lines; malformed JSON, non-UTF-8 bytes, a missing key and a non-text value are each
+  named with their line and field; "skip" trains on the rest and says how many were left out."""
+  lines = [b'{"text": "a b"}', b"", b'{"text": "c"', b'{"text": "\xff\xfe"}', b'{"other": "d"}', b'{"text": [1.5]}',
+           b'{"text": "e f"}']
+  (tmp_path / "train.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+  c = _config(source="jsonl", path=str(tmp_path / "train.jsonl"), on_bad_record=on_bad_record)
+  if on_bad_record == "error":
+    with pytest.raises(ConfigError) as err:
+      sources.make_source(c.data, "train")
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"{tmp_path / 'train.jsonl'}:3: not valid JSON")
+    assert "(and 3 more bad records)" in message and "--config.data.on_bad_record=skip" in message
+    return
+  source = sources.make_source(c.data, "train")
+  assert list(source) == [{"text": "a b"}, {"text": "e f"}]
+  out = capsys.readouterr().out
+  assert "skipped 4 bad records" in out and "train.jsonl:3: not valid JSON" in out
+  # Each problem on its own, with the field named:
+  for line, text in [(4, "not UTF-8"), (5, "no field 'text'"), (6, "field 'text'")]:
+    (tmp_path / "one.jsonl").write_bytes(b"\n".join(lines[:1] * (line - 1) + [lines[line - 1]]))
+    with pytest.raises(ConfigError, match=f"one.jsonl:{line}: {text}"):
+      sources.make_source(_config(source="jsonl", path=str(tmp_path / "one.jsonl")).data, "train")
 
 
 def test_hf_dataset_read_as_it_is(tmp_path):
@@ -442,3 +468,22 @@ def test_worker_processes_give_the_same_batches(language, tok):
   for a, b in zip(expected, got):
     for key in a:
       np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_a_tokenizer_folder_with_custom_code_never_runs_it(tmp_path):
+  """A tokenizer_config.json whose auto_map points at code in the folder: refused with one message, the code never
+  imported, even with "y" piped to a prompt (without trust_remote_code=False transformers asks on stdin)."""
+  import subprocess
+  import sys
+  tokenizer_lib.build_word_tokenizer(["a", "b"], save_dir=str(tmp_path))
+  config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+  config["auto_map"] = {"AutoTokenizer": ["custom.CustomTokenizer", None]}
+  del config["tokenizer_class"]  # no local class named: transformers would offer to run the folder's code
+  (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+  marker = tmp_path / "ran"
+  (tmp_path / "custom.py").write_text(f"open({str(marker)!r}, 'w').close()\n"
+                                      "from transformers import PreTrainedTokenizerFast as CustomTokenizer\n")
+  code = f"from elf_jax.data import tokenizer; tokenizer.load_tokenizer({str(tmp_path)!r})"
+  result = subprocess.run([sys.executable, "-c", code], input="y\ny\n", capture_output=True, text=True, timeout=300)
+  assert not marker.exists()
+  assert result.returncode == 1 and "needs custom code from its folder" in result.stderr.splitlines()[-1]

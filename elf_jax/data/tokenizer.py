@@ -70,8 +70,12 @@ def load_tokenizer(name_or_path: str,
       raise ValueError('config.data.tokenizer = "synthetic" needs the SyntheticLanguage: pass language=...')
     return build_word_tokenizer(language.vocabulary)
   try:
-    return transformers.AutoTokenizer.from_pretrained(name_or_path)
+    return transformers.AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False)  # never custom code
   except (OSError, ValueError) as e:
+    if "trust_remote_code" in str(e):
+      raise ConfigError(f"data.tokenizer={name_or_path!r} needs custom code from its folder (an auto_map in "
+                        "tokenizer_config.json), which elf_jax never runs; use a tokenizer saved with a built-in class "
+                        "(tokenizer.json, e.g. written by save_pretrained)") from e
     where = "local directory" if os.path.isdir(name_or_path) else "hub id (no such local directory)"
     raise ConfigError(
         f"data.tokenizer={name_or_path!r}: cannot load this tokenizer (read as a {where}; {type(e).__name__}). "

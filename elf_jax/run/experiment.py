@@ -46,6 +46,9 @@ from elf_jax.weights import published
 from elf_jax.weights.encoder import build_encoder
 
 LATENT_STATS_FILE = "latent_stats.json"
+# Config fields a resumed training run keeps: they shape the saved state or give its numbers their meaning. Training
+# length, logging, checkpoint cadence, mesh, sampling and evaluation settings may change between runs of a workdir.
+FIXED_ON_RESUME = ("model", "encoder", "optim.optimizer", "data.tokenizer", "data.conditional")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,6 +190,24 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None, *, trai
   plan = TrainingPlan(config.optim.global_batch_size, config.optim.grad_accum_steps, micro_batch, num_groups,
                       per_epoch, n_steps, schedule, optimizer, abstract_state, state_shardings)
   return dataclasses.replace(exp, training=plan)
+
+
+def check_resume_config(config: ml_collections.ConfigDict, workdir: str, saved_config_file: str) -> None:
+  """Before a training run in a workdir that holds checkpoints overwrites `saved_config_file` (the previous run's
+  config JSON in `workdir`): raises ConfigError naming every field of FIXED_ON_RESUME whose value changed."""
+  saved_path = fs.path(workdir) / saved_config_file
+  ckpt_dir = checkpoint.checkpoint_dir(workdir)
+  if not (saved_path.exists() and ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir())):
+    return
+  flat = lambda tree, prefix="": {k: v for key, value in tree.items() for k, v in (
+      flat(value, f"{prefix}{key}.").items() if isinstance(value, dict) else [(prefix + key, value)])}
+  before, now = flat(json.loads(saved_path.read_text())), flat(json.loads(config.to_json_best_effort()))
+  changed = [f"{k} {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(before.keys() | now.keys())
+             if any(k == f or k.startswith(f + ".") for f in FIXED_ON_RESUME) and before.get(k) != now.get(k)]
+  if changed:
+    raise ConfigError(f"--workdir={workdir!r} holds checkpoints of another configuration: {', '.join(changed)} "
+                      f"(saved in {saved_path}); resume with the saved values or pass a new --workdir (training "
+                      "length, logging, checkpointing, sampling and evaluation settings may change)")
 
 
 def steps_per_epoch(config: ml_collections.ConfigDict, num_examples: int) -> int:
