@@ -36,6 +36,7 @@ def hub_id(name: str) -> tuple[str, str] | None:
 def _download(repo_id: str, sub_path: str, allow_patterns: list[str] | None) -> pathlib.Path:
   """The local copy (the hub cache) of a repository, or of the file or folder `sub_path` in it."""
   import huggingface_hub  # pylint: disable=import-outside-toplevel
+  import huggingface_hub.errors  # pylint: disable=import-outside-toplevel
   if not sub_path:
     return pathlib.Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=allow_patterns))
   try:
@@ -48,11 +49,13 @@ def _download(repo_id: str, sub_path: str, allow_patterns: list[str] | None) -> 
 
 
 def _fetch_error(field: str, name: str, what: str, error: Exception) -> ConfigError:
-  detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
+  """field: a config field ("init_from") or an API argument ("elf_jax.load(id_or_path)")."""
+  detail = str(error).strip().splitlines()[0][:160] if str(error).strip() else ""
+  use = f"pass DIR as {field}" if "(" in field else f"set --config.{field}=DIR"
   return ConfigError(
       f"{field}={name!r}: no such local or gs:// path, and fetching it as a Hugging Face hub id failed "
-      f"({type(error).__name__}{': ' + detail[:160] if detail else ''}). Offline? Download the {what} on a machine "
-      f"with internet (`hf download {(hub_id(name) or (name,))[0]} --local-dir DIR`) and pass that path as {field}.")
+      f"({type(error).__name__}{': ' + detail if detail else ''}). Offline? Download the {what} on a machine with "
+      f"internet (`hf download {(hub_id(name) or (name,))[0]} --local-dir DIR`) and {use}.")
 
 
 def resolve(name_or_path: str, field: str, what: str, allow_patterns: list[str] | None = None):

@@ -9,6 +9,9 @@ import ml_collections
 
 from elf_jax.config import base_config
 
+# The authors' frozen encoder by hub path (elf_jax.weights.encoder.KNOWN_ENCODERS knows its architecture).
+OFFICIAL_ENCODER = "embedded-language-flows/t5_small_encoder_jax/t5_small_encoder_jax.pkl"
+
 # Network sizes (spec §5): depth, hidden, heads. ELF-B 104.58M, ELF-M 342.54M, ELF-L 652.10M parameters.
 OWT_SIZES = {"b": (12, 768, 12), "m": (24, 1056, 16), "l": (32, 1280, 16)}
 OWT_EPOCHS = {"b": 5.0, "m": 4.0, "l": 3.0}
@@ -25,8 +28,9 @@ def owt(size: str) -> ml_collections.ConfigDict:
   c.model.num_time_tokens = c.model.num_guidance_tokens = c.model.num_mode_tokens = 4
   c.model.dropout_rate = 0.0
   c.model.vocab_size = 32100  # T5 tokens incl. sentinels
-  # Frozen T5-small encoder (C = 512) with the reference latent normalisation.
-  c.encoder.name_or_path = "t5-small"
+  # Frozen T5-small encoder (C = 512): the authors' pickle by hub path, with the reference latent normalisation, as
+  # the official YAMLs (Hugging Face's t5-small is the same network: --config.encoder.name_or_path=t5-small).
+  c.encoder.name_or_path = OFFICIAL_ENCODER
   c.encoder.dim = 512
   c.encoder.latent_mean, c.encoder.latent_std = 0.0, 0.2
   # Objective (spec §2-4): OpenWebText settings.
@@ -177,3 +181,21 @@ def tiny_distill() -> ml_collections.ConfigDict:
   c.checkpoint.every_steps = 50
   c.logging.log_every_steps = 10
   return c
+
+
+# The published checkpoints (hub repositories of the authors) → the recipe of their task: what the weights do not
+# say (conditional or not, max_length, condition length, sampling preset). `...-torch` are the same weights in the
+# authors' PyTorch format.
+OFFICIAL_CHECKPOINTS = {
+    "ELF-B-owt": lambda: owt("b"), "ELF-M-owt": lambda: owt("m"), "ELF-L-owt": lambda: owt("l"),
+    "ELF-B-xsum": xsum, "ELF-B-de-en": wmt_de_en,
+}
+
+
+def official_recipe(repo_name: str) -> ml_collections.ConfigDict | None:
+  """The recipe of a published checkpoint named by its repository (`embedded-language-flows/ELF-B-owt`, its
+  `-torch` twin, or a path inside either), or None if it is not one."""
+  parts = repo_name.strip("/").split("/")
+  name = parts[1] if len(parts) >= 2 and parts[0] == "embedded-language-flows" else ""
+  recipe = OFFICIAL_CHECKPOINTS.get(name.removesuffix("-torch"))
+  return recipe() if recipe else None

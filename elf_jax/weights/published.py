@@ -107,7 +107,7 @@ def _detect(path: epath.Path, source: str, field: str) -> Detected:
     return Detected("torch", path, source)
   if head and head[0] in _MSGPACK_MAP_HEADERS:
     return Detected("msgpack", path, source)
-  raise not_a_checkpoint(field, source, f"a {path.stat().st_size}-byte file that is neither a torch.save zip nor a "
+  raise not_a_checkpoint(field, source, f"a {path.stat().length}-byte file that is neither a torch.save zip nor a "
                                         "flax msgpack dict" if head else "an empty file")
 
 
