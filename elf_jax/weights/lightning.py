@@ -63,28 +63,37 @@ def find_copies(tensors: Mapping[str, Any]) -> list[Copy]:
   return sorted(copies, key=lambda c: (not c.is_ema, c.prefix))
 
 
-def read_copies(path) -> list[Copy]:
-  """The copies of the network in the `torch.save` file at `path`, EMA first.
+def load_payload(path) -> Any:
+  """The payload of a `torch.save` file, read with `weights_only=True`.
+
+  Raises:
+    ConfigError: the payload needs objects `weights_only=True` refuses (named); says how to proceed.
+  """
+  try:
+    return torch_format.load_payload(path)
+  except pickle.UnpicklingError as e:
+    lines = [line.strip() for line in str(e).splitlines()]
+    refused = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), lines[0] if lines else "")
+    raise ConfigError(
+        f"{path}: this torch.save payload holds Python objects that a safe read (weights_only=True) refuses "
+        f"({refused[:200]}); nothing in it was run. If you trust the file, extract its tensors where that is safe "
+        "to do, e.g. torch.save(torch.load(f, weights_only=False)['state_dict'], 'elf_state.pt'), and load that "
+        "file.") from e
+
+
+def read_copies(path, payload: Any = None) -> list[Copy]:
+  """The copies of the network in the `torch.save` file at `path` (or its already-read `payload`), EMA first.
 
   Raises:
     ConfigError: the payload needs objects `weights_only=True` refuses, or holds no copy of the network; the message
       says what was found and how to proceed.
   """
-  try:
-    payload = torch_format.load_payload(path)
-  except pickle.UnpicklingError as e:
-    refused = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line or "Unsupported" in line),
-                   str(e).splitlines()[0] if str(e) else "")
-    raise ConfigError(
-        f"{path}: this torch.save payload holds Python objects that a safe read (weights_only=True) refuses "
-        f"({refused}); nothing in it was run. If you trust the file, extract its tensors where that is safe to do, "
-        "e.g. torch.save(torch.load(f, weights_only=False)['state_dict'], 'elf_state.pt'), and load that file.") from e
-  tensors = tensors_by_name(payload)
+  tensors = tensors_by_name(load_payload(path) if payload is None else payload)
   copies = find_copies(tensors)
   if not copies:
     counts: dict[str, int] = {}
     for name in tensors:
-      head = name.rsplit(".", 2)[0] if name.count(".") >= 2 else name.split(".")[0]
+      head = name.rsplit(".", 1)[0]
       counts[head] = counts.get(head, 0) + 1
     top = ", ".join(f"{k} ({v})" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])[:6])
     raise ConfigError(

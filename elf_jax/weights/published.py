@@ -99,8 +99,8 @@ def _detect(path: epath.Path, source: str, field: str) -> Detected:
     if set(entries) == {"checkpoint"}:  # the old flax layout: one msgpack file in a checkpoint_<step> folder
       return _detect(entries["checkpoint"], source, field)
     names = sorted(entries)
-    found = f"a folder holding {', '.join(names[:8])}{', ...' if len(names) > 8 else ''}" if names else "an empty folder"
-    raise not_a_checkpoint(field, source, found)
+    listed = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+    raise not_a_checkpoint(field, source, f"a folder holding {listed}" if names else "an empty folder")
   with path.open("rb") as f:
     head = f.read(len(torch_format.TORCH_ZIP_MAGIC))
   if head == torch_format.TORCH_ZIP_MAGIC:
@@ -141,11 +141,14 @@ def load_published_elf(path: str, which: str = "ema", expected: Any = None, fiel
   read = {"torch": _read_torch, "msgpack": _read_msgpack, "orbax": _read_orbax}[found.kind]
   try:
     tree = read(found.path, _PARAM_KEYS[which])
-  except (ConfigError, ImportError):
+  except ConfigError as e:  # the Lightning reader's: what it found and how to proceed
+    raise ConfigError(f"{field}={found.source!r}: {e}") from e
+  except ImportError:
     raise
   except Exception as e:  # pylint: disable=broad-except  # a corrupt or foreign file: one line, whatever the reader
+    detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
     raise not_a_checkpoint(field, found.source, f"{found.path} looks like a {found.kind} checkpoint but cannot be "
-                                                f"read: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}") from e
+                                                f"read: {type(e).__name__}: {detail}") from e
   while isinstance(tree, Mapping) and set(tree) == {"params"}:
     tree = tree["params"]
   if expected is not None:  # compared by published names, so that a problem names its block
@@ -181,10 +184,10 @@ def _read_msgpack(path: epath.Path, keys) -> Any:
 
 def _read_torch(path: epath.Path, keys) -> Any:
   """The authors' payload (`params` / `ema_params1`), else the network found by content (`lightning`)."""
-  payload = torch_format.load_payload(path)
+  payload = lightning.load_payload(path)
   if "params" in payload:
     return torch_format.from_torch_state(payload[_pick_key(payload, keys, path)])
-  copies = lightning.read_copies(path)
+  copies = lightning.read_copies(path, payload)
   want_ema = "params" not in keys
   chosen = next((c for c in copies if c.is_ema == want_ema), copies[0])
   report.say(f"{path}: {lightning.describe(chosen, copies)}")
