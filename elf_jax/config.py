@@ -144,6 +144,9 @@ def base_config() -> ml_collections.ConfigDict:
   s.num_samples = 1000
   s.batch_size = 64
   s.save_trajectory = False  # --mode=sample: also write DIR/samples/trajectory.{html,jsonl,png} (first 8 samples)
+  # --mode=sample on the user's texts: a file with one input per line (or JSON lines with "text" / "input"); a
+  # conditional model answers each, an unconditional one continues each; one output per input, in order. "" = off.
+  s.inputs = ""
 
   # Evaluation (spec §8).
   c.eval = v = ml_collections.ConfigDict()

@@ -152,7 +152,14 @@ def load_published_elf(path: str, which: str = "ema", expected: Any = None, fiel
   while isinstance(tree, Mapping) and set(tree) == {"params"}:
     tree = tree["params"]
   if expected is not None:  # compared by published names, so that a problem names its block
-    tree = _match_expected(elf.unstack_blocks(tree), jax.eval_shape(elf.unstack_blocks, expected), found.path)
+    return conform(tree, expected, found.path)
+  return elf.stack_blocks(tree)
+
+
+def conform(tree: Any, expected: Any, source) -> dict[str, Any]:
+  """A tree read by `load_published_elf` (no `expected`) checked against and cast to `expected`, as passing it
+  there would have (ValueError naming every missing, extra or mis-shaped leaf)."""
+  tree = _match_expected(elf.unstack_blocks(tree), jax.eval_shape(elf.unstack_blocks, expected), source)
   return elf.stack_blocks(tree)
 
 
