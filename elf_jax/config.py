@@ -174,11 +174,15 @@ def base_config() -> ml_collections.ConfigDict:
   k.every_steps = 1000
   k.max_to_keep = 3
   k.async_save = True
+  # Hugging Face hub repository (org/name) the workdir's checkpoints and results are uploaded to by process 0, after
+  # each save and at the end (elf_jax/run/hub_upload.py; needs a token: `hf auth login`); "" = no upload.
+  k.hf_repo_id = ""
 
   c.logging = g = ml_collections.ConfigDict()
   g.log_every_steps = 50
   g.sample_every_steps = 0  # sample + evaluate every N steps during training; 0 = only at the end
   g.tensorboard = True
+  g.wandb_project = ""  # Weights & Biases project to log to (process 0; pip install 'elf_jax[wandb]'); "" = off
 
   # Progressive distillation (--mode=distill, spec §11): rounds of training a few-step student against the frozen
   # teacher. Each round is a training run in DIR/round<i>_<steps>step (optim.* is its recipe, apart from the length

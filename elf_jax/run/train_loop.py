@@ -28,6 +28,7 @@ from elf_jax.parallel import mesh as mesh_lib
 from elf_jax.run import checkpoint
 from elf_jax.run import experiment
 from elf_jax.run import hbm
+from elf_jax.run import hub_upload
 
 
 def _nanmean(values) -> float:
@@ -101,7 +102,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, hooks=None, objective
     train_step, frozen = objective(exp, encoder_params)
   # Out of memory stops here, before the first step, with the knobs to turn (the first step reuses this compile).
   hbm.check_step_fits(train_step, (state, frozen, exp.abstract_batch()), mesh, config)
-  writer = report.MetricsWriter(workdir, config.logging.tensorboard)
+  writer = report.MetricsWriter(workdir, config.logging.tensorboard, config.logging.wandb_project, config.to_dict())
   previous_sigterm = signal.getsignal(signal.SIGTERM)
   preempted = install_preemption_handler()
   # A live bar on a terminal; one line per logging interval when output goes to a file (pod logs, nohup, CI).
@@ -133,6 +134,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, hooks=None, objective
       stop = preempted(step)  # once per step on every process: multi-host runs agree on the step here
       if step % config.checkpoint.every_steps == 0 or step == n_steps or stop:
         manager.save(step, state, data_iter, force=True)
+        if config.checkpoint.hf_repo_id:
+          manager.wait()  # the files of this step are complete before they are uploaded
+          hub_upload.upload(workdir, config.checkpoint.hf_repo_id, f"checkpoint of step {step}")
       if stop:
         break
       every = config.logging.sample_every_steps
@@ -151,4 +155,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, hooks=None, objective
       hooks(exp, workdir, state, step, writer, True)
   writer.close()
   manager.close()
+  if config.checkpoint.hf_repo_id:
+    hub_upload.upload(workdir, config.checkpoint.hf_repo_id, "final checkpoint and results")
   return state
