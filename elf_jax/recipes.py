@@ -92,6 +92,7 @@ def xsum() -> ml_collections.ConfigDict:
   c.sample.preset = "cond_ode64"
   c.sample.num_samples = 100
   c.sample.batch_size = 64
+  c.eval.mbr_metric = "rougeL"  # MBR (eval.mbr_candidates > 1) selects by ROUGE-L, the summarisation figure
   return c
 
 
@@ -103,6 +104,7 @@ def wmt_de_en() -> ml_collections.ConfigDict:
   c.data.max_length = 128  # condition + target
   c.data.max_condition_length = 64
   c.sample.num_samples = 5000
+  c.eval.mbr_metric = "bleu"  # MBR (eval.mbr_candidates > 1) selects by sentence BLEU, the translation figure
   return c
 
 

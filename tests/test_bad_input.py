@@ -3,6 +3,7 @@
 "Before anything is compiled": `jax.jit` is replaced by a function that fails the test, and the run must leave no
 checkpoint directory and no metrics behind.
 """
+import importlib.util
 import os
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import sys
 import jax
 import pytest
 
-from elf_jax.config import ConfigError
+from elf_jax.config import ConfigError, base_config, validate
 from elf_jax.data import tokenizer as tokenizers
 from elf_jax.run import train_loop
 from test_train_loop import REPO, small_config  # tests/ is on sys.path (pytest rootdir-relative import)
@@ -42,12 +43,30 @@ def train_error(workdir, exception=ValueError, **overrides) -> str:
      ["data.max_length=16 must be longer than data.max_condition_length=16"]),
     ({"data.conditional": True, "data.max_condition_length": 20},
      ["data.max_length=16 must be longer than data.max_condition_length=20"]),
+    ({"eval.mbr_candidates": 0}, ["eval.mbr_candidates=0 must be >= 1"]),
+    ({"eval.mbr_candidates": 4}, ["eval.mbr_candidates=4 is for conditional tasks",
+                                  "--config.eval.mbr_candidates=1"]),
+    ({"eval.mbr_metric": "meteor"}, ["eval.mbr_metric='meteor': expected 'bleu' or 'rougeL'"]),
 ])
 def test_bad_values_fail_validation(tmp_path, no_jit, overrides, expected):
   message = train_error(tmp_path, ConfigError, **overrides)
   assert message.startswith("invalid config:") and message.count("\n  - ") == 1  # exactly one problem
   for text in expected:
     assert text in message
+
+
+def test_mauve_without_its_package_names_the_install(monkeypatch):
+  """eval.mauve on data scored by GPT-2 needs the optional mauve-text: said before anything runs, with both fixes."""
+  find_spec = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mauve" else find_spec(name, *a))
+  config = base_config()
+  config.data.source = "text"
+  with pytest.raises(ConfigError, match=r"pip install 'elf_jax\[mauve\]' \(or set --config.eval.mauve=False\)"):
+    validate(config)
+  config.eval.mauve = False
+  validate(config)
+  config.eval.mauve, config.data.source = True, "synthetic"  # no GPT-2 scoring: nothing to install
+  validate(config)
 
 
 def test_every_bad_value_is_listed_in_one_error(tmp_path, no_jit):

@@ -100,6 +100,17 @@ def test_logits_match_torch_with_and_without_padding(tiny_gpt2, loaded):
     np.testing.assert_allclose(got[row, :length], alone, atol=1e-4, rtol=1e-4)
 
 
+def test_hidden_states_are_hugging_faces_last(tiny_gpt2, loaded):
+  """hidden_states=True: the final layer norm's output, Hugging Face's hidden_states[-1] (what MAUVE featurizes)."""
+  config, params = loaded
+  ids = np.random.default_rng(1).integers(0, config.vocab_size, (2, 9))
+  got = np.asarray(gpt2.GPT2LMHeadModel(config).apply({"params": params}, jnp.asarray(ids), hidden_states=True))
+  with torch.no_grad():
+    want = tiny_gpt2.torch_model(torch.tensor(ids), output_hidden_states=True).hidden_states[-1].numpy()
+  assert got.shape == (2, 9, config.n_embd)
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
 def test_bfloat16_compute_close_to_float32(loaded):
   config, params = loaded
   ids = jnp.asarray(np.random.default_rng(1).integers(0, config.vocab_size, (2, 16)))

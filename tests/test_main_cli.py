@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from elf_jax.data import sources
+from elf_jax.eval import text_metrics
 from test_train_loop import REPO, SMALL, small_config  # tests/ is on sys.path (pytest rootdir-relative import)
 
 OVERRIDES = [f"--config.{key}={value}" for key, value in SMALL.items()]
@@ -98,6 +99,12 @@ def test_eval_mode_reports_mean_and_std_over_seeds(trained):
     values = [r[key] for r in per_seed]
     assert summary[key] == pytest.approx(np.mean(values)) and summary[f"{key}_std"] == pytest.approx(np.std(values))
     assert re.search(rf"^  {key}\s+{summary[key]:.4f} ± {summary[key + '_std']:.4f}$", stdout, re.M)
+  # Diversity is in every row (no GPT-2 here: no MAUVE key), averaged over seeds and printed the same way.
+  diversity = [text_metrics.diversity(read_texts(workdir / "samples" / f"eval_seed{s}.jsonl")) for s in (0, 1)]
+  for key in ("self_bleu", "distinct_1", "distinct_4"):
+    assert summary[key] == pytest.approx(np.mean([r[key] for r in diversity]), nan_ok=True)
+    assert re.search(rf"^  {key}\s+{summary[key]:.4f} ± {summary[key + '_std']:.4f}$", stdout, re.M)
+  assert "mauve" not in summary
   # Two seeds, two different sets of samples (gen_ppl may still agree: 6 steps in, every sample is ungrammatical).
   assert summary["entropy_std"] > 0
   # Seed 0 is the seed of the end-of-training samples.

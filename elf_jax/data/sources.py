@@ -2,9 +2,11 @@
 
 Every source returns dict records in one of two shapes, which the pipeline consumes:
   unconditional (config.data.conditional = False): {"text": str | ids}
-  conditional   (config.data.conditional = True):  {"input": str | ids, "output": str | ids}
-where `ids` is a 1-D int32 numpy array of already tokenized data, used as it is (no EOS is added), and a str is
-tokenized by the pipeline without special tokens (`add_special_tokens=False`, as the reference tokenizes raw text;
+  conditional   (config.data.conditional = True):  {"input": str | ids, "output": str | ids[, "reference": str]}
+where "reference" is the raw target text column config.data.reference_key, kept where the dataset has one (the
+official XSum / WMT datasets hold the target as ids and as text; the pipeline ignores it, evaluation reads it), `ids`
+is a 1-D int32 numpy array of already tokenized data, used as it is (no EOS is added), and a str is tokenized by the
+pipeline without special tokens (`add_special_tokens=False`, as the reference tokenizes raw text;
 see elf_jax/data/pipeline.py). Every source has a length: steps per epoch = len(train source) // global batch.
 
 Kinds (config.data.source) and what config.data.path means for each:
@@ -75,19 +77,21 @@ def make_source(data_config: ml_collections.ConfigDict, split: str,
   path = data_config.path.replace("{split}", split)
   fields = _fields(data_config)
   if kind == "hf_arrow" and HUB_ID.fullmatch(path) and not os.path.exists(path):
-    return MappedSource(_hf_dataset(_hub_snapshot(path), split), fields, f"Hugging Face dataset {path!r}")
+    return MappedSource(_hf_dataset(_hub_snapshot(path), split), fields, f"Hugging Face dataset {path!r}",
+                        _optional_fields(data_config))
   if not data_config.path or not fs.path(path).exists():
     raise FileNotFoundError(f"config.data.path = {data_config.path!r} (split {split!r}): {path!r} does not exist; "
                             f"set config.data.path to your {kind} data")
   if kind == "hf_arrow":
-    return MappedSource(_hf_dataset(path, split), fields, f"Hugging Face dataset {path!r}")
+    return MappedSource(_hf_dataset(path, split), fields, f"Hugging Face dataset {path!r}",
+                        _optional_fields(data_config))
   with fs.path(path).open(encoding="utf-8") as f:  # local or gs://
     lines = [line.rstrip("\n") for line in f if line.strip()]
   if kind == "text":
     if data_config.conditional:
       raise ValueError("config.data.source = 'text' is unconditional; use jsonl for conditional data")
     return [{"text": line} for line in lines]
-  return MappedSource(_JsonLines(lines), fields, path)
+  return MappedSource(_JsonLines(lines), fields, path, _optional_fields(data_config))
 
 
 class SyntheticSource(Sequence):
@@ -108,16 +112,19 @@ class SyntheticSource(Sequence):
 
 
 class MappedSource(Sequence):
-  """Renames fields of a parent source's records: fields maps our name ("text" / "input" / "output") to theirs."""
+  """Renames fields of a parent source's records: fields maps our name ("text" / "input" / "output") to theirs;
+  optional fields (our name -> theirs: "reference") are kept when the parent's records have them."""
 
-  def __init__(self, parent: Sequence, fields: dict[str, str], description: str):
-    self._parent, self._fields = parent, fields
+  def __init__(self, parent: Sequence, fields: dict[str, str], description: str,
+               optional: dict[str, str] | None = None):
+    self._parent = parent
     if len(parent) == 0:
       raise ValueError(f"{description} holds no records")
     missing = [theirs for theirs in fields.values() if theirs not in parent[0]]
     if missing:
       raise KeyError(f"{description}: records lack the field(s) {missing} (have {sorted(parent[0])}); set "
                      "config.data.text_key / input_key / output_key")
+    self._fields = {**fields, **{ours: theirs for ours, theirs in (optional or {}).items() if theirs in parent[0]}}
 
   def __len__(self) -> int:
     return len(self._parent)
@@ -146,6 +153,11 @@ def _fields(data_config: ml_collections.ConfigDict) -> dict[str, str]:
   if data_config.conditional:
     return {"input": data_config.input_key, "output": data_config.output_key}
   return {"text": data_config.text_key}
+
+
+def _optional_fields(data_config: ml_collections.ConfigDict) -> dict[str, str]:
+  """Conditional records: the raw target text column (data.reference_key) as "reference", where a dataset has it."""
+  return {"reference": data_config.reference_key} if data_config.conditional and data_config.reference_key else {}
 
 
 def _value(value) -> str | np.ndarray:

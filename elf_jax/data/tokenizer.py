@@ -45,6 +45,16 @@ def build_word_tokenizer(vocabulary: list[str], save_dir: str | None = None
   return hf
 
 
+def decode(tokenizer: transformers.PreTrainedTokenizerBase, rows, *, clean_up_tokenization_spaces: bool) -> list[str]:
+  """Token-id rows (any int sequences) -> texts, special tokens skipped, as decoded (no whitespace stripped).
+
+  clean_up_tokenization_spaces (config.data.clean_up_tokenization_spaces) is always passed, so that the text does not
+  depend on the transformers version's default (True before 4.45, False in 5).
+  """
+  return [tokenizer.decode([int(i) for i in row], skip_special_tokens=True,
+                           clean_up_tokenization_spaces=clean_up_tokenization_spaces) for row in rows]
+
+
 def load_tokenizer(name_or_path: str, language: synthetic.HiddenMarkovLanguage | None = None
                    ) -> transformers.PreTrainedTokenizerBase:
   """The tokenizer named by config.data.tokenizer.

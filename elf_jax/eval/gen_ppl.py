@@ -121,14 +121,17 @@ class GenPPLScorer:
       self._batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(batch_axes(mesh)))
       self._params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
     self._row_nll = jax.jit(self._row_nll_impl)
+    self._last_hidden = jax.jit(self._last_hidden_impl)
 
   @classmethod
   def from_pretrained(cls, name_or_path: str, **kwargs) -> "GenPPLScorer":
-    """Scorer from a Hugging Face GPT-2 directory or hub id (weights and tokenizer), e.g. "gpt2-large"."""
+    """Scorer from a Hugging Face GPT-2 directory or hub id (weights and tokenizer), e.g. "gpt2-large"; max_length
+    defaults to min(1024, the model's n_positions)."""
     import transformers  # pylint: disable=import-outside-toplevel
     # The scorer needs the tokenizer files (vocab.json, merges.txt, tokenizer*.json) beside config.json.
     directory = hf_weights.resolve_dir(name_or_path, "GPT-2", ["*.json", "*.txt"], field="eval.gpt2")
     config, params = gpt2.load_hf_gpt2(str(directory))
+    kwargs.setdefault("max_length", min(1024, config.n_positions))
     return cls(config, params, transformers.AutoTokenizer.from_pretrained(str(directory)), **kwargs)
 
   def _row_nll_impl(self, params, input_ids, attention_mask, counted):
@@ -137,6 +140,45 @@ class GenPPLScorer:
     target_logit = jnp.take_along_axis(logits, input_ids[:, 1:, None], axis=-1)[..., 0]
     nll = jax.nn.logsumexp(logits, axis=-1) - target_logit
     return jnp.where(counted, nll, 0.0).sum(axis=-1)
+
+  def _last_hidden_impl(self, params, input_ids, attention_mask, lengths):
+    """(B,T) ids and mask, (B,) lengths -> (B,E) float32 hidden state after the final layer norm at each row's last
+    real token."""
+    hidden = self._model.apply({"params": params}, input_ids, attention_mask, hidden_states=True)
+    return jnp.take_along_axis(hidden, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]
+
+  def _batches(self, sequences: list[list[int]]):
+    """Yields (indices into sequences, (B,T) ids right-padded with EOS, (B,) lengths, (B,T) attention mask) for
+    batches of `batch_size` sequences sorted longest first; rows past the last sequence have length 0."""
+    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+    for start in range(0, len(order), self.batch_size):
+      indices = order[start:start + self.batch_size]
+      length = bucket_length(max(len(sequences[i]) for i in indices), self.max_length, self.min_bucket)
+      input_ids = np.full((self.batch_size, length), self.eos_id, np.int32)
+      lengths = np.zeros(self.batch_size, np.int32)
+      for r, i in enumerate(indices):
+        input_ids[r, :len(sequences[i])] = sequences[i]
+        lengths[r] = len(sequences[i])
+      yield indices, input_ids, lengths, (np.arange(length)[None, :] < lengths[:, None]).astype(np.int32)
+
+  def _gathered(self, fn, *batch) -> np.ndarray:
+    """fn(params, *batch) over the mesh (batch sharded when a mesh is given), gathered on every process as numpy."""
+    if self._batch_sharding is not None:
+      batch = jax.device_put(batch, self._batch_sharding)
+    return np.asarray(multihost_utils.process_allgather(fn(self._params, *batch), tiled=True))
+
+  def features(self, token_ids: Sequence[Sequence[int]]) -> np.ndarray:
+    """MAUVE features of GPT-2 id sequences (from `token_ids`, each non-empty and at most max_length long): (N,E)
+    float32, the hidden state after the final layer norm at each sequence's last token (as mauve's
+    `featurize_tokens_from_model` computes them)."""
+    ids = [list(x) for x in token_ids]
+    if not all(0 < len(x) <= self.max_length for x in ids):
+      raise ValueError(f"MAUVE features need 1 to {self.max_length} ids per text: drop empty samples first "
+                       "(gen_ppl.nonempty) and truncate (token_ids)")
+    out = np.zeros((len(ids), self._model.config.n_embd), np.float32)
+    for indices, input_ids, lengths, attention_mask in self._batches(ids):
+      out[indices] = self._gathered(self._last_hidden, input_ids, attention_mask, lengths)[:len(indices)]
+    return out
 
   def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
     """GPT-2 ids of each text, truncated to max_length (step 1 of the protocol)."""
@@ -158,23 +200,11 @@ class GenPPLScorer:
       return {"gen_ppl": math.nan, "entropy": math.nan, "nll": math.nan, "num_tokens": 0, "num_samples": 0,
               "num_empty": len(texts)}
     ids = self.token_ids(kept)
-    sequences = [scored_sequence(x, self.eos_id, self.max_length) for x in ids]
-    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
     total_nll, num_tokens = 0.0, 0
-    for start in range(0, len(order), self.batch_size):
-      rows = [sequences[i] for i in order[start:start + self.batch_size]]
-      length = bucket_length(max(map(len, rows)), self.max_length, self.min_bucket)
-      input_ids = np.full((self.batch_size, length), self.eos_id, np.int32)
-      lengths = np.zeros(self.batch_size, np.int32)  # unused rows keep length 0: nothing counted
-      for r, seq in enumerate(rows):
-        input_ids[r, :len(seq)] = seq
-        lengths[r] = len(seq)
-      attention_mask = (np.arange(length)[None, :] < lengths[:, None]).astype(np.int32)
+    for _, input_ids, lengths, attention_mask in self._batches([scored_sequence(x, self.eos_id, self.max_length)
+                                                                for x in ids]):
       counted = counted_predictions(input_ids, lengths, self.eos_id)
-      batch = (input_ids, attention_mask, counted)
-      if self._batch_sharding is not None:
-        batch = jax.device_put(batch, self._batch_sharding)
-      row_nll = multihost_utils.process_allgather(self._row_nll(self._params, *batch), tiled=True)  # (B,) numpy
+      row_nll = self._gathered(self._row_nll, input_ids, attention_mask, counted)
       total_nll += float(np.asarray(row_nll, np.float64).sum())
       num_tokens += int(counted.sum())
     if num_tokens == 0:

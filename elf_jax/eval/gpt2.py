@@ -121,15 +121,18 @@ class GPT2LMHeadModel(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
-    """Next-token logits.
+  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+               hidden_states: bool = False) -> jax.Array:
+    """Next-token logits, or the last hidden states.
 
     Args:
       input_ids: (B,T) int token ids, T <= n_positions.
       attention_mask: (B,T), nonzero for real tokens (right padding); None = all real.
+      hidden_states: return the final layer norm's output instead of the logits (Hugging Face's
+        `hidden_states[-1]`, which MAUVE's featurizer reads).
 
     Returns:
-      (B,T,V) float32 logits; row t predicts token t+1.
+      (B,T,V) float32 logits, row t predicting token t+1; or with hidden_states, (B,T,E) float32.
     """
     cfg = self.config
     length = input_ids.shape[1]
@@ -144,6 +147,8 @@ class GPT2LMHeadModel(nn.Module):
     for i in range(cfg.n_layer):
       x = _Block(cfg, self.dtype, name=f"h_{i}")(x, mask)
     x = nn.LayerNorm(cfg.layer_norm_epsilon, name="ln_f")(x)
+    if hidden_states:
+      return x.astype(jnp.float32)
     logits = jnp.einsum("bte,ve->btv", x.astype(self.dtype), wte.embedding.astype(self.dtype),
                         preferred_element_type=jnp.float32)
     return logits

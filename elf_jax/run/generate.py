@@ -16,7 +16,9 @@ import tqdm
 
 from elf_jax import fs
 from elf_jax.data import pipeline, sources
+from elf_jax.data import tokenizer as tokenizer_lib
 from elf_jax.eval import scoring
+from elf_jax.eval import text_metrics
 from elf_jax.parallel.mesh import num_batch_shards
 from elf_jax.run import experiment
 from elf_jax.sampling import sampler
@@ -31,11 +33,22 @@ class Generation:
   samples: Samples
   first_batch: sampler.SampleOutput | None = None
   first_cond_mask: np.ndarray | None = None
+  candidates: tuple[Samples, ...] = ()  # MBR: the further draws for the same conditions (generate's `candidates`)
 
 
-def decode(tokenizer, ids: np.ndarray) -> list[str]:
-  """Token-id rows → texts (special tokens skipped, whitespace stripped)."""
-  return [tokenizer.decode([int(i) for i in row], skip_special_tokens=True).strip() for row in ids]
+@dataclasses.dataclass(frozen=True)
+class Scored:
+  """What `generate_and_score` returns: the samples, their scores (with mbr_* under MBR) and the MBR choices."""
+  samples: Samples
+  metrics: dict[str, float]
+  mbr_samples: Samples | None = None
+
+
+def decode(exp: experiment.Experiment, ids) -> list[str]:
+  """Token-id rows → texts with the experiment's tokenizer (special tokens skipped, as decoded: no strip), spaces
+  cleaned up as config.data.clean_up_tokenization_spaces says."""
+  return tokenizer_lib.decode(exp.tokenizer, ids,
+                              clean_up_tokenization_spaces=exp.config.data.clean_up_tokenization_spaces)
 
 
 @functools.lru_cache(maxsize=32)
@@ -52,7 +65,7 @@ def compiled_encoder(encoder):
 
 def generate(exp: experiment.Experiment, params, num_samples: int, seed: int,
              sample_config: sampler.SampleConfig | None = None,
-             conditions: dict[str, np.ndarray] | None = None, *, eval_references: bool = True,
+             conditions: dict[str, np.ndarray] | None = None, candidates: int = 1, *, eval_references: bool = True,
              progress: bool = False) -> Generation:
   """Draws `num_samples` samples (rounded up to whole batches of `sample.batch_size`, then cut) and decodes them.
 
@@ -60,10 +73,15 @@ def generate(exp: experiment.Experiment, params, num_samples: int, seed: int,
   are encoded and kept clean (their other positions are ignored); at most N samples are drawn, one per row. For
   conditional tasks, the first N examples of the evaluation split (`eval_conditions`), or the user's own inputs;
   for unconditional models, the user's prefixes (positions known from the start, their continuation sampled).
+  candidates: k >= 1 draws per condition (MBR), with one compiled sampler: the first is the plain draw of `seed`
+  (`Generation.samples`, the same as with k = 1), the others (`Generation.candidates`) come from key streams of
+  their own.
   eval_references: attach the evaluation split's reference texts to the samples (conditions from `eval_conditions`).
   progress: show a progress bar over the batches.
   """
   config, mesh = exp.config, exp.mesh
+  roots = [jax.random.PRNGKey(seed)]
+  roots += [jax.random.fold_in(jax.random.split(roots[0])[1], c) for c in range(1, candidates)]
   if conditions is not None:
     num_samples = min(num_samples, len(conditions["ids"]))
   sc = sample_config or exp.sample_config()
@@ -71,27 +89,28 @@ def generate(exp: experiment.Experiment, params, num_samples: int, seed: int,
   shards = num_batch_shards(mesh)
   batch = max(shards, config.sample.batch_size // shards * shards)
   encode = compiled_encoder(exp.encoder)
-  texts, ids_out, first = [], [], None
+  texts, ids_out, first = [[] for _ in roots], [[] for _ in roots], None
   for b in tqdm.trange(math.ceil(num_samples / batch), desc="sampling", unit="batch", disable=not progress):
     cond = None
     if conditions is not None:
       part = {k: _take_rows(v, b * batch, batch) for k, v in conditions.items()}
       latents = encode(exp.encoder_params, part["ids"], part["valid"], part["cond_mask"])
       cond = {"latents": jnp.where(part["cond_mask"][..., None], latents, 0.0), "mask": jnp.asarray(part["cond_mask"])}
-    out = sampler.sample_from_seed(sample_fn, params, jax.random.fold_in(jax.random.PRNGKey(seed), b), sc, batch=batch,
-                                    seq_len=config.data.max_length, latent_dim=exp.encoder.dim, mesh=mesh, cond=cond)
-    if b == 0 and sc.return_trajectory:  # on every process, as numpy (the batch may span processes)
-      first = (multihost_utils.process_allgather(out, tiled=True), None if cond is None else np.asarray(cond["mask"]))
-    ids = multihost_utils.process_allgather(out.ids, tiled=True)
-    ids_out.extend(ids.tolist())
-    texts.extend(decode(exp.tokenizer, ids))
-  samples = Samples(texts=texts[:num_samples], ids=ids_out[:num_samples])
+    for c, root in enumerate(roots):
+      out = sampler.sample_from_seed(sample_fn, params, jax.random.fold_in(root, b), sc, batch=batch,
+                                     seq_len=config.data.max_length, latent_dim=exp.encoder.dim, mesh=mesh, cond=cond)
+      if b == 0 and c == 0 and sc.return_trajectory:  # on every process, as numpy (the batch may span processes)
+        first = (multihost_utils.process_allgather(out, tiled=True), None if cond is None else np.asarray(cond["mask"]))
+      ids = multihost_utils.process_allgather(out.ids, tiled=True)
+      ids_out[c].extend(ids.tolist())
+      texts[c].extend(decode(exp, ids))
+  drawn = [Samples(texts=t[:num_samples], ids=i[:num_samples]) for t, i in zip(texts, ids_out)]
   if conditions is not None:
     ids, cm = conditions["ids"][:num_samples], conditions["cond_mask"][:num_samples]
-    samples = dataclasses.replace(
-        samples, conditions=decode(exp.tokenizer, np.where(cm, ids, exp.tokenizer.pad_token_id)),
-        references=held_out_texts(exp, num_samples, field="output") if eval_references else None)
-  return Generation(samples, *(first or (None, None)))
+    pairs = {"conditions": decode(exp, np.where(cm, ids, exp.tokenizer.pad_token_id)),
+             "references": held_out_texts(exp, num_samples, field="output") if eval_references else None}
+    drawn = [dataclasses.replace(d, **pairs) for d in drawn]
+  return Generation(drawn[0], *(first or (None, None)), candidates=tuple(drawn[1:]))
 
 
 def render_first_batch(exp: experiment.Experiment, params, result: Generation, out_dir: str,
@@ -133,17 +152,40 @@ def held_out_texts(exp: experiment.Experiment, num: int, field: str = "text") ->
   """The raw `field` ("text"; conditional: "input" / "output") of the first `num` records of the evaluation split.
 
   Text fields are returned as stored (the references of BLEU / ROUGE are the dataset's target text, as in the
-  official evaluation, not a re-decoding of truncated target ids); pre-tokenized fields are decoded with the
-  tokenizer, special tokens skipped.
+  official evaluation, not a re-decoding of truncated target ids): "output" is the raw target text column
+  (config.data.reference_key) where the dataset has one, else the output field; pre-tokenized fields are decoded
+  (`decode`).
   """
   source = sources.make_source(exp.config.data, exp.config.data.eval_split, exp.language)
-  values = [source[i][field] for i in range(min(num, len(source)))]
-  return [v if isinstance(v, str) else decode(exp.tokenizer, [v])[0] for v in values]
+  records = [source[i] for i in range(min(num, len(source)))]
+  values = [r["reference"] if field == "output" and "reference" in r else r[field] for r in records]
+  return [v if isinstance(v, str) else decode(exp, [v])[0] for v in values]
 
 
 def score(exp: experiment.Experiment, samples: Samples) -> dict[str, float]:
   """`elf_jax.eval.scoring.score` of `samples` with this experiment's data: references (conditional), the synthetic
-  language and as many held-out true sentences, or GPT-2 over the mesh."""
-  true_texts = held_out_texts(exp, len(samples.texts)) if exp.language is not None else None
-  return scoring.score(samples.texts, exp.config, references=samples.references, language=exp.language,
+  language and as many held-out true sentences, or GPT-2 over the mesh (with as many held-out texts for MAUVE)."""
+  config = exp.config
+  needs_held_out = exp.language is not None or (config.eval.mauve and not config.data.conditional)
+  true_texts = held_out_texts(exp, len(samples.texts)) if needs_held_out else None
+  return scoring.score(samples.texts, config, references=samples.references, language=exp.language,
                        true_texts=true_texts, mesh=exp.mesh)
+
+
+def generate_and_score(exp: experiment.Experiment, params, num_samples: int, seed: int,
+                       sample_config: sampler.SampleConfig | None = None,
+                       conditions: dict[str, np.ndarray] | None = None) -> Scored:
+  """`generate` then `score`. Conditional tasks with eval.mbr_candidates = k > 1 draw k candidates per condition
+  (`generate(..., candidates=k)`), keep each condition's MBR choice (`text_metrics.mbr_select` by
+  eval.mbr_metric) and add its scores as mbr_<name> beside the scores of the first, single sample."""
+  k = exp.config.eval.mbr_candidates if conditions is not None else 1
+  drawn = generate(exp, params, num_samples, seed, sample_config, conditions, candidates=k)
+  samples = drawn.samples
+  metrics = score(exp, samples)
+  if k == 1:
+    return Scored(samples, metrics)
+  candidates = (samples,) + drawn.candidates
+  chosen = text_metrics.mbr_select(list(zip(*(c.texts for c in candidates))), exp.config.eval.mbr_metric)
+  mbr = dataclasses.replace(samples, texts=[candidates[c].texts[i] for i, c in enumerate(chosen)],
+                            ids=[candidates[c].ids[i] for i, c in enumerate(chosen)])
+  return Scored(samples, {**metrics, **{f"mbr_{name}": v for name, v in score(exp, mbr).items()}}, mbr)

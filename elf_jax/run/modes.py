@@ -83,9 +83,9 @@ def eval_mode(config: ml_collections.ConfigDict, workdir: str) -> EvalSummary:
     conditions = gen.eval_conditions(exp, num)
     runs = []
     for i in range(config.eval.num_seeds):
-      samples = gen.generate(exp, params, num, config.seed + i, conditions=conditions).samples
-      write_samples(workdir, f"eval_seed{config.seed + i}", samples)
-      runs.append(gen.score(exp, samples))
+      scored = gen.generate_and_score(exp, params, num, config.seed + i, conditions=conditions)
+      _write(workdir, f"eval_seed{config.seed + i}", scored)
+      runs.append(scored.metrics)
   keys = [k for k, v in runs[0].items() if isinstance(v, (int, float))]
   summary = EvalSummary(mean={k: float(np.mean([r[k] for r in runs])) for k in keys},
                         std={k: float(np.std([r[k] for r in runs])) for k in keys}, num_seeds=len(runs), frontier=[])
@@ -106,13 +106,19 @@ def training_hook(exp: experiment.Experiment, workdir: str, state, step: int, wr
   part of the mesh; process 0 writes and prints."""
   del final  # the same at the end of training as in between
   num = exp.config.sample.num_samples
-  samples = gen.generate(exp, state.ema_params, num, exp.config.seed, conditions=gen.eval_conditions(exp, num)).samples
-  path = write_samples(workdir, f"step_{step}", samples)
-  metrics = gen.score(exp, samples)
-  writer.write(step, metrics, kind="eval")
+  scored = gen.generate_and_score(exp, state.ema_params, num, exp.config.seed, conditions=gen.eval_conditions(exp, num))
+  path = _write(workdir, f"step_{step}", scored)
+  writer.write(step, scored.metrics, kind="eval")
   report.say(f"\nSamples at step {step} ({path}):")
-  report.print_samples(samples.texts)
-  report.say(report.format_table({"step": step, **metrics}))
+  report.print_samples(scored.samples.texts)
+  report.say(report.format_table({"step": step, **scored.metrics}))
+
+
+def _write(workdir: str, name: str, scored: gen.Scored) -> str:
+  """Writes the samples as DIR/samples/<name>.* (and the MBR choices as <name>_mbr.*); returns the first path."""
+  if scored.mbr_samples is not None:
+    write_samples(workdir, f"{name}_mbr", scored.mbr_samples)
+  return write_samples(workdir, name, scored.samples)
 
 
 def parse_sweep(spec: str) -> list[dict[str, Any]]:
@@ -131,24 +137,26 @@ def parse_sweep(spec: str) -> list[dict[str, Any]]:
 
 
 def frontier(exp: experiment.Experiment, params, workdir: str, writer: report.MetricsWriter) -> list[dict[str, Any]]:
-  """Scores every sampling setting of `config.eval.sweep` and plots Gen. PPL against entropy (DIR/frontier.png) and,
+  """Scores every sampling setting of `config.eval.sweep` (every score of `generate.generate_and_score`: diversity,
+  MAUVE and MBR too) and plots Gen. PPL against entropy (DIR/frontier.png) and,
   when the sweep varies `steps`, Gen. PPL and entropy against steps (DIR/steps.png). Under the `fewstep` preset each
   step count gets its own few-step settings (a distilled student, spec §11). Returns one row per setting."""
   config = exp.config
   few_step = config.sample.preset == sampler.FEW_STEP_PRESET
   settings = parse_sweep(config.eval.sweep)
   axes = list(settings[0])
+  conditions = gen.eval_conditions(exp, config.sample.num_samples)
   rows = []
   for overrides in settings:
     if few_step and "steps" in overrides:
       overrides = {**sampler.few_step_settings(overrides["steps"]), **overrides}
-    samples = gen.generate(exp, params, config.sample.num_samples, config.seed,
-                           sample_config=exp.sample_config(**overrides)).samples
-    row = {**overrides, **gen.score(exp, samples)}
+    scored = gen.generate_and_score(exp, params, config.sample.num_samples, config.seed,
+                                    sample_config=exp.sample_config(**overrides), conditions=conditions)
+    row = {**overrides, **scored.metrics}
     writer.write(0, row, kind="frontier")
     rows.append(row)
     report.say(report.format_table(row))
-  if jax.process_index() == 0:
+  if jax.process_index() == 0 and "gen_ppl" in rows[0]:  # conditional tasks: the rows only (BLEU / ROUGE)
     report.say(f"frontier plot: {plots.frontier(rows, axes, workdir)}")
     if "steps" in axes:
       report.say(f"steps plot: {plots.against_steps(rows, [a for a in axes if a != 'steps'], workdir)}")
