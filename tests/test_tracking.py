@@ -1,6 +1,7 @@
 """Tracking and sharing like the official code: Weights & Biases logging (read back from an offline run's own
 files) and what `checkpoint.hf_repo_id` uploads (the upload itself needs the hub, not reachable here)."""
 import json
+import time
 
 import huggingface_hub
 import huggingface_hub.constants
@@ -14,10 +15,10 @@ wandb = pytest.importorskip("wandb")
 _BLOCK, _HEADER = 32768, 7  # the .wandb file: a 7-byte header, then LevelDB-log records in 32 KiB blocks
 
 
-def wandb_history(run_file) -> list[dict]:
-  """The logged rows ({key: value}) of an offline W&B run file, parsed from its records."""
+def wandb_records(run_file) -> tuple[list[str], list[dict]]:
+  """(the record types, the logged rows {key: value}) of an offline W&B run file, parsed from its records."""
   from wandb.proto import wandb_internal_pb2  # pylint: disable=import-outside-toplevel
-  data, pos, pending, rows = run_file.read_bytes(), _HEADER, b"", []
+  data, pos, pending, rows, kinds = run_file.read_bytes(), _HEADER, b"", [], []
   assert data[:4] == b":W&B"
   while pos + _HEADER <= len(data):
     left = _BLOCK - pos % _BLOCK
@@ -31,9 +32,22 @@ def wandb_history(run_file) -> list[dict]:
       record = wandb_internal_pb2.Record()
       record.ParseFromString(pending)
       pending = b""
-      if record.WhichOneof("record_type") == "history":
+      kinds.append(record.WhichOneof("record_type"))
+      if kinds[-1] == "history":
         rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
                      for item in record.history.item})
+  return kinds, rows
+
+
+def wandb_history(run_file, timeout_s: float = 60.0) -> list[dict]:
+  """The logged rows of a finished offline run (wandb's writer process may still be flushing the file when
+  `finish()` returns on a busy machine: read until its exit record is there)."""
+  deadline = time.monotonic() + timeout_s
+  kinds, rows = wandb_records(run_file)
+  while "exit" not in kinds and time.monotonic() < deadline:
+    time.sleep(0.5)
+    kinds, rows = wandb_records(run_file)
+  assert "exit" in kinds, f"the offline run file holds no exit record after {timeout_s} s: {kinds}"
   return rows
 
 
