@@ -5,9 +5,9 @@ r"""Per-chip memory and FLOPs of the compiled ELF-B / M / L train step on a TPU 
 
 Needs libtpu (`pip install -e .[compile]`). Each size is its OpenWebText config as shipped (configs/owt_{b,m,l}.py,
 loaded by path as --config does: global batch 512 x 1024 tokens, the config's remat, precision and attention) with
-the mesh of the slice's preset (`elf_jax.parallel.mesh.MESH_PRESETS`, pure data parallelism on v5p-64) unless
---mesh_preset is given; --remat / --attention_impl / --compute_dtype override the configs' choices for every size. A
-size that fails to compile (e.g. out of HBM) is recorded with its error. --append adds rows to an existing table.
+the config's mesh (pure data parallelism over the slice's chips) unless --mesh_preset (`elf_jax.config.MESH_PRESETS`)
+is given; --remat / --attention_impl / --compute_dtype override the configs' choices for every size. A size that
+fails to compile (e.g. out of HBM) is recorded with its error. --append adds rows to an existing table.
 """
 import argparse
 import importlib.metadata
@@ -124,7 +124,7 @@ def _add_row(path: str, row: str) -> None:
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--topology", default="v5p-64", help=f"one of {', '.join(aot.TOPOLOGIES)}")
-  parser.add_argument("--mesh_preset", default="", help="elf_jax.parallel.mesh preset; default: the slice's own")
+  parser.add_argument("--mesh_preset", default="", help="elf_jax.config.MESH_PRESETS name; default: the config's")
   parser.add_argument("--sizes", default="b,m,l", help="comma-separated subset of b,m,l, compiled in this order")
   parser.add_argument("--remat", default="", help="model.remat for every size (none | full | dots_saveable); "
                       "default: each config's")

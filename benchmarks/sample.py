@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from elf_jax.config import base_config
+from elf_jax.config import ATTENTION_IMPLS, COMPUTE_DTYPES, SAMPLE_METHODS, SAMPLE_PRESETS, base_config
 from elf_jax.model.elf import ELF, ModelConfig, count_params, init_params
 from elf_jax.sampling import sampler as S
 
@@ -28,38 +28,41 @@ SIZES = {"tiny": (2, 64, 4, 32, 128), "ELF-B": (12, 768, 12, 512, 32100), "ELF-M
 
 def _parse_args():
   defaults = base_config()  # sampler settings not given here are config.py's (sample.*, flow.denoiser_noise_scale)
+  preset_fields = "config.sample.* field; default: the --preset's"
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--size", choices=sorted(SIZES), default="tiny", help="model size preset")
   p.add_argument("--latent_dim", type=int, default=None, help="override C of the size preset")
   p.add_argument("--vocab_size", type=int, default=None, help="override V of the size preset")
   p.add_argument("--batch", type=int, default=8, help="global batch (samples per sampler call)")
   p.add_argument("--seq_len", type=int, default=64, help="tokens per sample S")
-  p.add_argument("--preset", choices=sorted(S.PRESETS), default=None,
-                 help="sampling preset (overrides --method/--steps/--gamma/--guidance_scale/--cfg_scale)")
-  p.add_argument("--method", choices=S.METHODS, default=defaults.sample.method)
-  p.add_argument("--steps", type=int, default=16)
-  p.add_argument("--gamma", type=float, default=defaults.sample.gamma, help="SDE churn")
-  p.add_argument("--guidance_scale", type=float, default=defaults.sample.guidance_scale,
-                 help="self-conditioning guidance w")
+  p.add_argument("--preset", choices=sorted(SAMPLE_PRESETS), default=defaults.sample.preset,
+                 help="sampling preset; --method/--steps/--gamma/--guidance_scale/--cfg_scale given win over it")
+  p.add_argument("--method", choices=SAMPLE_METHODS, default=None, help=preset_fields)
+  p.add_argument("--steps", type=int, default=None, help=preset_fields)
+  p.add_argument("--gamma", type=float, default=None, help=f"SDE churn ({preset_fields})")
+  p.add_argument("--guidance_scale", type=float, default=None, help=f"self-conditioning guidance w ({preset_fields})")
   p.add_argument("--noise_scale", type=float, default=defaults.flow.denoiser_noise_scale,
                  help="σ of the initial / churn noise (OpenWebText: 2)")
   p.add_argument("--cfg", action="store_true", help="conditional sampling with classifier-free guidance")
-  p.add_argument("--cfg_scale", type=float, default=2.0, help="CFG scale s (with --cfg)")
-  p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
-  p.add_argument("--attention_impl", choices=("xla", "pallas", "auto"), default="xla")
+  p.add_argument("--cfg_scale", type=float, default=None, help=f"CFG scale s (needs --cfg unless 1; {preset_fields})")
+  p.add_argument("--dtype", choices=COMPUTE_DTYPES, default=defaults.model.compute_dtype, help="compute dtype")
+  p.add_argument("--attention_impl", choices=ATTENTION_IMPLS, default=defaults.model.attention_impl)
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--warmup", type=int, default=1)
   return p.parse_args()
 
 
 def _sample_config(args) -> S.SampleConfig:
-  fields = dict(method=args.method, steps=args.steps, gamma=args.gamma, guidance_scale=args.guidance_scale,
-                cfg_scale=args.cfg_scale if args.cfg else 1.0)
-  if args.preset:
-    fields = dict(S.PRESETS[args.preset])
-    if fields["cfg_scale"] != 1.0 and not args.cfg:
-      raise SystemExit(f"--preset {args.preset} uses classifier-free guidance, which needs a condition: add --cfg")
-  return S.SampleConfig.from_config(base_config(), noise_scale=args.noise_scale, **fields)
+  config = base_config()
+  config.sample.preset = args.preset
+  names = ("method", "steps", "gamma", "guidance_scale", "cfg_scale")
+  explicit = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+  # Random parameters: any token ids do; T5's EOS / pad.
+  sc = S.SampleConfig.from_config(config, noise_scale=args.noise_scale, eos_id=1, pad_id=0, **explicit)
+  if sc.cfg_scale != 1.0 and not args.cfg:
+    raise SystemExit(f"cfg_scale={sc.cfg_scale} (--preset {args.preset}) is classifier-free guidance, which needs a "
+                     "condition: add --cfg")
+  return sc
 
 
 def main():

@@ -19,6 +19,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from elf_jax import fs
+from elf_jax.config import ConfigError, resolve, validate
 from elf_jax.parallel.mesh import initialize_distributed
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/ (get_config()).",
@@ -67,22 +68,27 @@ def main(argv):
   initialize_distributed(_DISTRIBUTED.value)
   import jax  # after distributed initialisation
 
+  # The modes take `config` as given, so that presets keep filling only what the user set (e.g. per eval.sweep point);
+  # the printed and saved copy holds the values every preset-controlled field resolves to.
   config = _CONFIG.value
-  print("Resolved config:\n" + config.to_json_best_effort(indent=2), flush=True)
+  try:
+    validate(config)
+    resolved = resolve(config)
+  except ConfigError as e:
+    sys.exit(f"error: {e}")
+  print("Resolved config:\n" + resolved.to_json_best_effort(indent=2), flush=True)
   workdir = _WORKDIR.value or default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
   mode = _MODE.value
   if mode == "compile":
     from elf_jax.run import aot
     aot.main(config)
     return
-  from elf_jax.run import modes
-  from elf_jax.config import ConfigError
-  from elf_jax.run import distill_loop, train_loop
+  from elf_jax.run import distill_loop, modes, train_loop
   print(f"workdir: {workdir}", flush=True)
   try:
     fs.check_writable(workdir, jax.process_index())
     if jax.process_index() == 0:
-      (fs.path(workdir) / f"config_{mode}.json").write_text(config.to_json_best_effort(indent=2))
+      (fs.path(workdir) / f"config_{mode}.json").write_text(resolved.to_json_best_effort(indent=2))
     if mode == "train":
       train_loop.train(config, workdir, hooks=modes.training_hook)
     elif mode == "sample":

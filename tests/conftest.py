@@ -20,6 +20,19 @@ import pytest  # noqa: E402
 
 SHARED = pathlib.Path(os.environ.get("ELF_SHARED_DIR", pathlib.Path(__file__).resolve().parents[2] / "shared"))
 FIXTURE_DIR = SHARED / "fixtures" / "reference_elf_tiny"
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
+
+
+def config_from_command_line(path, *overrides: str):
+  """The config of `python -m elf_jax.main --config=PATH --config.group.field=value ...`, parsed as main parses it
+  (absl flags + ml_collections.config_flags, locked)."""
+  from absl import flags
+  from ml_collections import config_flags
+  argv = ["main", f"--config={path}", *overrides]
+  flag_values = flags.FlagValues()
+  holder = config_flags.DEFINE_config_file("config", None, flag_values=flag_values, lock_config=True, sys_argv=argv)
+  flag_values(argv)
+  return holder.value
 
 
 @pytest.fixture(scope="session")

@@ -192,7 +192,8 @@ def test_pallas_sampler_compiles_for_a_v5p_slice():
   mesh = make_mesh(dict(data=2, fsdp=1, tensor=2), aot.topology_devices("v5p-8"))
   model = ELF(ModelConfig.from_config(c))
   params = jax.eval_shape(lambda: nn.unbox(init_params(model, jax.random.key(0))))
-  config = sampler.SampleConfig.from_config(c, method="sde", steps=2, cfg_scale=2.0, grid="uniform")
+  config = sampler.SampleConfig.from_config(c, method="sde", steps=2, cfg_scale=2.0, grid="uniform", eos_id=1,
+                                            pad_id=0)
   b, s, d = 4, c.data.max_length, c.encoder.dim
   rep, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P(("data", "fsdp")))
   abstract = lambda shape, dtype, sh: jax.ShapeDtypeStruct(shape, dtype, sharding=sh)

@@ -94,7 +94,7 @@ def test_auto_selects_xla_on_cpu_and_pallas_on_accelerators_above_threshold():
 
 def test_bad_arguments_raise_clear_errors():
   q, k, v, mask, _ = _inputs(64, jnp.float32)
-  with pytest.raises(ValueError, match="unknown attention impl 'flash'"):
+  with pytest.raises(ValueError, match="model.attention_impl='flash': expected one of xla, pallas, auto"):
     attn.attention(q, k, v, mask, impl="flash")
   with pytest.raises(ValueError, match="key_mask must be"):
     attn.attention(q, k, v, mask[:, :-1], impl="pallas", **BLOCKS)

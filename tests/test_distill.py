@@ -11,13 +11,13 @@ import types
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
 from conftest import SHARED
 from elf_jax import report
-from elf_jax.config import base_config
+from elf_jax.config import (SAMPLE_PRESET_FIELDS, ConfigError, base_config, few_step_settings,
+                            parse_distill_rounds, validate)
 from elf_jax.model import elf
 from elf_jax.model.elf import ELF, ModelConfig, init_params
 from elf_jax.objective import distill
@@ -155,10 +155,15 @@ def test_draws_of_a_step():
 
 
 def test_rounds_spec():
-  assert distill.parse_rounds("16:4, 8:8,1:64") == [(16, 4), (8, 8), (1, 64)]
+  """distill.rounds is parsed by one function, which validate runs before anything is built."""
+  assert parse_distill_rounds("16:4, 8:8,1:64") == [(16, 4), (8, 8), (1, 64)]
+  config = base_config()
   for bad in ("", "16", "16:0", "a:4"):
-    with pytest.raises(ValueError, match="distill.rounds"):
-      distill.parse_rounds(bad)
+    with pytest.raises(ConfigError, match="distill.rounds"):
+      parse_distill_rounds(bad)
+    config.distill.rounds = bad
+    with pytest.raises(ConfigError, match="distill.rounds"):
+      validate(config)
 
 
 def load_config(path, overrides: dict):
@@ -209,7 +214,8 @@ def test_mode_distill_end_to_end(tmp_path, capsys):
     assert done["student_steps"] == steps and done["optimizer_steps"] == 2
     assert (directory / experiment.LATENT_STATS_FILE).read_text() == (teacher / experiment.LATENT_STATS_FILE).read_text()
     sample = json.loads((directory / "config_train.json").read_text())["sample"]
-    assert (sample["preset"], sample["steps"]) == ("fewstep", steps)
+    assert sample["preset"] == "fewstep"  # the saved config shows the settings the round sampled with
+    assert {name: sample[name] for name in SAMPLE_PRESET_FIELDS} == few_step_settings(steps)
     rows = [json.loads(line) for line in open(directory / "metrics.jsonl")]
     train = [r for r in rows if r["kind"] == "train"]
     assert [r["step"] for r in train] == [1, 2] and all(np.isfinite(r["loss"]) for r in train)
@@ -226,20 +232,19 @@ def test_mode_distill_end_to_end(tmp_path, capsys):
 def test_few_step_settings_and_the_steps_sweep(tmp_path, monkeypatch):
   """The authors' few-step table by step count; `--mode=eval`'s sweep under the fewstep preset samples every step
   count with its own settings and plots Gen. PPL and entropy against steps."""
+  config = load_config(REPO / "configs" / "tiny_distill.py", {})
   for steps, gamma, w in [(1, 1.5, 2.5), (8, 1.5, 2.5), (16, 2.0, 2.0), (32, 2.0, 2.0)]:
-    s = sampler.apply_preset(ml_collections.ConfigDict(dict(preset="fewstep", steps=steps, method="ode", gamma=0.0,
-                                                             guidance_scale=1.0, cfg_scale=1.0, grid="uniform")))
+    s = sampler.SampleConfig.from_config(config, steps=steps, eos_id=1, pad_id=0)
     assert (s.method, s.steps, s.grid, s.gamma, s.guidance_scale) == ("sde", steps, "logit_normal", gamma, w)
 
-  config = load_config(REPO / "configs" / "tiny_distill.py", {})
   assert config.sample.preset == "fewstep" and config.eval.sweep == "steps=1,2,4,8,16,32"
   used = []
-  monkeypatch.setattr(generate, "generate", lambda exp, params, num, seed, sample_config: used.append(
-      sample_config) or generate.Generation(Samples(texts=[])))
+  monkeypatch.setattr(generate, "generate", lambda exp, params, num, seed, sample_config, conditions, candidates: (
+      used.append(sample_config) or generate.Generation(Samples(texts=[]))))
   monkeypatch.setattr(generate, "score", lambda exp, samples: {
       "gen_ppl": 10.0 / used[-1].steps, "entropy": 1.0, "true_gen_ppl": 3.0, "true_entropy": 1.5})
   exp = types.SimpleNamespace(config=config, sample_config=lambda **overrides: sampler.SampleConfig.from_config(
-      config, **overrides))
+      config, eos_id=1, pad_id=0, **overrides))
   rows = modes.frontier(exp, None, str(tmp_path), report.MetricsWriter(str(tmp_path), tensorboard=False))
   assert [(c.steps, c.gamma, c.guidance_scale, c.method) for c in used] == [
       (1, 1.5, 2.5, "sde"), (2, 1.5, 2.5, "sde"), (4, 1.5, 2.5, "sde"), (8, 1.5, 2.5, "sde"), (16, 2.0, 2.0, "sde"),

@@ -39,7 +39,7 @@ def test_guidance_scale_and_time_distributions():
 
 
 def test_self_conditioning_draws():
-  bern = jnp.stack([flow.sample_self_cond(jax.random.key(i), 12, 12, 0.5) for i in range(400)])  # (400, 12)
+  bern = jnp.stack([flow.sample_self_cond(jax.random.key(i), 12, 12, 0.5, "bernoulli") for i in range(400)])
   np.testing.assert_allclose(bern.mean(0), 0.5, atol=0.1)  # one coin per example: groups of one included
   assert len(set(np.asarray(bern.sum(-1)).tolist())) > 3  # the count varies from draw to draw
   fixed = jnp.stack([flow.sample_self_cond(jax.random.key(i), 12, 3, 0.5, "fixed_count") for i in range(400)])

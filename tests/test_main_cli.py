@@ -136,6 +136,39 @@ def test_the_literal_owt_b_command_starts_and_stops_offline_on_one_line(tmp_path
   assert re.match(r"error: data\.tokenizer='t5-small': .* Set --config\.data\.tokenizer=DIR", last), last
 
 
+def test_owt_b_prints_and_saves_the_sample_steps_it_uses(tmp_path):
+  """--config.sample.steps=64 on configs/owt_b.py (preset owt_sde32, 32 steps) wins over the preset: the config
+  printed at start-up and saved as config_train.json show 64 steps and the preset's other fields."""
+  result = subprocess.run(
+      [sys.executable, "-m", "elf_jax.main", f"--config={REPO / 'configs' / 'owt_b.py'}", "--config.sample.steps=64",
+       "--config.mesh.fsdp=2"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+      env={**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)})
+  assert result.returncode == 1 and "Traceback" not in result.stderr  # offline: stops at the tokenizer
+  saved = json.loads((tmp_path / "runs" / "owt_b" / "config_train.json").read_text())
+  assert json.dumps(saved, indent=2) in result.stdout  # the printed config is the saved one
+  assert saved["sample"] == {**saved["sample"], "preset": "owt_sde32", "steps": 64, "method": "sde", "gamma": 1.5}
+  assert saved["mesh"] == {**saved["mesh"], "preset": "data-parallel", "data": -1, "fsdp": 2, "tensor": 1}
+
+
+@pytest.mark.parametrize("override, error", [
+    ("--config.eval.sweep=steps=1,x", "eval.sweep entry 'steps=1,x': every value of steps must be of type int"),
+    ("--config.eval.sweep=method=euler", "sample.method='euler' (eval.sweep point {'method': 'euler'}): expected"),
+    ("--config.distill.rounds=16:0", "distill.rounds entry '16:0': expected STUDENT_STEPS:TEACHER_SUB_STEPS"),
+    ("--config.sample.preset=owt", "sample.preset='owt' is unknown; choose one of owt_sde32"),
+    ("--config.model.remat=all", "model.remat='all': expected one of none, full, dots_saveable"),
+])
+def test_a_config_mistake_stops_the_run_before_it_starts(tmp_path, override, error):
+  """A bad sweep, rounds, preset or enum value ends the run at start-up with one error naming it: nothing is built,
+  sampled or written."""
+  result = subprocess.run(
+      [sys.executable, "-m", "elf_jax.main", "--config=configs/tiny.py", f"--workdir={tmp_path / 'run'}", override],
+      cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert result.returncode == 1 and "Traceback" not in result.stderr
+  assert result.stderr.startswith("error: invalid config: ") and result.stderr.count("\n") == 1  # one line
+  assert error in result.stderr, result.stderr
+  assert not (tmp_path / "run").exists()
+
+
 def test_default_workdir_names_the_config_and_its_argument():
   from elf_jax import main  # pylint: disable=import-outside-toplevel
   assert main.default_workdir("configs/owt_b.py") == os.path.join("runs", "owt_b")

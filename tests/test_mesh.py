@@ -5,6 +5,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import CONFIGS, config_from_command_line
 from elf_jax import config as config_lib
 from elf_jax.parallel import mesh as mesh_lib
 
@@ -101,7 +102,7 @@ def test_cpu_preset_resolves_without_touching_the_config():
   assert config.to_dict() == before  # the preset replaced the sizes for the mesh only
 
 
-@pytest.mark.parametrize("name, shape", [("gpu", (8, 1, 1)), ("gpu-fsdp", (1, 8, 1))])
+@pytest.mark.parametrize("name, shape", [("data-parallel", (8, 1, 1)), ("gpu-fsdp", (1, 8, 1))])
 def test_fill_presets_resolve_on_8_devices(name, shape):
   config = _with_preset(name)
   assert tuple(mesh_lib.make_mesh(config.mesh).shape.values()) == shape
@@ -115,13 +116,43 @@ def test_tpu_presets_fail_clearly_on_8_devices(name, needed):
 
 
 def test_every_preset_names_all_axes():
-  for name, preset in mesh_lib.MESH_PRESETS.items():
-    assert set(preset) == set(mesh_lib.MESH_AXES), name
+  for name, preset in config_lib.MESH_PRESETS.items():
+    assert set(preset) == set(config_lib.MESH_AXES), name
 
 
 def test_unknown_preset():
-  with pytest.raises(ValueError, match=r"unknown mesh preset 'v9'; known presets: cpu-8, gpu"):
+  with pytest.raises(config_lib.ConfigError, match=r"mesh.preset='v9' is unknown; choose one of data-parallel, v5p-64"):
     mesh_lib.make_mesh(_with_preset("v9").mesh)
+  with pytest.raises(config_lib.ConfigError, match=r"mesh.preset='v9' is unknown"):
+    config_lib.validate(_with_preset("v9"))
+
+
+def test_explicit_axes_beat_the_preset():
+  """An axis set on the command line or in Python wins over mesh.preset, which fills the axes left unset; the printed
+  (resolved) config shows the sizes used."""
+  on_command_line = config_from_command_line(CONFIGS / "owt_b.py", "--config.mesh.preset=gpu-fsdp",
+                                             "--config.mesh.fsdp=4")
+  in_python = config_lib.base_config()
+  in_python.mesh.preset = "gpu-fsdp"
+  in_python.mesh.fsdp = 4
+  for config in (on_command_line, in_python):
+    assert config_lib.mesh_settings(config.mesh) == dict(data=-1, fsdp=4, tensor=1)
+    assert dict(mesh_lib.make_mesh(config.mesh).shape) == dict(data=2, fsdp=4, tensor=1)
+    resolved = config_lib.resolve(config).mesh
+    assert (resolved.preset, resolved.data, resolved.fsdp, resolved.tensor) == ("gpu-fsdp", -1, 4, 1)
+    assert config.mesh.data is None  # resolving leaves the config as it was
+  # Every axis set: the preset has nothing left to fill.
+  assert dict(mesh_lib.make_mesh(config_from_command_line(
+      CONFIGS / "owt_b.py", "--config.mesh.data=1", "--config.mesh.fsdp=2", "--config.mesh.tensor=4").mesh).shape) == (
+          dict(data=1, fsdp=2, tensor=4))
+
+
+def test_a_mesh_that_does_not_fit_names_the_preset():
+  config = _with_preset("v5p-64")
+  config.mesh.fsdp = 2
+  with pytest.raises(config_lib.ConfigError, match=r"mesh data=32 fsdp=2 tensor=1 \(data, tensor from "
+                     r"mesh.preset='v5p-64'\) needs 64 devices, but 8 are available"):
+    mesh_lib.make_mesh(config.mesh)
 
 
 @pytest.fixture

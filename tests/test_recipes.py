@@ -3,11 +3,14 @@ defaults of src/configs/config.py, spec §7), field by field; they name its pre-
 the pipeline reads as they are from a local copy."""
 import importlib.util
 import pathlib
+import sys
 
+import ml_collections
 import numpy as np
 import pytest
 
-from elf_jax.config import validate
+from elf_jax import recipes
+from elf_jax.config import base_config, validate
 from elf_jax.data import pipeline, sources
 from elf_jax.data import tokenizer as tokenizer_lib
 from elf_jax.objective import optim
@@ -151,3 +154,40 @@ def test_recipe_reads_a_local_copy_of_the_official_dataset(name, tmp_path):
     tokens = (condition + rows["input_ids"][i])[:s]
     assert batch["ids"][i].tolist() == tokens + [pad] * (s - len(tokens))
     assert batch["valid"][i].sum() == len(tokens) and batch["cond_mask"][i].sum() == len(condition)
+
+
+class _Recording:
+  """A config (or group) that records, per recipe function, the assignments that leave a field as it was."""
+
+  def __init__(self, config, redundant, prefix=""):
+    object.__setattr__(self, "_config", config)
+    object.__setattr__(self, "_redundant", redundant)
+    object.__setattr__(self, "_prefix", prefix)
+
+  def __getattr__(self, name):
+    value = getattr(self._config, name)
+    if isinstance(value, ml_collections.ConfigDict):
+      return _Recording(value, self._redundant, f"{self._prefix}{name}.")
+    return value
+
+  def __setattr__(self, name, value):
+    if getattr(self._config, name) == value:
+      self._redundant.setdefault(sys._getframe(1).f_code.co_name, []).append(self._prefix + name)
+    setattr(self._config, name, value)
+
+
+def test_recipes_set_only_what_differs_from_the_base(monkeypatch):
+  """Every assignment in a recipe changes the value it had (base_config's, or the recipe it builds on): a recipe
+  reads as its differences. A table-driven assignment (owt's sizes) counts as redundant only if it is for every
+  argument."""
+  calls = {"owt": [("b",), ("m",), ("l",)], "xsum": [()], "wmt_de_en": [()], "tiny": [()], "tiny_distill": [()]}
+  redundant = {}
+  for name, arguments in calls.items():
+    per_call = []
+    for args in arguments:
+      records = {}
+      monkeypatch.setattr(recipes, "base_config", lambda: _Recording(base_config(), records))
+      getattr(recipes, name)(*args)
+      per_call.append(set(records.get(name, [])))
+    redundant[name] = sorted(set.intersection(*per_call))
+  assert not any(redundant.values()), f"recipe assignments equal to the value already there: {redundant}"

@@ -6,13 +6,14 @@ import json
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 import tokenizers
 import transformers
 
-from elf_jax.config import base_config
+from conftest import CONFIGS, config_from_command_line
+from elf_jax.config import (SAMPLE_PRESETS, ConfigError, base_config, few_step_settings, resolve, sample_settings,
+                            validate)
 from elf_jax.model.elf import ELF, ModelConfig, init_params
 from elf_jax.objective import flow
 from elf_jax.sampling import sampler as S
@@ -60,6 +61,10 @@ def _sde_config(cfg, **overrides):
   return S.SampleConfig.from_config(base_config(), **{**fields, **overrides})
 
 
+# The reference samples with T5's EOS / pad ids (the word tokenizer of these tests has the same).
+T5_IDS = dict(eos_id=1, pad_id=0)
+
+
 def _relative_error(got, want) -> float:
   return float(np.linalg.norm(np.asarray(got, np.float64) - want) / np.linalg.norm(want))
 
@@ -67,7 +72,7 @@ def _relative_error(got, want) -> float:
 def _config(cfg, task, **overrides):
   run = cfg[task]
   fields = dict(method=run["method"], steps=run["steps"], grid=run["grid"], guidance_scale=run["self_cond_cfg_scale"],
-                cfg_scale=run["cfg_scale"], noise_scale=cfg["denoiser_noise_scale"], t_eps=cfg["t_eps"])
+                cfg_scale=run["cfg_scale"], noise_scale=cfg["denoiser_noise_scale"], t_eps=cfg["t_eps"], **T5_IDS)
   return S.SampleConfig.from_config(base_config(), **{**fields, **overrides})
 
 
@@ -178,7 +183,7 @@ def test_sde_churn(ref):
   """γ = 0 is the ODE; γ > 0 depends on the key; a single (= last) interval is always an ODE step."""
   model, params, cfg, r = ref
   kw = dict(guidance_scale=cfg["unc"]["self_cond_cfg_scale"], cfg_scale=1.0, noise_scale=cfg["denoiser_noise_scale"],
-            t_eps=cfg["t_eps"])
+            t_eps=cfg["t_eps"], **T5_IDS)
   ode = jax.jit(lambda grid: S.sample(params, model, r["z0"], grid, method="ode", gamma=0.0, **kw).latents)
   sde = jax.jit(lambda grid, gamma, key: S.sample(params, model, r["z0"], grid, method="sde", gamma=gamma,
                                                   rng=jax.random.key(key), **kw).latents)
@@ -237,7 +242,7 @@ def test_conditional_output_is_cut_to_the_target_length(ref):
 
 
 def test_random_grid_per_key_and_sorted():
-  config = S.SampleConfig.from_config(base_config(), steps=16, grid="logit_normal", noise_scale=2.0)
+  config = S.SampleConfig.from_config(base_config(), steps=16, grid="logit_normal", noise_scale=2.0, **T5_IDS)
   z0, g0, k0 = S.draw_inputs(jax.random.key(0), config, batch=2, seq_len=4, latent_dim=3)
   _, g1, k1 = S.draw_inputs(jax.random.key(1), config, batch=2, seq_len=4, latent_dim=3)
   _, g0b, _ = S.draw_inputs(jax.random.key(0), config, batch=2, seq_len=4, latent_dim=3)
@@ -302,30 +307,61 @@ def test_presets():
   c = base_config()
   c.sample.preset = "cond_ode64"
   c.sample.grid = "uniform"
-  filled = S.apply_preset(c.sample)
-  assert (filled.method, filled.steps, filled.cfg_scale, filled.guidance_scale) == ("ode", 64, 2.0, 1.0)
-  assert c.sample.method == "sde" and c.sample.grid == "uniform"  # the input is not modified
-  c.sample.preset = "owt_sde32"
-  sc = S.SampleConfig.from_config(c)
+  sc = S.SampleConfig.from_config(c, **T5_IDS)
+  assert (sc.method, sc.steps, sc.cfg_scale, sc.guidance_scale, sc.grid) == ("ode", 64, 2.0, 1.0, "uniform")
+  assert c.sample.method is None and c.sample.grid == "uniform"  # the config is not modified
+  c.sample.preset, c.sample.grid = "owt_sde32", None
+  sc = S.SampleConfig.from_config(c, **T5_IDS)
   assert (sc.method, sc.steps, sc.gamma, sc.guidance_scale, sc.noise_scale) == ("sde", 32, 1.5, 3.0,
                                                                                c.flow.denoiser_noise_scale)
   # Every preset is an official sampling config: a fresh logit-normal grid per batch, sigmoid(N(−1.5, 0.8)).
-  for name in S.PRESETS:
+  for name in SAMPLE_PRESETS:
     c.sample.preset = name
-    sc = S.SampleConfig.from_config(c)
+    sc = S.SampleConfig.from_config(c, **T5_IDS)
     assert (sc.grid, sc.grid_p_mean, sc.grid_p_std) == ("logit_normal", -1.5, 0.8), name
-  assert S.apply_preset(ml_collections.ConfigDict({"preset": "", "steps": 7})).steps == 7
   c.sample.preset = "nope"
-  with pytest.raises(ValueError, match="owt_sde64"):
-    S.apply_preset(c.sample)
+  with pytest.raises(ConfigError, match="sample.preset='nope' is unknown; choose one of owt_sde32, owt_sde64"):
+    S.SampleConfig.from_config(c, **T5_IDS)
+
+
+def test_explicit_sample_fields_beat_the_preset():
+  """owt_b samples with the owt_sde32 preset; sample.steps=64 set on the command line or in Python wins over its
+  32 (the preset still fills the rest), in the sampler's config and in the printed (resolved) config."""
+  on_command_line = config_from_command_line(CONFIGS / "owt_b.py", "--config.sample.steps=64",
+                                             "--config.sample.cfg_scale=1")
+  in_python = config_from_command_line(CONFIGS / "owt_b.py")
+  in_python.sample.steps = 64
+  in_python.sample.cfg_scale = 1.0
+  for config in (on_command_line, in_python):
+    assert config.sample.preset == "owt_sde32"
+    validate(config)
+    sc = S.SampleConfig.from_config(config, **T5_IDS)
+    assert (sc.steps, sc.method, sc.gamma, sc.guidance_scale) == (64, "sde", 1.5, 3.0)
+    assert resolve(config).sample.to_dict() == {**config.sample.to_dict(), **SAMPLE_PRESETS["owt_sde32"], "steps": 64}
+    assert config.sample.gamma is None  # resolving leaves the config as it was
+  # Keyword overrides of from_config are explicit too (the eval sweep's points): the preset fills around them.
+  config = config_from_command_line(CONFIGS / "xsum_b.py", "--config.sample.gamma=0.5")
+  sc = S.SampleConfig.from_config(config, steps=8, **T5_IDS)
+  assert (sc.method, sc.steps, sc.gamma, sc.cfg_scale) == ("ode", 8, 0.5, 2.0)
+
+
+def test_the_few_step_preset_follows_the_step_count():
+  """fewstep: γ and w by sample.steps (unset: the last distillation round's student steps); explicit fields win."""
+  config = base_config()
+  config.sample.preset = "fewstep"
+  config.distill.rounds = "16:4,8:8"
+  assert sample_settings(config) == few_step_settings(8)
+  assert (sample_settings(config)["gamma"], sample_settings(config, steps=16)["gamma"]) == (1.5, 2.0)
+  config.sample.gamma = 0.7
+  assert sample_settings(config, steps=16) == {**few_step_settings(16), "gamma": 0.7}
 
 
 def test_sample_config_target_length_from_the_data():
   """Unconditional outputs are not cut; conditional ones keep max_length − max_condition_length target tokens."""
   c = base_config()
-  assert S.SampleConfig.from_config(c).max_target_length == 0
+  assert S.SampleConfig.from_config(c, **T5_IDS).max_target_length == 0
   c.data.conditional, c.data.max_length, c.data.max_condition_length = True, 96, 64
-  assert S.SampleConfig.from_config(c).max_target_length == 96 - 64
+  assert S.SampleConfig.from_config(c, **T5_IDS).max_target_length == 96 - 64
 
 
 def _word_tokenizer(vocab_size):
@@ -352,7 +388,7 @@ def test_trajectory_view(ref, tmp_path):
 
   tok = _word_tokenizer(cfg["vocab_size"])
   paths = trajectory.render_trajectory(str(tmp_path), params, model, out, tok, guidance_scale=config.guidance_scale,
-                                       png=True)
+                                       eos_id=config.eos_id, pad_id=config.pad_id, png=True)
   lines = [json.loads(l) for l in open(paths["jsonl"], encoding="utf-8")]
   assert [l["step"] for l in lines] == [str(i) for i in range(config.steps)] + ["final"]
   assert lines[2]["t"] == pytest.approx(float(r["grid"][2])) and lines[-1]["t"] == 1.0

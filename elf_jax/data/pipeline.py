@@ -37,6 +37,7 @@ import ml_collections
 import numpy as np
 import transformers
 
+from elf_jax.config import PAD_TOKENS, check_choice
 from elf_jax.data import latent_cache
 from elf_jax.data import sources
 from elf_jax.data import synthetic
@@ -81,8 +82,7 @@ class Layout:
 def make_layout(config: ml_collections.ConfigDict, tokenizer: transformers.PreTrainedTokenizerBase) -> Layout:
   """The Layout of config.data / config.flow.pad_token with the tokenizer's pad and EOS ids; checks lengths."""
   d = config.data
-  if config.flow.pad_token not in ("pad", "eos"):
-    raise ValueError(f"config.flow.pad_token must be 'pad' or 'eos', got {config.flow.pad_token!r}")
+  check_choice("flow.pad_token", config.flow.pad_token, PAD_TOKENS)
   if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
     raise ValueError(f"the tokenizer {type(tokenizer).__name__} needs pad and EOS tokens (T5's: pad 0, EOS 1)")
   if d.max_length < 2:

@@ -40,7 +40,7 @@ import ml_collections
 import numpy as np
 
 from elf_jax import fs
-from elf_jax.config import ConfigError
+from elf_jax.config import DATA_SOURCES, ConfigError, check_choice
 from elf_jax.data import synthetic
 
 # Conditional field names (input, output) of the TFDS datasets we know.
@@ -65,6 +65,7 @@ def make_source(data_config: ml_collections.ConfigDict, split: str,
     language: the synthetic language (source "synthetic"); default `make_language(data_config)`.
   """
   kind = data_config.source
+  check_choice("data.source", kind, DATA_SOURCES)
   if kind == "synthetic":
     if data_config.conditional:
       raise ValueError("config.data.source = 'synthetic' is unconditional; set config.data.conditional = False")
@@ -72,8 +73,6 @@ def make_source(data_config: ml_collections.ConfigDict, split: str,
                            data_config.synthetic_seed, split)
   if kind == "tfds":
     return _tfds_source(data_config, split)
-  if kind not in ("hf_arrow", "jsonl", "text"):
-    raise ValueError(f"unknown config.data.source {kind!r}; use synthetic | tfds | hf_arrow | jsonl | text")
   path = data_config.path.replace("{split}", split)
   fields = _fields(data_config)
   if kind == "hf_arrow" and HUB_ID.fullmatch(path) and not os.path.exists(path):

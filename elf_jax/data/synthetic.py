@@ -254,7 +254,7 @@ class SyntheticLanguage(HiddenMarkovLanguage):
       classes keep their most common words first). None: the full vocabulary (399 words; words_per_class=3 gives 156).
   """
 
-  def __init__(self, seed: int = 0, words_per_class: int | None = None):
+  def __init__(self, seed: int, words_per_class: int | None = None):
     if words_per_class is not None and words_per_class < 1:
       raise ValueError(f"words_per_class must be >= 1 or None, got {words_per_class}")
     self.seed = seed

@@ -87,14 +87,15 @@ class GenPPLScorer:
     tokenizer: a Hugging Face GPT-2 tokenizer (`AutoTokenizer.from_pretrained(dir)`); its eos_token_id is EOS.
     batch_size: rows per forward pass; a multiple of the mesh's batch shards (data × fsdp) when a mesh is given.
     mesh: optional `jax.sharding.Mesh` with a 'data' and / or 'fsdp' axis; the batch is sharded over them.
-    max_length: tokens per scored sequence (GPT-2's context: at most n_positions).
+    max_length: tokens per scored sequence (at most GPT-2's context n_positions; None = n_positions).
     compute_dtype: matmul dtype of GPT-2 (float32 or bfloat16); the NLL is float32.
     min_bucket: shortest padded length.
   """
 
-  def __init__(self, config: gpt2.GPT2Config, params: Any, tokenizer: Any, *, batch_size: int = 8,
-               mesh: jax.sharding.Mesh | None = None, max_length: int = 1024, compute_dtype: Any = jnp.float32,
+  def __init__(self, config: gpt2.GPT2Config, params: Any, tokenizer: Any, *, batch_size: int,
+               mesh: jax.sharding.Mesh | None = None, max_length: int | None = None, compute_dtype: Any = jnp.float32,
                min_bucket: int = 16):
+    max_length = config.n_positions if max_length is None else max_length
     if not 2 <= max_length <= config.n_positions:
       raise ValueError(f"max_length={max_length} must be in [2, n_positions={config.n_positions}]")
     if tokenizer.eos_token_id is None:

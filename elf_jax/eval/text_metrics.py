@@ -10,6 +10,8 @@ import sacrebleu
 from sacrebleu.metrics.helpers import extract_all_word_ngrams
 from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
 
+from elf_jax.config import MBR_METRICS, check_choice
+
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 _BLEU_ORDER = 4
 _TOKENIZE_13A = Tokenizer13a()
@@ -110,16 +112,15 @@ def mbr_select(candidates: Sequence[Sequence[str]], metric: str) -> list[int]:
 
   Args:
     candidates: per condition, its k >= 1 sampled texts.
-    metric: "bleu" (sacreBLEU sentence_bleu, lowercased as `bleu`, candidate as hypothesis, other as reference) or
-      "rougeL" (ROUGE-L F-measure with Porter stemming, as `rouge`).
+    metric: one of config.MBR_METRICS: "bleu" (sacreBLEU sentence_bleu, lowercased as `bleu`, candidate as
+      hypothesis, other as reference) or "rougeL" (ROUGE-L F-measure with Porter stemming, as `rouge`).
   """
+  check_choice("eval.mbr_metric", metric, MBR_METRICS)
   if metric == "bleu":
     utility = lambda hyp, ref: sacrebleu.sentence_bleu(hyp, [ref], lowercase=True).score
-  elif metric == "rougeL":
+  else:
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     utility = lambda hyp, ref: scorer.score(target=ref, prediction=hyp)["rougeL"].fmeasure
-  else:
-    raise ValueError(f"MBR metric {metric!r}: expected 'bleu' or 'rougeL'")
   chosen = []
   for texts in candidates:
     k = len(texts)

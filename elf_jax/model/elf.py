@@ -20,16 +20,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from elf_jax.config import base_config
+from elf_jax.config import REMAT_POLICIES, base_config, check_choice
 from elf_jax.model import layers
 
 BLOCKS = "blocks"  # the scanned blocks: every leaf has a leading layer axis (logical axis "layers")
 BLOCK_PREFIX = "blocks_"  # published checkpoints name block i `blocks_{i}` (spec §9)
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
+# jax.checkpoint policy of each of config.REMAT_POLICIES (none: no rematerialisation).
+_CHECKPOINT_POLICIES = dict(zip(REMAT_POLICIES, (None, jax.checkpoint_policies.nothing_saveable,
+                                                 jax.checkpoint_policies.dots_with_no_batch_dims_saveable)))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -54,7 +52,7 @@ class ModelConfig:
   dropout_rate: float
   compute_dtype: str  # float32 | bfloat16
   attention_impl: str  # xla | pallas | auto
-  remat: str  # none | full | dots_saveable
+  remat: str  # one of config.REMAT_POLICIES
 
   @property
   def num_prefix(self) -> int:
@@ -135,9 +133,9 @@ class ELF(nn.Module):
     data_mask = jnp.ones((b, s), bool) if mask is None else mask.astype(bool)
     key_mask = jnp.concatenate([jnp.ones((b, cfg.num_prefix), bool), data_mask], axis=1)
 
-    if REMAT_POLICIES.get(cfg.remat, "?") == "?":
-      raise ValueError(f"model.remat={cfg.remat!r}: expected one of {sorted(REMAT_POLICIES)}")
-    block_cls = layers.Block if cfg.remat == "none" else nn.remat(layers.Block, policy=REMAT_POLICIES[cfg.remat])
+    check_choice("model.remat", cfg.remat, REMAT_POLICIES)
+    policy = _CHECKPOINT_POLICIES[cfg.remat]
+    block_cls = layers.Block if policy is None else nn.remat(layers.Block, policy=policy)
     blocks = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                      in_axes=(0, nn.broadcast), length=cfg.depth, metadata_params={nn.PARTITION_NAME: "layers"})
     h, _ = blocks(cfg.num_heads, cfg.num_prefix, cfg.swiglu_hidden, cfg.rope_theta, cfg.dropout_rate, dtype,

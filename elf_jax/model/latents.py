@@ -17,8 +17,8 @@ from elf_jax.model.t5_encoder import T5Encoder, make_encoder_mask
 class LatentEncoder:
   """Frozen encoder + latent normalisation. `dim` is C."""
   t5: T5Encoder
-  latent_mean: float = 0.0
-  latent_std: float = 0.2
+  latent_mean: float  # x0 = (E(ids) − latent_mean) / latent_std (config.encoder)
+  latent_std: float
 
   @property
   def dim(self) -> int:

@@ -57,20 +57,6 @@ class DistillConfig:
                          teacher_schedule=config.distill.teacher_schedule), **overrides})
 
 
-def parse_rounds(spec: str) -> list[tuple[int, int]]:
-  """'16:4,8:8' → [(16, 4), (8, 8)]: (student steps, teacher sub-steps) per round, in order."""
-  rounds = []
-  for part in filter(None, (p.strip() for p in spec.split(","))):
-    steps, _, sub = part.partition(":")
-    if not (steps.strip().isdigit() and sub.strip().isdigit() and int(steps) >= 1 and int(sub) >= 1):
-      raise ValueError(f"distill.rounds entry {part!r}: expected STUDENT_STEPS:TEACHER_SUB_STEPS, both integers "
-                       ">= 1, e.g. '16:4,8:8,4:16,2:32,1:64'")
-    rounds.append((int(steps), int(sub)))
-  if not rounds:
-    raise ValueError(f"distill.rounds={spec!r} names no round; e.g. '16:4,8:8,4:16,2:32,1:64'")
-  return rounds
-
-
 def sub_step_times(rng, t_s, t_t, num_sub_steps: int, schedule: str, p_mean: float, p_std: float) -> jax.Array:
   """The teacher's grid per example: (B, K + 1) = t_s, K − 1 sorted schedule draws mapped into [t_s, t_t], t_t."""
   u = flow.sample_time(rng, t_s.shape + (num_sub_steps - 1,), schedule, p_mean, p_std)

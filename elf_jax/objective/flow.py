@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from elf_jax.config import SAMPLE_GRIDS, SELF_COND_DRAWS, TIME_SCHEDULES, check_choice
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class FlowConfig:
@@ -43,11 +45,10 @@ def _bcast(s: jax.Array, like: jax.Array) -> jax.Array:
 
 def sample_time(rng, shape, schedule: str, p_mean: float, p_std: float) -> jax.Array:
   """Training times: `logit_normal` t = sigmoid(N(p_mean, p_std)) or `uniform` U(0, 1)."""
+  check_choice("time schedule (flow.time_schedule, distill.*_schedule)", schedule, TIME_SCHEDULES)
   if schedule == "logit_normal":
     return jax.nn.sigmoid(p_mean + p_std * jax.random.normal(rng, shape))
-  if schedule == "uniform":
-    return jax.random.uniform(rng, shape)
-  raise ValueError(f"flow.time_schedule={schedule!r}: expected 'logit_normal' or 'uniform'")
+  return jax.random.uniform(rng, shape)
 
 
 def sample_guidance_scale(rng, shape, w_min: float, w_max: float) -> jax.Array:
@@ -61,20 +62,19 @@ def num_self_conditioned(group_size: int, prob: float) -> int:
   return int(round(prob * group_size))
 
 
-def sample_self_cond(rng, batch_size: int, num_groups: int, prob: float, draw: str = "bernoulli") -> jax.Array:
+def sample_self_cond(rng, batch_size: int, num_groups: int, prob: float, draw: str) -> jax.Array:
   """(B,) bool: which examples are self-conditioned.
 
   `bernoulli` (the reference): an independent coin with probability `prob` per example (`num_groups` unused).
   `fixed_count` (opt-in): in each of `num_groups` contiguous groups, a uniformly random subset of exactly
   `num_self_conditioned(B / num_groups, prob)` examples, so that the x_sc = 0 pass can run on a static-shape subset.
   """
+  check_choice("flow.self_cond_draw", draw, SELF_COND_DRAWS)
   if draw == "bernoulli":
     return jax.random.bernoulli(rng, prob, (batch_size,))
-  if draw == "fixed_count":
-    n = batch_size // num_groups
-    rank = jnp.argsort(jnp.argsort(jax.random.uniform(rng, (num_groups, n)), axis=-1), axis=-1)
-    return (rank < num_self_conditioned(n, prob)).reshape(batch_size)
-  raise ValueError(f"flow.self_cond_draw={draw!r}: expected 'bernoulli' or 'fixed_count'")
+  n = batch_size // num_groups
+  rank = jnp.argsort(jnp.argsort(jax.random.uniform(rng, (num_groups, n)), axis=-1), axis=-1)
+  return (rank < num_self_conditioned(n, prob)).reshape(batch_size)
 
 
 def interpolate(x0, eps, t, sigma: float):
@@ -113,13 +113,12 @@ def time_grid(steps: int, kind: str, rng=None, p_mean: float | None = None, p_st
   `uniform`: linspace. `logit_normal`: `logit_normal_grid` of steps − 1 draws p_mean + p_std · N(0, 1) from `rng`
   (one grid per batch element when `batch` is given).
   """
+  check_choice("sample.grid", kind, SAMPLE_GRIDS)
   if kind == "uniform":
     grid = jnp.linspace(0.0, 1.0, steps + 1, dtype=jnp.float32)
     return grid if batch is None else jnp.broadcast_to(grid, (batch, steps + 1))
-  if kind == "logit_normal":
-    if rng is None or p_mean is None or p_std is None:
-      raise ValueError("a logit_normal time grid is random: pass an rng and its p_mean / p_std "
-                       "(config.sample.grid_p_mean / grid_p_std)")
-    shape = (steps - 1,) if batch is None else (batch, steps - 1)
-    return logit_normal_grid(p_mean + p_std * jax.random.normal(rng, shape))
-  raise ValueError(f"sample.grid={kind!r}: expected 'uniform' or 'logit_normal'")
+  if rng is None or p_mean is None or p_std is None:
+    raise ValueError("a logit_normal time grid is random: pass an rng and its p_mean / p_std "
+                     "(config.sample.grid_p_mean / grid_p_std)")
+  shape = (steps - 1,) if batch is None else (batch, steps - 1)
+  return logit_normal_grid(p_mean + p_std * jax.random.normal(rng, shape))

@@ -21,10 +21,9 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from elf_jax.config import LR_SCHEDULES, OPTIMIZERS, check_choice
 from elf_jax.model import elf
 
-_OPTIMIZERS = ("muon", "adamw")
-_SCHEDULES = ("constant", "cosine")
 
 
 def learning_rate(optim_config: ml_collections.ConfigDict, global_batch_size: int) -> float:
@@ -56,8 +55,7 @@ def make_schedule(optim_config: ml_collections.ConfigDict, steps_per_epoch: int,
   Returns:
     An optax schedule: step (int) → learning rate (float32 scalar).
   """
-  if optim_config.schedule not in _SCHEDULES:
-    raise ValueError(f"config.optim.schedule={optim_config.schedule!r} is not one of {_SCHEDULES}.")
+  check_choice("optim.schedule", optim_config.schedule, LR_SCHEDULES)
   peak = learning_rate(optim_config, optim_config.global_batch_size)
   warmup = warmup_steps(optim_config, steps_per_epoch)
   if optim_config.schedule == "constant":
@@ -95,8 +93,7 @@ def make_optimizer(optim_config: ml_collections.ConfigDict,
     optim_config: the `optim` group (`optimizer`, `muon_*`, `adamw_*`, `weight_decay`).
     schedule: learning rate, a float or a schedule over optimizer updates (`make_schedule`).
   """
-  if optim_config.optimizer not in _OPTIMIZERS:
-    raise ValueError(f"config.optim.optimizer={optim_config.optimizer!r} is not one of {_OPTIMIZERS}.")
+  check_choice("optim.optimizer", optim_config.optimizer, OPTIMIZERS)
   if optim_config.optimizer == "muon":
     return optax.contrib.muon(
         schedule, beta=optim_config.muon_momentum, weight_decay=optim_config.weight_decay,

@@ -30,12 +30,12 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from elf_jax.config import ATTENTION_IMPLS, check_choice
 from elf_jax.ops.pallas import flash_attention as flash
 from elf_jax.parallel.mesh import BATCH_AXES
 
-HEAD_AXIS = "tensor"  # the mesh axis that splits attention heads (elf_jax.parallel.mesh.MESH_AXES)
+HEAD_AXIS = "tensor"  # the mesh axis that splits attention heads (elf_jax.config.MESH_AXES)
 
-IMPLS = ("xla", "pallas", "auto")
 # Sequence length from which "auto" uses the flash kernel on TPU / GPU. Below it the L x L float32 scores of one
 # head (<= 1 MiB) are cheap for XLA and the kernel's padding of L and D to its tiles costs more than it saves;
 # ELF's full-length blocks (L = 1036) are above it. Re-tune with benchmarks/attention.py on the target chip.
@@ -47,12 +47,11 @@ def resolve_impl(impl: str, seq_len: int, backend: str | None = None) -> str:
   """The concrete implementation ("xla" | "pallas") that `impl` selects for this length on `backend`.
 
   Args:
-    impl: "xla" | "pallas" | "auto".
+    impl: one of config.ATTENTION_IMPLS.
     seq_len: L, tokens per sequence.
     backend: jax backend name ("cpu" | "gpu" | "tpu"); None = the traced-for platform (`flash.trace_platform`).
   """
-  if impl not in IMPLS:
-    raise ValueError(f"unknown attention impl {impl!r}; expected one of {IMPLS} (config: model.attention_impl)")
+  check_choice("model.attention_impl", impl, ATTENTION_IMPLS)
   if impl != "auto":
     return impl
   backend = flash.trace_platform() if backend is None else backend

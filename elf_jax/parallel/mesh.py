@@ -1,4 +1,4 @@
-"""Device mesh: axis names, mesh construction from `config.mesh`, presets, and multi-host start-up.
+"""Device mesh: axis names, mesh construction from `config.mesh` (`elf_jax.config.mesh_settings`), multi-host start-up.
 
 The mesh has three axes, outermost to innermost: `data` (pure data parallelism), `fsdp` (data parallelism whose
 parameters and optimizer state are sharded too) and `tensor` (model parallelism inside a layer). `tensor` is
@@ -17,28 +17,9 @@ import jax
 from jax.experimental import mesh_utils
 import numpy as np
 
-from elf_jax.config import ConfigError
+from elf_jax.config import MESH_AXES, ConfigError, mesh_settings
 
-MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
-
-# Named mesh shapes; `config.mesh.preset = name` replaces the data / fsdp / tensor fields (`mesh_sizes`; the config
-# itself is never modified). -1 = fill with the remaining devices. Each comment states the device count the preset is meant for; `make_mesh` checks it against the
-# devices it finds.
-MESH_PRESETS: dict[str, dict[str, int]] = {
-    # TPU v5p-64: 32 chips (4 per host, 8 hosts), one ICI slice. ELF-B (105M params) and ELF-M fit every copy of
-    # params + EMA + optimizer state on each chip: pure data parallelism, batch 512 = 16 rows per chip.
-    "v5p-64": dict(data=32, fsdp=1, tensor=1),
-    # TPU v5p-64 with params, EMA and optimizer state sharded over 8 chips (FSDP), 4 data-parallel replicas: optional
-    # for every shipped config (ELF-L fits data=32 with 55% headroom); frees room for larger per-chip batches.
-    "v5p-64-fsdp": dict(data=4, fsdp=8, tensor=1),
-    # GPUs, one or several hosts, any count: pure data parallelism over all of them.
-    "gpu": dict(data=-1, fsdp=1, tensor=1),
-    # GPUs, hosts of 8 (NVLink inside a host): FSDP over a host's 8 GPUs, data parallel across hosts.
-    "gpu-fsdp": dict(data=-1, fsdp=8, tensor=1),
-    # Tests: 8 host CPU devices (tests/conftest.py), every axis of size 2 so each one is exercised.
-    "cpu-8": dict(data=2, fsdp=2, tensor=2),
-}
 
 _ENV_FLAG = "ELF_DISTRIBUTED"
 _ENV_COORDINATOR = "ELF_COORDINATOR_ADDRESS"
@@ -46,31 +27,21 @@ _ENV_NUM_PROCESSES = "ELF_NUM_PROCESSES"
 _ENV_PROCESS_ID = "ELF_PROCESS_ID"
 
 
-def mesh_sizes(mesh_config: Mapping[str, Any]) -> dict[str, int]:
-  """{"data", "fsdp", "tensor"} sizes of `config.mesh`: its preset's (`MESH_PRESETS`) when `preset` is set, else its
-  own fields; -1 = fill. Reads the config, never writes it."""
-  preset = mesh_config.get("preset", "")
-  if preset:
-    if preset not in MESH_PRESETS:
-      raise ConfigError(f"unknown mesh preset {preset!r}; known presets: {', '.join(sorted(MESH_PRESETS))}. Fix: "
-                        "--config.mesh.preset=<one of these> or '' (use mesh.data/fsdp/tensor).")
-    return dict(MESH_PRESETS[preset])
-  return {axis: mesh_config[axis] for axis in MESH_AXES}
-
-
 def resolve_mesh_shape(mesh_config: Mapping[str, Any], num_devices: int) -> tuple[int, int, int]:
   """Returns the (data, fsdp, tensor) sizes for `num_devices` devices.
 
   Args:
-    mesh_config: `config.mesh` (or any mapping) with integer fields `data`, `fsdp`, `tensor` (or a `preset`, see
-      `mesh_sizes`); each a size >= 1 or -1 = the remaining devices (at most one -1).
+    mesh_config: `config.mesh` (or any mapping) with integer fields `data`, `fsdp`, `tensor`, those unset (None) filled
+      by its `preset` (`elf_jax.config.mesh_settings`); each a size >= 1 or -1 = the remaining devices (at most one).
     num_devices: the number of devices the mesh must cover exactly.
 
   Raises:
     ValueError: a size is neither >= 1 nor -1, more than one -1, or the product does not equal `num_devices`.
   """
-  sizes = mesh_sizes(mesh_config)
-  spec = " ".join(f"{axis}={size}" for axis, size in sizes.items())
+  sizes = mesh_settings(mesh_config)
+  from_preset = [axis for axis in MESH_AXES if mesh_config.get(axis) is None]
+  spec = " ".join(f"{axis}={size}" for axis, size in sizes.items()) + (
+      f" ({', '.join(from_preset)} from mesh.preset={mesh_config['preset']!r})" if from_preset else "")
   bad = [axis for axis, size in sizes.items() if not isinstance(size, (int, np.integer)) or size == 0 or size < -1]
   if bad:
     raise ConfigError(f"mesh {spec}: {', '.join(bad)} must be a positive integer or -1 (fill with the remaining "

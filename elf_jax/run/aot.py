@@ -24,7 +24,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from elf_jax.config import ConfigError
 from elf_jax.objective import step as step_lib
-from elf_jax.parallel import mesh as mesh_lib
 from elf_jax.run import experiment
 from elf_jax.run import hbm
 
@@ -144,13 +143,10 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: Sequence[jax.
 def compile_for_topology(config: ml_collections.ConfigDict, name: str) -> CompileReport:
   """`compile_train_step` over the abstract devices of the TPU slice `name`.
 
-  The mesh sizes come from `config.mesh.preset`, else from the preset named like the slice when one exists
-  (e.g. "v5p-64" in `elf_jax.parallel.mesh.MESH_PRESETS`), else from `config.mesh.data/fsdp/tensor`.
+  The mesh sizes come from `config.mesh` (`elf_jax.config.mesh_settings`; by default pure data parallelism over the
+  slice's chips).
   """
   devices = topology_devices(name)
-  if not config.mesh.preset and name in mesh_lib.MESH_PRESETS:
-    config = ml_collections.ConfigDict(config.to_dict())  # a copy: the caller's (locked) config is never written
-    config.mesh.preset = name
   return compile_train_step(config, devices, topology=name)
 
 

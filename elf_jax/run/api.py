@@ -14,6 +14,7 @@ Every call runs on every local device (the config's mesh), compiles once per sha
 progress bar over its batches.
 """
 from collections.abc import Callable, Mapping, Sequence
+import copy
 import dataclasses
 import json
 import warnings
@@ -71,7 +72,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping) -> ml
   """A copy of `config` with `overrides` set as `--config.x=y` sets them: keys "group.field" (or "group__field" for
   keyword arguments), or a group name with a dict of fields; a field that does not exist or a value of the wrong
   type is one ConfigError."""
-  config = ml_collections.ConfigDict(config.to_dict())
+  config = copy.deepcopy(config)
   flat = {}
   for key, value in overrides.items():
     key = key.replace("__", ".")
@@ -143,7 +144,7 @@ def _fill_dimensions(config: ml_collections.ConfigDict, params) -> ml_collection
   """`config` with the network dimensions read off `params` (the published table's recipes do not know M / L / B
   apart from the id; a config= given by the user is checked, not filled)."""
   dims = ModelConfig.from_params(params)
-  config = ml_collections.ConfigDict(config.to_dict())
+  config = copy.deepcopy(config)
   for attr, field in _DIMENSIONS.items():
     group, name = field.split(".")
     if attr != "swiglu_hidden":

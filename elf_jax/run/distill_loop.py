@@ -7,7 +7,7 @@
 Each round is `loop.train` in its own workdir (same mesh, sharding, checkpoints and auto-resume as training) with
 the distillation objective (`distill.compute_loss`) in place of the ELF one, and the teacher's EMA params, sharded
 like the student's, as a frozen input. The teacher is the same in every round. At the end of a round the hooks
-sample the student at its step count with the few-step settings (`sample.few_step_settings`) and a marker file
+sample the student at its step count with the few-step settings (`config.few_step_settings`) and a marker file
 records that the round is done: rerunning the command skips finished rounds and resumes the unfinished one.
 """
 import json
@@ -19,14 +19,13 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from elf_jax import fs
 from elf_jax import report
-from elf_jax.config import ConfigError
+from elf_jax.config import FEW_STEP_PRESET, ConfigError, parse_distill_rounds, resolve
 from elf_jax.objective import distill as distill_lib
 from elf_jax.objective import flow
 from elf_jax.objective import step as step_lib
 from elf_jax.objective.state import TrainState
 from elf_jax.run import experiment
 from elf_jax.run import train_loop
-from elf_jax.sampling import sampler
 from elf_jax.weights import published
 
 ROUND_DONE_FILE = "round_done.json"
@@ -48,7 +47,7 @@ def round_config(config: ml_collections.ConfigDict, student_steps: int, init_fro
   c.optim.num_epochs = d.epochs_per_round
   c.optim.warmup_steps = d.warmup_steps
   c.optim.warmup_epochs = d.warmup_epochs
-  c.sample.preset = sampler.FEW_STEP_PRESET
+  c.sample.preset = FEW_STEP_PRESET
   c.sample.steps = student_steps
   return c
 
@@ -81,10 +80,7 @@ def distill(config: ml_collections.ConfigDict, workdir: str, hooks=None) -> Trai
   if not d.teacher:
     raise ConfigError("distill.teacher is empty: set --config.distill.teacher to the teacher's training workdir "
                       "or checkpoint (e.g. runs/tiny, trained with --mode=train)")
-  try:
-    rounds = distill_lib.parse_rounds(d.rounds)
-  except ValueError as e:
-    raise ConfigError(str(e)) from e
+  rounds = parse_distill_rounds(d.rounds)
   teacher = fs.path(d.teacher)
   if not teacher.exists():
     raise FileNotFoundError(f"distill.teacher={d.teacher!r} does not exist; train the teacher first (--mode=train) "
@@ -113,7 +109,7 @@ def distill(config: ml_collections.ConfigDict, workdir: str, hooks=None) -> Trai
 
     rc = round_config(config, steps, init_from)
     if jax.process_index() == 0:
-      (directory / "config_train.json").write_text(rc.to_json_best_effort(indent=2))
+      (directory / "config_train.json").write_text(resolve(rc).to_json_best_effort(indent=2))
     dc = distill_lib.DistillConfig.from_config(rc, steps, sub_steps)
     state = train_loop.train(rc, str(directory), hooks=round_hooks, objective=distill_objective(rc, dc, str(teacher)))
     if not finished:

@@ -11,7 +11,6 @@ Neither mode opens the training split: they build the experiment without a train
 statistics saved with the run.
 """
 import dataclasses
-import itertools
 from typing import Any
 
 import jax
@@ -20,6 +19,7 @@ import numpy as np
 
 from elf_jax import fs
 from elf_jax import report
+from elf_jax.config import SAMPLE_PRESET_FIELDS, parse_sweep
 from elf_jax.eval import plots
 from elf_jax.run import api
 from elf_jax.run import experiment
@@ -121,38 +121,22 @@ def _write(workdir: str, name: str, scored: gen.Scored) -> str:
   return write_samples(workdir, name, scored.samples)
 
 
-def parse_sweep(spec: str) -> list[dict[str, Any]]:
-  """'guidance_scale=1,2;steps=16,32' → every combination as SampleConfig overrides (values cast to the field type)."""
-  types = {f.name: f.type for f in dataclasses.fields(sampler.SampleConfig)}
-  axes = []
-  for part in filter(None, (p.strip() for p in spec.split(";"))):
-    name, _, values = part.partition("=")
-    name = name.strip()
-    if name not in types or not values:
-      raise ValueError(f"eval.sweep entry {part!r}: expected FIELD=v1,v2 with FIELD one of {sorted(types)}")
-    kind = types[name] if isinstance(types[name], str) else types[name].__name__
-    cast = {"int": int, "float": float, "str": str, "bool": lambda v: v.lower() in ("1", "true")}[kind]
-    axes.append([(name, cast(v.strip())) for v in values.split(",")])
-  return [dict(combo) for combo in itertools.product(*axes)]
-
-
 def frontier(exp: experiment.Experiment, params, workdir: str, writer: report.MetricsWriter) -> list[dict[str, Any]]:
   """Scores every sampling setting of `config.eval.sweep` (every score of `generate.generate_and_score`: diversity,
-  MAUVE and MBR too) and plots Gen. PPL against entropy (DIR/frontier.png) and,
-  when the sweep varies `steps`, Gen. PPL and entropy against steps (DIR/steps.png). Under the `fewstep` preset each
-  step count gets its own few-step settings (a distilled student, spec §11). Returns one row per setting."""
+  MAUVE and MBR too) and plots Gen. PPL against entropy (DIR/frontier.png) and, when the sweep varies `steps`, Gen.
+  PPL and entropy against steps (DIR/steps.png). `sample.preset` fills what a sweep point and the config leave unset
+  (under `fewstep`, each step count gets its own few-step settings, spec §11). Returns one row per setting: the
+  sampling settings used (SAMPLE_PRESET_FIELDS) and the scores."""
   config = exp.config
-  few_step = config.sample.preset == sampler.FEW_STEP_PRESET
   settings = parse_sweep(config.eval.sweep)
   axes = list(settings[0])
   conditions = gen.eval_conditions(exp, config.sample.num_samples)
   rows = []
   for overrides in settings:
-    if few_step and "steps" in overrides:
-      overrides = {**sampler.few_step_settings(overrides["steps"]), **overrides}
-    scored = gen.generate_and_score(exp, params, config.sample.num_samples, config.seed,
-                                    sample_config=exp.sample_config(**overrides), conditions=conditions)
-    row = {**overrides, **scored.metrics}
+    sc = exp.sample_config(**overrides)
+    scored = gen.generate_and_score(exp, params, config.sample.num_samples, config.seed, sample_config=sc,
+                                    conditions=conditions)
+    row = {**{name: getattr(sc, name) for name in SAMPLE_PRESET_FIELDS}, **scored.metrics}
     writer.write(0, row, kind="frontier")
     rows.append(row)
     report.say(report.format_table(row))

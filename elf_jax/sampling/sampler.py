@@ -24,70 +24,29 @@ local device instead). The churn noise can also be passed in (`churn_noise`), e.
 from collections.abc import Callable, Mapping
 import dataclasses
 import math
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 
+from elf_jax.config import SAMPLE_METHODS, check_choice, sample_settings
 from elf_jax.objective import flow
 from elf_jax.parallel.mesh import batch_axes
-
-# The official sampling configs (spec §6); `apply_preset` copies one into `config.sample`. Every one draws a fresh
-# logit-normal time grid per batch, sigmoid(N(−1.5, 0.8)) (the official code takes P_mean / P_std from the training
-# recipe's denoiser time distribution, −1.5 / 0.8 in every official recipe).
-_OFFICIAL_GRID = dict(grid="logit_normal", grid_p_mean=-1.5, grid_p_std=0.8)
-PRESETS: dict[str, dict[str, Any]] = {
-    # OpenWebText headline: SDE, 32 steps, churn 1.5, self-conditioning guidance 3.
-    "owt_sde32": dict(method="sde", steps=32, gamma=1.5, guidance_scale=3.0, cfg_scale=1.0, **_OFFICIAL_GRID),
-    # OpenWebText, more steps and less churn.
-    "owt_sde64": dict(method="sde", steps=64, gamma=1.0, guidance_scale=3.0, cfg_scale=1.0, **_OFFICIAL_GRID),
-    # Conditional tasks (XSum, WMT14 De-En): ODE, 64 steps, classifier-free guidance 2, no self-cond. guidance.
-    "cond_ode64": dict(method="ode", steps=64, gamma=0.0, guidance_scale=1.0, cfg_scale=2.0, **_OFFICIAL_GRID),
-}
-METHODS = ("ode", "sde")
-# A progressively distilled student's few-step sampling (spec §11, the authors' few-step eval): preset "fewstep"
-# keeps sample.steps and takes the rest from `few_step_settings`.
-FEW_STEP_PRESET = "fewstep"
-
-
-def few_step_settings(steps: int) -> dict[str, Any]:
-  """`config.sample` fields for `steps` steps of a distilled student: SDE on the logit-normal grid, churn γ and
-  guidance w by step count (the authors' table: 1-8 steps γ 1.5, w 2.5; 16-32 steps γ 2.0, w 2.0)."""
-  gamma, w = (1.5, 2.5) if steps <= 8 else (2.0, 2.0)
-  return dict(method="sde", steps=steps, gamma=gamma, guidance_scale=w, cfg_scale=1.0, grid="logit_normal")
-
-
-def apply_preset(sample_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Returns a copy of `config.sample` with the fields of `sample_config.preset` filled in (if it is non-empty).
-
-  The input is not modified. Raises ValueError naming the known presets if the preset is unknown.
-  """
-  out = ml_collections.ConfigDict(sample_config.to_dict())
-  name = out.get("preset", "")
-  if not name:
-    return out
-  if name == FEW_STEP_PRESET:
-    out.update(few_step_settings(out.steps))
-    return out
-  if name not in PRESETS:
-    raise ValueError(f"sample.preset={name!r} is unknown; choose one of {sorted([*PRESETS, FEW_STEP_PRESET])} or '' "
-                     "(use the fields)")
-  out.update(PRESETS[name])
-  return out
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SampleConfig:
   """Static sampler settings (hashable: `make_sampler` compiles once per config), built by `from_config`; the
-  defaults live only in `elf_jax.config.base_config()` (e.g. `SampleConfig.from_config(base_config(), steps=8)`).
+  defaults live only in `elf_jax.config.base_config()` (e.g. `SampleConfig.from_config(base_config(), eos_id=1,
+  pad_id=0, steps=8)`).
 
-  method: "ode" | "sde"; steps: grid intervals (= denoiser evaluations); grid: "uniform" | "logit_normal";
+  method: one of SAMPLE_METHODS; steps: grid intervals (= denoiser evaluations); grid: one of SAMPLE_GRIDS;
   grid_p_mean / grid_p_std: the logit-normal grid's sigmoid(N(P_mean, P_std)) draws; gamma: SDE churn γ;
   guidance_scale: default self-conditioning guidance w; cfg_scale: classifier-free guidance s (1 = off;
   conditional only); noise_scale: σ of the initial and churn noise; t_eps: velocity denominator floor;
-  eos_id / pad_id: token ids (T5's by default; the run's tokenizer passes its own); max_target_length: conditional
+  eos_id / pad_id: the tokenizer's token ids (no config field: given to from_config); max_target_length: conditional
   outputs keep at most this many target tokens (0 = all; from a config: max_length − max_condition_length, as the
   official generation cuts them); return_trajectory: keep x̂ of every step.
   """
@@ -101,25 +60,24 @@ class SampleConfig:
   cfg_scale: float
   noise_scale: float
   t_eps: float
-  eos_id: int = 1
-  pad_id: int = 0
+  eos_id: int
+  pad_id: int
   max_target_length: int
   return_trajectory: bool
 
   def __post_init__(self):
-    if self.method not in METHODS:
-      raise ValueError(f"sample.method={self.method!r}: expected one of {METHODS}")
+    check_choice("sample.method", self.method, SAMPLE_METHODS)
     if self.steps < 1:
       raise ValueError(f"sample.steps={self.steps}: need at least one step")
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict, **overrides) -> "SampleConfig":
-    """From a full run config: `config.sample` (after `apply_preset`), σ and t_eps of `config.flow`, and the target
-    length of a conditional `config.data`."""
-    s, f, d = apply_preset(config.sample), config.flow, config.data
-    fields = dict(method=s.method, steps=s.steps, grid=s.grid, grid_p_mean=s.grid_p_mean, grid_p_std=s.grid_p_std,
-                  gamma=s.gamma, guidance_scale=s.guidance_scale, cfg_scale=s.cfg_scale,
-                  noise_scale=f.denoiser_noise_scale, t_eps=f.t_eps, return_trajectory=s.save_trajectory,
+    """From a full run config: the sampling settings of `config.sample` (`elf_jax.config.sample_settings`: what
+    `overrides` or the config set, `sample.preset` for the rest), σ and t_eps of `config.flow`, and the target length
+    of a conditional `config.data`."""
+    f, d = config.flow, config.data
+    fields = dict(**sample_settings(config, **overrides), noise_scale=f.denoiser_noise_scale, t_eps=f.t_eps,
+                  return_trajectory=config.sample.save_trajectory,
                   max_target_length=d.max_length - d.max_condition_length if d.conditional else 0)
     return cls(**{**fields, **overrides})
 
@@ -172,7 +130,7 @@ def mask_after_eos(ids: jax.Array, eos_id: int, pad_id: int) -> jax.Array:
   return jnp.where(jnp.cumsum(ids == eos_id, axis=-1) > 0, pad_id, ids)
 
 
-def finalize_ids(raw_ids, cond_mask=None, mask=None, *, eos_id: int = 1, pad_id: int = 0,
+def finalize_ids(raw_ids, cond_mask=None, mask=None, *, eos_id: int, pad_id: int,
                  max_target_length: int = 0) -> jax.Array:
   """raw argmax ids (B, S) → target ids (B, S): padded positions → pad_id, condition stripped, positions from
   max_target_length on → pad_id (if > 0), EOS masking."""
@@ -209,7 +167,7 @@ def _guided_x_hat(params, model, z, x_prev, t, w, mask, cond_latents, keep, cfg_
 def sample(params, model: nn.Module, z0: jax.Array, grid: jax.Array, *, method: str, gamma: float, guidance_scale,
            cfg_scale: float, noise_scale: float, t_eps: float,
            cond_latents: jax.Array | None = None, cond_mask: jax.Array | None = None, mask: jax.Array | None = None,
-           rng: jax.Array | None = None, churn_noise: jax.Array | None = None, eos_id: int = 1, pad_id: int = 0,
+           rng: jax.Array | None = None, churn_noise: jax.Array | None = None, eos_id: int, pad_id: int,
            max_target_length: int = 0, return_trajectory: bool = False) -> SampleOutput:
   """Samples token sequences with the ELF flow (spec §6); pure and jit-compatible. The settings have no defaults
   here: `make_sampler` passes those of a `SampleConfig` (built from `elf_jax.config`).
@@ -239,8 +197,7 @@ def sample(params, model: nn.Module, z0: jax.Array, grid: jax.Array, *, method: 
   Returns:
     SampleOutput (see its docstring).
   """
-  if method not in METHODS:
-    raise ValueError(f"method={method!r}: expected one of {METHODS}")
+  check_choice("sample.method", method, SAMPLE_METHODS)
   if (cond_latents is None) != (cond_mask is None):
     raise ValueError("conditional sampling needs both cond_latents (B, S, C) and cond_mask (B, S); pass both or none")
   if cfg_scale != 1.0 and cond_latents is None:

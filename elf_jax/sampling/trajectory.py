@@ -47,8 +47,8 @@ class TrajectoryView:
   pad_id: int
 
 
-def build_view(step_ids, step_times, final_ids, tokenizer, *, cond_mask=None, mask=None, eos_id: int = 1,
-               pad_id: int = 0, max_target_length: int = 0) -> TrajectoryView:
+def build_view(step_ids, step_times, final_ids, tokenizer, *, cond_mask=None, mask=None, eos_id: int, pad_id: int,
+               max_target_length: int = 0) -> TrajectoryView:
   """Post-processes raw per-step ids (steps, B, S) like the sampler and decodes them with a Hugging Face tokenizer.
 
   step_times (steps, B): the time of each step's x̂; final_ids (B, S): the sampler's `ids` (added as the last row,
@@ -130,7 +130,7 @@ def write_png(path: str, view: TrajectoryView, example: int = 0, max_chars: int 
 
 
 def render_trajectory(out_dir: str, params, model, output: sampler.SampleOutput, tokenizer, *, guidance_scale,
-                      cond_mask=None, mask=None, eos_id: int = 1, pad_id: int = 0, max_target_length: int = 0,
+                      cond_mask=None, mask=None, eos_id: int, pad_id: int, max_target_length: int = 0,
                       png: bool = False) -> dict[str, str]:
   """Decodes `output.trajectory` and writes trajectory.jsonl, trajectory.html (and trajectory.png) to `out_dir`.
 

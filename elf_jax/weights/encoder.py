@@ -245,4 +245,4 @@ def build_encoder(config: ml_collections.ConfigDict, abstract: bool = False) -> 
     params = jax.eval_shape(load or (lambda: random_t5_encoder_params(t5_config, 0)))
   else:
     params = load()
-  return LatentEncoder(t5, e.latent_mean, e.latent_std), params
+  return LatentEncoder(t5, latent_mean=e.latent_mean, latent_std=e.latent_std), params
