@@ -40,7 +40,7 @@ class MetricsWriter:
   (`tensorboard=True`) and a Weights & Biases run (`wandb_project`, e.g. config.logging.wandb_project; its local
   files in DIR/wandb, or the current directory for a gs:// workdir), written by process 0 only."""
 
-  def __init__(self, workdir: str, tensorboard: bool, wandb_project: str = "", run_config: dict | None = None):
+  def __init__(self, workdir: str, tensorboard: bool, wandb_project: str | None = None, run_config: dict | None = None):
     self.active = jax.process_index() == 0
     self.path = str(fs.path(workdir) / "metrics.jsonl")
     self.tb = self.wandb = None

@@ -212,16 +212,17 @@ class Model:
     return sampler.SampleConfig.from_config(config, **ids, **{k: v for k, v in fields.items() if v is not None})
 
   def generate(self, num_samples: int, *, preset: str | None = None, steps: int | None = None,
-               gamma: float | None = None, guidance_scale: float | None = None, seed: int = 0) -> Texts:
+               gamma: float | None = None, guidance_scale: float | None = None, seed: int | None = None) -> Texts:
     """`num_samples` free samples of an unconditional model (a conditional one samples from a condition: use
-    `condition`)."""
+    `condition`). Every method's `seed` defaults to the config's."""
     if self.conditional:
       raise ConfigError("generate() samples without a condition, but this model is conditional "
                         "(data.conditional=True): use condition(inputs) with your documents or sentences")
     sc = self.sample_config(preset, steps=steps, gamma=gamma, guidance_scale=guidance_scale)
-    return self._texts(gen.generate(self.experiment, self.params, num_samples, seed, sc, progress=True).samples)
+    return self._texts(gen.generate(self.experiment, self.params, num_samples, self._seed(seed), sc,
+                                    progress=True).samples)
 
-  def complete(self, prefixes: Sequence[str], *, seed: int = 0, **settings) -> Texts:
+  def complete(self, prefixes: Sequence[str], *, seed: int | None = None, **settings) -> Texts:
     """Continues each prefix (unconditional models): its clean latents are held at their positions at every step,
     as a condition's are, and the rest is sampled (an approximation: the model was not trained to continue text).
     `settings`: as `generate`'s (preset, steps, gamma, guidance_scale). Outputs: the continuations (`full_texts`:
@@ -231,7 +232,7 @@ class Model:
                         "(data.conditional=True): use condition(inputs)")
     return self._from_inputs(prefixes, "prefixes", seed, settings)
 
-  def condition(self, inputs: Sequence[str], *, seed: int = 0, **settings) -> Texts:
+  def condition(self, inputs: Sequence[str], *, seed: int | None = None, **settings) -> Texts:
     """Summarises / translates each input with a conditional model, with its own sampling settings (the recipe's
     preset: classifier-free guidance) unless `settings` (preset, steps, gamma, guidance_scale, cfg_scale) say
     otherwise."""
@@ -259,7 +260,7 @@ class Model:
     return Scores(metrics, per_sample)
 
   def trajectory(self, out_dir: str, num_samples: int = 4, *, prefixes: Sequence[str] | None = None,
-                 inputs: Sequence[str] | None = None, seed: int = 0, **settings) -> dict[str, str]:
+                 inputs: Sequence[str] | None = None, seed: int | None = None, **settings) -> dict[str, str]:
     """Samples (or completes `prefixes`, or conditions on `inputs`) and writes the denoising trajectory page of
     those samples: out_dir/trajectory.{html,jsonl,png}. Returns the paths."""
     sc = dataclasses.replace(self.sample_config(**settings), return_trajectory=True)
@@ -267,8 +268,8 @@ class Model:
     if texts is None and self.conditional:
       raise ConfigError("trajectory() of a conditional model needs inputs=[...] (its conditions)")
     rows = None if texts is None else self.input_rows(texts, "prefixes" if prefixes is not None else "inputs")
-    result = gen.generate(self.experiment, self.params, len(texts) if texts is not None else num_samples, seed, sc,
-                          rows, eval_references=False, progress=True)
+    result = gen.generate(self.experiment, self.params, len(texts) if texts is not None else num_samples,
+                          self._seed(seed), sc, rows, eval_references=False, progress=True)
     return gen.render_first_batch(self.experiment, self.params, result, out_dir, sc,
                                   len(texts) if texts is not None else num_samples)
 
@@ -278,12 +279,16 @@ class Model:
     Empty texts are one ConfigError naming `where`[i]; cut ones a warning naming the limit."""
     return input_rows(self.experiment, texts, where)
 
-  def _from_inputs(self, texts: Sequence[str], where: str, seed: int, settings) -> Texts:
+  def _from_inputs(self, texts: Sequence[str], where: str, seed: int | None, settings) -> Texts:
     rows = self.input_rows(texts, where)
     sc = self.sample_config(**settings)
-    result = gen.generate(self.experiment, self.params, len(rows["ids"]), seed, sc, rows, eval_references=False,
-                          progress=True)
+    result = gen.generate(self.experiment, self.params, len(rows["ids"]), self._seed(seed), sc, rows,
+                          eval_references=False, progress=True)
     return self._texts(result.samples)
+
+  def _seed(self, seed: int | None) -> int:
+    """The given seed, else the config's."""
+    return self.config.seed if seed is None else seed
 
   def _texts(self, samples: Samples) -> Texts:
     return Texts(samples.texts, np.asarray(samples.ids, np.int32), samples.conditions)
