@@ -1,4 +1,4 @@
-"""Sampler benchmark: samples/s, tokens/s and network evaluations per sample of the ELF sampler (spec §6).
+"""Sampler benchmark: samples/s, tokens/s and network evaluations per sample of the sampler (docs/method.md#sampling).
 
 Builds the flow transformer at a size preset with random parameters, compiles the sampler once (warm-up) and
 reports the median wall time over --repeats runs on whatever backend jax finds. With --cfg the first half of
@@ -21,7 +21,7 @@ from elf_jax.config import ATTENTION_IMPLS, COMPUTE_DTYPES, SAMPLE_METHODS, SAMP
 from elf_jax.model.elf import ELF, ModelConfig, count_params, init_params
 from elf_jax.sampling import sampler as S
 
-# name -> (depth, hidden, heads, latent dim C, vocab V); ELF-B/M/L as in spec §5 with T5-small latents.
+# name -> (depth, hidden, heads, latent dim C, vocab V); ELF-B/M/L as in docs/method.md#network with T5-small latents.
 SIZES = {"tiny": (2, 64, 4, 32, 128), "ELF-B": (12, 768, 12, 512, 32100), "ELF-M": (24, 1056, 16, 512, 32100),
          "ELF-L": (32, 1280, 16, 512, 32100)}
 

@@ -9,8 +9,9 @@ each variant in turn, the order flipping every round, so that load on a shared m
               train.py runs it: `jax.pmap(train_step, axis_name="batch")` on one device, their `TrainState`,
               `get_optimizer` + `create_learning_rate_fn` (same clip, optimizer, peak lr and warm-up as ours), their
               T5 encoder module and their network module. The network starts from OUR initial parameters (same
-              names, spec §9; shapes checked) and the encoder weights are shared (the official module's random
-              init, pickled in the official encoder format and read by `elf_jax.weights.encoder` for our side).
+              names, docs/method.md#checkpoint-names; shapes checked) and the encoder weights are shared (the official
+              module's random init, pickled in the official encoder format and read by `elf_jax.weights.encoder` for
+              our side).
   cached      `ours` fed raw encoder outputs (`batch["latents"]`, as from `data.latent_cache_dir`): no encoder.
   remat=...   `ours` with `model.remat` = full / dots_saveable (--remat), for the memory effect.
 
@@ -52,7 +53,8 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -216,7 +218,7 @@ def build_official(mods, config, mc: ModelConfig, params, t5, enc_params_path: s
   expected = jax.eval_shape(lambda: net.init(
       jax.random.key(0), x=jnp.ones((1, oc.max_length, 2 * mc.latent_dim)), t=jnp.ones((1,)), deterministic=True,
       self_cond_cfg_scale=jnp.ones((1,)))["params"])
-  published = getattr(elf_lib, "unstack_blocks", lambda p: p)(params)  # spec §9 layout (blocks_{i}/...)
+  published = getattr(elf_lib, "unstack_blocks", lambda p: p)(params)  # docs/method.md#checkpoint-names
   shape_of = lambda tree: jax.tree.map(lambda x: tuple(x.shape), tree)
   if shape_of(expected) != shape_of(published):
     raise SystemExit("our parameter tree does not match the official network at these dims (names or shapes): "

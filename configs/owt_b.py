@@ -1,4 +1,4 @@
-r"""ELF-B (105M) on OpenWebText — the reference recipe (its train_owt_ELF-B.yml; spec §5, §7; sampling §6).
+r"""ELF-B (105M) on OpenWebText — the reference recipe (its train_owt_ELF-B.yml; docs/method.md#training-recipe).
 
   python -m elf_jax.main --config=configs/owt_b.py --workdir=gs://BUCKET/elf_b
   python -m elf_jax.main --config=configs/owt_b.py --workdir=DIR --mode=sample --config.sample.preset=owt_sde64

@@ -1,4 +1,4 @@
-r"""Progressive distillation (spec §11) of the offline tiny default: a few-step student in minutes on 2 CPU cores.
+r"""Progressive distillation (docs/method.md#distillation) of the offline tiny default: a few-step student in minutes.
 
   python -m elf_jax.main --config=configs/tiny.py --workdir=runs/tiny                                   # teacher
   python -m elf_jax.main --config=configs/tiny_distill.py --workdir=runs/tiny_distill --mode=distill

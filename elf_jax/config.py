@@ -2,9 +2,10 @@
 config files in configs/) starts from `base_config()`, and the static dataclasses (`ModelConfig`, `FlowConfig`,
 `SampleConfig`, `DistillConfig`) are built from a config by their `from_config(config, **overrides)`.
 
-Groups: `model` (flow transformer, spec §5), `encoder` (frozen T5, §1), `flow` (objective, §2-4), `data`, `optim`
-(§7), `sample` (§6), `eval` (§8), `mesh` (device mesh), `checkpoint`, `logging`, `distill` (§11). Every knob a
-researcher may want to change lives here, with a comment; `validate` checks values before anything compiles.
+Groups (sections of docs/method.md): `model` (flow transformer, #network), `encoder` (frozen T5, #latents), `flow`
+(#objective), `data`, `optim` (#training-recipe), `sample` (#sampling), `eval` (#evaluation), `mesh` (device mesh),
+`checkpoint`, `logging`, `distill` (#distillation). Every knob a researcher may want to change lives here, with a
+comment; `validate` checks values before anything compiles.
 Presets (`sample.preset`, `mesh.preset`) fill only the fields left unset (None): a value set on the command line or
 in Python always wins, and `resolve` gives the values a run uses (what it prints and saves).
 """
@@ -45,9 +46,9 @@ MBR_METRICS = ("bleu", "rougeL")  # eval.mbr_metric: elf_jax/eval/text_metrics.p
 
 # Presets fill the fields they control that the user left unset (None in `base_config`); a field the user sets, on
 # the command line or in Python, always wins. `resolve` / `sample_settings` / `mesh_settings` apply them.
-# Sampling presets (spec §6), the official sampling configs. Every one draws a fresh logit-normal time grid per
-# batch, sigmoid(N(−1.5, 0.8)) (the official code takes P_mean / P_std from the training recipe's denoiser time
-# distribution, −1.5 / 0.8 in every official recipe).
+# Sampling presets (docs/method.md#sampling), the official sampling configs. Every one draws a fresh logit-normal time
+# grid per batch, sigmoid(N(−1.5, 0.8)) (the official code takes P_mean / P_std from the training recipe's denoiser
+# time distribution, −1.5 / 0.8 in every official recipe).
 SAMPLE_PRESET_FIELDS = ("method", "steps", "grid", "grid_p_mean", "grid_p_std", "gamma", "guidance_scale", "cfg_scale")
 _OFFICIAL_GRID = dict(grid="logit_normal", grid_p_mean=-1.5, grid_p_std=0.8)
 SAMPLE_PRESETS: dict[str, dict[str, Any]] = {
@@ -58,8 +59,8 @@ SAMPLE_PRESETS: dict[str, dict[str, Any]] = {
     # Conditional tasks (XSum, WMT14 De-En): ODE, 64 steps, classifier-free guidance 2, no self-cond. guidance.
     "cond_ode64": dict(method="ode", steps=64, gamma=0.0, guidance_scale=1.0, cfg_scale=2.0, **_OFFICIAL_GRID),
 }
-# A progressively distilled student's few-step sampling (spec §11, the authors' few-step eval): the settings of
-# `few_step_settings(sample.steps)`; unset sample.steps = the last distillation round's student steps.
+# A progressively distilled student's few-step sampling (docs/method.md#distillation, the authors' few-step eval): the
+# settings of `few_step_settings(sample.steps)`; unset sample.steps = the last distillation round's student steps.
 FEW_STEP_PRESET = "fewstep"
 
 # Mesh presets: named (data, fsdp, tensor) shapes; -1 = fill with the remaining devices. Each comment states the
@@ -89,7 +90,7 @@ def base_config() -> ml_collections.ConfigDict:
   # workdirs; "" = random init
   c.init_from = ""
 
-  # Flow transformer (spec §5).
+  # Flow transformer (docs/method.md#network).
   c.model = ml_collections.ConfigDict()
   c.model.hidden_size = 768  # H
   c.model.depth = 12  # number of blocks
@@ -106,8 +107,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.attention_impl = "xla"  # ATTENTION_IMPLS (elf_jax/ops/attention.py)
   c.model.remat = "none"  # REMAT_POLICIES (per block)
 
-  # Frozen T5 encoder (spec §1). `name_or_path`: a local Hugging Face directory, a hub id (online), an official
-  # ELF encoder `.pkl` (the published t5_small_encoder_jax.pkl format; dims read from its shapes), or "random"
+  # Frozen T5 encoder (docs/method.md#latents). `name_or_path`: a local Hugging Face directory, a hub id (online), an
+  # official ELF encoder `.pkl` (the published t5_small_encoder_jax.pkl format; dims read from its shapes), or "random"
   # for a T5-architecture encoder with fixed seeded weights (offline default; dims below are used then).
   c.encoder = ml_collections.ConfigDict()
   c.encoder.name_or_path = "t5-small"
@@ -122,7 +123,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.encoder.random_d_kv = 16
   c.encoder.random_d_ff = 256
 
-  # Flow objective (spec §2-4).
+  # Flow objective (docs/method.md#objective).
   c.flow = ml_collections.ConfigDict()
   c.flow.denoiser_noise_scale = 2.0  # sigma: z_t = t x0 + (1 - t) sigma eps
   c.flow.time_schedule = "logit_normal"  # TIME_SCHEDULES
@@ -178,7 +179,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.synthetic_seed = 1234
   c.data.synthetic_words_per_class = 0  # 0 = the full vocabulary (399 words); a small number gives an easier language
 
-  # Optimisation (spec §7).
+  # Optimisation (docs/method.md#training-recipe).
   c.optim = ml_collections.ConfigDict()
   c.optim.optimizer = "muon"  # OPTIMIZERS
   c.optim.base_lr = 1e-3  # lr = base_lr * global_batch / 256
@@ -201,8 +202,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.num_epochs = 5.0
   c.optim.num_steps = -1  # if > 0, overrides num_epochs (steps per epoch = len(train split) // global_batch_size)
 
-  # Sampling (spec §6). The fields left unset (None) take the values of `preset` (SAMPLE_PRESETS, or FEW_STEP_PRESET
-  # for a distilled student, spec §11); a field set explicitly wins over the preset.
+  # Sampling (docs/method.md#sampling). The fields left unset (None) take the values of `preset` (SAMPLE_PRESETS, or
+  # FEW_STEP_PRESET for a distilled student, docs/method.md#distillation); a field set explicitly wins over the preset.
   c.sample = ml_collections.ConfigDict()
   c.sample.preset = "owt_sde32"
   c.sample.method = config_dict.placeholder(str)  # SAMPLE_METHODS
@@ -222,7 +223,7 @@ def base_config() -> ml_collections.ConfigDict:
   # conditional model answers each, an unconditional one continues each; one output per input, in order. "" = off.
   c.sample.inputs = ""
 
-  # Evaluation (spec §8).
+  # Evaluation (docs/method.md#evaluation).
   c.eval = ml_collections.ConfigDict()
   c.eval.gpt2 = "gpt2-large"  # Hugging Face GPT-2 dir / hub id for Gen. PPL
   c.eval.num_seeds = 1
@@ -269,9 +270,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Weights & Biases project to log to (process 0; pip install 'elf_jax[wandb]'); "" = off.
   c.logging.wandb_project = ""
 
-  # Progressive distillation (--mode=distill, spec §11): rounds of training a few-step student against the frozen
-  # teacher. Each round is a training run in DIR/round<i>_<steps>step (optim.* is its recipe, apart from the length
-  # and warm-up below); round 1 starts from init_from or else the teacher, round i > 1 from round i − 1's EMA.
+  # Progressive distillation (--mode=distill, docs/method.md#distillation): rounds of training a few-step student
+  # against the frozen teacher. Each round is a training run in DIR/round<i>_<steps>step (optim.* is its recipe, apart
+  # from the length and warm-up below); round 1 starts from init_from or else the teacher, round i > 1 from round
+  # i − 1's EMA.
   c.distill = ml_collections.ConfigDict()
   # The frozen teacher (its EMA params): a training workdir, a checkpoint dir or a published checkpoint.
   c.distill.teacher = ""

@@ -12,15 +12,15 @@ from elf_jax.config import base_config
 # The authors' frozen encoder by hub path (elf_jax.weights.encoder.KNOWN_ENCODERS knows its architecture).
 OFFICIAL_ENCODER = "embedded-language-flows/t5_small_encoder_jax/t5_small_encoder_jax.pkl"
 
-# Network sizes (spec §5): depth, hidden, heads. ELF-B 104.58M, ELF-M 342.54M, ELF-L 652.10M parameters.
+# Network sizes (docs/method.md#network): depth, hidden, heads. ELF-B 104.58M, ELF-M 342.54M, ELF-L 652.10M parameters.
 OWT_SIZES = {"b": (12, 768, 12), "m": (24, 1056, 16), "l": (32, 1280, 16)}
 OWT_EPOCHS = {"b": 5.0, "m": 4.0, "l": 3.0}
 
 
 def owt(size: str) -> ml_collections.ConfigDict:
-  """ELF-`size` ("b" | "m" | "l") on OpenWebText, the reference recipe (spec §5, §7; sampling §6). `base_config()`
-  holds its settings already (the T5-small encoder, the objective, Muon at lr = 1e-3 * 512 / 256 after a 0.5-epoch
-  warm-up, the owt_sde32 sampling preset, 1000 evaluation samples); this sets the rest."""
+  """ELF-`size` ("b" | "m" | "l") on OpenWebText, the reference recipe (docs/method.md#network, #training-recipe,
+  #sampling). `base_config()` holds its settings already (the T5-small encoder, the objective, Muon at lr = 1e-3 * 512 /
+  256 after a 0.5-epoch warm-up, the owt_sde32 sampling preset, 1000 evaluation samples); this sets the rest."""
   if size not in OWT_SIZES:
     raise ValueError(f"owt recipe: unknown size {size!r}; expected one of {sorted(OWT_SIZES)}")
   c = base_config()

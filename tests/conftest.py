@@ -1,5 +1,5 @@
-"""pytest set-up: 8 CPU devices for jax, set before jax initialises its backend; the reference fixture; a local
-fake GCS server and a runner for CLI jobs (single- and multi-process) for the end-to-end tests."""
+"""pytest set-up: 8 CPU devices for jax, set before jax initialises its backend; the reference fixtures and helpers
+shared by the parity tests; a local fake GCS server and a runner for CLI jobs (single- and multi-process)."""
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -8,6 +8,7 @@ if "xla_force_host_platform_device_count" not in _flags:
   os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
 
 import collections  # noqa: E402
+import json  # noqa: E402
 import pathlib  # noqa: E402
 import re  # noqa: E402
 import socket  # noqa: E402
@@ -16,10 +17,9 @@ import time  # noqa: E402
 import urllib.parse  # noqa: E402
 import urllib.request  # noqa: E402
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-SHARED = pathlib.Path(os.environ.get("ELF_SHARED_DIR", pathlib.Path(__file__).resolve().parents[2] / "shared"))
-FIXTURE_DIR = SHARED / "fixtures" / "reference_elf_tiny"
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
 
@@ -35,12 +35,42 @@ def config_from_command_line(path, *overrides: str):
   return holder.value
 
 
+def fixtures_root() -> pathlib.Path:
+  """Where the reference fixtures live: `$ELF_SHARED_DIR/fixtures` if ELF_SHARED_DIR is set, else tests/fixtures."""
+  shared = os.environ.get("ELF_SHARED_DIR")
+  return pathlib.Path(shared) / "fixtures" if shared else pathlib.Path(__file__).resolve().parent / "fixtures"
+
+
+def reference_fixture(name: str) -> pathlib.Path:
+  """The reference fixture folder `name` under `fixtures_root()`; fails the test, naming the path, if it is missing."""
+  directory = fixtures_root() / name
+  if not (directory / "config.json").exists():
+    pytest.fail(f"reference fixture not found at {directory}; unset ELF_SHARED_DIR to use tests/fixtures, or point it "
+                f"at a folder holding fixtures/{name}")
+  return directory
+
+
+def fixture_config(directory: pathlib.Path) -> dict:
+  """A fixture's config.json: its dimensions and settings (tests never hard-code them; copies differ)."""
+  return json.loads((directory / "config.json").read_text())
+
+
 @pytest.fixture(scope="session")
-def fixture_dir():
-  """The reference tiny-ELF fixture directory (../shared/fixtures/reference_elf_tiny)."""
-  if not FIXTURE_DIR.exists():
-    pytest.fail(f"reference fixture not found at {FIXTURE_DIR}; set ELF_SHARED_DIR to the shared/ folder")
-  return FIXTURE_DIR
+def tiny_fixture_dir() -> pathlib.Path:
+  """reference_elf_tiny: the official network and ODE sampler on a tiny configuration (tests/fixtures/README.md)."""
+  return reference_fixture("reference_elf_tiny")
+
+
+@pytest.fixture(scope="session")
+def train_fixture_dir() -> pathlib.Path:
+  """reference_elf_train: the official train step, optimizer, SDE sampler, encoder and distillation target."""
+  return reference_fixture("reference_elf_train")
+
+
+def relative_error(ours, ref) -> float:
+  """‖ours − ref‖ / ‖ref‖ (Frobenius, float64)."""
+  ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+  return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
 
 
 class FakeGCS:

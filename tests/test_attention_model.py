@@ -54,7 +54,8 @@ def setup():
 
 def _tree_rel(a, b):
   """||a - b|| / ||b|| over all leaves together."""
-  diff = sum(float(jnp.sum(jnp.square(x - y))) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+  leaf_pairs = zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b))
+  diff = sum(float(jnp.sum(jnp.square(x - y))) for x, y in leaf_pairs)
   return (diff / sum(float(jnp.sum(jnp.square(y))) for y in jax.tree_util.tree_leaves(b))) ** 0.5
 
 

@@ -1,6 +1,5 @@
 """Tests for elf_jax.run.checkpoint: save/restore with a grain iterator, keep-N, sharded restore, corrupt steps,
 the SIGTERM flag and import of the reference tiny-ELF fixture."""
-import json
 import logging
 import os
 import signal
@@ -13,6 +12,7 @@ import numpy as np
 import optax
 import pytest
 
+from conftest import fixture_config
 from elf_jax.run import checkpoint
 
 from elf_jax.model import elf
@@ -161,18 +161,14 @@ def test_preemption_flag_is_raised_by_sigterm():
     signal.signal(signal.SIGTERM, previous)
 
 
-def _fixture_config(fixture_dir) -> dict:
-  return json.loads((fixture_dir / "config.json").read_text())
-
-
-def test_fixture_msgpack_and_orbax_agree(fixture_dir):
+def test_fixture_msgpack_and_orbax_agree(tiny_fixture_dir):
   """Both published layouts load into the stacked blocks; unstacked, that is exactly the file's tree."""
-  cfg = _fixture_config(fixture_dir)
+  cfg = fixture_config(tiny_fixture_dir)
   width, depth = cfg["hidden_size"], cfg["depth"]
-  raw = flax.serialization.msgpack_restore((fixture_dir / "checkpoint_7").read_bytes())
+  raw = flax.serialization.msgpack_restore((tiny_fixture_dir / "checkpoint_7").read_bytes())
   for which, key in (("raw", "params"), ("ema", "ema_params1")):
-    from_msgpack = published.load_published_elf(fixture_dir / "checkpoint_7", which=which)
-    from_orbax = published.load_published_elf(fixture_dir / "orbax_checkpoint_7", which=which)
+    from_msgpack = published.load_published_elf(tiny_fixture_dir / "checkpoint_7", which=which)
+    from_orbax = published.load_published_elf(tiny_fixture_dir / "orbax_checkpoint_7", which=which)
     _assert_same(from_msgpack, from_orbax)
     _assert_same(elf.unstack_blocks(from_msgpack), raw[key])
     _assert_same(elf.stack_blocks(raw[key]), from_msgpack)
@@ -181,30 +177,30 @@ def test_fixture_msgpack_and_orbax_agree(fixture_dir):
     assert not [k for k in from_msgpack if k.startswith("blocks_")]
     np.testing.assert_array_equal(from_msgpack["blocks"]["mlp"]["w3"]["kernel"][depth - 1],
                                   raw[key][f"blocks_{depth - 1}"]["mlp"]["w3"]["kernel"])
-  ema = published.load_published_elf(fixture_dir / "orbax_checkpoint_7", which="ema")
-  raw_params = published.load_published_elf(fixture_dir / "orbax_checkpoint_7", which="raw")
+  ema = published.load_published_elf(tiny_fixture_dir / "orbax_checkpoint_7", which="ema")
+  raw_params = published.load_published_elf(tiny_fixture_dir / "orbax_checkpoint_7", which="raw")
   for e, r in zip(jax.tree.leaves(ema), jax.tree.leaves(raw_params)):
     np.testing.assert_allclose(e, 0.9 * r, rtol=1e-6)
 
 
-def test_fixture_wrapped_params_level_is_stripped(tmp_path, fixture_dir):
-  raw = flax.serialization.msgpack_restore((fixture_dir / "checkpoint_7").read_bytes())
+def test_fixture_wrapped_params_level_is_stripped(tmp_path, tiny_fixture_dir):
+  raw = flax.serialization.msgpack_restore((tiny_fixture_dir / "checkpoint_7").read_bytes())
   wrapped = tmp_path / "wrapped.msgpack"
   wrapped.write_bytes(flax.serialization.msgpack_serialize({"params": {"params": raw["params"]}}))
   _assert_same(published.load_published_elf(wrapped, which="raw"), elf.stack_blocks(raw["params"]))
 
 
-def test_fixture_expected_mismatch_names_every_bad_leaf(fixture_dir):
+def test_fixture_expected_mismatch_names_every_bad_leaf(tiny_fixture_dir):
   """`expected` in either layout (stacked, as the model's init; or published); problems are named per block."""
-  cfg = _fixture_config(fixture_dir)
+  cfg = fixture_config(tiny_fixture_dir)
   width, extra_block = cfg["hidden_size"], f"blocks_{cfg['depth']}"  # one block more than the checkpoint has
-  params = published.load_published_elf(fixture_dir / "checkpoint_7")
+  params = published.load_published_elf(tiny_fixture_dir / "checkpoint_7")
   stacked = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-  _assert_same(published.load_published_elf(fixture_dir / "checkpoint_7", expected=stacked), params)
+  _assert_same(published.load_published_elf(tiny_fixture_dir / "checkpoint_7", expected=stacked), params)
   stacked["blocks"] = jax.tree.map(lambda x: jax.ShapeDtypeStruct((x.shape[0] + 1,) + x.shape[1:], x.dtype),
                                    stacked["blocks"])
   with pytest.raises(ValueError, match=f"missing: {extra_block}/norm1/weight"):
-    published.load_published_elf(fixture_dir / "checkpoint_7", expected=stacked)
+    published.load_published_elf(tiny_fixture_dir / "checkpoint_7", expected=stacked)
   expected = jax.eval_shape(elf.unstack_blocks, params)
   params = elf.unstack_blocks(params)
   w3 = params["blocks_0"]["mlp"]["w3"]["kernel"].shape
@@ -213,7 +209,7 @@ def test_fixture_expected_mismatch_names_every_bad_leaf(fixture_dir):
   del expected["unembed_bias"]
   expected[extra_block] = {"norm1": {"weight": jax.ShapeDtypeStruct((width,), jnp.float32)}}
   with pytest.raises(ValueError) as err:
-    published.load_published_elf(fixture_dir / "orbax_checkpoint_7", expected=expected)
+    published.load_published_elf(tiny_fixture_dir / "orbax_checkpoint_7", expected=expected)
   message = str(err.value)
   assert "3 problems" in message
   assert f"missing: {extra_block}/norm1/weight" in message
@@ -232,6 +228,6 @@ def test_load_params_from_a_workdir_takes_the_latest_ema(tmp_path):
   assert isinstance(loaded["kernel"], np.ndarray)
 
 
-def test_load_params_from_a_published_checkpoint(fixture_dir):
-  _assert_same(published.load_params_from(fixture_dir / "checkpoint_7"),
-               published.load_published_elf(fixture_dir / "orbax_checkpoint_7", which="ema"))
+def test_load_params_from_a_published_checkpoint(tiny_fixture_dir):
+  _assert_same(published.load_params_from(tiny_fixture_dir / "checkpoint_7"),
+               published.load_published_elf(tiny_fixture_dir / "orbax_checkpoint_7", which="ema"))

@@ -78,7 +78,7 @@ def test_sampler_function_has_no_config_defaults():
   config_keys = {key for group in ("sample", "flow") for key in config[group]} | {"noise_scale"}
   params = inspect.signature(S.sample).parameters
   defaulted = {name for name, p in params.items() if p.default is not inspect.Parameter.empty}
-  assert not defaulted & config_keys, f"sample.sample() has defaults for config fields {sorted(defaulted & config_keys)}"
+  assert not defaulted & config_keys, f"sample() has defaults for config fields {sorted(defaulted & config_keys)}"
 
 
 # Keyword defaults equal to base_config's value of the same-named field that remain, with why. The train step's

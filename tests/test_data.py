@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import transformers
 
-from conftest import SHARED
+from conftest import fixture_config
 from elf_jax.config import ConfigError, base_config
 from elf_jax.data import pipeline
 from elf_jax.data import sources
@@ -17,7 +17,6 @@ from elf_jax.data import tokenizer as tokenizer_lib
 from elf_jax.model.t5_encoder import make_encoder_mask
 
 S = 16
-TRAIN_FIXTURE = SHARED / "fixtures" / "reference_elf_train"
 
 
 @pytest.fixture(scope="module")
@@ -228,11 +227,9 @@ def test_tfds_known_field_mapping_with_a_fake_source(monkeypatch, name, record, 
 # Pipeline.
 
 @pytest.fixture(scope="module")
-def reference_train():
-  """(config.json, reference.npz arrays) of ../shared/fixtures/reference_elf_train."""
-  if not TRAIN_FIXTURE.exists():
-    pytest.fail(f"fixture not found at {TRAIN_FIXTURE}; set ELF_SHARED_DIR to the shared/ folder")
-  return json.loads((TRAIN_FIXTURE / "config.json").read_text()), np.load(TRAIN_FIXTURE / "reference.npz")
+def reference_train(train_fixture_dir):
+  """(config.json, reference.npz arrays) of the reference_elf_train fixture."""
+  return fixture_config(train_fixture_dir), np.load(train_fixture_dir / "reference.npz")
 
 
 @pytest.mark.parametrize("case", ["uncond_pad", "cond_eos"])

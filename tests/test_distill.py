@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import SHARED
+from conftest import fixture_config
 from elf_jax import report
 from elf_jax.config import (SAMPLE_PRESET_FIELDS, ConfigError, base_config, few_step_settings,
                             parse_distill_rounds, validate)
@@ -32,7 +32,6 @@ from elf_jax.sampling.files import Samples
 from elf_jax.weights import published
 from test_train_loop import REPO, SMALL, small_config  # tests/ is on sys.path (pytest rootdir-relative import)
 
-TRAIN_FIXTURE = SHARED / "fixtures" / "reference_elf_train"
 
 
 def rel_err(ours, ref) -> float:
@@ -42,13 +41,11 @@ def rel_err(ours, ref) -> float:
 
 
 @pytest.fixture(scope="module")
-def pd():
+def pd(train_fixture_dir):
   """The fixture's network (teacher = student), settings, batch and draws, and our per-example loss on them."""
-  if not TRAIN_FIXTURE.exists():
-    pytest.fail(f"fixture not found at {TRAIN_FIXTURE}; set ELF_SHARED_DIR to the shared/ folder")
-  cfg = json.loads((TRAIN_FIXTURE / "config.json").read_text())
-  ref = dict(np.load(TRAIN_FIXTURE / "pd.npz"))
-  params = jax.tree.map(jnp.asarray, published.load_published_elf(TRAIN_FIXTURE / "checkpoint.msgpack", "raw"))
+  cfg = fixture_config(train_fixture_dir)
+  ref = dict(np.load(train_fixture_dir / "pd.npz"))
+  params = jax.tree.map(jnp.asarray, published.load_published_elf(train_fixture_dir / "checkpoint.msgpack", "raw"))
   model = ELF(ModelConfig.from_params(params))
   s = cfg["pd"]
   fc = FlowConfig.from_config(base_config(), denoiser_noise_scale=s["denoiser_noise_scale"],
@@ -212,7 +209,8 @@ def test_mode_distill_end_to_end(tmp_path, capsys):
     assert sorted(p.name for p in (directory / "checkpoints").iterdir()) == ["2"]
     done = json.loads((directory / distill_loop.ROUND_DONE_FILE).read_text())
     assert done["student_steps"] == steps and done["optimizer_steps"] == 2
-    assert (directory / experiment.LATENT_STATS_FILE).read_text() == (teacher / experiment.LATENT_STATS_FILE).read_text()
+    stats_file = experiment.LATENT_STATS_FILE
+    assert (directory / stats_file).read_text() == (teacher / stats_file).read_text()
     sample = json.loads((directory / "config_train.json").read_text())["sample"]
     assert sample["preset"] == "fewstep"  # the saved config shows the settings the round sampled with
     assert {name: sample[name] for name in SAMPLE_PRESET_FIELDS} == few_step_settings(steps)

@@ -45,7 +45,8 @@ TEXTS = [
 
 
 def reference_scores(model, tokenizer, texts, max_length):
-  """The §8 protocol written plainly: empty samples dropped, then one text at a time, unpadded, in PyTorch."""
+  """The docs/method.md#evaluation protocol written plainly: empty samples dropped, then one text at a time, unpadded,
+  in PyTorch."""
   eos = tokenizer.eos_token_id
   nll_sum, num_tokens, entropies = 0.0, 0, []
   kept = [t for t in texts if t.strip()]

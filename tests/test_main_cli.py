@@ -18,7 +18,8 @@ OVERRIDES = [f"--config.{key}={value}" for key, value in SMALL.items()]
 
 
 def run_main(workdir, *args) -> str:
-  """Runs the CLI on configs/tiny.py + OVERRIDES + args; returns stdout (the test fails, with the output, on rc != 0)."""
+  """Runs the CLI on configs/tiny.py + OVERRIDES + args; returns stdout (the test fails, with the output, on
+  rc != 0)."""
   xla_flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
   result = subprocess.run(
       [sys.executable, "-m", "elf_jax.main", "--config=configs/tiny.py", f"--workdir={workdir}", *OVERRIDES, *args],

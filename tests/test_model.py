@@ -1,6 +1,5 @@
 """The flow transformer: parity with the reference implementation's outputs, parameter names and counts."""
 import dataclasses
-import json
 
 import flax.linen as nn
 import jax
@@ -8,14 +7,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import fixture_config
 from elf_jax.config import base_config
 from elf_jax.weights import published
 from elf_jax.model.elf import (ELF, ModelConfig, count_params, init_params, layer_dropout_rates, stack_blocks,
                                unstack_blocks)
 
 
-def _fixture_model(fixture_dir, **overrides):
-  cfg = json.loads((fixture_dir / "config.json").read_text())
+def _fixture_model(tiny_fixture_dir, **overrides):
+  cfg = fixture_config(tiny_fixture_dir)
   mc = ModelConfig.from_config(
       base_config(), latent_dim=cfg["text_encoder_dim"], hidden_size=cfg["hidden_size"], depth=cfg["depth"],
       num_heads=cfg["num_heads"], bottleneck_dim=cfg["bottleneck_dim"], vocab_size=cfg["vocab_size"],
@@ -25,13 +25,13 @@ def _fixture_model(fixture_dir, **overrides):
 
 
 @pytest.mark.parametrize("layout", ["checkpoint_7", "orbax_checkpoint_7"])
-def test_reference_forward_parity(fixture_dir, layout):
+def test_reference_forward_parity(tiny_fixture_dir, layout):
   """Denoiser x̂ (with and without mask) and decoder logits equal the reference network's to 1e-5."""
-  model = _fixture_model(fixture_dir)
+  model = _fixture_model(tiny_fixture_dir)
   expected = jax.eval_shape(lambda: nn.unbox(init_params(model, jax.random.key(0))))
-  params = published.load_published_elf(fixture_dir / layout, which="ema", expected=expected)
+  params = published.load_published_elf(tiny_fixture_dir / layout, which="ema", expected=expected)
   assert ModelConfig.from_params(params) == dataclasses.replace(model.config, mlp_hidden=model.config.swiglu_hidden)
-  ref = np.load(fixture_dir / "reference.npz")
+  ref = np.load(tiny_fixture_dir / "reference.npz")
   x, t, w, mask = ref["x"], ref["t"], ref["w"], ref["mask"]
   assert np.abs(ref["out_den"] - ref["out_den_nomask"]).max() > 1e-3  # the mask matters in this fixture
 
@@ -43,17 +43,18 @@ def test_reference_forward_parity(fixture_dir, layout):
   np.testing.assert_allclose(logits, ref["logits"], atol=1e-5, rtol=0)
 
 
-def test_raw_params_differ_from_ema(fixture_dir):
+def test_raw_params_differ_from_ema(tiny_fixture_dir):
   """`which='raw'` returns the raw parameters (the fixture's EMA copy is 0.9 × raw), giving other outputs."""
-  model = _fixture_model(fixture_dir)
-  raw = published.load_published_elf(fixture_dir / "checkpoint_7", which="raw")
-  ref = np.load(fixture_dir / "reference.npz")
+  model = _fixture_model(tiny_fixture_dir)
+  raw = published.load_published_elf(tiny_fixture_dir / "checkpoint_7", which="raw")
+  ref = np.load(tiny_fixture_dir / "reference.npz")
   out = model.apply({"params": raw}, ref["x"], ref["t"], ref["w"], ref["mask"])
   assert np.abs(out - ref["out_den"]).max() > 1e-3
 
 
-# (depth, hidden, heads) of ELF-B/M/L; the spec's totals count every parameter of the network with C = 512 and
-# V = 32100, the readout head (proj_* + unembed_*) included; the frozen T5 encoder is not part of it.
+# (depth, hidden, heads) of ELF-B/M/L; the published totals (docs/method.md#network) count every parameter of the
+# network with C = 512 and V = 32100, the readout head (proj_* + unembed_*) included; the frozen T5 encoder is not part
+# of it.
 SIZES = {"B": ((12, 768, 12), 104.58e6, 16.86e6), "M": ((24, 1056, 16), 342.54e6, 17.01e6),
          "L": ((32, 1280, 16), 652.10e6, 17.12e6)}
 
@@ -79,8 +80,9 @@ def _small_model_config(**overrides) -> ModelConfig:
 
 
 def test_parameter_names_match_spec():
-  """Unstacked, every §9 name is present with the documented shape and nothing else is; stacked, each block leaf
-  has the leading layer axis (logical name "layers") and `stack_blocks` inverts `unstack_blocks`."""
+  """Unstacked, every name of docs/method.md#checkpoint-names is present with the documented shape and nothing else is;
+  stacked, each block leaf has the leading layer axis (logical name "layers") and `stack_blocks` inverts
+  `unstack_blocks`."""
   mc = _small_model_config()
   boxed = init_params(ELF(mc), jax.random.key(0))
   p = nn.unbox(boxed)

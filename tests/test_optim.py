@@ -1,9 +1,8 @@
-"""Tests for elf_jax.objective.optim (and the steps-per-epoch rule of elf_jax.run.train_loop): parity of the learning-rate
-schedules and of three Muon / AdamW updates with the reference optimizer (fixture `reference_elf_train`, made by
-running the authors' `get_optimizer` and `create_learning_rate_fn`), then clipping, routing and EMA (gradient
-accumulation: tests/test_accumulation.py)."""
+"""Tests for elf_jax.objective.optim (and the steps-per-epoch rule of elf_jax.run.train_loop): parity of the
+learning-rate schedules and of three Muon / AdamW updates with the reference optimizer (fixture
+`reference_elf_train`, made by running the authors' `get_optimizer` and `create_learning_rate_fn`), then clipping,
+routing and EMA (gradient accumulation: tests/test_accumulation.py)."""
 import inspect
-import json
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-
+from conftest import fixture_config
 from elf_jax import config as config_lib
 from elf_jax.config import ConfigError
 from elf_jax.data import sources
@@ -30,14 +29,12 @@ def _optim_config(**overrides):
 
 
 @pytest.fixture(scope="module")
-def reference(fixture_dir):
-  """(config.json, reference.npz arrays, checkpoint params) of ../shared/fixtures/reference_elf_train."""
-  root = fixture_dir.parent / "reference_elf_train"
-  if not root.exists():
-    pytest.fail(f"reference fixture not found at {root}; set ELF_SHARED_DIR to the shared/ folder")
+def reference(train_fixture_dir):
+  """(config.json, reference.npz arrays, checkpoint params) of the reference_elf_train fixture."""
+  root = train_fixture_dir
   params = published.load_published_elf(root / "checkpoint.msgpack", which="raw")
   with np.load(root / "reference.npz") as arrays:
-    return json.loads((root / "config.json").read_text()), dict(arrays), jax.tree.map(jnp.asarray, params)
+    return fixture_config(root), dict(arrays), jax.tree.map(jnp.asarray, params)
 
 
 def _path(key_path) -> str:
@@ -276,7 +273,8 @@ def test_muon_reduces_a_quadratic_loss():
 
 
 def test_ema_update():
-  """ema ← decay·ema + (1 − decay)·params, in float32 whatever the params' dtype (accumulation: tests/test_accumulation)."""
+  """ema ← decay·ema + (1 − decay)·params, in float32 whatever the params' dtype (accumulation:
+  tests/test_accumulation)."""
   params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), _tree(jax.random.PRNGKey(5)))
   ema = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), params)
   decay = 0.9

@@ -1,6 +1,6 @@
 """The shipped recipes equal the reference's training YAMLs (src/configs/training_configs/train_*.yml over the
-defaults of src/configs/config.py, spec §7), field by field; they name its pre-tokenized Hugging Face datasets, which
-the pipeline reads as they are from a local copy."""
+defaults of src/configs/config.py, docs/method.md#training-recipe), field by field; they name its pre-tokenized Hugging
+Face datasets, which the pipeline reads as they are from a local copy."""
 import importlib.util
 import pathlib
 import sys

@@ -1,15 +1,14 @@
 """The training objective equals the reference train step: given its batch and its random draws, the per-group loss
 reproduces the reference's loss and every gradient, for both branches of both batch recipes (fixture
 `reference_elf_train`, made by running the authors' own train step)."""
-import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import fixture_config
 from elf_jax.objective import flow
-
 from elf_jax.config import base_config
 from elf_jax.model.elf import ELF, ModelConfig, unstack_blocks
 from elf_jax.objective import loss as L
@@ -20,12 +19,10 @@ BRANCHES = ("denoiser", "decoder")
 
 
 @pytest.fixture(scope="module")
-def reference(fixture_dir):
-  """(config, arrays, model, params) of ../shared/fixtures/reference_elf_train."""
-  root = fixture_dir.parent / "reference_elf_train"
-  if not root.exists():
-    pytest.fail(f"reference fixture not found at {root}; set ELF_SHARED_DIR to the shared/ folder")
-  config = json.loads((root / "config.json").read_text())
+def reference(train_fixture_dir):
+  """(config, arrays, model, params) of the reference_elf_train fixture."""
+  root = train_fixture_dir
+  config = fixture_config(root)
   params = published.load_published_elf(root / "checkpoint.msgpack", which="raw")
   model = ELF(ModelConfig.from_params(params))
   d = config["dims"]

@@ -11,7 +11,7 @@ import pytest
 import tokenizers
 import transformers
 
-from conftest import CONFIGS, config_from_command_line
+from conftest import CONFIGS, config_from_command_line, fixture_config, relative_error
 from elf_jax.config import (SAMPLE_PRESETS, ConfigError, base_config, few_step_settings, resolve, sample_settings,
                             validate)
 from elf_jax.model.elf import ELF, ModelConfig, init_params
@@ -22,23 +22,23 @@ from elf_jax.weights import published
 
 
 @pytest.fixture(scope="module")
-def ref(fixture_dir):
+def ref(tiny_fixture_dir):
   """(model, EMA params, fixture config, reference arrays)."""
-  cfg = json.loads((fixture_dir / "config.json").read_text())
+  cfg = fixture_config(tiny_fixture_dir)
   model = ELF(ModelConfig.from_config(
       base_config(), latent_dim=cfg["text_encoder_dim"], hidden_size=cfg["hidden_size"], depth=cfg["depth"],
       num_heads=cfg["num_heads"], bottleneck_dim=cfg["bottleneck_dim"], vocab_size=cfg["vocab_size"],
       num_time_tokens=cfg["num_time_tokens"], num_guidance_tokens=cfg["num_self_cond_cfg_tokens"],
       num_mode_tokens=cfg["num_model_mode_tokens"]))
-  params = published.load_published_elf(fixture_dir / "checkpoint_7", which="ema")
-  return model, params, cfg, dict(np.load(fixture_dir / "reference.npz"))
+  params = published.load_published_elf(tiny_fixture_dir / "checkpoint_7", which="ema")
+  return model, params, cfg, dict(np.load(tiny_fixture_dir / "reference.npz"))
 
 
 @pytest.fixture(scope="module")
-def sde_ref(fixture_dir):
+def sde_ref(train_fixture_dir):
   """The training fixture's SDE run: (model, params, config.json, the `sde/...` arrays without the prefix)."""
-  directory = fixture_dir.parent / "reference_elf_train"
-  cfg = json.loads((directory / "config.json").read_text())
+  directory = train_fixture_dir
+  cfg = fixture_config(directory)
   dims, tokens = cfg["dims"], cfg["tokens"]
   model = ELF(ModelConfig.from_config(
       base_config(), latent_dim=dims["C"], hidden_size=dims["H"], depth=dims["depth"], num_heads=dims["heads"],
@@ -63,10 +63,6 @@ def _sde_config(cfg, **overrides):
 
 # The reference samples with T5's EOS / pad ids (the word tokenizer of these tests has the same).
 T5_IDS = dict(eos_id=1, pad_id=0)
-
-
-def _relative_error(got, want) -> float:
-  return float(np.linalg.norm(np.asarray(got, np.float64) - want) / np.linalg.norm(want))
 
 
 def _config(cfg, task, **overrides):
@@ -145,7 +141,7 @@ def test_sde_parity_with_reference(sde_ref):
   b = r["z0"].shape[0]
   assert r["grid"].shape == (config.steps + 1,) and r["churn_noise"].shape == (config.steps - 1,) + r["z0"].shape
   out = S.make_sampler(model, config)(params, r["z0"], r["grid"], churn_noise=r["churn_noise"])
-  error = _relative_error(out.latents, r["z_final"])
+  error = relative_error(out.latents, r["z_final"])
   print(f"SDE z_final: relative error {error:.2e}, max abs {np.abs(out.latents - r['z_final']).max():.2e}")
   assert error <= 1e-5
   np.testing.assert_array_equal(out.ids, r["ids"])

@@ -88,7 +88,8 @@ def _tree_rel(a, b):
   """Relative error of the whole tree, ||a - b|| / ||b|| over all leaves together. Used for parameters after Adam
   steps: Adam divides each gradient by its own scale, so float noise on an analytically zero gradient (e.g. the
   key bias, which softmax ignores) becomes an O(lr) change of that one leaf however the sum was ordered."""
-  diff = sum(float(jnp.sum(jnp.square(x - y))) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+  leaf_pairs = zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b))
+  diff = sum(float(jnp.sum(jnp.square(x - y))) for x, y in leaf_pairs)
   ref = sum(float(jnp.sum(jnp.square(y))) for y in jax.tree_util.tree_leaves(b))
   return (diff / ref) ** 0.5
 

@@ -14,7 +14,7 @@ import safetensors.numpy
 import torch
 import transformers
 
-from conftest import SHARED
+from conftest import fixture_config, relative_error
 from elf_jax import config as elf_config
 from elf_jax.model import t5_encoder
 from elf_jax.weights import encoder as encoder_weights
@@ -200,33 +200,31 @@ def test_config_from_hf_and_errors(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------------------------------------------
 # The official ELF encoder pickle (reference_elf_train: encoder_params.pkl and the official step's encoder draws).
 
-TRAIN_FIXTURE = SHARED / "fixtures" / "reference_elf_train"
-OFFICIAL_PKL = TRAIN_FIXTURE / "encoder_params.pkl"
 CASES = ("uncond_pad", "cond_eos")
 
 
 @pytest.fixture(scope="module")
-def train_fixture():
-  """(config.json, reference.npz) of the reference_elf_train fixture."""
-  if not TRAIN_FIXTURE.exists():
-    pytest.fail(f"reference fixture not found at {TRAIN_FIXTURE}; set ELF_SHARED_DIR to the shared/ folder")
-  return json.loads((TRAIN_FIXTURE / "config.json").read_text()), np.load(TRAIN_FIXTURE / "reference.npz")
+def official_pkl(train_fixture_dir):
+  """The fixture's T5 encoder in the official encoder-checkpoint format (a numpy pickle)."""
+  return train_fixture_dir / "encoder_params.pkl"
 
 
 @pytest.fixture(scope="module")
-def official_encoder(train_fixture):
+def train_fixture(train_fixture_dir):
+  """(config.json, reference.npz) of the reference_elf_train fixture."""
+  return fixture_config(train_fixture_dir), np.load(train_fixture_dir / "reference.npz")
+
+
+@pytest.fixture(scope="module")
+def official_encoder(train_fixture, official_pkl):
   """`build_encoder` of a config whose encoder.name_or_path is the fixture's encoder_params.pkl."""
   fixture_config, _ = train_fixture
   config = elf_config.base_config()
-  config.encoder.name_or_path = str(OFFICIAL_PKL)
+  config.encoder.name_or_path = str(official_pkl)
   config.encoder.dim = fixture_config["dims"]["C"]
   config.encoder.latent_mean = fixture_config["latent_mean"]
   config.encoder.latent_std = fixture_config["latent_std"]
   return encoder_weights.build_encoder(config)
-
-
-def _rel_err(ours, ref):
-  return float(np.linalg.norm(np.asarray(ours) - ref) / np.linalg.norm(ref))
 
 
 def _case_masks(ref, case):
@@ -254,7 +252,7 @@ def test_official_pickle_reproduces_latents(train_fixture, official_encoder, cas
   encoder, params = official_encoder
   mask = ref[f"{case}/draws/encoder_attention_mask_after_drop"]
   raw = jax.jit(encoder.t5.apply)({"params": params}, ref[f"{case}/input_ids"], mask)
-  assert _rel_err(raw, ref[f"{case}/draws/latents_raw"]) <= 1e-5
+  assert relative_error(raw, ref[f"{case}/draws/latents_raw"]) <= 1e-5
   np.testing.assert_allclose(raw, ref[f"{case}/draws/latents_raw"], atol=1e-5, rtol=0)
 
 
@@ -274,20 +272,20 @@ def test_latent_encoder_gives_official_x0(train_fixture, official_encoder, case)
   encoder, params = official_encoder
   valid, cond, drop = _case_masks(ref, case)
   x0 = jax.jit(encoder.encode)(params, ref[f"{case}/input_ids"], valid, cond, drop)
-  assert _rel_err(x0, ref[f"{case}/draws/x0"]) <= 1e-5
+  assert relative_error(x0, ref[f"{case}/draws/x0"]) <= 1e-5
   dropped_condition = (drop[:, None] & cond)
   if dropped_condition.any():
     assert not np.asarray(x0)[dropped_condition].any()
 
 
-def test_official_pickle_numpy1_names(tmp_path):
+def test_official_pickle_numpy1_names(tmp_path, official_pkl):
   """Files pickled under numpy 1 name numpy.core.multiarray._reconstruct; protocol 3 spells globals as text."""
-  tree = encoder_weights.read_numpy_pickle(str(OFFICIAL_PKL))
+  tree = encoder_weights.read_numpy_pickle(str(official_pkl))
   data = pickle.dumps(tree, protocol=3)
   assert b"numpy._core.multiarray\n" in data
   (tmp_path / "old.pkl").write_bytes(data.replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n"))
   config, params = encoder_weights.load_official_t5_encoder(str(tmp_path / "old.pkl"))
-  reference_config, reference_params = encoder_weights.load_official_t5_encoder(str(OFFICIAL_PKL))
+  reference_config, reference_params = encoder_weights.load_official_t5_encoder(str(official_pkl))
   assert config == reference_config
   assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), params, reference_params))
 
@@ -321,8 +319,8 @@ def test_official_pickle_refuses_other_globals(tmp_path):
     encoder_weights.load_official_t5_encoder(str(tmp_path / "text.pkl"))
 
 
-def test_official_pickle_wrong_structure_names_the_problem(tmp_path):
-  tree = encoder_weights.read_numpy_pickle(str(OFFICIAL_PKL))
+def test_official_pickle_wrong_structure_names_the_problem(tmp_path, official_pkl):
+  tree = encoder_weights.read_numpy_pickle(str(official_pkl))
   encoder = tree["params"]["encoder"]
   del encoder["final_layer_norm"]
   encoder["block_1"]["layer_0"]["SelfAttention"]["k"]["kernel"] = np.zeros((3, 3), np.float32)

@@ -1,6 +1,5 @@
 """The authors' PyTorch checkpoint files: import of reference_elf_train's torch_checkpoint_0 (the network of its
 checkpoint.msgpack), export in the same payload layout, safetensors export, and the error without torch."""
-import json
 import os
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import pytest
 import safetensors.numpy
 import torch
 
-from conftest import SHARED
+from conftest import fixture_config
 from elf_jax.config import base_config
 from elf_jax.model.elf import ELF, ModelConfig, init_params
 from elf_jax.objective.state import TrainState
@@ -22,17 +21,23 @@ from elf_jax.run import checkpoint
 from elf_jax.weights import published
 from elf_jax.weights import torch_format
 
-TRAIN_FIXTURE = SHARED / "fixtures" / "reference_elf_train"
-TORCH_FILE = TRAIN_FIXTURE / "torch_checkpoint_0"
-MSGPACK_FILE = TRAIN_FIXTURE / "checkpoint.msgpack"
+
+@pytest.fixture(scope="module")
+def torch_file(train_fixture_dir):
+  """The fixture's network as an official PyTorch checkpoint file."""
+  return train_fixture_dir / "torch_checkpoint_0"
 
 
 @pytest.fixture(scope="module")
-def model_and_shapes():
+def msgpack_file(train_fixture_dir):
+  """The same network as a published Flax msgpack checkpoint."""
+  return train_fixture_dir / "checkpoint.msgpack"
+
+
+@pytest.fixture(scope="module")
+def model_and_shapes(train_fixture_dir):
   """The fixture's flow transformer (dims from config.json) and its parameter shapes."""
-  if not TRAIN_FIXTURE.exists():
-    pytest.fail(f"reference fixture not found at {TRAIN_FIXTURE}; set ELF_SHARED_DIR to the shared/ folder")
-  cfg = json.loads((TRAIN_FIXTURE / "config.json").read_text())
+  cfg = fixture_config(train_fixture_dir)
   dims, tokens = cfg["dims"], cfg["tokens"]
   model = ELF(ModelConfig.from_config(
       base_config(), latent_dim=dims["C"], hidden_size=dims["H"], depth=dims["depth"], num_heads=dims["heads"],
@@ -64,10 +69,10 @@ def _outputs(model, params, cfg):
 
 
 @pytest.mark.parametrize("which", ["raw", "ema"])  # payload params ↔ msgpack params, ema_params1 ↔ ema_params1
-def test_import_matches_the_msgpack_network(model_and_shapes, which):
+def test_import_matches_the_msgpack_network(model_and_shapes, which, torch_file, msgpack_file):
   model, shapes, cfg = model_and_shapes
-  from_torch = published.load_published_elf(TORCH_FILE, which, expected=shapes)
-  from_msgpack = published.load_published_elf(MSGPACK_FILE, which, expected=shapes)
+  from_torch = published.load_published_elf(torch_file, which, expected=shapes)
+  from_msgpack = published.load_published_elf(msgpack_file, which, expected=shapes)
   _assert_same_tree(from_torch, from_msgpack)
   (x_torch, logits_torch), (x_msgpack, logits_msgpack) = (_outputs(model, p, cfg) for p in (from_torch, from_msgpack))
   assert np.abs(x_msgpack).max() > 1e-3 and np.abs(logits_msgpack).max() > 1e-3  # the outputs are not trivial
@@ -75,15 +80,15 @@ def test_import_matches_the_msgpack_network(model_and_shapes, which):
   np.testing.assert_array_equal(logits_torch, logits_msgpack)
 
 
-def test_init_from_accepts_a_torch_file(model_and_shapes):
+def test_init_from_accepts_a_torch_file(model_and_shapes, torch_file, msgpack_file):
   _, shapes, _ = model_and_shapes
-  _assert_same_tree(published.load_params_from(str(TORCH_FILE), shapes),
-                    published.load_published_elf(MSGPACK_FILE, "ema", expected=shapes))
+  _assert_same_tree(published.load_params_from(str(torch_file), shapes),
+                    published.load_published_elf(msgpack_file, "ema", expected=shapes))
 
 
-def test_export_has_the_authors_layout_and_reimports_exactly(model_and_shapes, tmp_path):
+def test_export_has_the_authors_layout_and_reimports_exactly(model_and_shapes, tmp_path, torch_file, msgpack_file):
   _, shapes, _ = model_and_shapes
-  raw = published.load_published_elf(MSGPACK_FILE, "raw", expected=shapes)
+  raw = published.load_published_elf(msgpack_file, "raw", expected=shapes)
   ema = jax.tree.map(lambda v: v * np.float32(0.5), raw)  # a distinct EMA tree, so a swap would show
   out = tmp_path / "checkpoint_3"
   torch_format.export_torch(out, raw, ema, step=3, epoch=1)
@@ -91,7 +96,7 @@ def test_export_has_the_authors_layout_and_reimports_exactly(model_and_shapes, t
   for which, tree in (("raw", raw), ("ema", ema)):
     _assert_same_tree(published.load_published_elf(out, which, expected=shapes), tree)
   ours = torch.load(out, map_location="cpu", weights_only=True)
-  reference = torch.load(TORCH_FILE, map_location="cpu", weights_only=True)
+  reference = torch.load(torch_file, map_location="cpu", weights_only=True)
   assert set(ours) == set(reference)
   assert (ours["step"], ours["epoch"], ours["opt_state"]) == (3, 1, {})
   for name, tensor in reference["params"].items():  # the fixture's payload holds the msgpack's raw params
@@ -100,10 +105,10 @@ def test_export_has_the_authors_layout_and_reimports_exactly(model_and_shapes, t
   assert set(ours["params"]) == set(reference["params"]) == set(ours["ema_params1"])
 
 
-def test_cli_export_of_a_workdir_with_safetensors(model_and_shapes, tmp_path):
+def test_cli_export_of_a_workdir_with_safetensors(model_and_shapes, tmp_path, torch_file, msgpack_file):
   """A training workdir's newest step: its params become `params`, its EMA `ema_params1` and the safetensors."""
   _, shapes, _ = model_and_shapes
-  raw = published.load_published_elf(MSGPACK_FILE, "raw", expected=shapes)
+  raw = published.load_published_elf(msgpack_file, "raw", expected=shapes)
   ema = jax.tree.map(lambda v: v * np.float32(0.5), raw)
   state = TrainState(step=jnp.int32(5), params=raw, ema_params=ema, opt_state=optax.adamw(1e-3).init(raw),
                      rng=jax.random.key_data(jax.random.key(0)))
@@ -114,7 +119,7 @@ def test_cli_export_of_a_workdir_with_safetensors(model_and_shapes, tmp_path):
   out, ema_file = tmp_path / "checkpoint_5", tmp_path / "ema.safetensors"
   subprocess.run([sys.executable, "-m", "elf_jax.run.export", f"--source={tmp_path / 'run'}", f"--out={out}",
                   f"--safetensors={ema_file}"], check=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
-  reference = torch.load(TORCH_FILE, map_location="cpu", weights_only=True)["params"]  # the msgpack's raw params
+  reference = torch.load(torch_file, map_location="cpu", weights_only=True)["params"]  # the msgpack's raw params
   ours = torch.load(out, map_location="cpu", weights_only=True)
   tensors = safetensors.numpy.load_file(ema_file)
   assert set(ours["params"]) == set(ours["ema_params1"]) == set(tensors) == set(reference)
@@ -124,17 +129,17 @@ def test_cli_export_of_a_workdir_with_safetensors(model_and_shapes, tmp_path):
     np.testing.assert_array_equal(tensors[name], tensor.numpy() * 0.5)
 
 
-def test_compiled_model_names_are_accepted():
+def test_compiled_model_names_are_accepted(torch_file):
   """torch.compile prefixes state-dict names with `_orig_mod.`; the authors strip it when loading, so do we."""
-  reference = torch.load(TORCH_FILE, map_location="cpu", weights_only=True)["params"]
+  reference = torch.load(torch_file, map_location="cpu", weights_only=True)["params"]
   plain = torch_format.from_torch_state(reference)
   _assert_same_tree(torch_format.from_torch_state({f"_orig_mod.{k}": v for k, v in reference.items()}), plain)
 
 
-def test_missing_torch_is_a_clear_error(monkeypatch, tmp_path):
+def test_missing_torch_is_a_clear_error(monkeypatch, tmp_path, torch_file):
   monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now fails as if it were not installed
   with pytest.raises(ImportError, match=r"needs torch: pip install 'elf_jax\[torch\]'"):
-    published.load_published_elf(TORCH_FILE)
+    published.load_published_elf(torch_file)
   with pytest.raises(ImportError, match=r"needs torch"):
     torch_format.export_torch(tmp_path / "out", {"w": np.zeros(2)}, {"w": np.zeros(2)})
   torch_format.export_safetensors(tmp_path / "ema.safetensors", {"blocks_0": {"w": {"kernel": np.eye(2)}}})

@@ -175,7 +175,8 @@ def preempted(tmp_path_factory):
   out = io.StringIO()
   with contextlib.redirect_stdout(out):
     state = train_loop.train(small_config(**PREEMPTED), str(workdir), hooks=_send_sigterm_after_step_2)
-  return {"workdir": workdir, "step": int(state.step), "stdout": out.getvalue(), "steps_on_disk": steps_on_disk(workdir),
+  return {"workdir": workdir, "step": int(state.step), "stdout": out.getvalue(),
+          "steps_on_disk": steps_on_disk(workdir),
           "handler_restored": signal.getsignal(signal.SIGTERM) == handler_before,
           "loss_curve": (workdir / "loss_curve.png").exists(), "rows": train_rows(workdir)}
 

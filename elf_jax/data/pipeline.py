@@ -8,7 +8,7 @@ process_count, with S = config.data.max_length:
   loss_mask  (b, S) bool   positions the loss counts: valid & ~cond_mask ("pad"), ~cond_mask ("eos")
 The (b, S, S) encoder mask is built later from (valid, cond_mask) and the label-drop coin of the train step.
 
-Rules (the reference's collate, spec §1):
+Rules (the reference's collate, docs/method.md#latents):
   * Token ids are used as they are: pre-tokenized records are not changed, and text is tokenized without special
     tokens (`add_special_tokens=False`, as the reference tokenizes raw text), so no EOS is appended.
   * A row is condition[:max_condition_length] ++ target (unconditional: the ids), truncated to S (no EOS is forced

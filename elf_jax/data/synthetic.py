@@ -206,7 +206,7 @@ class HiddenMarkovLanguage:
     return log_scale + math.log(final) if final > 0.0 else -math.inf
 
   def gen_ppl_and_entropy(self, sentences: Iterable[str], smoothing: float = 1e-3) -> dict[str, float]:
-    """Gen. PPL and unigram entropy of sentences under this (true) language, mirroring spec §8.
+    """Gen. PPL and unigram entropy of sentences under this (true) language, mirroring docs/method.md#evaluation.
 
     Per sentence of n words the n + 1 tokens (words and the end event) count. Ungrammatical and out-of-vocabulary
     sentences have probability 0 under the language; two figures treat them differently:

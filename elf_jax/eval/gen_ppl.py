@@ -1,4 +1,4 @@
-"""Generative perplexity and unigram entropy of sample texts under a GPT-2 scorer (spec §8).
+"""Generative perplexity and unigram entropy of sample texts under a GPT-2 scorer (docs/method.md#evaluation).
 
 Protocol: empty samples (empty or whitespace only) are dropped first, as the official evaluation does, and counted
 as `num_empty`. Then, per remaining sample text:

@@ -1,4 +1,4 @@
-"""GPT-2 causal language model in Flax (linen) and import of Hugging Face GPT-2 checkpoints (spec §8 scorer).
+"""GPT-2 causal language model in Flax (linen) and import of Hugging Face GPT-2 checkpoints (docs/method.md#evaluation).
 
 The network matches Hugging Face's `GPT2LMHeadModel` (pre-LayerNorm blocks, learned absolute positions, tied
 embedding readout). Hugging Face stores GPT-2's linear layers as `Conv1D` with weights laid out (in, out), which

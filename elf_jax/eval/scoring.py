@@ -1,4 +1,4 @@
-"""The scores of decoded samples (spec §8), one entry point for every task:
+"""The scores of decoded samples (docs/method.md#evaluation), one entry point for every task:
 
   conditional tasks      BLEU (effective order) and ROUGE-1/2/L against each sample's reference text;
   synthetic language     its exact Gen. PPL and entropy, next to the same figures for held-out true sentences;

@@ -1,5 +1,6 @@
-"""Text metrics (spec §8): BLEU (WMT14 De→En) and ROUGE (XSum) of hypotheses paired by index with one reference
-each; MBR selection among several samples per condition; diversity (self-BLEU, distinct-n); MAUVE from features.
+"""Text metrics (docs/method.md#evaluation): BLEU (WMT14 De→En) and ROUGE (XSum) of hypotheses paired by index with
+one reference each; MBR selection among several samples per condition; diversity (self-BLEU, distinct-n); MAUVE from
+features.
 """
 from collections.abc import Sequence
 import math

@@ -1,4 +1,4 @@
-"""The ELF flow transformer (spec §5): one network for denoising (x-prediction) and decoding (token logits).
+"""The ELF flow transformer (docs/method.md#network): one network for denoising (x̂) and decoding (token logits).
 
     x (B, S, 2C) = concat[z, x_sc] ─ self_cond_proj ─ proj1 ─ proj2 ─┐
     [4 time tokens][4 guidance tokens][4 mode tokens][S data tokens] ─ blocks ─┬─ final_layer → x̂ (B, S, C)
@@ -7,9 +7,10 @@
 `decode` is a static flag: False gives x̂ (mode tokens multiplied by zero, no logits computed); True switches the
 mode tokens on and returns logits from the factored unembedding. A (B,) array instead gates the mode tokens per
 example (1 = decoding) and returns both heads of the one forward, (x̂, logits): the progressive-distillation step
-trains denoising and decoding rows together (spec §11). Parameter names are those of §9, except that the blocks are
-one `nn.scan` (one compiled block body, rematerialised per block by `model.remat`): in memory they are `blocks/...`
-with a leading layer axis; `stack_blocks` / `unstack_blocks` convert from / to the published `blocks_{i}/...` names.
+trains denoising and decoding rows together (docs/method.md#distillation). Parameter names are those of
+docs/method.md#checkpoint-names, except that the blocks are one `nn.scan` (one compiled block body, rematerialised per
+block by `model.remat`): in memory they are `blocks/...` with a leading layer axis; `stack_blocks` / `unstack_blocks`
+convert from / to the published `blocks_{i}/...` names.
 """
 from collections.abc import Mapping
 import dataclasses
@@ -24,7 +25,7 @@ from elf_jax.config import REMAT_POLICIES, base_config, check_choice
 from elf_jax.model import layers
 
 BLOCKS = "blocks"  # the scanned blocks: every leaf has a leading layer axis (logical axis "layers")
-BLOCK_PREFIX = "blocks_"  # published checkpoints name block i `blocks_{i}` (spec §9)
+BLOCK_PREFIX = "blocks_"  # published checkpoints name block i `blocks_{i}` (docs/method.md#checkpoint-names)
 # jax.checkpoint policy of each of config.REMAT_POLICIES (none: no rematerialisation).
 _CHECKPOINT_POLICIES = dict(zip(REMAT_POLICIES, (None, jax.checkpoint_policies.nothing_saveable,
                                                  jax.checkpoint_policies.dots_with_no_batch_dims_saveable)))
@@ -64,7 +65,7 @@ class ModelConfig:
 
   @classmethod
   def from_params(cls, params, **overrides) -> "ModelConfig":
-    """Reads every dimension off a parameter tree: published (§9 names, `blocks_{i}`) or stacked (`blocks`)."""
+    """Every dimension read off a parameter tree, published (docs/method.md#checkpoint-names) or stacked."""
     p = stack_blocks(nn.unbox(params))
     hidden, blocks = p["t_emb_tokens"].shape[-1], p[BLOCKS]
     dims = dict(
@@ -155,7 +156,8 @@ class ELF(nn.Module):
     cfg = self.config
     w1 = self.param("proj_kernel", layers.logical(layers.xavier, "embed", "latent"), (cfg.hidden_size, cfg.latent_dim))
     b1 = self.param("proj_bias", layers.logical(layers.zeros, "latent"), (cfg.latent_dim,))
-    w2 = self.param("unembed_kernel", layers.logical(layers.xavier, "latent", "vocab"), (cfg.latent_dim, cfg.vocab_size))
+    w2 = self.param("unembed_kernel", layers.logical(layers.xavier, "latent", "vocab"),
+                    (cfg.latent_dim, cfg.vocab_size))
     b2 = self.param("unembed_bias", layers.logical(layers.zeros, "vocab"), (cfg.vocab_size,))
     return nn.gelu(h @ w1 + b1) @ w2 + b2
 
@@ -184,7 +186,7 @@ def _is_published_block(key) -> bool:
 
 
 def stack_blocks(params: Mapping) -> dict:
-  """Published layout → ours: `blocks_{i}/...` (spec §9) become one `blocks/...` tree with a leading layer axis.
+  """Published layout → ours: `blocks_{i}/...` (docs/method.md#checkpoint-names) become one `blocks/...` tree.
 
   Leaves may be numpy (stacked with numpy) or jax arrays. A tree that is already stacked is returned as is.
   """
@@ -202,7 +204,7 @@ def stack_blocks(params: Mapping) -> dict:
 
 
 def unstack_blocks(params: Mapping) -> dict:
-  """Ours → published layout: `blocks/...` with a leading layer axis become `blocks_{i}/...` (spec §9 names).
+  """Ours → published layout: stacked `blocks/...` become `blocks_{i}/...` (docs/method.md#checkpoint-names).
 
   A tree without `blocks` is returned as is (for shapes only, use `jax.eval_shape(unstack_blocks, tree)`).
   """

@@ -1,4 +1,4 @@
-"""The latent space (spec §1): token ids → frozen T5 encoder → normalised latents x0 = (E(ids) − mean) / std.
+"""The latent space (docs/method.md#latents): ids → frozen T5 encoder → normalised latents x0 = (E(ids) − mean) / std.
 
 `LatentEncoder` is static (hashable: the T5 module and the normalisation constants); its weights travel separately
 as a pytree so jit sees them as arguments, not constants.

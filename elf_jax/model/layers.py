@@ -1,10 +1,10 @@
-"""Building blocks of the flow transformer (spec §5): RMSNorm, rotary embedding, SwiGLU, timestep embedder, block.
+"""Flow transformer blocks (docs/method.md#network): RMSNorm, rotary embedding, SwiGLU, timestep embedder, block.
 
-Parameter names follow the published checkpoints (spec §9). Every parameter carries logical axis names
-(`embed`, `qkv`, `heads`, `mlp`, `latent`, `vocab`, ...) that `elf_jax.parallel.sharding` maps to mesh axes.
+Parameter names follow the published checkpoints (docs/method.md#checkpoint-names). Every parameter carries logical axis
+names (`embed`, `qkv`, `heads`, `mlp`, `latent`, `vocab`, ...) that `elf_jax.parallel.sharding` maps to mesh axes.
 """
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -72,7 +72,8 @@ class TimestepEmbedder(nn.Module):
   @nn.compact
   def __call__(self, s):
     init = nn.initializers.normal(0.02)
-    h = Dense(self.hidden_size, ("freq", "embed"), kernel_init=init, name="mlp_0")(timestep_features(s, self.frequency_dim))
+    features = timestep_features(s, self.frequency_dim)
+    h = Dense(self.hidden_size, ("freq", "embed"), kernel_init=init, name="mlp_0")(features)
     return Dense(self.hidden_size, ("mlp", "embed"), kernel_init=init, name="mlp_2")(nn.silu(h))
 
 

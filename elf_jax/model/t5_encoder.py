@@ -1,4 +1,4 @@
-"""The frozen T5 encoder E (spec §1) in Flax (its weights are imported by `elf_jax.weights.encoder`).
+"""The frozen T5 encoder E (docs/method.md#latents) in Flax (its weights are imported by `elf_jax.weights.encoder`).
 
 Shapes: B batch, S sequence length, D = d_model (the latent width C), H heads, K = d_kv, F = d_ff, V vocab.
 
@@ -98,7 +98,7 @@ def relative_position_buckets(length: int, num_buckets: int, max_distance: int) 
 
 def make_encoder_mask(valid: jax.Array, cond_mask: jax.Array | None = None,
                       drop_condition: jax.Array | None = None) -> jax.Array:
-  """The encoder's (B, S, S) attention mask (spec §1); True = query row i may attend key column j.
+  """The encoder's (B, S, S) attention mask (docs/method.md#latents); True = query row i may attend key column j.
 
   Args:
     valid: (B, S) bool, real (non-padding) tokens.

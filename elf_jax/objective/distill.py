@@ -1,4 +1,4 @@
-"""Progressive distillation (spec §11, the authors' PyTorch branch `distillation`): the objective of one round.
+"""Progressive distillation (docs/method.md#distillation; the authors' PyTorch branch `distillation`): one round.
 
 A student of the teacher's architecture learns to cover a span Δ = 1 / student_steps of the flow in one
 evaluation. Per example, a decoder coin picks the branch:

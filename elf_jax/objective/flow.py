@@ -1,4 +1,4 @@
-"""Pure flow math (spec §2-4, §6): time sampling, the path, x̂ → v, the guided target, decoder inputs, time grids.
+"""Pure flow math (docs/method.md#objective, #sampling): time sampling, the path, x̂ → v, guided target, time grids.
 
 Conventions: t = 0 is noise, t = 1 is data; latents are (B, S, C); per-example scalars are (B,).
 """
@@ -13,8 +13,8 @@ from elf_jax.config import SAMPLE_GRIDS, SELF_COND_DRAWS, TIME_SCHEDULES, check_
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class FlowConfig:
-  """Static objective hyper-parameters (spec §2-4), built by `from_config`: the fields of `config.flow` of the same
-  names (their meaning and defaults live only in `elf_jax.config.base_config()`)."""
+  """Static objective hyper-parameters (docs/method.md#objective), built by `from_config`: the fields of `config.flow`
+  of the same names (their meaning and defaults live only in `elf_jax.config.base_config()`)."""
   denoiser_noise_scale: float
   time_schedule: str
   P_mean: float

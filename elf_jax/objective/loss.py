@@ -1,4 +1,4 @@
-"""The ELF training objective (spec §2-4), the reference train step's: denoiser branch with trained
+"""The ELF training objective (docs/method.md#objective), the reference train step's: denoiser branch with trained
 self-conditioning guidance, decoder branch.
 
 The global batch is split into `num_groups` contiguous groups; each group is either a denoising or a decoding step,
@@ -83,7 +83,7 @@ def self_cond_pass_rows(group_size: int, fc: flow.FlowConfig) -> int:
 
 
 def denoiser_loss(model: ELF, params, batch, noise, fc: flow.FlowConfig, dropout_rng):
-  """Flow-matching loss of one group (spec §2-3). batch: x0 (b,S,C), cond_mask, loss_mask (b,S).
+  """Flow-matching loss of one group (docs/method.md#self-conditioning). batch: x0 (b,S,C), cond_mask, loss_mask (b,S).
 
   With `fc.self_cond_draw == "fixed_count"`, noise["self_cond"] (b,) must mark exactly
   `flow.num_self_conditioned(b, fc.self_cond_prob)` examples.
@@ -120,7 +120,7 @@ def denoiser_loss(model: ELF, params, batch, noise, fc: flow.FlowConfig, dropout
 
 
 def decoder_loss(model: ELF, params, batch, noise, fc: flow.FlowConfig, dropout_rng):
-  """Token cross-entropy of one group decoded at t = 1 from a partially noised x0 (spec §4).
+  """Token cross-entropy of one group decoded at t = 1 from a partially noised x0 (docs/method.md#decoder-branch).
 
   Every position is noised, the condition's too, and the self-conditioning half is all zeros (as the reference).
   """
@@ -179,7 +179,8 @@ def loss_fn(params, batch, rng, *, model: ELF, fc: flow.FlowConfig, num_groups: 
   """Single-program ELF loss: (params, batch, rng) → (loss, metrics); ready for jax.jit / jax.grad.
 
   batch: x0 (B,S,C) normalised latents (condition latents already zeroed for dropped examples), ids (B,S) int32,
-  cond_mask / loss_mask (B,S) bool (the network gets no padding mask; loss_mask says which positions count). The sharded train step runs `grouped_loss` per batch shard instead.
+  cond_mask / loss_mask (B,S) bool (the network gets no padding mask; loss_mask says which positions count). The
+  sharded train step runs `grouped_loss` per batch shard instead.
   """
   b, s, c = batch["x0"].shape
   noise = draw_noise(rng, b, s, c, fc, num_groups)

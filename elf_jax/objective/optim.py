@@ -1,4 +1,4 @@
-"""Optimisation (spec §7): learning rate, warm-up schedule, gradient clipping, Muon / AdamW, EMA.
+"""Optimisation (docs/method.md#training-recipe): learning rate, warm-up schedule, gradient clipping, Muon / AdamW, EMA.
 
 The optimizer is the reference's `chain(clip_by_global_norm(1.0), MultiSteps(muon, k))`, split in two: the train
 step clips each micro-batch's gradient (`clip_gradient`) and averages the k clipped gradients inside one jitted

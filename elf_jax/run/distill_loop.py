@@ -1,4 +1,4 @@
-"""`--mode=distill`: the progressive-distillation curriculum (spec §11) as one training run per round.
+"""`--mode=distill`: the progressive-distillation curriculum (docs/method.md#distillation), a training run per round.
 
     DIR/round1_16step/   student from the teacher (or config.init_from), distilled to 16 steps
     DIR/round2_8step/    student from round 1's EMA, distilled to 8 steps

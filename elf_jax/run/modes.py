@@ -125,8 +125,8 @@ def frontier(exp: experiment.Experiment, params, workdir: str, writer: report.Me
   """Scores every sampling setting of `config.eval.sweep` (every score of `generate.generate_and_score`: diversity,
   MAUVE and MBR too) and plots Gen. PPL against entropy (DIR/frontier.png) and, when the sweep varies `steps`, Gen.
   PPL and entropy against steps (DIR/steps.png). `sample.preset` fills what a sweep point and the config leave unset
-  (under `fewstep`, each step count gets its own few-step settings, spec §11). Returns one row per setting: the
-  sampling settings used (SAMPLE_PRESET_FIELDS) and the scores."""
+  (under `fewstep`, each step count gets its own few-step settings, docs/method.md#distillation). Returns one row per
+  setting: the sampling settings used (SAMPLE_PRESET_FIELDS) and the scores."""
   config = exp.config
   settings = parse_sweep(config.eval.sweep)
   axes = list(settings[0])

@@ -1,9 +1,10 @@
 """The training loop: data → sharded train step → checkpoints, metrics, progress, periodic sample/eval hooks.
 
 Everything static comes from `elf_jax.experiment.build` (mesh, encoder, network, step arithmetic, optimizer,
-sharded state); everything numerical lives in pure modules (`objective/step.py`, `objective/loss.py`). What a person sees: a
-progress bar with step time and ETA (one line per logging interval when the output is a file), `DIR/metrics.jsonl`,
-TensorBoard events in `DIR/tb`, `DIR/loss_curve.png` at the end, samples in `DIR/samples/` (hooks).
+sharded state); everything numerical lives in pure modules (`objective/step.py`, `objective/loss.py`). What a person
+sees: a progress bar with step time and ETA (one line per logging interval when the output is a file),
+`DIR/metrics.jsonl`, TensorBoard events in `DIR/tb`, `DIR/loss_curve.png` at the end, samples in `DIR/samples/`
+(hooks).
 """
 from collections.abc import Callable
 import logging

@@ -1,5 +1,5 @@
-"""Pure-functional ODE/SDE sampler (spec §6): trained self-conditioning guidance, classifier-free guidance,
-conditional prefixes and token decoding.
+"""Pure-functional ODE/SDE sampler (docs/method.md#sampling): trained self-conditioning guidance, classifier-free
+guidance, conditional prefixes and token decoding.
 
     z = z0 (= σ·ε), x_prev = 0
     for each interval [t, t_next] of the grid (the last one always ODE):
@@ -107,7 +107,7 @@ def draw_initial_noise(rng: jax.Array, batch: int, seq_len: int, latent_dim: int
 def draw_inputs(rng: jax.Array, config: SampleConfig, batch: int, seq_len: int, latent_dim: int):
   """All randomness of one sampling run from one key: (z0 (B, S, C), grid (steps + 1,), sde_rng).
 
-  The grid is one per batch (random for `logit_normal`, spec §6); everything has global shapes.
+  The grid is one per batch (random for `logit_normal`, docs/method.md#sampling); everything has global shapes.
   """
   k_noise, k_grid, k_sde = jax.random.split(rng, 3)
   z0 = draw_initial_noise(k_noise, batch, seq_len, latent_dim, config.noise_scale)
@@ -169,8 +169,8 @@ def sample(params, model: nn.Module, z0: jax.Array, grid: jax.Array, *, method: 
            cond_latents: jax.Array | None = None, cond_mask: jax.Array | None = None, mask: jax.Array | None = None,
            rng: jax.Array | None = None, churn_noise: jax.Array | None = None, eos_id: int, pad_id: int,
            max_target_length: int = 0, return_trajectory: bool = False) -> SampleOutput:
-  """Samples token sequences with the ELF flow (spec §6); pure and jit-compatible. The settings have no defaults
-  here: `make_sampler` passes those of a `SampleConfig` (built from `elf_jax.config`).
+  """Samples token sequences with the ELF flow (docs/method.md#sampling); pure and jit-compatible. The settings have no
+  defaults here: `make_sampler` passes those of a `SampleConfig` (built from `elf_jax.config`).
 
   Args:
     params: the network's parameter tree (EMA params for sampling).

@@ -18,7 +18,6 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from elf_jax import fs
 from elf_jax import hf_weights
 from elf_jax import report
 from elf_jax.config import ConfigError
@@ -113,7 +112,7 @@ def _detect(path: epath.Path, source: str, field: str) -> Detected:
 
 def load_published_elf(path: str, which: str = "ema", expected: Any = None, field: str = "init_from"
                        ) -> dict[str, Any]:
-  """Reads the parameter tree of an ELF checkpoint (spec §9) as numpy arrays.
+  """Reads the parameter tree of an ELF checkpoint (docs/method.md#checkpoint-names) as numpy arrays.
 
   Args:
     path: anything `detect_format` recognises (a path or a hub id): a Flax msgpack file or an orbax PyTree directory
@@ -127,8 +126,8 @@ def load_published_elf(path: str, which: str = "ema", expected: Any = None, fiel
     field: the config field that named `path`, named in errors.
 
   Returns:
-    Nested dict of numpy arrays named as in spec §9 (a wrapping `{"params": ...}` level is removed), with the blocks
-    stacked as the model holds them (`blocks/...`, see `elf_jax.model.elf.stack_blocks`).
+    Nested dict of numpy arrays named as in docs/method.md#checkpoint-names (a wrapping `{"params": ...}` level is
+    removed), with the blocks stacked as the model holds them (`blocks/...`, see `elf_jax.model.elf.stack_blocks`).
 
   Raises:
     ConfigError: `path` is no ELF checkpoint (one line: what was found, the formats tried).

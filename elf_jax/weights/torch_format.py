@@ -2,10 +2,10 @@
 
 A payload is a dict with `params` (the PyTorch model's `state_dict`), `ema_params1` (name → tensor, the EMA copy),
 `opt_state`, `lr_scheduler`, `step`, `epoch`, `dropout_rng` and `grad_accum_buffers`. The PyTorch name of a
-parameter is its JAX path (spec §9) joined with dots, with `blocks_{i}` → `blocks.{i}` and every Dense `kernel`
-(in, out) → `weight` (out, in); norm weights and the raw parameters (`proj_kernel`, `unembed_kernel`, the token
-tables) keep their names and layout. A PyTorch 2-D `weight` is always a Linear weight (norm weights are 1-D), which
-makes the mapping invertible.
+parameter is its JAX path (docs/method.md#checkpoint-names) joined with dots, with `blocks_{i}` → `blocks.{i}` and every
+Dense `kernel` (in, out) → `weight` (out, in); norm weights and the raw parameters (`proj_kernel`, `unembed_kernel`, the
+token tables) keep their names and layout. A PyTorch 2-D `weight` is always a Linear weight (norm weights are 1-D),
+which makes the mapping invertible.
 
 Exports write `params` and `ema_params1` (enough for the authors' code to load a teacher or warm-start a student)
 with an empty `opt_state`: their resume path, which also restores the optimizer, cannot continue from them.
@@ -52,8 +52,8 @@ def _flatten(tree: Mapping, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...
 
 
 def to_torch_state(params: Mapping) -> dict[str, np.ndarray]:
-  """{PyTorch name: array in PyTorch layout} of a parameter tree with the spec §9 names (numpy or jax leaves),
-  its blocks stacked (`blocks`, as the model holds them) or not (`blocks_{i}`)."""
+  """{PyTorch name: array in PyTorch layout} of a parameter tree named as in docs/method.md#checkpoint-names (numpy or
+  jax leaves), its blocks stacked (`blocks`, as the model holds them) or not (`blocks_{i}`)."""
   state = {}
   for path, value in _flatten(elf.unstack_blocks(params)).items():
     value = np.asarray(jax.device_get(value))
@@ -65,7 +65,7 @@ def to_torch_state(params: Mapping) -> dict[str, np.ndarray]:
 
 
 def from_torch_state(state: Mapping[str, Any]) -> dict[str, Any]:
-  """The nested parameter tree (spec §9 names, `blocks_{i}` unstacked, numpy arrays) of a PyTorch state dict."""
+  """The nested parameter tree (docs/method.md#checkpoint-names, `blocks_{i}`, numpy arrays) of a PyTorch state dict."""
   tree = {}
   for name, value in state.items():
     if hasattr(value, "detach"):  # a torch tensor; float32 also turns bfloat16, which numpy lacks, into numbers
@@ -97,7 +97,7 @@ def export_torch(path, params: Mapping, ema_params: Mapping, step: int = 0, epoc
 
   Args:
     path: the file to write (the authors name theirs `checkpoint_<step>`).
-    params: raw parameter tree (spec §9 names), written as the `params` state dict.
+    params: raw parameter tree (docs/method.md#checkpoint-names), written as the `params` state dict.
     ema_params: EMA parameter tree, written as `ema_params1`.
     step, epoch: recorded as such. `opt_state` is left empty (see the module docstring).
   """
