@@ -108,9 +108,9 @@ def test_overrides_and_dimensions(workdir):
     elf_jax.load(str(workdir), model__depth=3)
 
 
-def test_a_checkpoint_without_a_task_needs_config(fixture_dir):
+def test_a_checkpoint_without_a_task_needs_config(tiny_fixture_dir):
   with pytest.raises(ConfigError, match=r"pass config=") as err:
-    elf_jax.load(str(fixture_dir / "checkpoint_7"))
+    elf_jax.load(str(tiny_fixture_dir / "checkpoint_7"))
   assert "\n" not in str(err.value)
 
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import SHARED
+from conftest import fixture_config
 from elf_jax import config as elf_config
 from elf_jax import hf_weights
 from elf_jax import recipes
@@ -25,7 +25,6 @@ from elf_jax.weights import published
 from elf_jax.weights import torch_format
 
 REVISION = "0123456789abcdef0123456789abcdef01234567"
-ENCODER_PKL = SHARED / "fixtures" / "reference_elf_train" / "encoder_params.pkl"
 
 
 @pytest.fixture
@@ -49,16 +48,16 @@ def hub_cache(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def tiny(fixture_dir):
+def tiny(tiny_fixture_dir):
   """(model, parameter shapes, reference outputs) of the reference_elf_tiny fixture."""
-  cfg = json.loads((fixture_dir / "config.json").read_text())
+  cfg = json.loads((tiny_fixture_dir / "config.json").read_text())
   model = ELF(ModelConfig.from_config(
       elf_config.base_config(), latent_dim=cfg["text_encoder_dim"], hidden_size=cfg["hidden_size"],
       depth=cfg["depth"], num_heads=cfg["num_heads"], bottleneck_dim=cfg["bottleneck_dim"],
       vocab_size=cfg["vocab_size"], num_time_tokens=cfg["num_time_tokens"],
       num_guidance_tokens=cfg["num_self_cond_cfg_tokens"], num_mode_tokens=cfg["num_model_mode_tokens"]))
   shapes = jax.eval_shape(lambda: nn.unbox(init_params(model, jax.random.key(0))))
-  return model, shapes, np.load(fixture_dir / "reference.npz")
+  return model, shapes, np.load(tiny_fixture_dir / "reference.npz")
 
 
 def _assert_reference_outputs(model, params, ref):
@@ -69,38 +68,40 @@ def _assert_reference_outputs(model, params, ref):
   np.testing.assert_allclose(logits, ref["logits"], atol=1e-5, rtol=0)
 
 
-def test_official_jax_repository_by_id_takes_the_newest_step(hub_cache, tiny, fixture_dir, tmp_path):
+def test_official_jax_repository_by_id_takes_the_newest_step(hub_cache, tiny, tiny_fixture_dir, tmp_path):
   """A snapshot of an official JAX repository (a folder of checkpoint_<step> files) by id: the newest step's EMA."""
   model, shapes, ref = tiny
   older = tmp_path / "older"
   older.write_bytes(b"\x81\xa1x\x01")  # an older step that would not load: it must not be the one read
-  hub_cache("embedded-language-flows/ELF-T-owt", {"checkpoint_3": older, "checkpoint_7": fixture_dir / "checkpoint_7"})
+  hub_cache("embedded-language-flows/ELF-T-owt",
+            {"checkpoint_3": older, "checkpoint_7": tiny_fixture_dir / "checkpoint_7"})
   params = published.load_params_from("embedded-language-flows/ELF-T-owt", shapes)
   _assert_reference_outputs(model, params, ref)
   assert ModelConfig.from_params(published.load_params_from("embedded-language-flows/ELF-T-owt")).depth == 2
 
 
-def test_official_pytorch_repository_and_old_orbax_layout_by_id(hub_cache, tiny, fixture_dir, tmp_path):
+def test_official_pytorch_repository_and_old_orbax_layout_by_id(hub_cache, tiny, tiny_fixture_dir, tmp_path):
   """The `-torch` twin (checkpoint_<step> torch.save payloads) and the older layout the official loader falls back
   to (checkpoint_<step> an orbax folder), each by id, and a file inside a repository by hub path."""
   model, shapes, ref = tiny
   payload = tmp_path / "checkpoint_7"
-  torch_format.export_torch(payload, published.load_published_elf(fixture_dir / "checkpoint_7", "raw"),
-                            published.load_published_elf(fixture_dir / "checkpoint_7", "ema"))
+  torch_format.export_torch(payload, published.load_published_elf(tiny_fixture_dir / "checkpoint_7", "raw"),
+                            published.load_published_elf(tiny_fixture_dir / "checkpoint_7", "ema"))
   hub_cache("embedded-language-flows/ELF-T-owt-torch", {"checkpoint_7": payload})
-  hub_cache("org/old-layout", {"checkpoint_7": fixture_dir / "orbax_checkpoint_7"})
-  hub_cache("org/bundle", {"runs/b/checkpoint_7": fixture_dir / "checkpoint_7"})
+  hub_cache("org/old-layout", {"checkpoint_7": tiny_fixture_dir / "orbax_checkpoint_7"})
+  hub_cache("org/bundle", {"runs/b/checkpoint_7": tiny_fixture_dir / "checkpoint_7"})
   for source in ("embedded-language-flows/ELF-T-owt-torch", "org/old-layout", "org/bundle/runs/b/checkpoint_7",
                  "org/bundle/runs/b"):
     _assert_reference_outputs(model, published.load_params_from(source, shapes), ref)
 
 
-def test_encoder_pickle_by_hub_path(hub_cache):
+def test_encoder_pickle_by_hub_path(hub_cache, train_fixture_dir):
   """encoder.name_or_path = ORG/NAME/file.pkl reads the cached pickle, as a local path to it does."""
-  hub_cache("org/encoder", {"enc/encoder_params.pkl": ENCODER_PKL})
+  encoder_pkl = train_fixture_dir / "encoder_params.pkl"
+  hub_cache("org/encoder", {"enc/encoder_params.pkl": encoder_pkl})
   config = elf_config.base_config()
-  config.encoder.dim = 40  # the fixture encoder's width
-  config.encoder.name_or_path = str(ENCODER_PKL)
+  config.encoder.dim = fixture_config(train_fixture_dir)["dims"]["C"]  # the fixture encoder's width
+  config.encoder.name_or_path = str(encoder_pkl)
   _, local = encoder_weights.build_encoder(config)
   config.encoder.name_or_path = "org/encoder/enc/encoder_params.pkl"
   _, by_id = encoder_weights.build_encoder(config)

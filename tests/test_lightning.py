@@ -59,17 +59,17 @@ def save_with_lightning(module: pl.LightningModule, path: pathlib.Path) -> pathl
 
 
 @pytest.fixture(scope="module")
-def tiny(fixture_dir):
-  cfg = json.loads((fixture_dir / "config.json").read_text())
+def tiny(tiny_fixture_dir):
+  cfg = json.loads((tiny_fixture_dir / "config.json").read_text())
   model = ELF(ModelConfig.from_config(
       elf_config.base_config(), latent_dim=cfg["text_encoder_dim"], hidden_size=cfg["hidden_size"],
       depth=cfg["depth"], num_heads=cfg["num_heads"], bottleneck_dim=cfg["bottleneck_dim"],
       vocab_size=cfg["vocab_size"], num_time_tokens=cfg["num_time_tokens"],
       num_guidance_tokens=cfg["num_self_cond_cfg_tokens"], num_mode_tokens=cfg["num_model_mode_tokens"]))
   shapes = jax.eval_shape(lambda: nn.unbox(init_params(model, jax.random.key(0))))
-  raw = published.load_published_elf(fixture_dir / "checkpoint_7", "raw")
-  ema = published.load_published_elf(fixture_dir / "checkpoint_7", "ema")
-  return model, shapes, raw, ema, np.load(fixture_dir / "reference.npz")
+  raw = published.load_published_elf(tiny_fixture_dir / "checkpoint_7", "raw")
+  ema = published.load_published_elf(tiny_fixture_dir / "checkpoint_7", "ema")
+  return model, shapes, raw, ema, np.load(tiny_fixture_dir / "reference.npz")
 
 
 def test_lightning_checkpoint_ema_and_raw(tiny, tmp_path, capsys):
