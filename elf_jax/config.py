@@ -153,7 +153,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.data_dir = ""  # tfds: the TFDS data dir ("" = TFDS_DATA_DIR or ~/tensorflow_datasets)
   c.data.split = "train"
   c.data.eval_split = "validation"
-  c.data.conditional = False  # [condition ; target] sequences (XSum, WMT)
+  c.data.conditional = False  # [condition ; target] sequences (XSum, WMT; source "synthetic": the translation task)
   c.data.input_key = "input"  # conditional fields
   c.data.output_key = "output"
   c.data.text_key = "text"
@@ -172,6 +172,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.packing = False  # pack documents into max_length rows (unconditional) instead of pad/truncate
   c.data.shuffle = True
   c.data.num_workers = 0  # grain worker processes
+  # A malformed record (not UTF-8 / not JSON / a missing field): "error" stops with FILE:LINE and the problem (jsonl
+  # and text files are checked before training); "skip" leaves such records out and counts them.
+  c.data.on_bad_record = "error"
   # Unconditional data: a directory written by `python -m elf_jax.run.cache_latents` holding the rows and their
   # raw (unnormalised) frozen-encoder outputs; the pipeline then reads them and the train step skips the encoder.
   c.data.latent_cache_dir = ""
@@ -201,6 +204,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.grad_accum_steps = 1
   c.optim.num_epochs = 5.0
   c.optim.num_steps = -1  # if > 0, overrides num_epochs (steps per epoch = len(train split) // global_batch_size)
+  # A step whose loss or gradient norm is NaN / inf: False stops the run with one line before anything is saved
+  # (the newest checkpoint stays the last good one); True leaves params, EMA and optimizer state unchanged for that
+  # step (counted as `skipped_nonfinite` in the metrics) and trains on.
+  c.optim.skip_nonfinite = False
 
   # Sampling (docs/method.md#sampling). The fields left unset (None) take the values of `preset` (SAMPLE_PRESETS, or
   # FEW_STEP_PRESET for a distilled student, docs/method.md#distillation); a field set explicitly wins over the preset.
@@ -259,6 +266,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint.every_steps = 1000
   c.checkpoint.max_to_keep = 3
   c.checkpoint.async_save = True
+  # One run per workdir (DIR/lease.json, renewed at every log and save): a lease not renewed for this long (a run
+  # that died on another host) is taken over with a warning; one of a dead process on this host at once.
+  c.checkpoint.lease_stale_after_s = 7200.0
   # Hugging Face hub repository (org/name) the workdir's checkpoints and results are uploaded to by process 0, after
   # each save and at the end (elf_jax/run/hub_upload.py; needs a token: `hf auth login`); "" = no upload.
   c.checkpoint.hf_repo_id = ""
@@ -424,6 +434,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   need((m.hidden_size // max(m.num_heads, 1)) % 2 == 0, "model.hidden_size / model.num_heads (the head dim) must be "
        "even for the rotary embedding")
   need(d.max_length > 0, f"data.max_length={d.max_length} must be > 0")
+  need(d.on_bad_record in ("error", "skip"), f"data.on_bad_record={d.on_bad_record!r}: expected 'error' or 'skip'")
   need(not (d.conditional and d.get("latent_cache_dir")), "data.latent_cache_dir is for unconditional data (label "
        "dropping changes the encoder input of conditional tasks); set --config.data.latent_cache_dir=''")
   if d.conditional:

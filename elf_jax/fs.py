@@ -7,10 +7,18 @@ workdir, data, latent-cache, init and checkpoint paths goes through `path()` (an
 epath reaches gs:// through gcsfs (installed by the `tpu`, `gpu` and `test` extras). Object stores cannot append
 to or memory-map a file: `append_text` rewrites the object there, and `load_npy` reads the rows it is asked for.
 Multi-host runs share one workdir: only process 0 writes single files (the callers check `jax.process_index()`).
+One run at a time writes a workdir: `workdir_lease` creates DIR/lease.json atomically (locally O_EXCL, on gs:// an
+upload with `ifGenerationMatch=0`) and a second run stops with one line naming the holder.
 """
+import contextlib
 import importlib.util
 import io
+import json
+import logging
 import os
+import socket
+import time
+import uuid
 
 from etils import epath
 import numpy as np
@@ -49,6 +57,18 @@ def append_text(p, text: str) -> None:
   else:
     with p.open("a") as f:
       f.write(text)
+
+
+def replace_text(p, text: str) -> None:
+  """Writes `text` as the whole content of `p`: locally through a temporary file renamed over `p` (a kill leaves the
+  old or the new content, never half of it); an object store replaces objects whole anyway."""
+  p = path(p)
+  if is_remote(p):
+    p.write_text(text)
+    return
+  tmp = p.parent / f".{p.name}.tmp-{os.getpid()}"
+  tmp.write_text(text)
+  os.replace(tmp, p)
 
 
 def savefig(fig, p, **kwargs) -> str:
@@ -110,3 +130,105 @@ def check_writable(directory: str, process_index: int = 0) -> None:
   except (OSError, ValueError) as e:  # gcsfs raises OSError subclasses and ValueError (bad bucket names)
     raise ConfigError(f"--workdir={directory!r} is not writable ({type(e).__name__}: {e}); pass a directory you can "
                       "write to") from e
+
+
+LEASE_FILE = "lease.json"
+_held_leases: dict[str, "WorkdirLease"] = {}  # lease path -> the lease this process holds there
+
+
+def _create_exclusive(p: epath.Path, text: str) -> bool:
+  """Writes `text` to `p` only if `p` does not exist, atomically; False if it existed."""
+  if is_remote(p):
+    store, key = fsspec.core.url_to_fs(str(p))
+    try:
+      store.pipe_file(key, text.encode(), mode="create")  # an upload with ifGenerationMatch=0
+    except (FileExistsError, OSError) as e:
+      if p.exists():  # the precondition failed: someone else created it first
+        return False
+      raise e
+    return True
+  try:
+    fd = os.open(p, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+  except FileExistsError:
+    return False
+  with os.fdopen(fd, "w") as f:
+    f.write(text)
+  return True
+
+
+def _lease_stale(holder: dict, stale_after_s: float) -> str:
+  """Why the lease of `holder` may be taken over ("" if it may not): its process is gone (same host), or it was not
+  renewed for `stale_after_s` seconds."""
+  if holder.get("host") == socket.gethostname():
+    try:
+      os.kill(int(holder.get("pid", -1)), 0)
+    except ProcessLookupError:
+      return f"its process {holder.get('pid')} no longer runs on this host"
+    except (PermissionError, ValueError, OverflowError):
+      pass
+  age = time.time() - float(holder.get("renewed", 0))
+  if age > stale_after_s:
+    return f"it was last renewed {age:.0f} s ago (> checkpoint.lease_stale_after_s={stale_after_s:g})"
+  return ""
+
+
+class WorkdirLease:
+  """This process's hold on a workdir (DIR/lease.json: host, pid, start time, last renewal, a token)."""
+
+  def __init__(self, directory):
+    self.path = path(directory) / LEASE_FILE
+    now = time.time()
+    self.record = {"host": socket.gethostname(), "pid": os.getpid(), "started": now, "renewed": now,
+                   "token": uuid.uuid4().hex}
+
+  def take(self, stale_after_s: float) -> None:
+    """Creates the lease, taking over a stale one with a warning; raises ConfigError naming a live holder."""
+    for _ in range(3):  # a stale lease removed by someone else between our read and our create: try again
+      if _create_exclusive(self.path, json.dumps(self.record)):
+        return
+      try:
+        holder = json.loads(self.path.read_text())
+      except (FileNotFoundError, json.JSONDecodeError):  # released meanwhile, or half written by a killed run
+        holder = {}
+      reason = _lease_stale(holder, stale_after_s) if holder else "it is unreadable"
+      if not reason:
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(holder.get("started", 0))))
+        raise ConfigError(
+            f"--workdir={str(self.path.parent)!r} is in use by another run (host {holder.get('host')}, pid "
+            f"{holder.get('pid')}, started {started}; {self.path}); wait for it or stop it, or pass another "
+            f"--workdir. If that run is gone, delete {self.path}.")
+      logging.warning("Taking over the lease of %s from host %s pid %s: %s.", self.path.parent, holder.get("host"),
+                      holder.get("pid"), reason)
+      with contextlib.suppress(FileNotFoundError):
+        self.path.unlink()
+    raise ConfigError(f"could not take the lease {self.path}: other runs keep taking it; pass another --workdir")
+
+  def renew(self) -> None:
+    """Records that the run is alive (call at least every checkpoint.lease_stale_after_s seconds)."""
+    self.record["renewed"] = time.time()
+    self.path.write_text(json.dumps(self.record))
+
+  def release(self) -> None:
+    """Removes the lease if it is still ours (a run that took it over keeps it)."""
+    with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
+      if json.loads(self.path.read_text()).get("token") == self.record["token"]:
+        self.path.unlink()
+
+
+@contextlib.contextmanager
+def workdir_lease(directory, stale_after_s: float, take: bool = True):
+  """Holds `directory`'s lease for the block and yields it (`WorkdirLease`); yields None without taking it when
+  `take` is False (the processes of a multi-process run other than the holder). A nested block of the process that
+  holds the lease yields the outer block's lease."""
+  key = str(path(directory) / LEASE_FILE)
+  if not take or key in _held_leases:
+    yield _held_leases.get(key)
+    return
+  lease = WorkdirLease(directory)
+  lease.take(stale_after_s)
+  _held_leases[key] = lease
+  try:
+    yield lease
+  finally:
+    del _held_leases[key]
+    lease.release()

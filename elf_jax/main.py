@@ -11,6 +11,7 @@ r"""ELF command line: train, sample, evaluate, distill a few-step student, or co
 Any config field can be overridden with --config.group.field=value. Sample and eval use the EMA parameters of the
 latest checkpoint in --workdir (or --config.init_from).
 """
+import contextlib
 import os
 import re
 import sys
@@ -39,8 +40,9 @@ def parse_flags(argv: list[str]) -> list[str]:
   ml_collections reports `--config.model.nonexistent=1` as a bare AttributeError / KeyError naming only the last
   key, with a traceback; this names the flag and the fix instead and exits with status 1.
   """
+  given = argv
   try:
-    return app.parse_flags_with_usage(argv)
+    argv = app.parse_flags_with_usage(argv)
   except (AttributeError, KeyError) as e:
     detail = e
     while isinstance(detail, BaseException) and detail.args:  # AttributeError(KeyError("'key'\nDid you mean ..."))
@@ -52,6 +54,27 @@ def parse_flags(argv: list[str]) -> list[str]:
     sys.exit(f"FATAL Flags parsing error: {', '.join(named)}: no such config field ({' '.join(detail.split())}).\n"
              "Fix the field name: every field is listed, with a comment, in elf_jax/config.py (base_config) and the "
              "resolved config is printed at the start of every run.")
+  except Exception as e:  # pylint: disable=broad-except  # the config file raised while loading (syntax, get_config)
+    _config_file_error(given, e)
+  try:
+    _CONFIG.value.keys()  # a missing file fails on first use, not while parsing
+  except OSError as e:
+    _config_file_error(given, e)
+  return argv
+
+
+def _config_file_error(argv: list[str], error: BaseException) -> None:
+  """Exits with one line naming the --config file and what went wrong loading it (its innermost error)."""
+  while error.__cause__ is not None or error.__context__ is not None:
+    error = error.__cause__ or error.__context__
+  given = ([a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")] or ["?"])[-1]
+  detail = f"{type(error).__name__}: {' '.join(str(error).split())}"
+  if isinstance(error, SyntaxError):
+    detail = f"SyntaxError: {error.msg} at line {error.lineno}"
+  elif not os.path.isfile(given.split(":")[0]):
+    detail = "no such file"
+  sys.exit(f"FATAL --config={given}: cannot load the config file ({detail}). Pass a "
+           "Python file defining get_config(), e.g. --config=configs/tiny.py.")
 
 
 def default_workdir(config_flag_value: str) -> str:
@@ -84,21 +107,26 @@ def main(argv):
     from elf_jax.run import aot
     aot.main(config)
     return
-  from elf_jax.run import distill_loop, modes, train_loop
+  from elf_jax.report import RunStopped
+  from elf_jax.run import distill_loop, experiment, modes, train_loop
   print(f"workdir: {workdir}", flush=True)
   try:
     fs.check_writable(workdir, jax.process_index())
-    if jax.process_index() == 0:
-      (fs.path(workdir) / f"config_{mode}.json").write_text(resolved.to_json_best_effort(indent=2))
-    if mode == "train":
-      train_loop.train(config, workdir, hooks=modes.training_hook)
-    elif mode == "sample":
-      modes.sample_mode(config, workdir)
-    elif mode == "distill":
-      distill_loop.distill(config, workdir, hooks=modes.training_hook)
-    else:
-      modes.eval_mode(config, workdir)
-  except (ConfigError, FileNotFoundError) as e:  # bad input: the message names the problem and the fix
+    # Training writes the workdir: one run at a time, the lease taken before the config is written.
+    with train_loop.hold_workdir(workdir, config) if mode in ("train", "distill") else contextlib.nullcontext():
+      if mode == "train":  # a changed model against the workdir's checkpoints: one line before anything loads
+        experiment.check_resume_config(resolved, workdir, f"config_{mode}.json")
+      if jax.process_index() == 0:
+        (fs.path(workdir) / f"config_{mode}.json").write_text(resolved.to_json_best_effort(indent=2))
+      if mode == "train":
+        train_loop.train(config, workdir, hooks=modes.training_hook)
+      elif mode == "sample":
+        modes.sample_mode(config, workdir)
+      elif mode == "distill":
+        distill_loop.distill(config, workdir, hooks=modes.training_hook)
+      else:
+        modes.eval_mode(config, workdir)
+  except (ConfigError, FileNotFoundError, RunStopped) as e:  # the message names the problem and the fix
     sys.exit(f"error: {e}")
 
 

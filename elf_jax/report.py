@@ -11,6 +11,11 @@ import numpy as np
 from elf_jax import fs
 
 
+class RunStopped(RuntimeError):
+  """A fault the run cannot continue past (divergence, a failed save, a workdir held by another run); the message is
+  one line naming the cause and the fix, which `elf_jax.main` prints before exiting with status 1."""
+
+
 def say(message: str) -> None:
   """Prints `message` on process 0 (every process of a multi-host run computes the same thing)."""
   if jax.process_index() == 0:
@@ -69,11 +74,30 @@ class MetricsWriter:
     if self.wandb is not None:  # W&B steps must grow; eval rows may repeat a step, so it is logged as a value
       self.wandb.log({**{f"{kind}/{k}": v for k, v in scalars.items()}, f"{kind}/step": row["step"]})
 
+  def drop_after(self, step: int, kinds=("train", "eval")) -> None:
+    """Removes the rows of `kinds` logged after `step`: a run resumed from `step` logs those steps again, so the
+    file keeps one row per step (one curve in a plot)."""
+    path = fs.path(self.path)
+    if not self.active or not path.exists():
+      return
+    lines = path.read_text().splitlines(keepends=True)
+    keep = [line for line in lines if not _logged_after(line, step, kinds)]
+    if len(keep) < len(lines):
+      fs.replace_text(path, "".join(keep))
+
   def close(self):
     if self.tb is not None:
       self.tb.close()
     if self.wandb is not None:
       self.wandb.finish()
+
+
+def _logged_after(line: str, step: int, kinds) -> bool:
+  try:
+    row = json.loads(line)
+  except json.JSONDecodeError:  # a line cut by a kill mid-write is dropped too
+    return bool(line.strip())
+  return row.get("kind") in kinds and row.get("step", 0) > step
 
 
 def read_metrics(workdir: str, kind: str | None = None) -> list[dict[str, Any]]:

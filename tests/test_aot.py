@@ -204,3 +204,19 @@ def test_pallas_sampler_compiles_for_a_v5p_slice():
                        cond_latents=abstract((b, s, d), jnp.float32, rows),
                        cond_mask=abstract((b, s), jnp.bool_, rows)).compile()
   assert "tpu_custom_call" in compiled.as_text()
+
+
+def test_libtpu_start_up_complaints_are_announced_as_expected():
+  """On a host without TPUs libtpu prints start-up complaints to stderr that read like failures; one line before
+  them says they are expected (once per process)."""
+  import importlib.util
+  import subprocess
+  import sys
+  if importlib.util.find_spec("libtpu") is None:
+    pytest.skip("needs libtpu")
+  code = "from elf_jax.run import aot; aot.topology_devices('v5p-8'); aot.topology_devices('v5p-8')"
+  env = {k: v for k, v in os.environ.items() if k != "TPU_ACCELERATOR_TYPE"}
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**env, "JAX_PLATFORMS": "cpu"})
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.count("are expected on a CPU host and do not affect the compile") == 1

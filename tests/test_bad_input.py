@@ -143,3 +143,31 @@ def test_unknown_config_field_on_the_command_line(tmp_path, override, hint):
   assert hint in result.stderr and "elf_jax/config.py" in result.stderr
   assert "Traceback" not in result.stderr  # one message, not a stack
   assert not workdir.exists()  # stopped while parsing flags, before anything ran
+
+
+def test_cosine_schedule_shorter_than_its_warm_up(tmp_path):
+  message = train_error(tmp_path, ConfigError, **{"optim.schedule": "cosine", "optim.warmup_steps": 6})
+  assert "\n" not in message and "needs more optimizer steps (6) than warm-up steps (6)" in message
+  assert "--config.optim.warmup_steps" in message
+
+
+def _main_error(tmp_path, *args) -> str:
+  """The stderr of a CLI run that must stop with status 1 before any workdir is made."""
+  workdir = tmp_path / "run"
+  result = subprocess.run([sys.executable, "-m", "elf_jax.main", f"--workdir={workdir}", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert result.returncode == 1 and not workdir.exists()
+  return result.stderr
+
+
+@pytest.mark.parametrize("content, cause", [(None, "(no such file)"),
+                                            ("def get_config(:\n", "(SyntaxError: invalid syntax at line 1)"),
+                                            ("def get_config():\n  return 1 / 0\n", "(ZeroDivisionError: division")])
+def test_a_missing_or_broken_config_file(tmp_path, content, cause):
+  path = tmp_path / "config.py"
+  if content is not None:
+    path.write_text(content)
+  stderr = _main_error(tmp_path, f"--config={path}")
+  assert stderr.strip().splitlines() == [stderr.strip()]  # one line, no traceback
+  assert stderr.startswith(f"FATAL --config={path}: cannot load the config file {cause}")
+  assert "--config=configs/tiny.py" in stderr

@@ -110,8 +110,34 @@ def test_text_and_jsonl_sources(tmp_path):
   jsonl = sources.make_source(_config(source="jsonl", path=str(tmp_path / "pairs.jsonl"), conditional=True).data,
                               "train")
   assert len(jsonl) == 2 and jsonl[1] == {"input": "d", "output": "e f"}
-  with pytest.raises(KeyError, match="text"):
+  with pytest.raises(ConfigError, match=r"pairs.jsonl:1: no field 'text'"):
     sources.make_source(_config(source="jsonl", path=str(tmp_path / "pairs.jsonl")).data, "train")
+
+
+@pytest.mark.parametrize("on_bad_record", ["error", "skip"])
+def test_bad_jsonl_records_are_named_by_file_and_line(tmp_path, capsys, on_bad_record):
+  """Line numbers count blank lines; malformed JSON, non-UTF-8 bytes, a missing key and a non-text value are each
+  named with their line and field; "skip" trains on the rest and says how many were left out."""
+  lines = [b'{"text": "a b"}', b"", b'{"text": "c"', b'{"text": "\xff\xfe"}', b'{"other": "d"}', b'{"text": [1.5]}',
+           b'{"text": "e f"}']
+  (tmp_path / "train.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+  c = _config(source="jsonl", path=str(tmp_path / "train.jsonl"), on_bad_record=on_bad_record)
+  if on_bad_record == "error":
+    with pytest.raises(ConfigError) as err:
+      sources.make_source(c.data, "train")
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"{tmp_path / 'train.jsonl'}:3: not valid JSON")
+    assert "(and 3 more bad records)" in message and "--config.data.on_bad_record=skip" in message
+    return
+  source = sources.make_source(c.data, "train")
+  assert list(source) == [{"text": "a b"}, {"text": "e f"}]
+  out = capsys.readouterr().out
+  assert "skipped 4 bad records" in out and "train.jsonl:3: not valid JSON" in out
+  # Each problem on its own, with the field named:
+  for line, text in [(4, "not UTF-8"), (5, "no field 'text'"), (6, "field 'text'")]:
+    (tmp_path / "one.jsonl").write_bytes(b"\n".join(lines[:1] * (line - 1) + [lines[line - 1]]))
+    with pytest.raises(ConfigError, match=f"one.jsonl:{line}: {text}"):
+      sources.make_source(_config(source="jsonl", path=str(tmp_path / "one.jsonl")).data, "train")
 
 
 def test_hf_dataset_read_as_it_is(tmp_path):
@@ -328,6 +354,30 @@ def test_conditional_jsonl_rows(tmp_path, tok, pad_token):
   assert not b["valid"].all()  # some rows are padded, and their padding is not valid in either mode
 
 
+def test_synthetic_translation_rows(language):
+  """Conditional synthetic data is the translation task: record i is [sentence i of the unconditional source ;
+  its translation], tokenized by a word tokenizer that covers both languages, in [condition ; target] rows."""
+  translation = synthetic.SyntheticTranslation(language.vocabulary)
+  tok = tokenizer_lib.load_tokenizer("synthetic", translation)
+  assert len(tok) == 3 + 2 * len(language.vocabulary)
+  c = _config(conditional=True, max_length=24, max_condition_length=12)
+  c.flow.pad_token = "eos"
+  plain = sources.make_source(_config().data, "train", language)
+  records = sources.make_source(c.data, "train", language)
+  assert [r["input"] for r in records] == [r["text"] for r in plain]
+  assert all(r["output"] == translation.translate(r["input"]) for r in records)
+  b = next(iter(pipeline.make_dataset(c, tok, "train", language=language)))
+  for row, record in enumerate(records[i] for i in range(len(b["ids"]))):
+    source, target = _encode(tok, record["input"]), _encode(tok, record["output"])
+    assert tok.unk_token_id not in source + target and len(source) == len(target) <= 12
+    n = len(source) + len(target)
+    assert b["ids"][row].tolist() == source + target + [tok.eos_token_id] * (24 - n)
+    assert tok.decode(b["ids"][row][len(source):n]) == record["output"]
+    assert b["cond_mask"][row].tolist() == [True] * len(source) + [False] * (24 - len(source))
+    assert b["valid"][row].tolist() == [True] * n + [False] * (24 - n)
+    assert (b["loss_mask"][row] == ~b["cond_mask"][row]).all()  # EOS padding: every target position is learned
+
+
 def test_conditional_length_errors(tmp_path, tok):
   c, _ = _conditional_config(tmp_path, "pad")
   c.data.max_condition_length = 8
@@ -418,3 +468,22 @@ def test_worker_processes_give_the_same_batches(language, tok):
   for a, b in zip(expected, got):
     for key in a:
       np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_a_tokenizer_folder_with_custom_code_never_runs_it(tmp_path):
+  """A tokenizer_config.json whose auto_map points at code in the folder: refused with one message, the code never
+  imported, even with "y" piped to a prompt (without trust_remote_code=False transformers asks on stdin)."""
+  import subprocess
+  import sys
+  tokenizer_lib.build_word_tokenizer(["a", "b"], save_dir=str(tmp_path))
+  config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+  config["auto_map"] = {"AutoTokenizer": ["custom.CustomTokenizer", None]}
+  del config["tokenizer_class"]  # no local class named: transformers would offer to run the folder's code
+  (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+  marker = tmp_path / "ran"
+  (tmp_path / "custom.py").write_text(f"open({str(marker)!r}, 'w').close()\n"
+                                      "from transformers import PreTrainedTokenizerFast as CustomTokenizer\n")
+  code = f"from elf_jax.data import tokenizer; tokenizer.load_tokenizer({str(tmp_path)!r})"
+  result = subprocess.run([sys.executable, "-c", code], input="y\ny\n", capture_output=True, text=True, timeout=300)
+  assert not marker.exists()
+  assert result.returncode == 1 and "needs custom code from its folder" in result.stderr.splitlines()[-1]

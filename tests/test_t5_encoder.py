@@ -278,6 +278,31 @@ def test_latent_encoder_gives_official_x0(train_fixture, official_encoder, case)
     assert not np.asarray(x0)[dropped_condition].any()
 
 
+@pytest.mark.parametrize("protocol", range(6))
+def test_official_pickle_loads_under_every_protocol(tmp_path, official_pkl, protocol):
+  """The fixture's encoder params re-saved with pickle protocols 0-5 (still a plain dict of numpy arrays) load equal,
+  numpy scalars included."""
+  tree = encoder_weights.read_numpy_pickle(str(official_pkl))
+  tree = {"params": tree, "scalars": [np.float32(1.5), np.int64(-3)], "empty": np.zeros((0, 2), np.bool_)}
+  (tmp_path / "p.pkl").write_bytes(pickle.dumps(tree, protocol=protocol))
+  loaded = encoder_weights.read_numpy_pickle(str(tmp_path / "p.pkl"))
+  jax.tree.map(np.testing.assert_array_equal, loaded, tree)
+  assert loaded["scalars"][0].dtype == np.float32 and loaded["empty"].shape == (0, 2)
+
+
+def test_the_protocol_0_helpers_do_only_their_job(tmp_path):
+  """`_codecs.encode` and `bytes` are allowed for latin-1 text and byte lists only: a payload calling them with
+  another codec or a size is refused."""
+  def payload(opcodes: bytes) -> bytes:
+    return b"\x80\x02" + opcodes + b"."
+  cases = {"rot13": b"c_codecs\nencode\nX\x03\x00\x00\x00abcX\x05\x00\x00\x00rot13\x86R",
+           "size": b"c__builtin__\nbytes\nJ\x00\x00\x00\x40\x85R"}
+  for name, opcodes in cases.items():
+    (tmp_path / f"{name}.pkl").write_bytes(payload(opcodes))
+    with pytest.raises(pickle.UnpicklingError, match=f"{name}.pkl: refused"):
+      encoder_weights.read_numpy_pickle(str(tmp_path / f"{name}.pkl"))
+
+
 def test_official_pickle_numpy1_names(tmp_path, official_pkl):
   """Files pickled under numpy 1 name numpy.core.multiarray._reconstruct; protocol 3 spells globals as text."""
   tree = encoder_weights.read_numpy_pickle(str(official_pkl))

@@ -12,7 +12,9 @@ see elf_jax/data/pipeline.py). Every source has a length: steps per epoch = len(
 Kinds (config.data.source) and what config.data.path means for each:
   synthetic: no path; record i of a split is one sentence of the synthetic language drawn with the seed
     (config.data.synthetic_seed, split, i), so the corpus is random-access and identical across runs and processes;
-    every split has config.data.synthetic_num_sentences records, drawn independently.
+    every split has config.data.synthetic_num_sentences records, drawn independently. Conditional: the synthetic
+    translation task, {"input": that sentence, "output": its translation by the hidden rule of
+    `synthetic.SyntheticTranslation`}.
   hf_arrow: a Hugging Face dataset, read with the `datasets` package (memory-mapped Arrow): a hub dataset id (e.g.
     the reference's pre-tokenized "embedded-language-flows/openwebtext-t5"; the repository is downloaded once into
     the hub cache, which also serves it offline afterwards) or a local directory — written by `save_to_disk` (a
@@ -26,12 +28,18 @@ Kinds (config.data.source) and what config.data.path means for each:
     themselves; other datasets use config.data.text_key / input_key / output_key.
   jsonl: one JSON object per line, {text_key} or {input_key, output_key}.
   text: one example per line (blank lines skipped).
+jsonl and text files are checked line by line when the source is made: a line that is not UTF-8, not JSON or lacks
+a field is reported as FILE:LINE (the line in the file, blank lines counted) with its problem, and stops the run
+before training (config.data.on_bad_record = "error") or is left out and counted ("skip"). A hf_arrow / tfds
+record that is no text or token ids is reported by its index when read (and replaced by the next good record under
+"skip").
 A "{split}" in the path is replaced by the split name (the reference's XSum / WMT14 repositories are
 "..._{split}_t5"). jsonl and text are held in memory (use hf_arrow or tfds for large corpora). Paths may be local
 or gs:// (elf_jax/fs.py).
 """
 from collections.abc import Sequence
 import json
+import logging
 import os
 import re
 import zlib
@@ -40,6 +48,7 @@ import ml_collections
 import numpy as np
 
 from elf_jax import fs
+from elf_jax import report
 from elf_jax.config import DATA_SOURCES, ConfigError, check_choice
 from elf_jax.data import synthetic
 
@@ -67,37 +76,82 @@ def make_source(data_config: ml_collections.ConfigDict, split: str,
   kind = data_config.source
   check_choice("data.source", kind, DATA_SOURCES)
   if kind == "synthetic":
-    if data_config.conditional:
-      raise ValueError("config.data.source = 'synthetic' is unconditional; set config.data.conditional = False")
-    return SyntheticSource(language or make_language(data_config), data_config.synthetic_num_sentences,
-                           data_config.synthetic_seed, split)
+    language = language or make_language(data_config)
+    translation = synthetic.SyntheticTranslation(language.vocabulary) if data_config.conditional else None
+    return SyntheticSource(language, data_config.synthetic_num_sentences, data_config.synthetic_seed, split,
+                           translation)
   if kind == "tfds":
     return _tfds_source(data_config, split)
   path = data_config.path.replace("{split}", split)
   fields = _fields(data_config)
   if kind == "hf_arrow" and HUB_ID.fullmatch(path) and not os.path.exists(path):
     return MappedSource(_hf_dataset(_hub_snapshot(path), split), fields, f"Hugging Face dataset {path!r}",
-                        _optional_fields(data_config))
+                        data_config.on_bad_record, _optional_fields(data_config))
   if not data_config.path or not fs.path(path).exists():
     raise FileNotFoundError(f"config.data.path = {data_config.path!r} (split {split!r}): {path!r} does not exist; "
                             f"set config.data.path to your {kind} data")
   if kind == "hf_arrow":
     return MappedSource(_hf_dataset(path, split), fields, f"Hugging Face dataset {path!r}",
-                        _optional_fields(data_config))
-  with fs.path(path).open(encoding="utf-8") as f:  # local or gs://
-    lines = [line.rstrip("\n") for line in f if line.strip()]
+                        data_config.on_bad_record, _optional_fields(data_config))
+  if kind == "text" and data_config.conditional:
+    raise ValueError("config.data.source = 'text' is unconditional; use jsonl for conditional data")
+  lines = _scan_lines(path, None if kind == "text" else fields, data_config.on_bad_record)
   if kind == "text":
-    if data_config.conditional:
-      raise ValueError("config.data.source = 'text' is unconditional; use jsonl for conditional data")
-    return [{"text": line} for line in lines]
-  return MappedSource(_JsonLines(lines), fields, path, _optional_fields(data_config))
+    return [{"text": line} for _, line in lines]
+  return MappedSource(_JsonLines(lines), fields, path, data_config.on_bad_record, _optional_fields(data_config))
+
+
+def _line_problem(line: str, fields: dict[str, str] | None) -> str:
+  """What is wrong with one JSONL record (`fields`: our name -> its key), "" if nothing."""
+  try:
+    record = json.loads(line)
+  except json.JSONDecodeError as e:
+    return f"not valid JSON ({e.msg} at column {e.colno})"
+  if not isinstance(record, dict):
+    return f"a JSON {type(record).__name__}, not an object"
+  for theirs in fields.values():
+    if theirs not in record:
+      return f"no field {theirs!r} (has {sorted(record)[:8]}; set config.data.text_key / input_key / output_key)"
+    try:
+      _value(record[theirs])
+    except (TypeError, ValueError) as e:
+      return f"field {theirs!r}: {e}"
+  return ""
+
+
+def _scan_lines(path: str, fields: dict[str, str] | None, on_bad_record: str) -> list[tuple[int, str]]:
+  """(line number in the file, text) of every non-blank line of a text (`fields` None) or JSONL file, each checked
+  before training: a line that is not UTF-8, not JSON or lacks a field is named as FILE:LINE with its problem and
+  stops the run (`data.on_bad_record` = error) or is left out and counted (skip)."""
+  good, bad = [], []
+  for number, raw in enumerate(fs.path(path).read_bytes().split(b"\n"), start=1):  # local or gs://
+    try:
+      line = raw.decode("utf-8").rstrip("\r")
+    except UnicodeDecodeError as e:
+      bad.append(f"{path}:{number}: not UTF-8 (byte {e.start + 1})")
+      continue
+    if not line.strip():
+      continue
+    problem = _line_problem(line, fields) if fields is not None else ""
+    if problem:
+      bad.append(f"{path}:{number}: {problem}")
+    else:
+      good.append((number, line))
+  if bad and on_bad_record != "skip":
+    raise ConfigError(f"{bad[0]}" + (f" (and {len(bad) - 1} more bad records)" if len(bad) > 1 else "")
+                      + "; fix the data or set --config.data.on_bad_record=skip to train without such records")
+  if bad:
+    report.say(f"data: skipped {len(bad)} bad records of {path} (data.on_bad_record=skip), the first: {bad[0]}")
+  return good
 
 
 class SyntheticSource(Sequence):
-  """Record i = {"text": one sentence of `language` drawn with numpy seed (seed, crc32(split), i)}."""
+  """Record i = {"text": one sentence of `language` drawn with numpy seed (seed, crc32(split), i)}; with a
+  `translation`, {"input": that sentence, "output": translation.translate(sentence)}."""
 
-  def __init__(self, language: synthetic.HiddenMarkovLanguage, num_sentences: int, seed: int, split: str):
-    self._language, self._num, self._seed = language, num_sentences, seed
+  def __init__(self, language: synthetic.HiddenMarkovLanguage, num_sentences: int, seed: int, split: str,
+               translation: synthetic.SyntheticTranslation | None = None):
+    self._language, self._num, self._seed, self._translation = language, num_sentences, seed, translation
     self._split_id = zlib.crc32(split.encode())
 
   def __len__(self) -> int:
@@ -107,16 +161,19 @@ class SyntheticSource(Sequence):
     if not 0 <= index < self._num:
       raise IndexError(f"record {index} out of range for {self._num} synthetic sentences")
     rng = np.random.default_rng([self._seed, self._split_id, index])
-    return {"text": self._language.sample(1, rng)[0]}
+    sentence = self._language.sample(1, rng)[0]
+    if self._translation is None:
+      return {"text": sentence}
+    return {"input": sentence, "output": self._translation.translate(sentence)}
 
 
 class MappedSource(Sequence):
   """Renames fields of a parent source's records: fields maps our name ("text" / "input" / "output") to theirs;
   optional fields (our name -> theirs: "reference") are kept when the parent's records have them."""
 
-  def __init__(self, parent: Sequence, fields: dict[str, str], description: str,
+  def __init__(self, parent: Sequence, fields: dict[str, str], description: str, on_bad_record: str,
                optional: dict[str, str] | None = None):
-    self._parent = parent
+    self._parent, self._description, self._on_bad_record = parent, description, on_bad_record
     if len(parent) == 0:
       raise ValueError(f"{description} holds no records")
     missing = [theirs for theirs in fields.values() if theirs not in parent[0]]
@@ -131,21 +188,42 @@ class MappedSource(Sequence):
   def __getitem__(self, index: int) -> dict:
     if not 0 <= index < len(self._parent):  # some parents (ArrayRecord) raise ValueError, which ends no iteration
       raise IndexError(f"record {index} out of range for {len(self._parent)} records")
-    record = self._parent[int(index)]
-    return {ours: _value(record[theirs]) for ours, theirs in self._fields.items()}
+    for offset in range(len(self._parent)):
+      at = (int(index) + offset) % len(self._parent)
+      try:
+        return self._read(at)
+      except (KeyError, TypeError, ValueError) as e:
+        if self._on_bad_record != "skip":
+          raise ConfigError(f"{self._description} record {at}: {e}; fix the data or set "
+                            "--config.data.on_bad_record=skip to replace such records by the next good one") from e
+        logging.warning("%s record %d: %s; replaced by the next good record (data.on_bad_record=skip)",
+                        self._description, at, e)
+    raise ConfigError(f"{self._description}: no record is readable")
+
+  def _read(self, index: int) -> dict:
+    record = self._parent[index]
+    out = {}
+    for ours, theirs in self._fields.items():
+      if theirs not in record:
+        raise KeyError(f"no field {theirs!r}")
+      try:
+        out[ours] = _value(record[theirs])
+      except (TypeError, ValueError) as e:
+        raise TypeError(f"field {theirs!r}: {e}") from e
+    return out
 
 
 class _JsonLines(Sequence):
-  """Lines of a JSONL file, parsed on access."""
+  """(line number, text) lines of a JSONL file, checked by `_scan_lines`, parsed on access."""
 
-  def __init__(self, lines: list[str]):
+  def __init__(self, lines: list[tuple[int, str]]):
     self._lines = lines
 
   def __len__(self) -> int:
     return len(self._lines)
 
   def __getitem__(self, index: int) -> dict:
-    return json.loads(self._lines[index])
+    return json.loads(self._lines[index][1])
 
 
 def _fields(data_config: ml_collections.ConfigDict) -> dict[str, str]:
@@ -189,7 +267,7 @@ def _tfds_source(data_config: ml_collections.ConfigDict, split: str) -> Sequence
   known = TFDS_FIELDS.get(name.split(":")[0])
   if data_config.conditional and known:
     fields = {"input": known[0], "output": known[1]}
-  return MappedSource(source, fields, f"TFDS dataset {name!r} split {split!r}")
+  return MappedSource(source, fields, f"TFDS dataset {name!r} split {split!r}", data_config.on_bad_record)
 
 
 def _hub_snapshot(repo_id: str) -> str:

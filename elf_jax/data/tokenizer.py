@@ -55,15 +55,17 @@ def decode(tokenizer: transformers.PreTrainedTokenizerBase, rows, *, clean_up_to
                            clean_up_tokenization_spaces=clean_up_tokenization_spaces) for row in rows]
 
 
-def load_tokenizer(name_or_path: str, language: synthetic.HiddenMarkovLanguage | None = None
+def load_tokenizer(name_or_path: str,
+                   language: synthetic.HiddenMarkovLanguage | synthetic.SyntheticTranslation | None = None
                    ) -> transformers.PreTrainedTokenizerBase:
   """The tokenizer named by config.data.tokenizer.
 
   Args:
-    name_or_path: "synthetic" (word tokenizer of `language`), a local directory with a saved Hugging Face
-      tokenizer, or a hub id (`org/name`, or `org/name/sub` for a folder of it; needs network access or the Hugging
-      Face cache).
-    language: the synthetic language; required for "synthetic".
+    name_or_path: "synthetic" (word tokenizer of `language.vocabulary`), a local directory with a saved Hugging
+      Face tokenizer, or a hub id (`org/name`, or `org/name/sub` for a folder of it; needs network access or the
+      Hugging Face cache).
+    language: the synthetic language, or the synthetic translation task (its vocabulary holds the words of both
+      languages); required for "synthetic".
   """
   if name_or_path == "synthetic":
     if language is None:
@@ -73,8 +75,12 @@ def load_tokenizer(name_or_path: str, language: synthetic.HiddenMarkovLanguage |
   try:
     if hub and hub[1]:  # org/name/sub: the tokenizer in a folder of a repository
       return transformers.AutoTokenizer.from_pretrained(hub[0], subfolder=hub[1], trust_remote_code=False)
-    return transformers.AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False)
+    return transformers.AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False)  # never custom code
   except (OSError, ValueError) as e:
+    if "trust_remote_code" in str(e):
+      raise ConfigError(f"data.tokenizer={name_or_path!r} needs custom code from its folder (an auto_map in "
+                        "tokenizer_config.json), which elf_jax never runs; use a tokenizer saved with a built-in class "
+                        "(tokenizer.json, e.g. written by save_pretrained)") from e
     where = "local directory" if os.path.isdir(name_or_path) else "hub id (no such local directory)"
     raise ConfigError(
         f"data.tokenizer={name_or_path!r}: cannot load this tokenizer (read as a {where}; {type(e).__name__}). "

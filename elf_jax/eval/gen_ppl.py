@@ -133,7 +133,8 @@ class GenPPLScorer:
     directory = hf_weights.resolve_dir(name_or_path, "GPT-2", ["*.json", "*.txt"], field="eval.gpt2")
     config, params = gpt2.load_hf_gpt2(str(directory))
     kwargs.setdefault("max_length", min(1024, config.n_positions))
-    return cls(config, params, transformers.AutoTokenizer.from_pretrained(str(directory)), **kwargs)
+    return cls(config, params, transformers.AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False),
+               **kwargs)
 
   def _row_nll_impl(self, params, input_ids, attention_mask, counted):
     """(B,T) ids and mask, (B,T-1) counted -> (B,) float32 sum of counted next-token NLLs (nats) per row."""

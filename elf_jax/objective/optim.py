@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from elf_jax.config import LR_SCHEDULES, OPTIMIZERS, check_choice
+from elf_jax.config import LR_SCHEDULES, OPTIMIZERS, ConfigError, check_choice
 from elf_jax.model import elf
 
 
@@ -62,8 +62,9 @@ def make_schedule(optim_config: ml_collections.ConfigDict, steps_per_epoch: int,
     after = optax.constant_schedule(peak)
   else:
     if total_steps <= warmup:
-      raise ValueError(f"cosine schedule needs total_steps ({total_steps}) > warm-up steps ({warmup}); "
-                       "lower config.optim.warmup_steps / warmup_epochs or train longer.")
+      raise ConfigError(f"optim.schedule='cosine' needs more optimizer steps ({total_steps}) than warm-up steps "
+                        f"({warmup}); lower --config.optim.warmup_steps / warmup_epochs or train longer "
+                        "(optim.num_steps / num_epochs)")
     after = optax.cosine_decay_schedule(peak, decay_steps=total_steps - warmup)
   if warmup == 0:
     return after

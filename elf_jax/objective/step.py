@@ -30,6 +30,7 @@ from elf_jax.objective.state import TrainState
 from elf_jax.parallel.mesh import batch_axes, num_batch_shards
 
 BATCH_KEYS = ("ids", "valid", "cond_mask", "loss_mask")
+FINITE_METRICS = ("loss", "grad_norm")  # metrics every step must keep finite (else: stop, or skip the update)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,10 +126,15 @@ def train_step(state: TrainState, frozen, batch, *, obj: Objective, optimizer: o
   loss_fn(params, frozen, batch, rng, obj, mesh) → (loss, metrics): `compute_loss` (frozen = the encoder's
   params) or another objective of the same shape (e.g. `distill.compute_loss`, frozen = (encoder, teacher)).
 
+  A step whose loss or gradient norm is not finite (any micro-batch's) is applied as usual, and the loop stops the
+  run when it sees it; with `optim.skip_nonfinite` it leaves params, EMA and optimizer state unchanged instead (the
+  step count and rng still advance) and reports `skipped_nonfinite` = 1.
+
   Returns:
     (new state, metrics): every metric of loss_fn averaged over the micro-batches that define it (NaN-valued ones,
-    e.g. decode_loss of a micro-batch without a decoding group, are left out), and grad_norm, the mean over
-    micro-batches of each micro-batch gradient's global norm before clipping.
+    e.g. decode_loss of a micro-batch without a decoding group, are left out; `loss` and `grad_norm` are plain means,
+    so one non-finite micro-batch shows), and grad_norm, the mean over micro-batches of each micro-batch gradient's
+    global norm before clipping.
   """
   num_micro = optim_config.grad_accum_steps
   rng, step_rng = jax.random.split(state.rng)
@@ -148,7 +154,12 @@ def train_step(state: TrainState, frozen, batch, *, obj: Objective, optimizer: o
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   ema = optim.ema_update(state.ema_params, params, optim_config.ema_decay)
-  metrics = jax.tree.map(jnp.nanmean, metrics)
+  metrics = {k: (jnp.mean if k in FINITE_METRICS else jnp.nanmean)(v) for k, v in metrics.items()}
+  if optim_config.skip_nonfinite:
+    finite = jnp.all(jnp.stack([jnp.isfinite(metrics[k]) for k in FINITE_METRICS]))
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    params, ema, opt_state = keep((params, ema, opt_state), (state.params, state.ema_params, state.opt_state))
+    metrics["skipped_nonfinite"] = 1.0 - finite.astype(jnp.float32)
   new_state = TrainState(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state, rng=rng)
   return new_state, metrics
 

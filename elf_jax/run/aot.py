@@ -14,6 +14,8 @@ out-of-memory error, or a total above the budget of `elf_jax.run.hbm`, e.g. an i
 `--config.mesh.hbm_limit_gib`) fails with one message naming the knobs to turn (remat, fsdp, precision, batch).
 """
 import dataclasses
+import functools
+import os
 import sys
 from collections.abc import Sequence
 
@@ -22,6 +24,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from elf_jax import report
 from elf_jax.config import ConfigError
 from elf_jax.objective import step as step_lib
 from elf_jax.run import experiment
@@ -80,6 +83,14 @@ class CompileReport:
     ])
 
 
+@functools.cache
+def _explain_libtpu_start() -> None:
+  """One line before libtpu first starts on a host that is no TPU VM, where it prints complaints to stderr."""
+  if not os.environ.get("TPU_ACCELERATOR_TYPE"):
+    report.say("libtpu starts without a TPU here: its complaints that follow (\"Failed to find host bounds\", "
+               "\"unexpected worker hostname\") are expected on a CPU host and do not affect the compile")
+
+
 def topology_devices(name: str) -> list:
   """The abstract devices of the TPU slice `name` (e.g. "v5p-64"), via libtpu; nothing needs a TPU.
 
@@ -91,6 +102,7 @@ def topology_devices(name: str) -> list:
     raise ConfigError(f"unknown compile topology {name!r}; known: {', '.join(TOPOLOGIES)}. "
                       "Fix: --config.mesh.compile_topology=<one of these>.")
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  _explain_libtpu_start()
   try:
     return list(topologies.get_topology_desc(platform="tpu", topology_name=TOPOLOGIES[name]).devices)
   except Exception as e:  # jax raises a RuntimeError / JaxRuntimeError naming the missing TPU plug-in

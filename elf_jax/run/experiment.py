@@ -32,7 +32,7 @@ from elf_jax.run import checkpoint
 from elf_jax import fs
 from elf_jax import report
 from elf_jax.config import ConfigError, validate
-from elf_jax.data import pipeline, sources, tokenizer as tokenizers
+from elf_jax.data import pipeline, sources, synthetic, tokenizer as tokenizers
 from elf_jax.model.elf import ELF, ModelConfig, init_params
 from elf_jax.model.latents import LatentEncoder, measure_latent_stats
 from elf_jax.objective import optim
@@ -46,6 +46,9 @@ from elf_jax.weights import published
 from elf_jax.weights.encoder import build_encoder
 
 LATENT_STATS_FILE = "latent_stats.json"
+# Config fields a resumed training run keeps: they shape the saved state or give its numbers their meaning. Training
+# length, logging, checkpoint cadence, mesh, sampling and evaluation settings may change between runs of a workdir.
+FIXED_ON_RESUME = ("model", "encoder", "optim.optimizer", "data.tokenizer", "data.conditional")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,6 +192,24 @@ def build(config: ml_collections.ConfigDict, workdir: str | None = None, *, trai
   return dataclasses.replace(exp, training=plan)
 
 
+def check_resume_config(config: ml_collections.ConfigDict, workdir: str, saved_config_file: str) -> None:
+  """Before a training run in a workdir that holds checkpoints overwrites `saved_config_file` (the previous run's
+  config JSON in `workdir`): raises ConfigError naming every field of FIXED_ON_RESUME whose value changed."""
+  saved_path = fs.path(workdir) / saved_config_file
+  ckpt_dir = checkpoint.checkpoint_dir(workdir)
+  if not (saved_path.exists() and ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir())):
+    return
+  flat = lambda tree, prefix="": {k: v for key, value in tree.items() for k, v in (
+      flat(value, f"{prefix}{key}.").items() if isinstance(value, dict) else [(prefix + key, value)])}
+  before, now = flat(json.loads(saved_path.read_text())), flat(json.loads(config.to_json_best_effort()))
+  changed = [f"{k} {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(before.keys() | now.keys())
+             if any(k == f or k.startswith(f + ".") for f in FIXED_ON_RESUME) and before.get(k) != now.get(k)]
+  if changed:
+    raise ConfigError(f"--workdir={workdir!r} holds checkpoints of another configuration: {', '.join(changed)} "
+                      f"(saved in {saved_path}); resume with the saved values or pass a new --workdir (training "
+                      "length, logging, checkpointing, sampling and evaluation settings may change)")
+
+
 def steps_per_epoch(config: ml_collections.ConfigDict, num_examples: int) -> int:
   """Optimizer updates per epoch: `num_examples // optim.global_batch_size` (the reference's rule; the partial last
   batch is dropped). `num_examples`: examples in the training split."""
@@ -208,9 +229,11 @@ def total_steps(config: ml_collections.ConfigDict, per_epoch: int) -> int:
 
 
 def load_tokenizer(config: ml_collections.ConfigDict):
-  """(tokenizer, synthetic language or None) of `config.data`, checked against the model's vocabulary."""
+  """(tokenizer, synthetic language or None) of `config.data`, checked against the model's vocabulary. The
+  "synthetic" tokenizer of conditional data (the translation task) covers the target language's words too."""
   language = sources.make_language(config.data) if config.data.source == "synthetic" else None
-  tok = tokenizers.load_tokenizer(config.data.tokenizer, language)
+  task = synthetic.SyntheticTranslation(language.vocabulary) if language and config.data.conditional else language
+  tok = tokenizers.load_tokenizer(config.data.tokenizer, task)
   if len(tok) > config.model.vocab_size:  # checked before the encoder is built (a random one uses this size too)
     raise ConfigError(f"the tokenizer {config.data.tokenizer!r} has {len(tok)} tokens but the model head predicts "
                       f"model.vocab_size={config.model.vocab_size}; set --config.model.vocab_size={len(tok)} (or "

@@ -166,7 +166,7 @@ def score(exp: experiment.Experiment, samples: Samples) -> dict[str, float]:
   """`elf_jax.eval.scoring.score` of `samples` with this experiment's data: references (conditional), the synthetic
   language and as many held-out true sentences, or GPT-2 over the mesh (with as many held-out texts for MAUVE)."""
   config = exp.config
-  needs_held_out = exp.language is not None or (config.eval.mauve and not config.data.conditional)
+  needs_held_out = not config.data.conditional and (exp.language is not None or config.eval.mauve)
   true_texts = held_out_texts(exp, len(samples.texts)) if needs_held_out else None
   return scoring.score(samples.texts, config, references=samples.references, language=exp.language,
                        true_texts=true_texts, mesh=exp.mesh)

@@ -7,6 +7,7 @@ sees: a progress bar with step time and ETA (one line per logging interval when 
 (hooks).
 """
 from collections.abc import Callable
+import contextlib
 import logging
 import signal
 import sys
@@ -21,6 +22,7 @@ import tqdm
 
 from elf_jax import fs
 from elf_jax import report
+from elf_jax.config import ConfigError
 from elf_jax.data import pipeline
 from elf_jax.eval import plots
 from elf_jax.objective import step as step_lib
@@ -32,11 +34,32 @@ from elf_jax.run import hbm
 from elf_jax.run import hub_upload
 
 
-def _nanmean(values) -> float:
-  """Mean over the non-NaN values (e.g. decode_loss of steps that drew no decoding group); NaN if there are none."""
+def _finite_mean(values) -> float:
+  """Mean over the finite values (NaN marks e.g. decode_loss of steps that drew no decoding group, and a step skipped
+  under optim.skip_nonfinite is left out); NaN if there are none."""
   v = np.asarray(values, np.float64)
-  v = v[~np.isnan(v)]
+  v = v[np.isfinite(v)]
   return float(v.mean()) if v.size else float("nan")
+
+
+def summarize(window: list[dict], counted=("skipped_nonfinite",)) -> dict[str, float]:
+  """One logging window's metrics (one host dict per step): means over the finite values; `counted` keys summed."""
+  return {k: (float(np.sum([m[k] for m in window])) if k in counted else _finite_mean([m[k] for m in window]))
+          for k in window[0]}
+
+
+def check_finite(steps: list[int], host_metrics: list[dict], skip_nonfinite: bool) -> None:
+  """Raises report.RunStopped at the first of `steps` whose loss or gradient norm is NaN / inf (unless such steps
+  were skipped on the device: optim.skip_nonfinite)."""
+  if skip_nonfinite:
+    return
+  for step, metrics in zip(steps, host_metrics):
+    bad = [f"{k}={float(metrics[k])}" for k in step_lib.FINITE_METRICS if not np.isfinite(metrics[k])]
+    if bad:
+      raise report.RunStopped(
+          f"training diverged at step {step} ({', '.join(bad)}); stopped before saving it, so the newest checkpoint "
+          "is the last good one. Lower --config.optim.base_lr (or raise warm-up / grad_clip) and rerun, or set "
+          "--config.optim.skip_nonfinite=True to skip such updates.")
 
 
 def install_preemption_handler() -> Callable[[int], bool]:
@@ -64,6 +87,38 @@ def install_preemption_handler() -> Callable[[int], bool]:
   return lambda step: received.is_set()
 
 
+@contextlib.contextmanager
+def hold_workdir(workdir: str, config: ml_collections.ConfigDict):
+  """One run per workdir: holds `workdir`'s lease (elf_jax.fs.workdir_lease) for the block and yields it (None on
+  processes other than 0). Process 0 takes it; the others wait for the outcome and stop with it."""
+  stale_after_s = config.checkpoint.lease_stale_after_s
+  if jax.process_count() == 1:
+    with fs.workdir_lease(workdir, stale_after_s) as lease:
+      yield lease
+    return
+  with contextlib.ExitStack() as stack:
+    error, lease = None, None
+    try:
+      lease = stack.enter_context(fs.workdir_lease(workdir, stale_after_s, take=jax.process_index() == 0))
+    except ConfigError as e:
+      error = e
+    taken = multihost_utils.broadcast_one_to_all(np.int32(error is None))
+    if error is not None:
+      raise error
+    if not taken:
+      raise ConfigError(f"--workdir={workdir!r} is in use by another run (process 0 names it); pass another "
+                        "--workdir")
+    yield lease
+
+
+def _close_quietly(manager: checkpoint.CheckpointManager) -> None:
+  """Closes `manager` while an error is already on its way out (a second failure would only hide the first)."""
+  try:
+    manager.close()
+  except Exception:  # pylint: disable=broad-except
+    pass
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, hooks=None, objective=None) -> TrainState:
   """Trains per `config` in `workdir` (auto-resuming), returns the final state.
 
@@ -71,8 +126,18 @@ def train(config: ml_collections.ConfigDict, workdir: str, hooks=None, objective
   and at the end (sampling + evaluation: `elf_jax.modes.training_hook`).
   objective: optional callable(exp, encoder_params) → (train_step, frozen) replacing the ELF objective; the loop
   calls train_step(state, frozen, batch) → (state, metrics) (progressive distillation, `elf_jax.train.distill_loop`).
+
+  Raises:
+    report.RunStopped: the run diverged, or a checkpoint save failed (one line each; nothing bad was saved).
+    ConfigError: another run holds `workdir` (its lease), or a bad config value.
   """
   fs.check_writable(workdir, jax.process_index())
+  with hold_workdir(workdir, config) as lease:
+    return _train(config, workdir, hooks, objective, lease)
+
+
+def _train(config, workdir, hooks, objective, lease) -> TrainState:
+  """`train` inside the workdir's lease (None on processes other than 0), renewed at every log and save."""
   exp = experiment.build(config, workdir, training=True)
   plan, mesh = exp.training, exp.mesh
   report.say(mesh_lib.describe_mesh(mesh))
@@ -82,7 +147,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, hooks=None, objective
   data_iter = iter(dataset)
   manager = checkpoint.CheckpointManager(checkpoint.checkpoint_dir(workdir), max_to_keep=config.checkpoint.max_to_keep,
                                          async_save=config.checkpoint.async_save)
-  state = manager.restore(plan.abstract_state, data_iterator=data_iter)
+  try:
+    state = manager.restore(plan.abstract_state, data_iterator=data_iter)
+  except BaseException:
+    _close_quietly(manager)  # no orbax thread or event loop left to complain at exit after the one-line error
+    raise
   n_steps = plan.total_steps
   if state is None:
     state = exp.create_state()
@@ -103,24 +172,36 @@ def train(config: ml_collections.ConfigDict, workdir: str, hooks=None, objective
     train_step, frozen = objective(exp, encoder_params)
   # Out of memory stops here, before the first step, with the knobs to turn (the first step reuses this compile).
   hbm.check_step_fits(train_step, (state, frozen, exp.abstract_batch()), mesh, config)
-  writer = report.MetricsWriter(workdir, config.logging.tensorboard, config.logging.wandb_project, config.to_dict())
+  writer = report.MetricsWriter(workdir, config.logging.tensorboard, config.logging.wandb_project,
+                               config.to_dict())
+  writer.drop_after(start)  # rows of steps this run is about to redo (a resume from an older step) are replaced
   previous_sigterm = signal.getsignal(signal.SIGTERM)
   preempted = install_preemption_handler()
   # A live bar on a terminal; one line per logging interval when output goes to a file (pod logs, nohup, CI).
   interactive = sys.stderr.isatty()
   bar = tqdm.tqdm(total=n_steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
                   disable=jax.process_index() != 0 or not interactive)
-  step, window, t_last = start, [], time.perf_counter()
+  # unchecked: (step, device metrics) not yet looked at on the host; window: host metrics of this logging interval.
+  step, unchecked, window, t_last = start, [], [], time.perf_counter()
   try:
     while step < n_steps and not stop:
       state, metrics = train_step(state, frozen, exp.global_batch(next(data_iter)))
       step += 1
-      window.append(metrics)
+      unchecked.append((step, metrics))
+      manager.check_saved()  # a failed asynchronous save stops the run here, one step after it failed
       bar.update(1)
-      if step % config.logging.log_every_steps == 0 or step == n_steps:
-        host = jax.device_get(window)
+      stop = preempted(step)  # once per step on every process: multi-host runs agree on the step here
+      log = step % config.logging.log_every_steps == 0 or step == n_steps or stop
+      save = step % config.checkpoint.every_steps == 0 or step == n_steps or stop
+      if log or save:  # every step is checked for NaN / inf before anything is saved (one host fetch per check)
+        host = jax.device_get([m for _, m in unchecked])
+        check_finite([s for s, _ in unchecked], host, config.optim.skip_nonfinite)
+        window, unchecked = window + host, []
+        if lease is not None:
+          lease.renew()
+      if log:
         now = time.perf_counter()
-        summary = {k: _nanmean([m[k] for m in host]) for k in host[0]}
+        summary = summarize(window)
         # The lr of update `step`: optax's schedule counts the updates before it.
         summary.update(lr=float(plan.schedule(step - 1)), step_time_s=(now - t_last) / len(window),
                        epoch=step / plan.steps_per_epoch)
@@ -132,8 +213,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, hooks=None, objective
           eta = int(summary["step_time_s"] * (n_steps - step))
           report.say(f"train step {step}/{n_steps}  loss {summary['loss']:.4f}  {summary['step_time_s']:.3f} s/step  "
                      f"ETA {eta // 60}:{eta % 60:02d}")
-      stop = preempted(step)  # once per step on every process: multi-host runs agree on the step here
-      if step % config.checkpoint.every_steps == 0 or step == n_steps or stop:
+      if save:
         manager.save(step, state, data_iter, force=True)
         if config.checkpoint.hf_repo_id:
           manager.wait()  # the files of this step are complete before they are uploaded
@@ -143,12 +223,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, hooks=None, objective
       every = config.logging.sample_every_steps
       if hooks is not None and every > 0 and step % every == 0 and step < n_steps:
         hooks(exp, workdir, state, step, writer, False)
+    manager.wait()
   finally:
     signal.signal(signal.SIGTERM, previous_sigterm)  # SIGTERM during sampling / after training ends the process
     bar.close()
-    manager.wait()
+    if sys.exc_info()[0] is not None:  # leave nothing running at exit (orbax threads, tensorstore, TensorBoard)
+      writer.close()
+      _close_quietly(manager)
   if stop:
-    report.say(f"SIGTERM received: saved step {step} to {workdir}; exiting (rerun the same command to resume)")
+    report.say(f"SIGTERM received: saved step {step} to {workdir} (logged in metrics.jsonl); exiting (rerun the same "
+               "command to resume)")
   if step >= n_steps:
     if jax.process_index() == 0:
       plots.loss_curve(workdir)

@@ -89,13 +89,33 @@ def _params_from_named(config: T5EncoderConfig, tensors: dict[str, np.ndarray],
 # --------------------------------------------------------------------------------------------------------------
 # Official ELF encoder pickle import (the format of the published t5_small_encoder_jax.pkl).
 
-# Every global such a pickle may name: numpy arrays, dtypes and scalars, under numpy 2's and numpy 1's module names.
-# Dicts, lists, tuples, strings and Python numbers need no global at all.
+def _latin1_bytes(text: str, encoding: str = "utf-8") -> bytes:
+  """`_codecs.encode` as pickle protocols 0-2 use it for the bytes of an array (latin-1 text -> bytes), only that."""
+  if not isinstance(text, str) or encoding.replace("-", "").lower() != "latin1":
+    raise pickle.UnpicklingError(f"refused _codecs.encode of a {type(text).__name__} with {encoding!r}")
+  return text.encode("latin1")
+
+
+def _plain_bytes(*args) -> bytes:
+  """`bytes(...)` as protocols 0-2 write an empty buffer; never a size (which would allocate it)."""
+  if args and not isinstance(args[0], (bytes, bytearray, list)):
+    raise pickle.UnpicklingError(f"refused bytes({type(args[0]).__name__})")
+  return bytes(*args)
+
+
+# Every global a pickle of numpy arrays, dtypes and scalars names under pickle protocols 0-5, under numpy 2's and
+# numpy 1's module names (protocols 0-2 also spell bytes as `_codecs.encode(latin-1 text)`, protocol 5 rebuilds
+# arrays with `_frombuffer`). Dicts, lists, tuples, strings and Python numbers need no global at all.
 _PICKLE_ALLOWED = {
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): _latin1_bytes,
+    ("builtins", "bytes"): _plain_bytes,
+    ("__builtin__", "bytes"): _plain_bytes,
     **{(module, name): getattr(np._core.multiarray, name)  # pylint: disable=protected-access
        for module in ("numpy._core.multiarray", "numpy.core.multiarray") for name in ("_reconstruct", "scalar")},
+    **{(module, "_frombuffer"): np._core.numeric._frombuffer  # pylint: disable=protected-access
+       for module in ("numpy._core.numeric", "numpy.core.numeric")},
 }
 _OFFICIAL_ATTENTION = "encoder/block_0/layer_0/SelfAttention"
 _OFFICIAL_FF = "encoder/block_0/layer_1/DenseReluDense"
