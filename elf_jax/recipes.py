@@ -10,6 +10,9 @@ import ml_collections
 
 from elf_jax.config import base_config
 
+# The authors' frozen encoder by hub path (elf_jax.weights.encoder.KNOWN_ENCODERS knows its architecture).
+OFFICIAL_ENCODER = "embedded-language-flows/t5_small_encoder_jax/t5_small_encoder_jax.pkl"
+
 # Network sizes (docs/method.md#network): depth, hidden, heads. ELF-B 104.58M, ELF-M 342.54M, ELF-L 652.10M parameters.
 OWT_SIZES = {"b": (12, 768, 12), "m": (24, 1056, 16), "l": (32, 1280, 16)}
 OWT_EPOCHS = {"b": 5.0, "m": 4.0, "l": 3.0}
@@ -24,6 +27,9 @@ def owt(size: str) -> ml_collections.ConfigDict:
   c = base_config()
   c.seed = 42
   c.model.depth, c.model.hidden_size, c.model.num_heads = OWT_SIZES[size]
+  # The frozen T5-small encoder as the official YAMLs name it: the authors' pickle by hub path (C = 512; Hugging
+  # Face's t5-small is the same network: --config.encoder.name_or_path=t5-small).
+  c.encoder.name_or_path = OFFICIAL_ENCODER
   c.flow.label_drop_prob = 0.0  # unconditional: nothing to drop (the reference's default)
   # Data: the reference's T5-tokenized OpenWebText (one dataset; no evaluation split), 1024 tokens per row.
   c.data.source = "hf_arrow"
@@ -161,3 +167,21 @@ def tiny_cond() -> ml_collections.ConfigDict:
   c.sample.num_samples = 500
   c.sample.batch_size = 250
   return c
+
+
+# The published checkpoints (hub repositories of the authors) → the recipe of their task: what the weights do not
+# say (conditional or not, max_length, condition length, sampling preset). `...-torch` are the same weights in the
+# authors' PyTorch format.
+OFFICIAL_CHECKPOINTS = {
+    "ELF-B-owt": lambda: owt("b"), "ELF-M-owt": lambda: owt("m"), "ELF-L-owt": lambda: owt("l"),
+    "ELF-B-xsum": xsum, "ELF-B-de-en": wmt_de_en,
+}
+
+
+def official_recipe(repo_name: str) -> ml_collections.ConfigDict | None:
+  """The recipe of a published checkpoint named by its repository (`embedded-language-flows/ELF-B-owt`, its
+  `-torch` twin, or a path inside either), or None if it is not one."""
+  parts = repo_name.strip("/").split("/")
+  name = parts[1] if len(parts) >= 2 and parts[0] == "embedded-language-flows" else ""
+  recipe = OFFICIAL_CHECKPOINTS.get(name.removesuffix("-torch"))
+  return recipe() if recipe else None

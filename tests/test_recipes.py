@@ -24,8 +24,10 @@ OFFLINE_DEMOS = ("tiny", "tiny_cond", "tiny_distill")
 # Every setting the reference's YAMLs (or its Config defaults they rely on) fix, as our config field -> value.
 COMMON = {
     "seed": 42,
-    # Encoder and latents: T5-small (C = 512), latent_mean 0, latent_std 0.2; tokenizer = the encoder's.
-    "encoder.name_or_path": "t5-small", "encoder.dim": 512, "encoder.latent_mean": 0.0, "encoder.latent_std": 0.2,
+    # Encoder and latents: the authors' T5-small pickle by hub path (C = 512), latent_mean 0, latent_std 0.2;
+    # tokenizer = the encoder's.
+    "encoder.name_or_path": HUB + "t5_small_encoder_jax/t5_small_encoder_jax.pkl", "encoder.dim": 512,
+    "encoder.latent_mean": 0.0, "encoder.latent_std": 0.2,
     "encoder.measure_latent_stats": False, "data.tokenizer": "t5-small", "model.vocab_size": 32100,
     # Network: bottleneck 128, 4 time / self-cond-guidance / mode tokens, MLP ratio 4, no dropout.
     "model.bottleneck_dim": 128, "model.num_time_tokens": 4, "model.num_guidance_tokens": 4,

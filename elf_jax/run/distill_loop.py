@@ -58,7 +58,7 @@ def distill_objective(config: ml_collections.ConfigDict, dc: distill_lib.Distill
 
   def build(exp: experiment.Experiment, encoder_params):
     plan = exp.training
-    teacher_params = jax.device_put(published.load_params_from(teacher, exp.param_shapes),
+    teacher_params = jax.device_put(published.load_params_from(teacher, exp.param_shapes, field="distill.teacher"),
                                     plan.state_shardings.params)
     obj = distill_lib.DistillObjective(exp.model, exp.encoder, flow.FlowConfig.from_config(config), dc,
                                        config.data.conditional)

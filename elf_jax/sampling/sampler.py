@@ -9,6 +9,8 @@ guidance, conditional prefixes and token decoding.
     ids = argmax network(concat[z, 0], t = 1, w, mode tokens on); strip the condition; keep the first
           max_target_length tokens (conditional: max_length − max_condition_length); from the first EOS on → pad
 
+Known positions: `cond_mask` marks positions whose clean latents are known — a conditional task's condition, or the
+user's prefix that an unconditional model continues (`elf_jax.run.api`, `Model.complete`); both are handled alike.
 Conditional sampling (details pinned down by the reference fixture): condition positions hold the clean condition
 latents in BOTH halves of the conditional input (z and the self-conditioning x_prev, from the first step on) and
 get zero velocity; the unconditional CFG input has zeros in both halves there. x_prev is the CFG-combined x̂ (with
@@ -181,8 +183,8 @@ def sample(params, model: nn.Module, z0: jax.Array, grid: jax.Array, *, method: 
     cfg_scale: classifier-free guidance s (static; 1 = off, one network call per step); needs a condition.
     noise_scale: σ of the SDE churn noise.
     t_eps: velocity denominator floor.
-    cond_latents: (B, S, C) clean condition latents (only condition positions are read) or None.
-    cond_mask: (B, S) true at condition positions; required with cond_latents.
+    cond_latents: (B, S, C) clean latents of the known positions (only those are read) or None.
+    cond_mask: (B, S) true at known positions (a condition, or a prefix to continue); required with cond_latents.
     mask: (B, S) padding mask for the network (1 = valid) or None (all valid, as the reference samples).
     rng: key of the SDE churn noise: step i draws σ·N(0, I) from fold_in(rng, i) (method="sde" needs rng or
       churn_noise).
