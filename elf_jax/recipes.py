@@ -1,13 +1,17 @@
 """The shipped training recipes: each `configs/<name>.py` is a `get_config()` that calls one of these.
 
 `owt(size)` is the reference's OpenWebText recipe at ELF-B / M / L (its train_owt_ELF-{B,M,L}.yml), `xsum()` and
-`wmt_de_en()` its conditional ELF-B recipes, `tiny()` / `tiny_distill()` the offline demos. They live in the package
-(not in configs/) so that configs sharing a recipe import it like any module; `tests/test_recipes.py` compares the
-official ones field by field with the reference's YAMLs. Every field is documented in `elf_jax/config.py`.
+`wmt_de_en()` its conditional ELF-B recipes, `tiny()` / `tiny_distill()` / `tiny_cond()` the offline demos. They
+live in the package (not in configs/) so that configs sharing a recipe import it like any module;
+`tests/test_recipes.py` compares the official ones field by field with the reference's YAMLs. Every field is
+documented in `elf_jax/config.py`.
 """
 import ml_collections
 
 from elf_jax.config import base_config
+
+# The authors' frozen encoder by hub path (elf_jax.weights.encoder.KNOWN_ENCODERS knows its architecture).
+OFFICIAL_ENCODER = "embedded-language-flows/t5_small_encoder_jax/t5_small_encoder_jax.pkl"
 
 # Network sizes (docs/method.md#network): depth, hidden, heads. ELF-B 104.58M, ELF-M 342.54M, ELF-L 652.10M parameters.
 OWT_SIZES = {"b": (12, 768, 12), "m": (24, 1056, 16), "l": (32, 1280, 16)}
@@ -23,6 +27,9 @@ def owt(size: str) -> ml_collections.ConfigDict:
   c = base_config()
   c.seed = 42
   c.model.depth, c.model.hidden_size, c.model.num_heads = OWT_SIZES[size]
+  # The frozen T5-small encoder as the official YAMLs name it: the authors' pickle by hub path (C = 512; Hugging
+  # Face's t5-small is the same network: --config.encoder.name_or_path=t5-small).
+  c.encoder.name_or_path = OFFICIAL_ENCODER
   c.flow.label_drop_prob = 0.0  # unconditional: nothing to drop (the reference's default)
   # Data: the reference's T5-tokenized OpenWebText (one dataset; no evaluation split), 1024 tokens per row.
   c.data.source = "hf_arrow"
@@ -135,3 +142,46 @@ def tiny_distill() -> ml_collections.ConfigDict:
   c.checkpoint.every_steps = 50
   c.logging.log_every_steps = 10
   return c
+
+
+def tiny_cond() -> ml_collections.ConfigDict:
+  """The offline conditional demo: `tiny()`'s network and encoder on the synthetic translation task ([source ;
+  target], elf_jax/data/synthetic.py `SyntheticTranslation`), trained with label dropping and sampled with
+  classifier-free guidance, scored by BLEU (configs/tiny_cond.py describes it)."""
+  c = tiny()
+  c.model.vocab_size = 113  # the word tokenizer of the task: 55 source + 55 target words + pad, EOS, unk
+  # Data: [source ; target] rows of 24 tokens, the source cut to 12 words (99.9% of sentences are no longer).
+  c.data.conditional = True
+  c.data.max_length = 24
+  c.data.max_condition_length = 12
+  # Objective: the conditional recipes' label dropping (classifier-free guidance training).
+  c.flow.label_drop_prob = 0.1
+  # Optimisation: tiny's AdamW and cosine schedule, for fewer steps (the rows are 1.5x longer: 0.7 CPU-s per step).
+  c.optim.num_steps = 1200
+  # Sampling: the conditional preset's ODE with classifier-free guidance s = 2 and w = 1, on 500 conditions.
+  c.sample.method = "ode"
+  c.sample.steps = 32
+  c.sample.gamma = 0.0
+  c.sample.guidance_scale = 1.0
+  c.sample.cfg_scale = 2.0
+  c.sample.num_samples = 500
+  c.sample.batch_size = 250
+  return c
+
+
+# The published checkpoints (hub repositories of the authors) → the recipe of their task: what the weights do not
+# say (conditional or not, max_length, condition length, sampling preset). `...-torch` are the same weights in the
+# authors' PyTorch format.
+OFFICIAL_CHECKPOINTS = {
+    "ELF-B-owt": lambda: owt("b"), "ELF-M-owt": lambda: owt("m"), "ELF-L-owt": lambda: owt("l"),
+    "ELF-B-xsum": xsum, "ELF-B-de-en": wmt_de_en,
+}
+
+
+def official_recipe(repo_name: str) -> ml_collections.ConfigDict | None:
+  """The recipe of a published checkpoint named by its repository (`embedded-language-flows/ELF-B-owt`, its
+  `-torch` twin, or a path inside either), or None if it is not one."""
+  parts = repo_name.strip("/").split("/")
+  name = parts[1] if len(parts) >= 2 and parts[0] == "embedded-language-flows" else ""
+  recipe = OFFICIAL_CHECKPOINTS.get(name.removesuffix("-torch"))
+  return recipe() if recipe else None

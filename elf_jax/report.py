@@ -41,28 +41,38 @@ def python_value(v):
 
 
 class MetricsWriter:
-  """DIR/metrics.jsonl (always; one {"step", "kind", ...} object per line) and TensorBoard event files in DIR/tb
-  (`tensorboard=True`), written by process 0 only."""
+  """DIR/metrics.jsonl (always; one {"step", "kind", ...} object per line), TensorBoard event files in DIR/tb
+  (`tensorboard=True`) and a Weights & Biases run (`wandb_project`, e.g. config.logging.wandb_project; its local
+  files in DIR/wandb, or the current directory for a gs:// workdir), written by process 0 only."""
 
-  def __init__(self, workdir: str, tensorboard: bool):
+  def __init__(self, workdir: str, tensorboard: bool, wandb_project: str | None = None, run_config: dict | None = None):
     self.active = jax.process_index() == 0
     self.path = str(fs.path(workdir) / "metrics.jsonl")
-    self.tb = None
+    self.tb = self.wandb = None
     if self.active and tensorboard:
       import tensorboardX  # optional at import time: only the writer needs it (it writes gs:// itself)
       self.tb = tensorboardX.SummaryWriter(str(fs.path(workdir) / "tb"))
+    if self.active and wandb_project:
+      try:
+        import wandb  # pylint: disable=import-outside-toplevel
+      except ImportError as e:
+        raise ImportError("logging.wandb_project is set but wandb is not installed: pip install 'elf_jax[wandb]' "
+                          "(or --config.logging.wandb_project='')") from e
+      self.wandb = wandb.init(project=wandb_project, config=run_config, dir=None if fs.is_remote(workdir) else workdir)
 
   def write(self, step: int, metrics: dict[str, Any], kind: str = "train"):
-    """Appends one row; `kind` is train | eval | frontier (also the TensorBoard tag prefix)."""
+    """Appends one row; `kind` is train | eval | frontier (also the TensorBoard / W&B prefix)."""
     if not self.active:
       return
     row = {"step": int(step), "kind": kind, **{k: python_value(v) for k, v in metrics.items()}}
     fs.append_text(self.path, json.dumps(row) + "\n")
+    scalars = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step" and np.isfinite(v)}
     if self.tb is not None:
-      for k, v in row.items():
-        if isinstance(v, (int, float)) and k != "step" and np.isfinite(v):
-          self.tb.add_scalar(f"{kind}/{k}", v, step)
+      for k, v in scalars.items():
+        self.tb.add_scalar(f"{kind}/{k}", v, step)
       self.tb.flush()
+    if self.wandb is not None:  # W&B steps must grow; eval rows may repeat a step, so it is logged as a value
+      self.wandb.log({**{f"{kind}/{k}": v for k, v in scalars.items()}, f"{kind}/step": row["step"]})
 
   def drop_after(self, step: int, kinds=("train", "eval")) -> None:
     """Removes the rows of `kinds` logged after `step`: a run resumed from `step` logs those steps again, so the
@@ -78,6 +88,8 @@ class MetricsWriter:
   def close(self):
     if self.tb is not None:
       self.tb.close()
+    if self.wandb is not None:
+      self.wandb.finish()
 
 
 def _logged_after(line: str, step: int, kinds) -> bool:

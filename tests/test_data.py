@@ -354,6 +354,30 @@ def test_conditional_jsonl_rows(tmp_path, tok, pad_token):
   assert not b["valid"].all()  # some rows are padded, and their padding is not valid in either mode
 
 
+def test_synthetic_translation_rows(language):
+  """Conditional synthetic data is the translation task: record i is [sentence i of the unconditional source ;
+  its translation], tokenized by a word tokenizer that covers both languages, in [condition ; target] rows."""
+  translation = synthetic.SyntheticTranslation(language.vocabulary)
+  tok = tokenizer_lib.load_tokenizer("synthetic", translation)
+  assert len(tok) == 3 + 2 * len(language.vocabulary)
+  c = _config(conditional=True, max_length=24, max_condition_length=12)
+  c.flow.pad_token = "eos"
+  plain = sources.make_source(_config().data, "train", language)
+  records = sources.make_source(c.data, "train", language)
+  assert [r["input"] for r in records] == [r["text"] for r in plain]
+  assert all(r["output"] == translation.translate(r["input"]) for r in records)
+  b = next(iter(pipeline.make_dataset(c, tok, "train", language=language)))
+  for row, record in enumerate(records[i] for i in range(len(b["ids"]))):
+    source, target = _encode(tok, record["input"]), _encode(tok, record["output"])
+    assert tok.unk_token_id not in source + target and len(source) == len(target) <= 12
+    n = len(source) + len(target)
+    assert b["ids"][row].tolist() == source + target + [tok.eos_token_id] * (24 - n)
+    assert tok.decode(b["ids"][row][len(source):n]) == record["output"]
+    assert b["cond_mask"][row].tolist() == [True] * len(source) + [False] * (24 - len(source))
+    assert b["valid"][row].tolist() == [True] * n + [False] * (24 - n)
+    assert (b["loss_mask"][row] == ~b["cond_mask"][row]).all()  # EOS padding: every target position is learned
+
+
 def test_conditional_length_errors(tmp_path, tok):
   c, _ = _conditional_config(tmp_path, "pad")
   c.data.max_condition_length = 8

@@ -1,6 +1,6 @@
 """`python -m elf_jax.main` end to end (issue 4, items 1, 6, 7): train, then --mode=sample and --mode=eval on the
 same workdir, and --mode=eval on a samples file. One training run (small overrides of configs/tiny.py, one CPU
-device as on a fresh machine) is shared by the tests."""
+device as on a fresh machine) is shared by the tests; the conditional demo (configs/tiny_cond.py) has its own."""
 import json
 import os
 import re
@@ -10,7 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from elf_jax.data import sources
+from elf_jax import recipes
+from elf_jax.data import sources, synthetic
 from elf_jax.eval import text_metrics
 from test_train_loop import REPO, SMALL, small_config  # tests/ is on sys.path (pytest rootdir-relative import)
 
@@ -174,3 +175,32 @@ def test_default_workdir_names_the_config_and_its_argument():
   from elf_jax import main  # pylint: disable=import-outside-toplevel
   assert main.default_workdir("configs/owt_b.py") == os.path.join("runs", "owt_b")
   assert main.default_workdir("/abs/configs/owt.py:l") == os.path.join("runs", "owt_l")
+
+
+@pytest.mark.slow  # two CLI runs with their compiles: 183 s under load 10 on 2 cores
+def test_the_conditional_demo_trains_and_reports_bleu_with_guidance(cli, tmp_path):
+  """configs/tiny_cond.py (small overrides, 6 steps): samples translate the evaluation split's sources, each with
+  its exact reference translation, and training and --mode=eval (CFG s = 3) report BLEU of those samples."""
+  workdir = tmp_path / "run"
+  args = [f"--config={REPO / 'configs' / 'tiny_cond.py'}", f"--workdir={workdir}", *OVERRIDES]
+  stdout = cli.run(*args, cwd=REPO, devices=1)[0]
+  assert re.search(r"^train step 6/6  loss [\d.]+", stdout, re.M), stdout[-2000:]
+  config = json.loads((workdir / "config_train.json").read_text())
+  assert config["data"]["conditional"] and config["flow"]["label_drop_prob"] == 0.1
+  assert config["sample"]["cfg_scale"] == 2.0
+  data = recipes.tiny_cond().data
+  records = sources.make_source(data, data.eval_split)
+  translation = synthetic.SyntheticTranslation(sources.make_language(data).vocabulary)
+  for name, scale in (("step_6", 2.0), ("eval_seed0", 3.0)):
+    if name == "eval_seed0":
+      stdout = cli.run(*args, "--mode=eval", f"--config.sample.cfg_scale={scale}", cwd=REPO, devices=1)[0]
+      assert json.loads((workdir / "config_eval.json").read_text())["sample"]["cfg_scale"] == scale
+    rows = [json.loads(line) for line in open(workdir / "samples" / f"{name}.jsonl")]
+    assert len(rows) == 8
+    for i, row in enumerate(rows):
+      assert row["condition"] == " ".join(records[i]["input"].split()[:data.max_condition_length])
+      assert row["reference"] == records[i]["output"] == translation.translate(records[i]["input"])
+    scored = metric_rows(workdir, "eval")[-1]
+    expected = text_metrics.bleu([r["text"] for r in rows], [r["reference"] for r in rows])
+    assert scored["bleu"] == pytest.approx(expected) and "gen_ppl" not in scored
+    assert printed_figures(stdout)["bleu"] == pytest.approx(expected, abs=1e-4)

@@ -10,18 +10,23 @@ import pytest
 
 from elf_jax import recipes
 from elf_jax.config import base_config, load_config_file, validate
-from elf_jax.data import pipeline, sources
+from elf_jax.data import pipeline, sources, synthetic
 from elf_jax.data import tokenizer as tokenizer_lib
 from elf_jax.objective import optim
+from elf_jax.run import experiment
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 HUB = "embedded-language-flows/"
 
+# The offline demos: their own settings (no official recipe to equal), built from the synthetic language.
+OFFLINE_DEMOS = ("tiny", "tiny_cond", "tiny_distill")
 # Every setting the reference's YAMLs (or its Config defaults they rely on) fix, as our config field -> value.
 COMMON = {
     "seed": 42,
-    # Encoder and latents: T5-small (C = 512), latent_mean 0, latent_std 0.2; tokenizer = the encoder's.
-    "encoder.name_or_path": "t5-small", "encoder.dim": 512, "encoder.latent_mean": 0.0, "encoder.latent_std": 0.2,
+    # Encoder and latents: the authors' T5-small pickle by hub path (C = 512), latent_mean 0, latent_std 0.2;
+    # tokenizer = the encoder's.
+    "encoder.name_or_path": HUB + "t5_small_encoder_jax/t5_small_encoder_jax.pkl", "encoder.dim": 512,
+    "encoder.latent_mean": 0.0, "encoder.latent_std": 0.2,
     "encoder.measure_latent_stats": False, "data.tokenizer": "t5-small", "model.vocab_size": 32100,
     # Network: bottleneck 128, 4 time / self-cond-guidance / mode tokens, MLP ratio 4, no dropout.
     "model.bottleneck_dim": 128, "model.num_time_tokens": 4, "model.num_guidance_tokens": 4,
@@ -81,8 +86,25 @@ def load_config(name: str):
 
 
 def test_every_shipped_recipe_has_a_table():
-  shipped = {p.stem for p in CONFIGS.glob("*.py") if not p.stem.startswith("tiny")}  # tiny*: offline demos
-  assert shipped == set(OFFICIAL)
+  shipped = {p.stem for p in CONFIGS.glob("*.py")}
+  assert shipped == set(OFFICIAL) | set(OFFLINE_DEMOS)
+
+
+@pytest.mark.parametrize("name", OFFLINE_DEMOS)
+def test_offline_demo_builds_its_data_without_a_download(name):
+  """A valid config whose tokenizer fills the model head exactly and whose first batch builds offline; the
+  conditional demo's batch holds [source ; target] rows and its tokenizer knows the words of both languages."""
+  config = load_config(name)
+  validate(config)
+  tok, language = experiment.load_tokenizer(config)
+  assert len(tok) == config.model.vocab_size
+  config.optim.global_batch_size = 8
+  batch = next(iter(pipeline.make_dataset(config, tok, config.data.split, language=language)))
+  assert batch["ids"].shape == (8, config.data.max_length) and tok.unk_token_id not in batch["ids"]
+  assert batch["cond_mask"].any(axis=1).all() == config.data.conditional
+  if config.data.conditional:
+    words = synthetic.SyntheticTranslation(language.vocabulary).vocabulary
+    assert tok.convert_tokens_to_ids(words) == list(range(3, 3 + len(words)))
 
 
 def test_configs_import_their_recipe_from_the_package():

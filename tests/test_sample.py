@@ -115,6 +115,27 @@ def test_conditional_cfg_parity_with_reference(ref):
   np.testing.assert_array_equal(out.ids, _eos_mask_by_hand(targets, config.eos_id, config.pad_id))
 
 
+def test_known_prefix_positions_are_held_under_unconditional_settings(ref):
+  """A prefix to continue (ragged per example, no CFG, the unconditional settings): its clean latents stay at their
+  positions at every step of the trajectory and at the end, the rest moves as in a free run, and the output holds
+  the continuation only (left-aligned)."""
+  model, params, cfg, r = ref
+  config = _config(cfg, "unc", return_trajectory=True)
+  lengths = np.array([1, 4, 7])
+  known = np.arange(r["z0"].shape[1])[None, :] < lengths[:, None]
+  out = S.make_sampler(model, config)(params, r["z0"], r["grid"], cond_latents=r["cond_seq"], cond_mask=known)
+  held = np.broadcast_to(known[None, ..., None], out.trajectory.shape)
+  np.testing.assert_array_equal(np.asarray(out.trajectory)[held], np.broadcast_to(r["cond_seq"], held.shape)[held])
+  np.testing.assert_array_equal(np.asarray(out.latents)[known], r["cond_seq"][known])
+  free = S.make_sampler(model, config)(params, r["z0"], r["grid"])
+  assert np.abs(np.asarray(out.latents) - np.asarray(free.latents))[~known].max() > 1e-3  # the prefix steers the rest
+  for row, n in enumerate(lengths):
+    continuation = np.asarray(out.raw_ids[row, n:])
+    want = _eos_mask_by_hand(np.concatenate([continuation, np.full(n, config.pad_id)])[None], config.eos_id,
+                             config.pad_id)[0]
+    np.testing.assert_array_equal(out.ids[row], want)
+
+
 def test_sde_parity_with_reference(sde_ref):
   """Unconditional SDE from the reference's z0, logit-normal grid and churn noise: its z_final and tokens."""
   model, params, cfg, r = sde_ref

@@ -1,7 +1,9 @@
-"""The synthetic language: determinism, grammaticality, exact probabilities, Gen. PPL / entropy figures."""
+"""The synthetic language: determinism, grammaticality, exact probabilities, Gen. PPL / entropy figures; the
+synthetic translation task's rule."""
 import collections
 import itertools
 import math
+import re
 
 import numpy as np
 import pytest
@@ -139,3 +141,56 @@ def test_words_per_class_gives_a_smaller_valid_language():
   assert set(small.vocabulary) < set(full.vocabulary) and len(small.vocabulary) < 150
   sentences = small.sample(200, np.random.default_rng(2))
   assert all(math.isfinite(small.log_prob(s)) and math.isfinite(full.log_prob(s)) for s in sentences)
+
+
+# The synthetic translation task (configs/tiny_cond.py).
+
+@pytest.fixture(scope="module")
+def translation(language):
+  return synthetic.SyntheticTranslation(language.vocabulary)
+
+
+def test_translation_of_written_examples(translation):
+  """Nouns move in front of their adjectives (mirror order); copula adjectives stay; then word by word."""
+  gloss = lambda words: " ".join(synthetic.target_word(w) for w in words.split())
+  assert translation.translate("the big brown cats chase the young man") == gloss(
+      "the cats brown big chase the man young")
+  assert translation.translate("the small cat near the big park is very happy today") == gloss(
+      "the cat small near the park big is very happy today")
+  assert translation.translate("tom sleeps") == gloss("tom sleeps")
+  assert synthetic.target_word("cat") == translation.target_of["cat"]
+  assert re.fullmatch(r"([bdfghklmnprstvz][aeiou]){3}", translation.target_of["cat"])
+
+
+def test_translation_target_words_are_distinct_and_new(translation, language):
+  targets = list(translation.target_of.values())
+  assert len(language.vocabulary) == 399 and len(set(targets)) == 399
+  assert not set(targets) & set(language.vocabulary)
+  assert translation.vocabulary == language.vocabulary + targets
+  # The same word gets the same target word in every language (the rule does not depend on seed or size).
+  small = synthetic.SyntheticLanguage(seed=3, words_per_class=1)
+  assert synthetic.SyntheticTranslation(small.vocabulary).target_of == {w: translation.target_of[w]
+                                                                         for w in small.vocabulary}
+
+
+def _reorder_by_tags(words):
+  """The rule's word order, computed independently: tag words A (adjective) / N (noun) / O, reverse every match of
+  A+N in the tag string."""
+  adjectives = {a for first, second in synthetic._ADJECTIVES.values() for a in first + second}
+  nouns = {form for pairs in synthetic._NOUNS.values() for pair in pairs for form in pair}
+  tags = "".join("A" if w in adjectives else "N" if w in nouns else "O" for w in words)
+  order = list(range(len(words)))
+  for match in re.finditer("A+N", tags):
+    order[match.start():match.end()] = order[match.start():match.end()][::-1]
+  return [words[i] for i in order]
+
+
+def test_translation_of_sampled_sentences_is_the_rule(translation, samples):
+  source_of = {t: s for s, t in translation.target_of.items()}
+  moved = 0
+  for sentence in samples:
+    target = translation.translate(sentence).split()
+    back = [source_of[w] for w in target]
+    assert back == _reorder_by_tags(sentence.split())
+    moved += back != sentence.split()
+  assert 0.2 < moved / len(samples) < 0.8  # the reordering is part of the task for a good share of sentences

@@ -12,7 +12,9 @@ see elf_jax/data/pipeline.py). Every source has a length: steps per epoch = len(
 Kinds (config.data.source) and what config.data.path means for each:
   synthetic: no path; record i of a split is one sentence of the synthetic language drawn with the seed
     (config.data.synthetic_seed, split, i), so the corpus is random-access and identical across runs and processes;
-    every split has config.data.synthetic_num_sentences records, drawn independently.
+    every split has config.data.synthetic_num_sentences records, drawn independently. Conditional: the synthetic
+    translation task, {"input": that sentence, "output": its translation by the hidden rule of
+    `synthetic.SyntheticTranslation`}.
   hf_arrow: a Hugging Face dataset, read with the `datasets` package (memory-mapped Arrow): a hub dataset id (e.g.
     the reference's pre-tokenized "embedded-language-flows/openwebtext-t5"; the repository is downloaded once into
     the hub cache, which also serves it offline afterwards) or a local directory — written by `save_to_disk` (a
@@ -74,10 +76,10 @@ def make_source(data_config: ml_collections.ConfigDict, split: str,
   kind = data_config.source
   check_choice("data.source", kind, DATA_SOURCES)
   if kind == "synthetic":
-    if data_config.conditional:
-      raise ValueError("config.data.source = 'synthetic' is unconditional; set config.data.conditional = False")
-    return SyntheticSource(language or make_language(data_config), data_config.synthetic_num_sentences,
-                           data_config.synthetic_seed, split)
+    language = language or make_language(data_config)
+    translation = synthetic.SyntheticTranslation(language.vocabulary) if data_config.conditional else None
+    return SyntheticSource(language, data_config.synthetic_num_sentences, data_config.synthetic_seed, split,
+                           translation)
   if kind == "tfds":
     return _tfds_source(data_config, split)
   path = data_config.path.replace("{split}", split)
@@ -144,10 +146,12 @@ def _scan_lines(path: str, fields: dict[str, str] | None, on_bad_record: str) ->
 
 
 class SyntheticSource(Sequence):
-  """Record i = {"text": one sentence of `language` drawn with numpy seed (seed, crc32(split), i)}."""
+  """Record i = {"text": one sentence of `language` drawn with numpy seed (seed, crc32(split), i)}; with a
+  `translation`, {"input": that sentence, "output": translation.translate(sentence)}."""
 
-  def __init__(self, language: synthetic.HiddenMarkovLanguage, num_sentences: int, seed: int, split: str):
-    self._language, self._num, self._seed = language, num_sentences, seed
+  def __init__(self, language: synthetic.HiddenMarkovLanguage, num_sentences: int, seed: int, split: str,
+               translation: synthetic.SyntheticTranslation | None = None):
+    self._language, self._num, self._seed, self._translation = language, num_sentences, seed, translation
     self._split_id = zlib.crc32(split.encode())
 
   def __len__(self) -> int:
@@ -157,7 +161,10 @@ class SyntheticSource(Sequence):
     if not 0 <= index < self._num:
       raise IndexError(f"record {index} out of range for {self._num} synthetic sentences")
     rng = np.random.default_rng([self._seed, self._split_id, index])
-    return {"text": self._language.sample(1, rng)[0]}
+    sentence = self._language.sample(1, rng)[0]
+    if self._translation is None:
+      return {"text": sentence}
+    return {"input": sentence, "output": self._translation.translate(sentence)}
 
 
 class MappedSource(Sequence):

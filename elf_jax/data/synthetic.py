@@ -23,11 +23,15 @@ log-normal factor.
 `HiddenMarkovLanguage.log_prob` is exact: P(w_1..w_n, end) = sum over state paths of
 start[s_1] emit[s_1, w_1] prod_t trans[s_{t-1}, s_t] emit[s_t, w_t] end[s_n] (forward algorithm, natural log);
 out-of-vocabulary and ungrammatical sentences get -inf.
+
+`SyntheticTranslation` is the offline conditional task (configs/tiny_cond.py): a source sentence of the language
+and its translation by a fixed hidden rule into a made-up second language with its own word forms.
 """
 import bisect
 import collections
 from collections.abc import Iterable, Mapping, Sequence
 import math
+import zlib
 
 import numpy as np
 
@@ -134,6 +138,11 @@ _ADJ1_NEXT = {"adj2": 0.3, "noun": 0.7}
 _PP_PROB = 0.2  # subject noun -> prepositional phrase
 _ADVERB_PROB = 0.25  # end of a verb phrase -> adverb
 _VERY_PROB = 0.2  # copula -> "very"
+# The translation rule's word forms: three consonant-vowel syllables drawn with numpy seed (seed, crc32(word)).
+_TRANSLATION_SEED = 0
+_CONSONANTS = "bdfghklmnprstvz"
+_VOWELS = "aeiou"
+_SYLLABLES_PER_WORD = 3
 
 
 class HiddenMarkovLanguage:
@@ -259,6 +268,57 @@ class SyntheticLanguage(HiddenMarkovLanguage):
       raise ValueError(f"words_per_class must be >= 1 or None, got {words_per_class}")
     self.seed = seed
     super().__init__(*_english_grammar(seed, words_per_class))
+
+
+class SyntheticTranslation:
+  """The hidden rule of the synthetic translation task: a sentence of the English-like language -> its translation.
+
+  Two steps, both fixed (the same for every seed and vocabulary size):
+    1. reordering: every noun is moved in front of the adjectives right before it, which then follow it in mirror
+       order ("the big red ball" -> "the ball red big"; adjectives after a copula stay);
+    2. word-by-word mapping: every word is replaced by its target word, three consonant-vowel syllables
+       ("ball" -> e.g. "kotiru"), distinct for distinct words and never a word of the source language.
+
+  Attributes:
+    source_vocabulary: the language's words.
+    target_of: source word -> target word, for every source word.
+    vocabulary: source words then target words (what a word tokenizer of the task must cover).
+  """
+
+  def __init__(self, source_vocabulary: Sequence[str]):
+    self.source_vocabulary = list(source_vocabulary)
+    self.target_of = {w: target_word(w) for w in self.source_vocabulary}
+    targets = list(self.target_of.values())
+    if len(set(targets)) != len(targets) or set(targets) & set(self.source_vocabulary):
+      raise ValueError("the translation's target words must be distinct and unlike every source word")
+    self.vocabulary = self.source_vocabulary + targets
+
+  def translate(self, sentence: str) -> str:
+    """The translation of a whitespace-separated sentence (every word must be in the source vocabulary)."""
+    return " ".join(self.target_of[w] for w in reorder(sentence.split()))
+
+
+def reorder(words: Sequence[str]) -> list[str]:
+  """The translation rule's word order: each run of adjectives followed by a noun is reversed, noun first."""
+  out, run = [], []
+  for w in words:
+    if w in _ADJECTIVE_FORMS:
+      run.append(w)
+      continue
+    out.extend([w, *reversed(run)] if w in _NOUN_FORMS else [*run, w])
+    run = []
+  return out + run
+
+
+def target_word(word: str) -> str:
+  """The translation rule's target word for a source word (module constants `_TRANSLATION_SEED`, `_SYLLABLES...`)."""
+  rng = np.random.default_rng([_TRANSLATION_SEED, zlib.crc32(word.encode())])
+  return "".join(_CONSONANTS[rng.integers(len(_CONSONANTS))] + _VOWELS[rng.integers(len(_VOWELS))]
+                 for _ in range(_SYLLABLES_PER_WORD))
+
+
+_NOUN_FORMS = frozenset(form for pairs in _NOUNS.values() for pair in pairs for form in pair)
+_ADJECTIVE_FORMS = frozenset(a for first, second in _ADJECTIVES.values() for a in first + second)
 
 
 def _sparse_categorical(p: np.ndarray) -> tuple[list[float], list[int]]:

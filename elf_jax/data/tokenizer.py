@@ -11,6 +11,7 @@ import tokenizers
 from tokenizers import models, pre_tokenizers, processors
 import transformers
 
+from elf_jax import hf_weights
 from elf_jax.config import ConfigError
 from elf_jax.data import synthetic
 
@@ -54,20 +55,26 @@ def decode(tokenizer: transformers.PreTrainedTokenizerBase, rows, *, clean_up_to
                            clean_up_tokenization_spaces=clean_up_tokenization_spaces) for row in rows]
 
 
-def load_tokenizer(name_or_path: str, language: synthetic.HiddenMarkovLanguage | None = None
+def load_tokenizer(name_or_path: str,
+                   language: synthetic.HiddenMarkovLanguage | synthetic.SyntheticTranslation | None = None
                    ) -> transformers.PreTrainedTokenizerBase:
   """The tokenizer named by config.data.tokenizer.
 
   Args:
-    name_or_path: "synthetic" (word tokenizer of `language`), a local directory with a saved Hugging Face
-      tokenizer, or a hub id (needs network access or the Hugging Face cache).
-    language: the synthetic language; required for "synthetic".
+    name_or_path: "synthetic" (word tokenizer of `language.vocabulary`), a local directory with a saved Hugging
+      Face tokenizer, or a hub id (`org/name`, or `org/name/sub` for a folder of it; needs network access or the
+      Hugging Face cache).
+    language: the synthetic language, or the synthetic translation task (its vocabulary holds the words of both
+      languages); required for "synthetic".
   """
   if name_or_path == "synthetic":
     if language is None:
       raise ValueError('config.data.tokenizer = "synthetic" needs the SyntheticLanguage: pass language=...')
     return build_word_tokenizer(language.vocabulary)
+  hub = None if os.path.isdir(name_or_path) else hf_weights.hub_id(name_or_path)
   try:
+    if hub and hub[1]:  # org/name/sub: the tokenizer in a folder of a repository
+      return transformers.AutoTokenizer.from_pretrained(hub[0], subfolder=hub[1], trust_remote_code=False)
     return transformers.AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False)  # never custom code
   except (OSError, ValueError) as e:
     if "trust_remote_code" in str(e):

@@ -32,7 +32,7 @@ from elf_jax.run import checkpoint
 from elf_jax import fs
 from elf_jax import report
 from elf_jax.config import ConfigError, validate
-from elf_jax.data import sources, tokenizer as tokenizers
+from elf_jax.data import sources, synthetic, tokenizer as tokenizers
 from elf_jax.model.elf import ELF, ModelConfig, init_params
 from elf_jax.model.latents import LatentEncoder
 from elf_jax.objective import optim
@@ -121,10 +121,10 @@ class Experiment:
           plan.optimizer.init, out_shardings=plan.state_shardings.opt_state)(params))
     return state
 
-  def load_sharded_params(self, source: str):
+  def load_sharded_params(self, source: str, field: str = "init_from"):
     """The network's parameters from `source` (a workdir's latest EMA, a checkpoint, a published ELF), sharded like
     the trained parameters (for `init_from` and a distillation teacher)."""
-    return jax.device_put(published.load_params_from(source, self.param_shapes),
+    return jax.device_put(published.load_params_from(source, self.param_shapes, field=field),
                           self._plan().state_shardings.params)
 
   def replicated(self, tree):
@@ -234,9 +234,11 @@ def total_steps(config: ml_collections.ConfigDict, per_epoch: int) -> int:
 
 
 def load_tokenizer(config: ml_collections.ConfigDict):
-  """(tokenizer, synthetic language or None) of `config.data`, checked against the model's vocabulary."""
+  """(tokenizer, synthetic language or None) of `config.data`, checked against the model's vocabulary. The
+  "synthetic" tokenizer of conditional data (the translation task) covers the target language's words too."""
   language = sources.make_language(config.data) if config.data.source == "synthetic" else None
-  tok = tokenizers.load_tokenizer(config.data.tokenizer, language)
+  task = synthetic.SyntheticTranslation(language.vocabulary) if language and config.data.conditional else language
+  tok = tokenizers.load_tokenizer(config.data.tokenizer, task)
   if len(tok) > config.model.vocab_size:  # checked before the encoder is built (a random one uses this size too)
     raise ConfigError(f"the tokenizer {config.data.tokenizer!r} has {len(tok)} tokens but the model head predicts "
                       f"model.vocab_size={config.model.vocab_size}; set --config.model.vocab_size={len(tok)} (or "

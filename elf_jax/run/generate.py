@@ -5,13 +5,16 @@ Multi-host: every process runs the same sampling over the whole mesh (the batch 
 every decoded sample, so the scores are the same on every process.
 """
 import dataclasses
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import multihost_utils
 import numpy as np
+import tqdm
 
+from elf_jax import fs
 from elf_jax.data import pipeline, sources
 from elf_jax.data import tokenizer as tokenizer_lib
 from elf_jax.eval import scoring
@@ -19,6 +22,7 @@ from elf_jax.eval import text_metrics
 from elf_jax.parallel.mesh import num_batch_shards
 from elf_jax.run import experiment
 from elf_jax.sampling import sampler
+from elf_jax.sampling import trajectory
 from elf_jax.sampling.files import Samples
 
 
@@ -47,17 +51,33 @@ def decode(exp: experiment.Experiment, ids) -> list[str]:
                               clean_up_tokenization_spaces=exp.config.data.clean_up_tokenization_spaces)
 
 
+@functools.lru_cache(maxsize=32)
+def compiled_sampler(model, sample_config: sampler.SampleConfig, mesh):
+  """`sampler.make_sampler`, made once per (network, settings, mesh): repeated calls reuse its compilations."""
+  return sampler.make_sampler(model, sample_config, mesh)
+
+
+@functools.lru_cache(maxsize=8)
+def compiled_encoder(encoder):
+  """The jitted `encoder.encode(params, ids, valid, cond_mask)`, made once per encoder."""
+  return jax.jit(encoder.encode)
+
+
 def generate(exp: experiment.Experiment, params, num_samples: int, seed: int,
              sample_config: sampler.SampleConfig | None = None,
-             conditions: dict[str, np.ndarray] | None = None, candidates: int = 1) -> Generation:
+             conditions: dict[str, np.ndarray] | None = None, candidates: int = 1, *, eval_references: bool = True,
+             progress: bool = False) -> Generation:
   """Draws `num_samples` samples (rounded up to whole batches of `sample.batch_size`, then cut) and decodes them.
 
-  conditions: for conditional tasks, the batch-major `ids`, `valid`, `cond_mask` (N, S) of the first N examples of
-  the evaluation split (`eval_conditions`); their condition parts are encoded and kept clean, their target parts are
-  ignored, and at most N samples are drawn, one per example, each with its condition and reference text.
+  conditions: the batch-major `ids`, `valid`, `cond_mask` (N, S) of N rows whose condition positions (`cond_mask`)
+  are encoded and kept clean (their other positions are ignored); at most N samples are drawn, one per row. For
+  conditional tasks, the first N examples of the evaluation split (`eval_conditions`), or the user's own inputs;
+  for unconditional models, the user's prefixes (positions known from the start, their continuation sampled).
   candidates: k >= 1 draws per condition (MBR), with one compiled sampler: the first is the plain draw of `seed`
   (`Generation.samples`, the same as with k = 1), the others (`Generation.candidates`) come from key streams of
   their own.
+  eval_references: attach the evaluation split's reference texts to the samples (conditions from `eval_conditions`).
+  progress: show a progress bar over the batches.
   """
   config, mesh = exp.config, exp.mesh
   roots = [jax.random.PRNGKey(seed)]
@@ -65,12 +85,12 @@ def generate(exp: experiment.Experiment, params, num_samples: int, seed: int,
   if conditions is not None:
     num_samples = min(num_samples, len(conditions["ids"]))
   sc = sample_config or exp.sample_config()
-  sample_fn = sampler.make_sampler(exp.model, sc, mesh)
+  sample_fn = compiled_sampler(exp.model, sc, mesh)
   shards = num_batch_shards(mesh)
   batch = max(shards, config.sample.batch_size // shards * shards)
-  encode = jax.jit(lambda p, ids, valid, cm: exp.encoder.encode(p, ids, valid, cm))
+  encode = compiled_encoder(exp.encoder)
   texts, ids_out, first = [[] for _ in roots], [[] for _ in roots], None
-  for b in range(math.ceil(num_samples / batch)):
+  for b in tqdm.trange(math.ceil(num_samples / batch), desc="sampling", unit="batch", disable=not progress):
     cond = None
     if conditions is not None:
       part = {k: _take_rows(v, b * batch, batch) for k, v in conditions.items()}
@@ -90,9 +110,23 @@ def generate(exp: experiment.Experiment, params, num_samples: int, seed: int,
   if conditions is not None:
     ids, cm = conditions["ids"][:num_samples], conditions["cond_mask"][:num_samples]
     pairs = {"conditions": decode(exp, np.where(cm, ids, exp.tokenizer.pad_token_id)),
-             "references": held_out_texts(exp, num_samples, field="output")}
+             "references": held_out_texts(exp, num_samples, field="output") if eval_references else None}
     drawn = [dataclasses.replace(d, **pairs) for d in drawn]
   return Generation(drawn[0], *(first or (None, None)), candidates=tuple(drawn[1:]))
+
+
+def render_first_batch(exp: experiment.Experiment, params, result: Generation, out_dir: str,
+                       sc: sampler.SampleConfig, max_examples: int) -> dict[str, str]:
+  """Writes the denoising trajectory of the first `max_examples` samples of `result` (drawn with
+  `sc.return_trajectory`) to out_dir/trajectory.{jsonl,html,png}; returns the paths."""
+  out, cond_mask = result.first_batch, result.first_cond_mask
+  n = min(max_examples, out.ids.shape[0])
+  out = out._replace(latents=out.latents[:n], ids=out.ids[:n], raw_ids=out.raw_ids[:n],
+                     trajectory=out.trajectory[:, :n], trajectory_t=out.trajectory_t[:, :n])
+  return trajectory.render_trajectory(
+      fs.path(out_dir), params, exp.model, out, exp.tokenizer, guidance_scale=sc.guidance_scale,
+      cond_mask=None if cond_mask is None else cond_mask[:n], eos_id=sc.eos_id, pad_id=sc.pad_id, png=True,
+      max_target_length=sc.max_target_length)
 
 
 def _take_rows(x: np.ndarray, start: int, n: int) -> np.ndarray:
@@ -134,7 +168,7 @@ def score(exp: experiment.Experiment, samples: Samples) -> dict[str, float]:
   """`elf_jax.eval.scoring.score` of `samples` with this experiment's data: references (conditional), the synthetic
   language and as many held-out true sentences, or GPT-2 over the mesh (with as many held-out texts for MAUVE)."""
   config = exp.config
-  needs_held_out = exp.language is not None or (config.eval.mauve and not config.data.conditional)
+  needs_held_out = not config.data.conditional and (exp.language is not None or config.eval.mauve)
   true_texts = held_out_texts(exp, len(samples.texts)) if needs_held_out else None
   return scoring.score(samples.texts, config, references=samples.references, language=exp.language,
                        true_texts=true_texts, mesh=exp.mesh)

@@ -1,7 +1,8 @@
 """The sampling and evaluation modes of `elf_jax.main`, and the training loop's sample/eval hook.
 
   --mode=sample   draws `sample.num_samples` samples with the EMA parameters of the latest checkpoint (or
-                  `init_from`), writes DIR/samples/<name>.{jsonl,txt} (and the denoising trajectory if asked)
+                  `init_from`), writes DIR/samples/<name>.{jsonl,txt} (and the denoising trajectory if asked); with
+                  `sample.inputs`, one output per line of the user's file (DIR/samples/inputs_<name>.jsonl)
   --mode=eval     scores `eval.samples_path`, or samples `eval.num_seeds` times and reports mean ± std over seeds;
                   with `eval.sweep`, also the quality / diversity frontier over sampling settings
   training_hook   sampling + scores every `logging.sample_every_steps` and at the end of training
@@ -20,10 +21,10 @@ from elf_jax import fs
 from elf_jax import report
 from elf_jax.config import SAMPLE_PRESET_FIELDS, parse_sweep
 from elf_jax.eval import plots
+from elf_jax.run import api
 from elf_jax.run import experiment
 from elf_jax.run import generate as gen
 from elf_jax.sampling import sampler
-from elf_jax.sampling import trajectory
 from elf_jax.sampling.files import read_samples, write_samples
 
 TRAJECTORY_EXAMPLES = 8  # samples whose denoising trajectory --mode=sample renders
@@ -44,10 +45,16 @@ def sample_mode(config: ml_collections.ConfigDict, workdir: str) -> str:
   samples file's path."""
   exp = experiment.build(config, workdir)
   params = exp.load_ema_params(workdir)
-  num = config.sample.num_samples
-  result = gen.generate(exp, params, num, config.seed, conditions=gen.eval_conditions(exp, num))
   sc = exp.sample_config()
   name = f"sample_{sc.method}{sc.steps}_w{sc.guidance_scale:g}_seed{config.seed}"
+  if config.sample.inputs:  # the user's texts: one output per input, in order
+    texts = api.read_inputs(config.sample.inputs)
+    samples = api.answer_inputs(exp, params, texts, config.seed)
+    path = write_samples(workdir, f"inputs_{name}", samples)
+    report.say(f"wrote {len(samples.texts)} outputs, one per input, to {path}")
+    return path
+  num = config.sample.num_samples
+  result = gen.generate(exp, params, num, config.seed, conditions=gen.eval_conditions(exp, num))
   path = write_samples(workdir, name, result.samples)
   report.say(f"wrote {len(result.samples.texts)} samples to {path}")
   report.print_samples(result.samples.texts)
@@ -58,15 +65,8 @@ def sample_mode(config: ml_collections.ConfigDict, workdir: str) -> str:
 
 def _render_trajectory(exp: experiment.Experiment, params, result: gen.Generation, workdir: str,
                        sc: sampler.SampleConfig) -> None:
-  out, cond_mask = result.first_batch, result.first_cond_mask
-  n = min(TRAJECTORY_EXAMPLES, out.ids.shape[0])
-  out = out._replace(latents=out.latents[:n], ids=out.ids[:n], raw_ids=out.raw_ids[:n],
-                     trajectory=out.trajectory[:, :n], trajectory_t=out.trajectory_t[:, :n])
-  paths = trajectory.render_trajectory(
-      fs.path(workdir) / "samples", params, exp.model, out, exp.tokenizer, guidance_scale=sc.guidance_scale,
-      cond_mask=None if cond_mask is None else cond_mask[:n], eos_id=sc.eos_id, pad_id=sc.pad_id, png=True,
-      max_target_length=sc.max_target_length)
-  report.say(f"denoising trajectory of {n} samples: {paths['html']}")
+  paths = gen.render_first_batch(exp, params, result, fs.path(workdir) / "samples", sc, TRAJECTORY_EXAMPLES)
+  report.say(f"denoising trajectory of the first samples: {paths['html']}")
 
 
 def eval_mode(config: ml_collections.ConfigDict, workdir: str) -> EvalSummary:

@@ -34,6 +34,7 @@ from elf_jax.parallel import mesh as mesh_lib
 from elf_jax.run import checkpoint
 from elf_jax.run import experiment
 from elf_jax.run import hbm
+from elf_jax.run import hub_upload
 
 
 def _finite_mean(values) -> float:
@@ -197,11 +198,12 @@ def _train(config, workdir, eval_hook, build_step, teacher, lease) -> TrainState
   stop = multihost_utils.reached_preemption_sync_point(start)
 
   frozen = step_lib.FrozenInputs(exp.replicated(exp.encoder_params),
-                                 None if teacher is None else exp.load_sharded_params(teacher))
+                                 None if teacher is None else exp.load_sharded_params(teacher, "distill.teacher"))
   train_step = (build_step or elf_train_step)(exp)
   # Out of memory stops here, before the first step, with the knobs to turn (the first step reuses this compile).
   hbm.check_step_fits(train_step, (state, frozen, exp.abstract_batch()), mesh, config)
-  writer = report.MetricsWriter(workdir, config.logging.tensorboard)
+  writer = report.MetricsWriter(workdir, config.logging.tensorboard, config.logging.wandb_project,
+                               config.to_dict())
   writer.drop_after(start)  # rows of steps this run is about to redo (a resume from an older step) are replaced
   previous_sigterm = signal.getsignal(signal.SIGTERM)
   preempted = install_preemption_handler()
@@ -243,6 +245,9 @@ def _train(config, workdir, eval_hook, build_step, teacher, lease) -> TrainState
                      f"ETA {eta // 60}:{eta % 60:02d}")
       if save:
         manager.save(step, state, data_iter, force=True)
+        if config.checkpoint.hf_repo_id:
+          manager.wait()  # the files of this step are complete before they are uploaded
+          hub_upload.upload(workdir, config.checkpoint.hf_repo_id, f"checkpoint of step {step}")
       if stop:
         break
       every = config.logging.sample_every_steps
@@ -265,4 +270,6 @@ def _train(config, workdir, eval_hook, build_step, teacher, lease) -> TrainState
       eval_hook(exp, workdir, state, step, writer, True)
   writer.close()
   manager.close()
+  if config.checkpoint.hf_repo_id:
+    hub_upload.upload(workdir, config.checkpoint.hf_repo_id, "final checkpoint and results")
   return state

@@ -9,6 +9,8 @@ guidance, conditional prefixes and token decoding.
     ids = argmax network(concat[z, 0], t = 1, w, mode tokens on); strip the condition; keep the first
           max_target_length tokens (conditional: max_length − max_condition_length); from the first EOS on → pad
 
+Known positions: `cond_mask` marks positions whose clean latents are known — a conditional task's condition, or the
+user's prefix that an unconditional model continues (`elf_jax.run.api`, `Model.complete`); both are handled alike.
 Conditional sampling (details pinned down by the reference fixture): condition positions hold the clean condition
 latents in BOTH halves of the conditional input (z and the self-conditioning x_prev, from the first step on) and
 get zero velocity; the unconditional CFG input has zeros in both halves there. x_prev is the CFG-combined x̂ (with

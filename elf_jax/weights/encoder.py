@@ -16,6 +16,7 @@ import ml_collections
 import numpy as np
 
 from elf_jax import hf_weights
+from elf_jax import recipes
 from elf_jax.config import ConfigError
 from elf_jax.model.latents import LatentEncoder
 from elf_jax.model.t5_encoder import T5Encoder, T5EncoderConfig, random_t5_encoder_params
@@ -220,15 +221,16 @@ def load_official_t5_encoder(path: str) -> tuple[T5EncoderConfig, dict]:
                                            "inferred from its shapes")
 
 
+# The authors' encoder (T5-small's encoder in the official module's names), by hub path, as their recipes name it.
+OFFICIAL_ENCODER = recipes.OFFICIAL_ENCODER
+_T5_SMALL = T5EncoderConfig(vocab_size=32128, d_model=512, num_layers=6, num_heads=8, d_kv=64, d_ff=2048)
 # Frozen encoders whose architecture is known without their files (the published T5-small), for `abstract=True`.
-KNOWN_ENCODERS = {
-    "t5-small": T5EncoderConfig(vocab_size=32128, d_model=512, num_layers=6, num_heads=8, d_kv=64, d_ff=2048),
-}
+KNOWN_ENCODERS = {"t5-small": _T5_SMALL, OFFICIAL_ENCODER: _T5_SMALL}
 
 
 def build_encoder(config: ml_collections.ConfigDict, abstract: bool = False) -> tuple[LatentEncoder, dict]:
   """The frozen encoder of `config.encoder`: Hugging Face weights (local dir / hub id), an official ELF encoder
-  pickle (a `.pkl` file such as `t5_small_encoder_jax.pkl`) or "random" seeded weights.
+  pickle (a `.pkl` path or hub path such as `OFFICIAL_ENCODER`) or "random" seeded weights.
 
   abstract: return the parameters' ShapeDtypeStructs without loading any weights (ahead-of-time compilation); the
   architecture then comes from the "random" fields, `KNOWN_ENCODERS`, a local Hugging Face directory's config.json
@@ -240,11 +242,12 @@ def build_encoder(config: ml_collections.ConfigDict, abstract: bool = False) -> 
     t5_config = T5EncoderConfig(vocab_size=config.model.vocab_size, d_model=e.dim, num_layers=e.random_num_layers,
                                 num_heads=e.random_num_heads, d_kv=e.random_d_kv, d_ff=e.random_d_ff)
     load = lambda: random_t5_encoder_params(t5_config, e.random_seed)
-  elif e.name_or_path.endswith(".pkl"):
-    t5_config, params = load_official_t5_encoder(e.name_or_path)
-    load = lambda: params
   elif abstract and e.name_or_path in KNOWN_ENCODERS:
     t5_config, load = KNOWN_ENCODERS[e.name_or_path], None
+  elif e.name_or_path.endswith(".pkl"):
+    t5_config, params = load_official_t5_encoder(
+        str(hf_weights.resolve(e.name_or_path, "encoder.name_or_path", "encoder pickle")))
+    load = lambda: params
   elif abstract and os.path.isfile(os.path.join(e.name_or_path, "config.json")):
     t5_config, load = T5EncoderConfig.from_hf_config(hf_weights.read_config(e.name_or_path)), None
   elif abstract:

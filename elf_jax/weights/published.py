@@ -1,11 +1,15 @@
 """Published ELF checkpoints and our own workdirs, read as parameter trees; export in the authors' PyTorch layout.
 
+`detect_format` is the one place that tells what a checkpoint is, by content: see `FORMATS`.
+
 Published ELF checkpoints (docs/method.md, checkpoint names) are a Flax msgpack file or an orbax PyTree directory,
 each holding the raw parameters under `params` and their EMA under `ema_params1`, with the published parameter names
 (blocks `blocks_{i}`, read into the model's stacked `blocks` layout). The authors' PyTorch checkpoint files
 (`torch.save` payloads, renamed and transposed by `elf_jax.weights.torch_format`) load the same way.
 """
 from collections.abc import Mapping
+import dataclasses
+import re
 from typing import Any
 
 from etils import epath
@@ -14,8 +18,11 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from elf_jax import fs
+from elf_jax import hf_weights
+from elf_jax import report
+from elf_jax.config import ConfigError
 from elf_jax.model import elf
+from elf_jax.weights import lightning
 from elf_jax.weights import torch_format
 
 # The layout of a training workdir (written by elf_jax.run.checkpoint.CheckpointManager).
@@ -25,66 +32,148 @@ STATE_ITEM = "state"
 DATA_ITEM = "data"
 _SINGLE_ITEM = "default"  # item name orbax uses for a single-item CheckpointManager
 _PARAM_KEYS = {"ema": ("ema_params1", "ema_params"), "raw": ("params",)}  # published names, then ours
+_STEP_ENTRY = re.compile(r"checkpoint_(\d+)")  # the official code's checkpoint_<step> files (or folders)
+_ORBAX_FILES = ("_CHECKPOINT_METADATA", "_METADATA", "manifest.ocdbt")
+_MSGPACK_MAP_HEADERS = {*range(0x80, 0x90), 0xDE, 0xDF}  # a msgpack file holding a dict starts with one of these
+
+# What `detect_format` recognises, in the order it looks (named in the error when nothing matches).
+FORMATS = (
+    "our training workdir (checkpoints/<step>/state)",
+    "an orbax CheckpointManager folder (<step>/ with commit_success.txt)",
+    "an official repository snapshot: a folder of checkpoint_<step> files or folders (newest step; JAX or PyTorch)",
+    "a folder with a PyTorch Lightning *.ckpt (last.ckpt preferred)",
+    "an orbax PyTree folder",
+    "a torch.save file (the authors' payload with params / ema_params1, a PyTorch Lightning checkpoint or a state "
+    "dict)",
+    "a flax msgpack file (params / ema_params1)",
+)
 
 
-def load_published_elf(path: str, which: str = "ema", expected: Any = None) -> dict[str, Any]:
+@dataclasses.dataclass(frozen=True)
+class Detected:
+  """What a checkpoint is: `kind` "orbax" (folder), "torch" or "msgpack" (files), read at `path` (the newest step
+  or the item folder inside what was named); `source` is what was named."""
+  kind: str
+  path: epath.Path
+  source: str
+
+
+def not_a_checkpoint(field: str, source: str, found: str) -> ConfigError:
+  """The one-line error for something that is no ELF checkpoint: what was found and every format tried."""
+  return ConfigError(f"{field}={source!r}: not an ELF checkpoint ({found}); tried: " + "; ".join(FORMATS) + ".")
+
+
+def detect_format(source: str, field: str = "init_from") -> Detected:
+  """The format of the checkpoint at `source` (a local or gs:// path, or a hub id: see `hf_weights.resolve`), by
+  content, not by name.
+
+  Raises:
+    ConfigError: a missing path or an id that cannot be fetched, or nothing of `FORMATS` (one line naming `field`,
+      what was found and the formats tried).
+  """
+  path = hf_weights.resolve(str(source), field, "ELF checkpoint")
+  return _detect(path, str(source), field)
+
+
+def _detect(path: epath.Path, source: str, field: str) -> Detected:
+  if path.is_dir():
+    if (path / CHECKPOINT_SUBDIR).is_dir():
+      path = path / CHECKPOINT_SUBDIR
+    entries = {p.name: p for p in path.iterdir()}
+    committed = [int(n) for n, p in entries.items() if n.isdigit() and (p / COMMIT_MARKER).exists()]
+    if committed:
+      path = path / str(max(committed))
+      entries = {p.name: p for p in path.iterdir()}
+    for item in (STATE_ITEM, _SINGLE_ITEM):
+      if item in entries and entries[item].is_dir():
+        return Detected("orbax", entries[item], source)
+    steps = {int(m.group(1)): p for n, p in entries.items() if (m := _STEP_ENTRY.fullmatch(n))}
+    if steps:
+      return _detect(steps[max(steps)], source, field)
+    ckpts = sorted((n for n in entries if n.endswith(".ckpt")), key=lambda n: (n != "last.ckpt", n))
+    if ckpts:
+      return _detect(entries[ckpts[0]], source, field)
+    if any(n in entries for n in _ORBAX_FILES):
+      return Detected("orbax", path, source)
+    if set(entries) == {"checkpoint"}:  # the old flax layout: one msgpack file in a checkpoint_<step> folder
+      return _detect(entries["checkpoint"], source, field)
+    names = sorted(entries)
+    listed = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+    raise not_a_checkpoint(field, source, f"a folder holding {listed}" if names else "an empty folder")
+  with path.open("rb") as f:
+    head = f.read(len(torch_format.TORCH_ZIP_MAGIC))
+  if head == torch_format.TORCH_ZIP_MAGIC:
+    return Detected("torch", path, source)
+  if head and head[0] in _MSGPACK_MAP_HEADERS:
+    return Detected("msgpack", path, source)
+  raise not_a_checkpoint(field, source, f"a {path.stat().length}-byte file that is neither a torch.save zip nor a "
+                                        "flax msgpack dict" if head else "an empty file")
+
+
+def load_published_elf(path: str, which: str = "ema", expected: Any = None, field: str = "init_from"
+                       ) -> dict[str, Any]:
   """Reads the parameter tree of an ELF checkpoint (docs/method.md#checkpoint-names) as numpy arrays.
 
   Args:
-    path: a Flax msgpack file or an orbax PyTree directory holding `params` and `ema_params1` (our own `state`
-      items, holding `params` and `ema_params`, work too), or the authors' PyTorch checkpoint file (a `torch.save`
-      payload, recognised by its content; needs torch).
+    path: anything `detect_format` recognises (a path or a hub id): a Flax msgpack file or an orbax PyTree directory
+      holding `params` and `ema_params1` (our own `state` items, holding `params` and `ema_params`, work too), the
+      authors' PyTorch checkpoint file or a PyTorch Lightning checkpoint (`torch.save` payloads, recognised by their
+      content; need torch), a folder of them or one of our workdirs.
     which: "ema" (the EMA copy, used for sampling) or "raw" (the trained parameters).
     expected: optional tree of `jax.ShapeDtypeStruct`s or arrays, e.g. `jax.eval_shape` of the model's init.
       Every leaf path and shape must match (per block, in the published names); the leaves are then cast to its
       dtypes.
+    field: the config field that named `path`, named in errors.
 
   Returns:
     Nested dict of numpy arrays named as in docs/method.md#checkpoint-names (a wrapping `{"params": ...}` level is
     removed), with the blocks stacked as the model holds them (`blocks/...`, see `elf_jax.model.elf.stack_blocks`).
 
   Raises:
+    ConfigError: `path` is no ELF checkpoint (one line: what was found, the formats tried).
     ValueError: `expected` was given and leaves are missing, extra or mis-shaped (all are named, '/'-joined).
     ImportError: `path` is a PyTorch checkpoint and torch is not installed.
   """
   if which not in _PARAM_KEYS:
     raise ValueError(f"which={which!r}; use 'ema' or 'raw'.")
-  path = fs.path(path)
-  if path.is_file():
-    read = _read_torch if torch_format.is_torch_checkpoint(path) else _read_msgpack
-    tree = read(path, _PARAM_KEYS[which])
-  elif path.is_dir():
-    tree = _read_orbax(path, _PARAM_KEYS[which])
-  else:
-    raise FileNotFoundError(f"No checkpoint at {path}.")
+  found = detect_format(path, field)
+  read = {"torch": _read_torch, "msgpack": _read_msgpack, "orbax": _read_orbax}[found.kind]
+  try:
+    tree = read(found.path, _PARAM_KEYS[which])
+  except ConfigError as e:  # the Lightning reader's: what it found and how to proceed
+    raise ConfigError(f"{field}={found.source!r}: {e}") from e
+  except ImportError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  # a corrupt or foreign file: one line, whatever the reader
+    detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+    raise not_a_checkpoint(field, found.source, f"{found.path} looks like a {found.kind} checkpoint but cannot be "
+                                                f"read: {type(e).__name__}: {detail}") from e
   while isinstance(tree, Mapping) and set(tree) == {"params"}:
     tree = tree["params"]
   if expected is not None:  # compared by published names, so that a problem names its block
-    tree = _match_expected(elf.unstack_blocks(tree), jax.eval_shape(elf.unstack_blocks, expected), path)
+    return conform(tree, expected, found.path)
   return elf.stack_blocks(tree)
 
 
-def load_params_from(path: str, expected: Any = None, which: str = "ema") -> dict[str, Any]:
-  """EMA parameters for `--config.init_from`: a published checkpoint, or the latest step of one of our runs.
+def conform(tree: Any, expected: Any, source) -> dict[str, Any]:
+  """A tree read by `load_published_elf` (no `expected`) checked against and cast to `expected`, as passing it
+  there would have (ValueError naming every missing, extra or mis-shaped leaf)."""
+  tree = _match_expected(elf.unstack_blocks(tree), jax.eval_shape(elf.unstack_blocks, expected), source)
+  return elf.stack_blocks(tree)
+
+
+def load_params_from(path: str, expected: Any = None, which: str = "ema", field: str = "init_from") -> dict[str, Any]:
+  """EMA parameters for `--config.init_from` / `distill.teacher` (named by `field` in errors): a published
+  checkpoint, the latest step of one of our runs, or anything else `detect_format` recognises.
 
   Args:
-    path: a msgpack file, a PyTorch checkpoint file, an orbax PyTree directory, a training workdir, a
-      `CheckpointManager` directory or one of its step directories (then the newest step with a commit marker).
+    path: a path or hub id: a msgpack file, a PyTorch (or Lightning) checkpoint file, an orbax PyTree directory, a
+      training workdir, a `CheckpointManager` directory or one of its step directories (then the newest step with a
+      commit marker), a folder of official checkpoint_<step> files.
     expected: as in `load_published_elf`.
     which: as in `load_published_elf`; "raw" reads the trained parameters instead of their EMA.
   """
-  path = fs.path(path)
-  if path.is_dir():
-    if (path / CHECKPOINT_SUBDIR).is_dir():
-      path = path / CHECKPOINT_SUBDIR
-    complete = [int(p.name) for p in path.iterdir() if p.name.isdigit() and (p / COMMIT_MARKER).exists()]
-    if complete:
-      path = path / str(max(complete))
-    for item in (STATE_ITEM, _SINGLE_ITEM):
-      if (path / item).is_dir():
-        path = path / item
-        break
-  return load_published_elf(path, which, expected)
+  return load_published_elf(path, which, expected, field)
 
 
 def _pick_key(available, keys, path: epath.Path) -> str:
@@ -100,8 +189,15 @@ def _read_msgpack(path: epath.Path, keys) -> Any:
 
 
 def _read_torch(path: epath.Path, keys) -> Any:
-  payload = torch_format.load_payload(path)
-  return torch_format.from_torch_state(payload[_pick_key(payload, keys, path)])
+  """The authors' payload (`params` / `ema_params1`), else the network found by content (`lightning`)."""
+  payload = lightning.load_payload(path)
+  if "params" in payload:
+    return torch_format.from_torch_state(payload[_pick_key(payload, keys, path)])
+  copies = lightning.read_copies(path, payload)
+  want_ema = "params" not in keys
+  chosen = next((c for c in copies if c.is_ema == want_ema), copies[0])
+  report.say(f"{path}: {lightning.describe(chosen, copies)}")
+  return torch_format.from_torch_state(chosen.state)
 
 
 def _read_orbax(path: epath.Path, keys) -> Any:
