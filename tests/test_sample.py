@@ -123,11 +123,12 @@ def test_known_prefix_positions_are_held_under_unconditional_settings(ref):
   config = _config(cfg, "unc", return_trajectory=True)
   lengths = np.array([1, 4, 7])
   known = np.arange(r["z0"].shape[1])[None, :] < lengths[:, None]
-  out = S.make_sampler(model, config)(params, r["z0"], r["grid"], cond_latents=r["cond_seq"], cond_mask=known)
+  out = S.make_sampler(model, config)(params, S.SampleInputs(r["z0"], r["grid"],
+                                                             condition=S.PinnedLatents(r["cond_seq"], known)))
   held = np.broadcast_to(known[None, ..., None], out.trajectory.shape)
   np.testing.assert_array_equal(np.asarray(out.trajectory)[held], np.broadcast_to(r["cond_seq"], held.shape)[held])
   np.testing.assert_array_equal(np.asarray(out.latents)[known], r["cond_seq"][known])
-  free = S.make_sampler(model, config)(params, r["z0"], r["grid"])
+  free = S.make_sampler(model, config)(params, S.SampleInputs(r["z0"], r["grid"]))
   assert np.abs(np.asarray(out.latents) - np.asarray(free.latents))[~known].max() > 1e-3  # the prefix steers the rest
   for row, n in enumerate(lengths):
     continuation = np.asarray(out.raw_ids[row, n:])

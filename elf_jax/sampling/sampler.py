@@ -165,8 +165,8 @@ class SampleInputs:
   guidance_scale: self-conditioning guidance w, scalar or (B,), also used for decoding; None = the config's.
   rng: key of the SDE churn noise: step i draws σ·N(0, I) from fold_in(rng, i).
   churn_noise: (steps − 1, B, S, C) the churn noise of every step but the last (already × σ), used instead of rng.
-  condition: the condition of a conditional task (clean in both halves of the input, zeroed in CFG's
-    unconditional half, stripped from the output ids), or None.
+  condition: the known positions, a conditional task's condition or a prefix to continue (clean in both halves of
+    the input, zeroed in CFG's unconditional half, stripped from the output ids), or None.
   mask: (B, S) padding mask for the network (1 = valid), or None (all valid, as the reference samples).
   """
   z0: jax.Array
