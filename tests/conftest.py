@@ -67,6 +67,19 @@ def train_fixture_dir() -> pathlib.Path:
   return reference_fixture("reference_elf_train")
 
 
+def tiny_fixture_model(directory: pathlib.Path, **overrides):
+  """The ELF network of reference_elf_tiny, its dimensions read from the fixture's config.json (`overrides` replace
+  ModelConfig fields)."""
+  from elf_jax.config import base_config
+  from elf_jax.model.elf import ELF, ModelConfig
+  cfg = fixture_config(directory)
+  return ELF(ModelConfig.from_config(
+      base_config(), latent_dim=cfg["text_encoder_dim"], hidden_size=cfg["hidden_size"], depth=cfg["depth"],
+      num_heads=cfg["num_heads"], bottleneck_dim=cfg["bottleneck_dim"], vocab_size=cfg["vocab_size"],
+      num_time_tokens=cfg["num_time_tokens"], num_guidance_tokens=cfg["num_self_cond_cfg_tokens"],
+      num_mode_tokens=cfg["num_model_mode_tokens"], **overrides))
+
+
 def relative_error(ours, ref) -> float:
   """‖ours − ref‖ / ‖ref‖ (Frobenius, float64)."""
   ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)

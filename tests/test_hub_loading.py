@@ -1,7 +1,6 @@
 """Checkpoints and encoders named by Hugging Face hub id, resolved offline by the real huggingface_hub from a hub
 cache laid out here (models--ORG--NAME/refs/main → snapshots/<revision>/...) holding the shared fixtures in the
 official repositories' layouts; and the one-line error for anything that is no ELF checkpoint."""
-import json
 import shutil
 import zipfile
 
@@ -14,12 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import fixture_config
+from conftest import fixture_config, tiny_fixture_model
 from elf_jax import config as elf_config
 from elf_jax import hf_weights
 from elf_jax import recipes
 from elf_jax.config import ConfigError
-from elf_jax.model.elf import ELF, ModelConfig, init_params
+from elf_jax.model.elf import ModelConfig, init_params
 from elf_jax.weights import encoder as encoder_weights
 from elf_jax.weights import published
 from elf_jax.weights import torch_format
@@ -50,12 +49,7 @@ def hub_cache(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def tiny(tiny_fixture_dir):
   """(model, parameter shapes, reference outputs) of the reference_elf_tiny fixture."""
-  cfg = json.loads((tiny_fixture_dir / "config.json").read_text())
-  model = ELF(ModelConfig.from_config(
-      elf_config.base_config(), latent_dim=cfg["text_encoder_dim"], hidden_size=cfg["hidden_size"],
-      depth=cfg["depth"], num_heads=cfg["num_heads"], bottleneck_dim=cfg["bottleneck_dim"],
-      vocab_size=cfg["vocab_size"], num_time_tokens=cfg["num_time_tokens"],
-      num_guidance_tokens=cfg["num_self_cond_cfg_tokens"], num_mode_tokens=cfg["num_model_mode_tokens"]))
+  model = tiny_fixture_model(tiny_fixture_dir)
   shapes = jax.eval_shape(lambda: nn.unbox(init_params(model, jax.random.key(0))))
   return model, shapes, np.load(tiny_fixture_dir / "reference.npz")
 

@@ -1,7 +1,6 @@
 """PyTorch Lightning checkpoints (the seed's `last.ckpt` kind), written here by the real PyTorch Lightning
 (`Trainer.save_checkpoint` of a LightningModule holding an ELF-shaped torch module and an EMA copy), read by content
 (elf_jax/weights/lightning.py) with weights_only=True."""
-import json
 import pathlib
 
 import flax.linen as nn
@@ -11,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from elf_jax import config as elf_config
+from conftest import tiny_fixture_model
 from elf_jax.config import ConfigError
-from elf_jax.model.elf import ELF, ModelConfig, init_params
+from elf_jax.model.elf import init_params
 from elf_jax.weights import published
 from elf_jax.weights import torch_format
 
@@ -60,12 +59,7 @@ def save_with_lightning(module: pl.LightningModule, path: pathlib.Path) -> pathl
 
 @pytest.fixture(scope="module")
 def tiny(tiny_fixture_dir):
-  cfg = json.loads((tiny_fixture_dir / "config.json").read_text())
-  model = ELF(ModelConfig.from_config(
-      elf_config.base_config(), latent_dim=cfg["text_encoder_dim"], hidden_size=cfg["hidden_size"],
-      depth=cfg["depth"], num_heads=cfg["num_heads"], bottleneck_dim=cfg["bottleneck_dim"],
-      vocab_size=cfg["vocab_size"], num_time_tokens=cfg["num_time_tokens"],
-      num_guidance_tokens=cfg["num_self_cond_cfg_tokens"], num_mode_tokens=cfg["num_model_mode_tokens"]))
+  model = tiny_fixture_model(tiny_fixture_dir)
   shapes = jax.eval_shape(lambda: nn.unbox(init_params(model, jax.random.key(0))))
   raw = published.load_published_elf(tiny_fixture_dir / "checkpoint_7", "raw")
   ema = published.load_published_elf(tiny_fixture_dir / "checkpoint_7", "ema")

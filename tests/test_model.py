@@ -7,27 +7,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import fixture_config
+from conftest import tiny_fixture_model
 from elf_jax.config import base_config
 from elf_jax.weights import published
 from elf_jax.model.elf import (ELF, ModelConfig, count_params, init_params, layer_dropout_rates, stack_blocks,
                                unstack_blocks)
 
 
-def _fixture_model(tiny_fixture_dir, **overrides):
-  cfg = fixture_config(tiny_fixture_dir)
-  mc = ModelConfig.from_config(
-      base_config(), latent_dim=cfg["text_encoder_dim"], hidden_size=cfg["hidden_size"], depth=cfg["depth"],
-      num_heads=cfg["num_heads"], bottleneck_dim=cfg["bottleneck_dim"], vocab_size=cfg["vocab_size"],
-      num_time_tokens=cfg["num_time_tokens"], num_guidance_tokens=cfg["num_self_cond_cfg_tokens"],
-      num_mode_tokens=cfg["num_model_mode_tokens"], **overrides)
-  return ELF(mc)
-
-
 @pytest.mark.parametrize("layout", ["checkpoint_7", "orbax_checkpoint_7"])
 def test_reference_forward_parity(tiny_fixture_dir, layout):
   """Denoiser x̂ (with and without mask) and decoder logits equal the reference network's to 1e-5."""
-  model = _fixture_model(tiny_fixture_dir)
+  model = tiny_fixture_model(tiny_fixture_dir)
   expected = jax.eval_shape(lambda: nn.unbox(init_params(model, jax.random.key(0))))
   params = published.load_published_elf(tiny_fixture_dir / layout, which="ema", expected=expected)
   assert ModelConfig.from_params(params) == dataclasses.replace(model.config, mlp_hidden=model.config.swiglu_hidden)
@@ -45,7 +35,7 @@ def test_reference_forward_parity(tiny_fixture_dir, layout):
 
 def test_raw_params_differ_from_ema(tiny_fixture_dir):
   """`which='raw'` returns the raw parameters (the fixture's EMA copy is 0.9 × raw), giving other outputs."""
-  model = _fixture_model(tiny_fixture_dir)
+  model = tiny_fixture_model(tiny_fixture_dir)
   raw = published.load_published_elf(tiny_fixture_dir / "checkpoint_7", which="raw")
   ref = np.load(tiny_fixture_dir / "reference.npz")
   out = model.apply({"params": raw}, ref["x"], ref["t"], ref["w"], ref["mask"])

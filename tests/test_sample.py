@@ -12,7 +12,7 @@ import pytest
 import tokenizers
 import transformers
 
-from conftest import CONFIGS, config_from_command_line, fixture_config, relative_error
+from conftest import CONFIGS, config_from_command_line, fixture_config, relative_error, tiny_fixture_model
 from elf_jax.config import (SAMPLE_PRESETS, ConfigError, base_config, few_step_settings, resolve, sample_settings,
                             validate)
 from elf_jax.model.elf import ELF, ModelConfig, init_params
@@ -26,11 +26,7 @@ from elf_jax.weights import published
 def ref(tiny_fixture_dir):
   """(model, EMA params, fixture config, reference arrays)."""
   cfg = fixture_config(tiny_fixture_dir)
-  model = ELF(ModelConfig.from_config(
-      base_config(), latent_dim=cfg["text_encoder_dim"], hidden_size=cfg["hidden_size"], depth=cfg["depth"],
-      num_heads=cfg["num_heads"], bottleneck_dim=cfg["bottleneck_dim"], vocab_size=cfg["vocab_size"],
-      num_time_tokens=cfg["num_time_tokens"], num_guidance_tokens=cfg["num_self_cond_cfg_tokens"],
-      num_mode_tokens=cfg["num_model_mode_tokens"]))
+  model = tiny_fixture_model(tiny_fixture_dir)
   params = published.load_published_elf(tiny_fixture_dir / "checkpoint_7", which="ema")
   return model, params, cfg, dict(np.load(tiny_fixture_dir / "reference.npz"))
 
