@@ -182,6 +182,15 @@ def test_sigterm_saves_then_exits(preempted):
   assert preempted["handler_restored"]  # the loop puts the previous SIGTERM handler back
 
 
+def test_the_step_sigterm_saved_is_logged_between_log_windows(tmp_path, capsys):
+  """Logging every 2 steps, SIGTERM after step 2 saves step 3: its row is written (averaging step 3 alone), so the
+  curve has no gap at the resume point."""
+  state = train_loop.train(small_config(**PREEMPTED, **{"logging.log_every_steps": 2}), str(tmp_path),
+                           eval_hook=_send_sigterm_after_step_2)
+  assert int(state.step) == 3 and "SIGTERM received: saved step 3" in capsys.readouterr().out
+  assert [r["step"] for r in train_rows(tmp_path)] == [2, 3]
+
+
 def _half_write(step_dir: pathlib.Path):
   """What a save killed midway leaves: no commit markers, truncated data files."""
   for root, _, files in os.walk(step_dir):
