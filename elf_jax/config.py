@@ -1,13 +1,7 @@
-"""The full default configuration, the one place defaults live: every recipe (`elf_jax/recipes.py`, called by the
-config files in configs/) starts from `base_config()`, and the static dataclasses (`ModelConfig`, `FlowConfig`,
-`SampleConfig`, `DistillConfig`) are built from a config by their `from_config(config, **overrides)`.
+"""The full default configuration, the one place defaults live: `base_config()`, `validate`, `resolve`, and the
+static dataclasses (`ModelConfig`, `FlowConfig`, `SampleConfig`, `DistillConfig`) built by `from_config`.
 
-Groups (sections of docs/method.md): `model` (flow transformer, #network), `encoder` (frozen T5, #latents), `flow`
-(#objective), `data`, `optim` (#training-recipe), `sample` (#sampling), `eval` (#evaluation), `mesh` (device mesh),
-`checkpoint`, `logging`, `distill` (#distillation). Every knob a researcher may want to change lives here, with a
-comment; `validate` checks values before anything compiles.
-Presets (`sample.preset`, `mesh.preset`) fill only the fields left unset (None): a value set on the command line or
-in Python always wins, and `resolve` gives the values a run uses (what it prints and saves).
+Groups, presets and how values are resolved: docs/running.md#configuration.
 """
 from collections.abc import Mapping
 import importlib.util

@@ -1,14 +1,7 @@
-"""One filesystem layer for local paths and object stores (gs://) alike: every file a run reads or writes under its
-workdir, data, latent-cache, init and checkpoint paths goes through `path()` (an `etils.epath.Path`).
+"""One filesystem layer for local paths and object stores (gs://) alike: `path()` (an `etils.epath.Path`),
+`append_text`, `load_npy` and the one-run-per-workdir `workdir_lease`.
 
-    p = fs.path(workdir) / "samples" / "step_6.jsonl"    # local (made absolute) or gs://bucket/...
-    p.parent.mkdir(parents=True, exist_ok=True); p.write_text(...); p.read_text(); p.exists(); p.open("rb")
-
-epath reaches gs:// through gcsfs (installed by the `tpu`, `gpu` and `test` extras). Object stores cannot append
-to or memory-map a file: `append_text` rewrites the object there, and `load_npy` reads the rows it is asked for.
-Multi-host runs share one workdir: only process 0 writes single files (the callers check `jax.process_index()`).
-One run at a time writes a workdir: `workdir_lease` creates DIR/lease.json atomically (locally O_EXCL, on gs:// an
-upload with `ifGenerationMatch=0`) and a second run stops with one line naming the holder.
+Usage, object-store limits and multi-host rules: docs/running.md#filesystem.
 """
 import contextlib
 import importlib.util

@@ -1,15 +1,8 @@
 r"""ELF command line: train, sample, evaluate, distill a few-step student, or compile ahead of time for a TPU topology.
 
-  python -m elf_jax.main --config=configs/tiny.py --workdir=runs/tiny                 # offline default
-  python -m elf_jax.main --config=configs/owt_b.py --workdir=gs://bucket/elf_b        # ELF-B on OpenWebText
-  python -m elf_jax.main --config=configs/owt_b.py --workdir=DIR --mode=sample --config.sample.preset=owt_sde32
-  python -m elf_jax.main --config=configs/owt_b.py --workdir=DIR --mode=eval --config.eval.num_seeds=3
-  python -m elf_jax.main --config=configs/owt_b.py --workdir=DIR --mode=compile --config.mesh.compile_topology=v5p-64
-  # progressive distillation, docs/method.md#distillation:
-  python -m elf_jax.main --config=configs/tiny_distill.py --workdir=runs/tiny_distill --mode=distill
+  python -m elf_jax.main --config=configs/tiny.py --workdir=runs/tiny [--mode=sample|eval|distill|compile]
 
-Any config field can be overridden with --config.group.field=value. Sample and eval use the EMA parameters of the
-latest checkpoint in --workdir (or --config.init_from).
+Any config field can be overridden with --config.group.field=value. More examples: docs/running.md#command-line.
 """
 import contextlib
 import os

@@ -1,18 +1,7 @@
 r"""Latent cache for the frozen encoder (unconditional data): encoder outputs computed once, read every epoch.
 
-  python -m elf_jax.run.cache_latents --config=configs/tiny.py --out=/data/tiny_latents [--max_rows=100000]
-  python -m elf_jax.main --config=configs/tiny.py --workdir=runs/tiny --config.data.latent_cache_dir=/data/tiny_latents
-
-Layout of DIR, local or gs:// (numpy shards, memory-mapped on read; row by row from gs://):
-  index.json               format version, shapes, what the rows were built from (checked against the config)
-  ids_00000.npy            (n, S) int32   token ids of the rows, as the pipeline builds them (padding / packing)
-  valid_00000.npy          (n, S) bool    encoder / padding mask
-  latents_00000.npy        (n, S, C)      RAW encoder outputs E(ids) (float32, or bfloat16 with --dtype), NOT
-                                          normalised: the train step applies (E − latent_mean) / latent_std, so the
-                                          statistics may change (encoder.measure_latent_stats) without a rebuild.
-The rows are one unshuffled pass over the split; the cached pipeline shuffles rows (not documents), so with
-packing the row contents equal the on-the-fly rows but the order differs. Size: S·C·4 bytes per row in float32
-(2 MiB per 1024-token row for T5-small) — use --max_rows or bfloat16 for large corpora.
+Written by `python -m elf_jax.run.cache_latents`, read by the pipeline when config.data.latent_cache_dir is set.
+Commands, the shard file layout, row order and sizes: docs/data.md#latent-cache.
 """
 import json
 from collections.abc import Callable

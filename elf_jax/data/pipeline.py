@@ -1,34 +1,8 @@
 """grain input pipeline: shard per process, shuffle, tokenize, pad / pack, condition masks, batch.
 
-Batches are dicts of numpy arrays for this process's share of the global batch, b = global_batch_size /
-process_count, with S = config.data.max_length:
-  ids        (b, S) int32  token ids
-  valid      (b, S) bool   positions before the row's (truncated) length: the tokens the encoder attends to
-  cond_mask  (b, S) bool   condition positions (conditional tasks; all False otherwise)
-  loss_mask  (b, S) bool   positions the loss counts: valid & ~cond_mask ("pad"), ~cond_mask ("eos")
-The (b, S, S) encoder mask is built later from (valid, cond_mask) and the label-drop coin of the train step.
-
-Rules (the reference's collate, docs/method.md#latents):
-  * Token ids are used as they are: pre-tokenized records are not changed, and text is tokenized without special
-    tokens (`add_special_tokens=False`, as the reference tokenizes raw text), so no EOS is appended.
-  * A row is condition[:max_condition_length] ++ target (unconditional: the ids), truncated to S (no EOS is forced
-    at the cut), then padded to S with the pad id (config.flow.pad_token = "pad", id 0) or EOS ("eos").
-    config.data.max_condition_length is the reference's max_input_length.
-  * valid = position < truncated length, so EOS padding is not valid (the encoder never attends to it); it is in
-    the loss under "eos" only, so that the model learns to emit EOS after the text.
-  * packing = True (unconditional only; not in the reference): documents, each followed by EOS unless it already
-    ends with one, are concatenated and cut into rows of exactly S tokens (grain's ConcatThenSplitIterDataset); a
-    document may continue on the next row, and all positions are valid (the final row of a finite run is padded).
-  * Sharding: the record stream (shuffled with `seed`, reshuffled every epoch) is the same for any number of
-    processes P; process p takes rows [p·b, (p+1)·b) of every global batch of B = P·b consecutive records, so the
-    processes read disjoint records and the global batch does not depend on P (with packing, each process packs
-    the documents it takes).
-  * The iterator's get_state() / set_state() restore the exact position (store it in checkpoints).
-  * config.data.latent_cache_dir (unconditional data): rows are read from a latent cache (elf_jax/data/
-    latent_cache.py) and carry `latents` (b, S, C) float32, the raw encoder outputs, so the train step skips the
-    encoder; shuffling is over cached rows, the rest of the rules above applied when the cache was written.
-  * config.data.num_workers > 0 runs the pipeline in that many worker processes (grain mp_prefetch); 0 runs it
-    in this process (records are prefetched by threads, except under packing).
+Batches are dicts of numpy arrays (`ids`, `valid`, `cond_mask`, `loss_mask`, and `latents` from a latent cache) for
+this process's share of the global batch. Batch shapes, the padding / packing / sharding rules and the iterator
+state: docs/data.md#pipeline.
 """
 import dataclasses
 

@@ -1,41 +1,8 @@
 """Record sources: random-access sequences of examples, for `grain.MapDataset.source`.
 
-Every source returns dict records in one of two shapes, which the pipeline consumes:
-  unconditional (config.data.conditional = False): {"text": str | ids}
-  conditional   (config.data.conditional = True):  {"input": str | ids, "output": str | ids[, "reference": str]}
-where "reference" is the raw target text column config.data.reference_key, kept where the dataset has one (the
-official XSum / WMT datasets hold the target as ids and as text; the pipeline ignores it, evaluation reads it), `ids`
-is a 1-D int32 numpy array of already tokenized data, used as it is (no EOS is added), and a str is tokenized by the
-pipeline without special tokens (`add_special_tokens=False`, as the reference tokenizes raw text;
-see elf_jax/data/pipeline.py). Every source has a length: steps per epoch = len(train source) // global batch.
-
-Kinds (config.data.source) and what config.data.path means for each:
-  synthetic: no path; record i of a split is one sentence of the synthetic language drawn with the seed
-    (config.data.synthetic_seed, split, i), so the corpus is random-access and identical across runs and processes;
-    every split has config.data.synthetic_num_sentences records, drawn independently. Conditional: the synthetic
-    translation task, {"input": that sentence, "output": its translation by the hidden rule of
-    `synthetic.SyntheticTranslation`}.
-  hf_arrow: a Hugging Face dataset, read with the `datasets` package (memory-mapped Arrow): a hub dataset id (e.g.
-    the reference's pre-tokenized "embedded-language-flows/openwebtext-t5"; the repository is downloaded once into
-    the hub cache, which also serves it offline afterwards) or a local directory — written by `save_to_disk` (a
-    Dataset or a DatasetDict) or holding data files `datasets.load_dataset` reads (Parquet, JSON, CSV, Arrow).
-    A DatasetDict gives its split `split`, or its only split (the reference's repositories hold one split each);
-    a Dataset is used for every split. Unconditional records use the column text_key, conditional ones
-    input_key / output_key; the reference's columns are `input_ids` and `condition_input_ids` (token ids).
-  tfds: a TFDS dataset name read through ArrayRecord (`tfds.data_source`, never downloads), from
-    config.data.data_dir if that field exists and is set, else TFDS's default ($TFDS_DATA_DIR or
-    ~/tensorflow_datasets). xsum (document -> summary) and wmt14_translate/de-en (de -> en) map their fields
-    themselves; other datasets use config.data.text_key / input_key / output_key.
-  jsonl: one JSON object per line, {text_key} or {input_key, output_key}.
-  text: one example per line (blank lines skipped).
-jsonl and text files are checked line by line when the source is made: a line that is not UTF-8, not JSON or lacks
-a field is reported as FILE:LINE (the line in the file, blank lines counted) with its problem, and stops the run
-before training (config.data.on_bad_record = "error") or is left out and counted ("skip"). A hf_arrow / tfds
-record that is no text or token ids is reported by its index when read (and replaced by the next good record under
-"skip").
-A "{split}" in the path is replaced by the split name (the reference's XSum / WMT14 repositories are
-"..._{split}_t5"). jsonl and text are held in memory (use hf_arrow or tfds for large corpora). Paths may be local
-or gs:// (elf_jax/fs.py).
+`make_source(config, split)` builds the kind named by config.data.source (synthetic, hf_arrow, tfds, jsonl, text);
+every source returns {"text"} (unconditional) or {"input", "output"[, "reference"]} records and has a length.
+Record shapes, the meaning of config.data.path per kind and bad-record handling: docs/data.md#sources.
 """
 from collections.abc import Sequence
 import json

@@ -1,31 +1,8 @@
 """A seeded synthetic English-like language with exact sentence probabilities (the offline default corpus).
 
-The language is a hidden Markov model (HMM) whose hidden states are grammatical slots of a small English grammar:
-
-  sentence   := subject verb-phrase [adverb]
-  subject    := determiner [adjective [adjective]] noun [preposition determiner [adjective] noun]
-              | name | pronoun
-  verb-phrase:= intransitive-verb | copula [very] adjective | transitive-verb object
-  object     := determiner [adjective [adjective]] noun | name | pronoun
-
-with agreement carried in the states: determiner and noun number ("a cat", "these cats"), subject-verb number across
-a prepositional phrase ("the cat near the houses sleeps"), semantic selection (animals do not read, only food is
-eaten, people visit places, adjectives fit their noun), tense ("yesterday" only after a past verb), and word order of
-adjectives (size / quality before colour / state). Every noun and adjective starts with a consonant so that "a" is
-always right. Some words are ambiguous ("her" is a determiner and a pronoun, "sheep" singular and plural, "read"
-present and past); the forward algorithm sums over all their readings.
-
-The state graph has no cycles, so sentences have 1 to 14 words (`max_words`); with the end-of-sentence event a
-sentence is at most 15 tokens. The seed fixes the probabilities: within each word class the words get Zipf weights
-(exponent 1.1, most common word first) and every word weight and grammar branch weight is multiplied by a seeded
-log-normal factor.
-
-`HiddenMarkovLanguage.log_prob` is exact: P(w_1..w_n, end) = sum over state paths of
-start[s_1] emit[s_1, w_1] prod_t trans[s_{t-1}, s_t] emit[s_t, w_t] end[s_n] (forward algorithm, natural log);
-out-of-vocabulary and ungrammatical sentences get -inf.
-
-`SyntheticTranslation` is the offline conditional task (configs/tiny_cond.py): a source sentence of the language
-and its translation by a fixed hidden rule into a made-up second language with its own word forms.
+`HiddenMarkovLanguage` samples sentences and gives their exact log-probability (forward algorithm);
+`SyntheticTranslation` is the offline conditional task. The grammar, agreement rules, seeded weights and the
+probability formula: docs/data.md#synthetic-language.
 """
 import bisect
 import collections

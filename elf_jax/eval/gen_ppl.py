@@ -1,24 +1,7 @@
 """Generative perplexity and unigram entropy of sample texts under a GPT-2 scorer (docs/method.md#evaluation).
 
-Protocol: empty samples (empty or whitespace only) are dropped first, as the official evaluation does, and counted
-as `num_empty`. Then, per remaining sample text:
-  1. GPT-2 token ids: `tokenizer(text, add_special_tokens=False)`, truncated to the first `max_length` ids.
-     A literal "<|endoftext|>" in the text is GPT-2's EOS token, as the tokenizer produces it.
-  2. Entropy: the unigram entropy (nats) of these ids, from their own counts. Reported entropy = mean over the
-     scored samples.
-  3. Scored sequence: the ids with EOS appended, cut to `max_length` tokens: `(ids + [eos])[:max_length]`.
-     A sample of `max_length` tokens or more therefore has no EOS in its window. No BOS is prepended, so the
-     first token is context only; every later token t is predicted from tokens < t.
-  4. Which predictions count: token t (t >= 1) of the scored sequence counts unless it is an EOS that is not the
-     sequence's first EOS. The appended EOS counts (when the text holds no EOS of its own); a second EOS in the
-     text does not. Batches are right-padded with EOS, so padding is told apart by position (t < length), never
-     by token id: otherwise the first padding EOS after a truncated sample would count as its "first EOS".
-Gen. PPL = exp(sum of NLL over counted predictions / number of counted predictions), over all scored samples.
-
-Batching: samples are sorted by length and scored `batch_size` at a time, padded to a bucketed length (powers of
-two from `min_bucket`, capped at `max_length`), so the jitted scorer compiles once per bucket. With a mesh, the
-batch dimension is sharded over its batch axes (data × fsdp) and the GPT-2 params are replicated; a mesh may span
-processes, each of which makes the same calls and gets the same figures.
+`GenPPLScorer` is the entry point. The protocol step by step (empty samples, EOS, which predictions count) and batching:
+docs/evaluation.md#generative-perplexity.
 """
 from collections.abc import Sequence
 import math

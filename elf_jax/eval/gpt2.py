@@ -1,14 +1,7 @@
 """GPT-2 causal language model in Flax (linen) and import of Hugging Face GPT-2 checkpoints (docs/method.md#evaluation).
 
-The network matches Hugging Face's `GPT2LMHeadModel` (pre-LayerNorm blocks, learned absolute positions, tied
-embedding readout). Hugging Face stores GPT-2's linear layers as `Conv1D` with weights laid out (in, out), which
-is already a Flax `Dense` kernel, so they are imported without a transpose. Positions are 0..T-1 for every row:
-pad on the right.
-
-Parameter tree (under "params"): `wte/embedding (V,E)`, `wpe/embedding (P,E)`,
-`h_{i}/ln_1/{scale,bias}`, `h_{i}/attn/c_attn/{kernel (E,3E),bias}` (output axis `[q | k | v]`, each
-`[head][head_dim]`), `h_{i}/attn/c_proj/{kernel,bias}`, `h_{i}/ln_2/{scale,bias}`,
-`h_{i}/mlp/c_fc/{kernel (E,I),bias}`, `h_{i}/mlp/c_proj/{kernel (I,E),bias}`, `ln_f/{scale,bias}`.
+The network matches Hugging Face's `GPT2LMHeadModel`; pad on the right. Import layout and the parameter tree:
+docs/model.md#gpt-2-scorer.
 """
 import dataclasses
 import functools

@@ -1,13 +1,7 @@
-"""The scores of decoded samples (docs/method.md#evaluation), one entry point for every task:
+"""The scores of decoded samples (docs/method.md#evaluation), one entry point (`score`) for every task:
+BLEU / ROUGE, Gen. PPL and entropy (exact or GPT-2), MAUVE and diversity.
 
-  conditional tasks      BLEU (effective order) and ROUGE-1/2/L against each sample's reference text;
-  synthetic language     its exact Gen. PPL and entropy, next to the same figures for held-out true sentences;
-  any other data         GPT-2 Gen. PPL and entropy (`config.eval.gpt2`), and MAUVE against held-out texts
-                         (`config.eval.mauve`) from the same GPT-2's features;
-  every task             diversity: self-BLEU and distinct-1 … distinct-4.
-
-Gen. PPL, entropy, MAUVE and diversity drop empty samples first; Gen. PPL reports how many as `num_empty` (the
-official protocol). MAUVE needs a GPT-2: under the synthetic language (and for conditional tasks) it is absent.
+Which scores each task gets: docs/evaluation.md#scores-per-task.
 """
 import math
 

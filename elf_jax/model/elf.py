@@ -1,16 +1,8 @@
 """The ELF flow transformer (docs/method.md#network): one network for denoising (x̂) and decoding (token logits).
 
-    x (B, S, 2C) = concat[z, x_sc] ─ self_cond_proj ─ proj1 ─ proj2 ─┐
-    [4 time tokens][4 guidance tokens][4 mode tokens][S data tokens] ─ blocks ─┬─ final_layer → x̂ (B, S, C)
-                                                                               └─ readout head → logits (B, S, V)
-
-`decode` is a static flag: False gives x̂ (mode tokens multiplied by zero, no logits computed); True switches the
-mode tokens on and returns logits from the factored unembedding. A (B,) array instead gates the mode tokens per
-example (1 = decoding) and returns both heads of the one forward, (x̂, logits): the progressive-distillation step
-trains denoising and decoding rows together (docs/method.md#distillation). Parameter names are those of
-docs/method.md#checkpoint-names, except that the blocks are one `nn.scan` (one compiled block body, rematerialised per
-block by `model.remat`): in memory they are `blocks/...` with a leading layer axis; `stack_blocks` / `unstack_blocks`
-convert from / to the published `blocks_{i}/...` names.
+`ELF` maps (x, t, w) to x̂ or logits (`decode`); `stack_blocks` / `unstack_blocks` convert the scanned blocks
+from / to the published `blocks_{i}/...` names. Data flow, the `decode` flag and parameter names:
+docs/model.md#flow-transformer.
 """
 from collections.abc import Mapping
 import dataclasses

@@ -1,34 +1,9 @@
 """The frozen T5 encoder E (docs/method.md#latents) in Flax (its weights are imported by `elf_jax.weights.encoder`).
 
-Shapes: B batch, S sequence length, D = d_model (the latent width C), H heads, K = d_kv, F = d_ff, V vocab.
+  T5Encoder(config, dtype).apply({"params": params}, input_ids (B, S) int32, attention_mask) -> (B, S, D) float32
 
-    T5Encoder(config, dtype).apply({"params": params}, input_ids (B, S) int32, attention_mask) -> (B, S, D) float32
-
-`attention_mask` is either the full (B, S, S) mask (query row i may attend key column j iff mask[b, i, j]) built
-by `make_encoder_mask`, or a (B, S) key-padding mask that every row shares. T5 specifics: no 1/sqrt(K) score
-scaling, bidirectional relative-position buckets computed once and shared by all layers, RMS-style layer norm
-(no mean subtraction, no bias), pre-norm residual blocks, a final layer norm, ReLU (or T5 v1.1 gated-GELU) FFN.
-Parameters are float32; `dtype` is the matmul compute dtype; layer norms, softmax and the residual stream stay
-float32. A row whose mask is all False attends uniformly to every column (as Hugging Face's additive mask does)
-and yields finite values.
-
-Parameter tree (`params`, without the outer {"params": ...}), with the Hugging Face name each comes from:
-    shared/embedding (V, D)                          shared.weight (or encoder.embed_tokens.weight, its tied copy)
-    relative_attention_bias/embedding (32, H)        encoder.block.0.layer.0.SelfAttention.relative_attention_bias
-    block_{i}/attention_norm/scale (D,)              encoder.block.{i}.layer.0.layer_norm
-    block_{i}/attention/{q,k,v}/kernel (D, H*K)      encoder.block.{i}.layer.0.SelfAttention.{q,k,v}  (transposed)
-    block_{i}/attention/o/kernel (H*K, D)            encoder.block.{i}.layer.0.SelfAttention.o        (transposed)
-    block_{i}/ff_norm/scale (D,)                     encoder.block.{i}.layer.1.layer_norm
-    block_{i}/ff/{wi | wi_0, wi_1}/kernel (D, F)     encoder.block.{i}.layer.1.DenseReluDense.*       (transposed)
-    block_{i}/ff/wo/kernel (F, D)                    encoder.block.{i}.layer.1.DenseReluDense.wo      (transposed)
-    final_layer_norm/scale (D,)                      encoder.final_layer_norm
-The relative-attention table sits at the top level rather than in block 0 because every block uses it.
-
-`load_official_t5_encoder` reads the official ELF encoder pickle (the published `t5_small_encoder_jax.pkl`), whose
-Flax module names the same weights `shared/embedding`, `encoder/block_{i}/layer_0/{layer_norm/weight,
-SelfAttention/{q,k,v,o}/kernel}`, `encoder/block_0/layer_0/SelfAttention/relative_attention_bias/rel_embedding`,
-`encoder/block_{i}/layer_1/{layer_norm/weight, DenseReluDense/*/kernel}`, `encoder/final_layer_norm/weight`, in
-our (in, out) kernel layout.
+`make_encoder_mask` builds the (B, S, S) mask; `load_official_t5_encoder` reads the official encoder pickle.
+T5 specifics, dtypes and the parameter-name table: docs/model.md#t5-encoder.
 """
 import dataclasses
 import math

@@ -1,19 +1,7 @@
 """Progressive distillation (docs/method.md#distillation; the authors' PyTorch branch `distillation`): one round.
 
-A student of the teacher's architecture learns to cover a span Δ = 1 / student_steps of the flow in one
-evaluation. Per example, a decoder coin picks the branch:
-
-    decoder row:   token CE at t = 1 on [λ·x0 + (1 − λ)·σ_dec·ε_dec, clean condition | 0]   (mode tokens on)
-    denoising row: t_s = u·(1 − Δ) (u from the student schedule), t_t = t_s + Δ, z_s = t_s·x0 + (1 − t_s)·σ·ε
-                   x_sc = teacher x̂(z_s, t_s, x_sc = 0) on a self-conditioning coin, else 0 (condition clean)
-                   the frozen teacher integrates K Euler sub-steps t_s → t_t (its own sub-step grid, x_sc chained
-                   from sub-step to sub-step, condition pinned) and the PD inversion
-                   x̃ = z_s + (1 − t_s) / (t_t − t_s) · (z_{t_t} − z_s)   (the last sub-step's x̂ where Δ ≈ 0)
-                   is the target of the student's x̂(z_s, t_s, x_sc): masked MSE, mean over C.
-
-Both kinds of rows share one student forward (the mode tokens gated per example, `ELF(decode=gate)`); the loss is
-the mean over rows of each row's masked mean over its loss tokens. The teacher costs K + 1 forward passes per row.
-Everything random is drawn by `draw_noise` for the global batch, so the loss depends only on the seed.
+`draw_noise` and `compute_loss` give the student's loss against the frozen teacher. Decoder and denoising rows,
+the teacher's sub-steps and the cost: docs/training.md#distillation-objective.
 """
 import dataclasses
 from typing import Any

@@ -1,30 +1,8 @@
 """The ELF training objective (docs/method.md#objective), the reference train step's: denoiser branch with trained
 self-conditioning guidance, decoder branch.
 
-The global batch is split into `num_groups` contiguous groups; each group is either a denoising or a decoding step,
-by a coin with probability `decoder_prob` (the reference draws one coin per device). A group evaluates only its own
-branch (`lax.cond`), so decoding groups never run the self-conditioning passes. The loss is the mean over groups of
-each group's masked-mean loss.
-
-As in the reference: the network gets no key-padding mask (padding is attended to; `loss_mask` decides what
-counts); condition positions hold the clean condition latent both in z and in the self-conditioning half of every
-denoiser pass; the decoder branch noises every position, the condition's too, with an all-zero self-conditioning
-half at t = 1.
-
-Cost of a denoising group: one no-gradient pass with x_sc = 0 (it is both the reference's first self-conditioning
-pass and its v_uncond pass, which are the same computation) plus one forward/backward. For a self-conditioned
-example the main pass input concat[z_t, x_sc] is exactly the reference's v_cond pass input, so v_cond is the
-stop-gradient of the main pass's own prediction (a separate deterministic pass is run instead when dropout is
-active); the other examples use no guidance term. The reference runs three no-gradient passes.
-
-Self-conditioning coins (`flow.self_cond_draw`): `bernoulli` (default, the reference's objective) is one coin per
-example with probability `self_cond_prob`; the x_sc = 0 pass runs over the whole group (a static shape).
-`fixed_count` (opt-in, a different objective) self-conditions exactly round(self_cond_prob · group size) random
-examples of each group and runs the x_sc = 0 pass on those rows only (half a pass at 0.5); it never
-self-conditions a group of one example when self_cond_prob ≤ 0.5.
-
-All randomness is drawn for the whole global batch by `draw_noise` before the per-group programs run, so the
-result depends only on the seed — not on how the batch is sharded.
+`draw_noise` draws all randomness for the global batch; `grouped_loss` evaluates each group's branch. Groups, cost,
+self-conditioning coins and the reference's conventions: docs/training.md#loss.
 """
 from typing import Any
 

@@ -1,20 +1,7 @@
 """Optimisation (docs/method.md#training-recipe): learning rate, warm-up schedule, gradient clipping, Muon / AdamW, EMA.
 
-The optimizer is the reference's `chain(clip_by_global_norm(1.0), MultiSteps(muon, k))`, split in two: the train
-step clips each micro-batch's gradient (`clip_gradient`) and averages the k clipped gradients inside one jitted
-step; `make_optimizer` is the inner `optax.contrib.muon` with optax's defaults (or AdamW), called once per step.
-
-Step counting: every schedule in this module counts *optimizer updates*; `optim.global_batch_size` is the number of
-examples per update (all devices, all accumulation micro-batches). The schedule's value at update 0 is 0 (the
-warm-up starts from 0, as the reference's), so the first update leaves the parameters unchanged.
-
-Parameter routing under Muon (`muon_dimension_numbers`, the reference's rule applied per block): every Dense kernel
-(layout (in, out), including `proj_kernel` and `unembed_kernel`) is orthogonalised by Muon; the scanned blocks' kernels
-are stacked (L, in, out) and run their Newton–Schulz iterations batched over the layer axis (optax normalises and
-orthogonalises each (in, out) slice on its own, so this is per-matrix Muon). Every other leaf — biases, norm weights
-(2-D (L, X) inside the blocks) and the learned (1, 4, H) token tensors — goes to Muon's internal Adam. The tokens are
-3-D only because of their leading broadcast axis; they are embeddings, not linear maps, so Newton–Schulz
-orthogonalisation would be meaningless for them.
+`make_optimizer`, `clip_gradient` and `muon_dimension_numbers` are the entry points. Step counting and Muon's
+parameter routing: docs/training.md#optimizer.
 """
 import jax
 import jax.numpy as jnp

@@ -1,13 +1,6 @@
-"""The pure, sharded train step: (state, encoder params, batch) → (state, metrics).
+"""The pure, sharded train step: (state, encoder params, batch) → (state, metrics), made by `make_train_step`.
 
-Data flow per step, for each of the `optim.grad_accum_steps` micro-batches of the batch (`lax.scan`): draw all
-noise for the micro-batch → frozen encoder on the sharded micro-batch (label dropping decides its mask) →
-per-batch-shard program (`jax.shard_map` over the batch axes) that evaluates each of its coin groups with `lax.cond`,
-so decoding groups skip the self-conditioning pass → gradients (psum over the batch axes by shard_map's transpose)
-→ global-norm clip → sum. Then, once per step: mean clipped gradient → optimizer (Muon / AdamW) → EMA.
-
-The result depends only on the seed and `num_groups`, not on the mesh: one device runs the same groups
-sequentially (`lax.map`).
+Data flow per step and why the result does not depend on the mesh: docs/training.md#train-step.
 """
 import dataclasses
 import functools

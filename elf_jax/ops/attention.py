@@ -1,27 +1,7 @@
 """One attention entry point for the flow transformer: plain-XLA reference or the Pallas flash kernel.
 
-`impl` (config: `model.attention_impl`):
-  "xla"     einsum scores + float32 softmax + einsum; XLA fuses it, memory O(L^2) per head. The reference.
-  "pallas"  the flash kernel of `elf_jax.ops.pallas.flash_attention` (Mosaic on TPU, Triton on GPU, the Pallas
-            interpreter on CPU): memory O(L) per head, recomputation in the backward.
-  "auto"    "pallas" on TPU / GPU when L >= AUTO_PALLAS_MIN_LENGTH, else "xla"; always "xla" on CPU.
-
-Both use the backend's default matmul precision for the input dtype (on CPU they agree to ~1e-6 in float32). The
-platform is that of the mesh being traced for when one is active (`jax.sharding.get_abstract_mesh()`, e.g. TPU when
-compiling ahead of time for a TPU slice from a CPU host), else jax.default_backend().
-
-Under a mesh: a compiled Pallas kernel (a Mosaic or Triton custom call) has no sharding rule: Mosaic refuses to
-be partitioned automatically and XLA would gather a Triton call's operands onto every device. When an abstract mesh
-is active (the train step traces under one, and `jax.shard_map` bodies see theirs), "pallas" therefore runs the
-kernel inside a `jax.shard_map` that makes every remaining (non-manual) mesh axis manual, size-1 axes included:
-rows split over the free batch axes ("data", "fsdp") and heads over "tensor". A row or head count those axes do
-not divide is zero-padded up to a multiple of them (padded rows have no valid key, padded heads are zero; both are
-sliced off), so every call runs per shard whatever the shape: e.g. the x_sc = 0 pass over a subset of a group's
-rows, or the sampler's CFG batch. Padding costs at most one row (head) per device, where replicating the call over
-the axis that does not divide would cost the whole count on every device, and falling back to XLA would bring back
-the L x L scores. A jitted caller that runs over a mesh must therefore trace under it
-(`jax.sharding.use_abstract_mesh(mesh.abstract_mesh)`, as `elf_jax.objective.step.make_train_step` does); with no
-abstract mesh the kernel is called on whole arrays, which only a single device can compile.
+`impl` (config: `model.attention_impl`) is "xla", "pallas" or "auto". Precision, platform choice and how the
+Pallas kernel runs under a mesh (shard_map, padding): docs/model.md#attention.
 """
 import functools
 import math

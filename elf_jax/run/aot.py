@@ -1,17 +1,9 @@
-"""Ahead-of-time compilation of the sharded train step for a TPU slice, on any host (`--mode=compile`).
+r"""Ahead-of-time compilation of the sharded train step for a TPU slice, on any host (`--mode=compile`).
 
   JAX_PLATFORMS=cpu python -m elf_jax.main --config=configs/owt_b.py --mode=compile \
-      --config.mesh.compile_topology=v5p-64
+    --config.mesh.compile_topology=v5p-64
 
-needs `pip install -e .[compile]` (libtpu, which jax uses as the TPU compiler without a TPU). Nothing is allocated
-and no weights are loaded: the mesh is built over the topology's abstract devices, the TrainState, the frozen
-encoder's parameters and the global batch are `jax.ShapeDtypeStruct`s with their shardings, and the real train step
-(`make_train_step`: declared in/out shardings, donated state) is lowered and compiled: the whole optimizer step, all
-its accumulation micro-batches. The report gives per-chip memory (XLA's `memory_analysis`) against the chip's HBM as
-a headroom percentage, and per-chip FLOPs (XLA's `cost_analysis`, which counts the accumulation loop's body once:
-with grad_accum_steps > 1, one micro-batch's FLOPs plus the update). A step that does not fit (XLA's compile-time
-out-of-memory error, or a total above the budget of `elf_jax.run.hbm`, e.g. an injected
-`--config.mesh.hbm_limit_gib`) fails with one message naming the knobs to turn (remat, fsdp, precision, batch).
+What is compiled, the memory / FLOPs report and failures: docs/running.md#ahead-of-time-compilation.
 """
 import dataclasses
 import functools

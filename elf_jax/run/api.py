@@ -1,17 +1,7 @@
-"""The Python API: `elf_jax.load(id_or_path, config=None, **overrides)` → a `Model` to call in a notebook.
+"""The Python API: `elf_jax.load(id_or_path, config=None, **overrides)` → a `Model` to call in a notebook
+(`generate`, `complete`, `condition`, `score`, `trajectory`).
 
-    model = elf_jax.load("embedded-language-flows/ELF-B-owt")        # hub id, workdir, checkpoint file or gs://
-    model.generate(8, preset="owt_sde64").texts
-    model.complete(["The committee said that"]).full_texts          # unconditional: continue the user's text
-    model.condition(["Ein kleiner Hund schläft."]).texts           # conditional: summarise / translate
-    model.score(texts, references=None).metrics                     # the scorers of --mode=eval
-    model.trajectory("out/", num_samples=4)                         # the denoising trajectory page
-
-The task (conditional or not, max_length, condition length, sampling preset) is not in the weights: it comes from
-`config=`, else our workdir's config_train.json, else the published checkpoints' table (`recipes.official_recipe`).
-The network's dimensions come from the checkpoint; a config that disagrees is one error naming the fields.
-Every call runs on every local device (the config's mesh), compiles once per shape and settings, and shows a
-progress bar over its batches.
+Examples and where the task settings come from: docs/running.md#python-api.
 """
 from collections.abc import Callable, Mapping, Sequence
 import copy

@@ -1,14 +1,6 @@
 """`--mode=distill`: the progressive-distillation curriculum (docs/method.md#distillation), a training run per round.
 
-    DIR/round1_16step/   student from the teacher (or config.init_from), distilled to 16 steps
-    DIR/round2_8step/    student from round 1's EMA, distilled to 8 steps
-    ...
-
-Each round is `train_loop.train` in its own workdir (same mesh, sharding, checkpoints and auto-resume as training)
-with the distillation objective (`distill.compute_loss`) in place of the ELF one, and the teacher's EMA params,
-sharded like the student's, as a frozen input. The teacher is the same in every round. At the end of a round the
-eval hook samples the student at its step count with the few-step settings (`config.few_step_settings`) and a
-marker file records that the round is done: rerunning the command skips finished rounds and resumes the unfinished one.
+Round workdirs, the teacher and resuming: docs/running.md#distillation-runs.
 """
 import json
 

@@ -1,17 +1,7 @@
-"""The experiment builder: everything a mode needs from a config, built once into a frozen `Experiment`.
+"""The experiment builder: everything a mode needs from a config, built once into a frozen `Experiment` by
+`build(config, workdir, ...)`.
 
-    config ─ validate ─► mesh (config.mesh; a preset resolved without writing to the config)
-                      ─► tokenizer (+ the synthetic language)              [not when abstract]
-                      ─► frozen encoder + the run's saved latent statistics [shapes only when abstract]
-                      ─► flow network, its parameter shapes
-                      ─► training plan (with_training_plan=True): step arithmetic, schedule, optimizer, abstract and
-                         sharded TrainState
-
-Who builds what: train and distill `build(config, workdir, with_training_plan=True)` (the plan reads the training
-split's length; `train_loop.measure_latent_stats` then measures and saves DIR/latent_stats.json if it is missing);
-sample and eval `build(config, workdir)` (no training split is opened: latent statistics come from the run's
-latent_stats.json); compile `build(config, devices=..., with_training_plan=True, abstract=True)` (nothing is loaded
-or allocated).
+What is built, in which order, and which mode builds what: docs/running.md#experiment-builder.
 """
 import dataclasses
 import json

@@ -1,13 +1,7 @@
-"""Does the compiled train step fit in one chip's memory? Budget, headroom, and one message naming the knobs.
+"""Does the compiled train step fit in one chip's memory? Budget, headroom, and one message naming the knobs
+(`DoesNotFitError`, a ConfigError).
 
-The per-chip budget is `config.mesh.hbm_limit_gib` when it is > 0 (an injected limit: tests, or planning for a
-smaller chip), else the device's own: `memory_stats()["bytes_limit"]` of a real accelerator, or, for an abstract
-TPU device (compiling ahead of time from a CPU host, which has no memory stats), the HBM that XLA's compile-time
-check allows on that chip (TPU_HBM_GIB). A CPU has no budget, so nothing is checked there unless one is injected.
-
-Two places check: `--mode=compile` (`elf_jax.aot`) and a training run before its first step
-(`elf_jax.run.train_loop.train`). Both compile the step once (a training run's first call then reuses that executable)
-and raise `DoesNotFitError`, a ConfigError, instead of XLA's RESOURCE_EXHAUSTED traceback.
+Where the budget comes from and who checks: docs/running.md#memory-check.
 """
 import dataclasses
 import re

@@ -1,14 +1,7 @@
-"""The sampling and evaluation modes of `elf_jax.main`, and the training loop's sample/eval hook.
+"""The sampling and evaluation modes of `elf_jax.main` (`--mode=sample`, `--mode=eval`), and the training
+loop's sample/eval hook.
 
-  --mode=sample   draws `sample.num_samples` samples with the EMA parameters of the latest checkpoint (or
-                  `init_from`), writes DIR/samples/<name>.{jsonl,txt} (and the denoising trajectory if asked); with
-                  `sample.inputs`, one output per line of the user's file (DIR/samples/inputs_<name>.jsonl)
-  --mode=eval     scores `eval.samples_path`, or samples `eval.num_seeds` times and reports mean ± std over seeds;
-                  with `eval.sweep`, also the quality / diversity frontier over sampling settings
-  training_hook   sampling + scores every `logging.sample_every_steps` and at the end of training
-
-Neither mode opens the training split: they build the experiment without a training plan and read the latent
-statistics saved with the run.
+What each writes and reads: docs/running.md#sample-and-eval-modes.
 """
 import dataclasses
 from typing import Any

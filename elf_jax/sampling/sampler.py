@@ -1,26 +1,8 @@
 """Pure-functional ODE/SDE sampler (docs/method.md#sampling): trained self-conditioning guidance, classifier-free
 guidance, conditional prefixes and token decoding.
 
-    z = z0 (= σ·ε), x_prev = 0
-    for each interval [t, t_next] of the grid (the last one always ODE):
-      α = clip(1 − γ (t_next − t), 0, 1) (SDE; α = 1 for ODE),  t_b = α t,  z_b = α z + (1 − α) σ ε'
-      x̂ = network(concat[z_b, x_prev], t_b, w)            (CFG: x̂ = x̂_u + s (x̂_c − x̂_u), one batched call)
-      z ← z_b + (t_next − t_b) (x̂ − z_b) / max(1 − t_b, t_eps);  x_prev ← x̂
-    ids = argmax network(concat[z, 0], t = 1, w, mode tokens on); strip the condition; keep the first
-          max_target_length tokens (conditional: max_length − max_condition_length); from the first EOS on → pad
-
-Known positions: `cond_mask` marks positions whose clean latents are known — a conditional task's condition, or the
-user's prefix that an unconditional model continues (`elf_jax.run.api`, `Model.complete`); both are handled alike.
-Conditional sampling (details pinned down by the reference fixture): condition positions hold the clean condition
-latents in BOTH halves of the conditional input (z and the self-conditioning x_prev, from the first step on) and
-get zero velocity; the unconditional CFG input has zeros in both halves there. x_prev is the CFG-combined x̂ (with
-the clean condition at condition positions). The padding mask given to the network during sampling is `mask`
-(None = all positions valid, as the reference samples). Decoding sees the clean condition latents in z.
-
-Randomness (initial noise, SDE noise ε' per step, a random time grid) is always drawn for the global batch from
-explicit keys, so a seed gives the same samples on any number of devices (the official code draws one grid per
-local device instead). The churn noise can also be passed in (`SampleInputs.churn_noise`), e.g. to replay a
-reference run.
+`sample` / `make_sampler` are the entry points. The sampling loop, known (condition / prefix) positions and
+randomness: docs/sampling.md#sampler.
 """
 from collections.abc import Callable
 import dataclasses

@@ -1,13 +1,7 @@
 """The ELF network inside a PyTorch Lightning checkpoint (e.g. `last.ckpt`) or any other `torch.save` payload,
-found by content: no layout is assumed.
+found by content: no layout is assumed; read with `weights_only=True`.
 
-Every tensor of the payload (nested dicts and lists included: `state_dict`, callback states, ...) gets its dotted
-path as a name. A copy of the network is a set of tensors whose names, after a common prefix, are the ELF network's
-PyTorch names (`elf_jax.weights.torch_format`): each copy is found by the prefix of its `t_emb_tokens`, e.g.
-`state_dict.model.` and `state_dict.ema_model.module.` for a LightningModule holding the network and an EMA copy.
-Copies whose prefix names an EMA are preferred for sampling. The payload is read with `weights_only=True` (tensors and
-plain containers only; nothing in it is imported or run). tests/test_lightning.py checks this on checkpoints written
-by the real PyTorch Lightning (`Trainer.save_checkpoint`).
+How copies are found and chosen: docs/checkpoints.md#lightning-checkpoints.
 """
 from collections.abc import Mapping
 import dataclasses

@@ -1,14 +1,6 @@
 """The authors' PyTorch ELF checkpoint files (`torch.save` payloads) to and from our parameter trees.
 
-A payload is a dict with `params` (the PyTorch model's `state_dict`), `ema_params1` (name → tensor, the EMA copy),
-`opt_state`, `lr_scheduler`, `step`, `epoch`, `dropout_rng` and `grad_accum_buffers`. The PyTorch name of a
-parameter is its JAX path (docs/method.md#checkpoint-names) joined with dots, with `blocks_{i}` → `blocks.{i}` and every
-Dense `kernel` (in, out) → `weight` (out, in); norm weights and the raw parameters (`proj_kernel`, `unembed_kernel`, the
-token tables) keep their names and layout. A PyTorch 2-D `weight` is always a Linear weight (norm weights are 1-D),
-which makes the mapping invertible.
-
-Exports write `params` and `ema_params1` (enough for the authors' code to load a teacher or warm-start a student)
-with an empty `opt_state`: their resume path, which also restores the optimizer, cannot continue from them.
+Payload keys, the name / layout mapping and what exports hold: docs/checkpoints.md#pytorch-checkpoint-files.
 torch is optional (`pip install 'elf_jax[torch]'`); safetensors exports need no torch.
 """
 from collections.abc import Mapping

@@ -1,14 +1,7 @@
 """Flash attention in Pallas: non-causal, key-padding mask, custom flash backward.
 
-One kernel body per pass serves every backend: Mosaic on TPU, Triton on GPU, and the Pallas interpreter on CPU.
-Each grid step owns one (batch, head, query block) [or key block in the dK/dV pass] and walks over the other
-sequence axis with an in-kernel `fori_loop`, so L x L scores never exist in memory: the forward keeps a running
-max / sum / accumulator (online softmax) and saves only the output and the per-row log-sum-exp; the backward
-recomputes the probabilities block by block from the log-sum-exp.
-
-Layout inside: (B, N, Lp, Dp): heads before tokens, the sequence padded to the block size (padded keys masked,
-padded query rows sliced off) and the head dim zero-padded to the hardware tile (zeros change no score and no
-output). Scores, softmax and all accumulators are float32 whatever the input dtype.
+One kernel body per pass serves Mosaic (TPU), Triton (GPU) and the Pallas interpreter (CPU). Grid, online
+softmax, internal layout and padding: docs/model.md#flash-attention-kernel.
 """
 import functools
 import math
