@@ -63,15 +63,26 @@ def _render_trajectory(exp: experiment.Experiment, params, result: gen.Generatio
 
 
 def eval_mode(config: ml_collections.ConfigDict, workdir: str) -> EvalSummary:
-  """--mode=eval: scores `config.eval.samples_path`, or samples `eval.num_seeds` times from the checkpoint and
-  reports mean ± std over seeds; appends to DIR/metrics.jsonl."""
+  """--mode=eval: the scores over seeds (`evaluate`), then, with `eval.sweep`, the sweep of sampling settings
+  (`frontier`); both append to DIR/metrics.jsonl."""
   exp = experiment.build(config, workdir)
   writer = report.MetricsWriter(workdir, tensorboard=False)
-  params = None
+  params = None if config.eval.samples_path else exp.load_ema_params(workdir)
+  summary = evaluate(exp, params, workdir, writer)
+  if config.eval.sweep:
+    params = exp.load_ema_params(workdir) if params is None else params
+    summary = dataclasses.replace(summary, frontier=frontier(exp, params, workdir, writer))
+  report.say(f"eval over {summary.num_seeds} seed(s) appended to {writer.path}")
+  return summary
+
+
+def evaluate(exp: experiment.Experiment, params, workdir: str, writer: report.MetricsWriter) -> EvalSummary:
+  """Scores `eval.samples_path`, or samples `eval.num_seeds` times with `params` and scores each draw; writes and
+  prints the mean ± std over seeds."""
+  config = exp.config
   if config.eval.samples_path:
     runs = [gen.score(exp, read_samples(config.eval.samples_path))]
   else:
-    params = exp.load_ema_params(workdir)
     num = config.sample.num_samples
     conditions = gen.eval_conditions(exp, num)
     runs = []
@@ -86,10 +97,6 @@ def eval_mode(config: ml_collections.ConfigDict, workdir: str) -> EvalSummary:
                kind="eval")
   report.say(f"evaluation over {len(runs)} seed(s), mean ± std:")
   report.say(report.format_table({k: f"{summary.mean[k]:.4f} ± {summary.std[k]:.4f}" for k in keys}))
-  if config.eval.sweep:
-    params = exp.load_ema_params(workdir) if params is None else params
-    summary = dataclasses.replace(summary, frontier=frontier(exp, params, workdir, writer))
-  report.say(f"eval over {len(runs)} seed(s) appended to {writer.path}")
   return summary
 
 
