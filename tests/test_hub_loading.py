@@ -15,7 +15,7 @@ import pytest
 
 from conftest import fixture_config, tiny_fixture_model
 from elf_jax import config as elf_config
-from elf_jax import hf_weights
+from elf_jax import hub
 from elf_jax import recipes
 from elf_jax.config import ConfigError
 from elf_jax.model.elf import ModelConfig, init_params
@@ -166,11 +166,11 @@ def test_anything_else_is_one_line_naming_the_formats_tried(tmp_path, make, foun
 
 
 def test_hub_id_grammar():
-  assert hf_weights.hub_id("t5-small") == ("t5-small", "")
-  assert hf_weights.hub_id("org/name") == ("org/name", "")
-  assert hf_weights.hub_id("org/name/sub/file.pkl") == ("org/name", "sub/file.pkl")
+  assert hub.hub_id("t5-small") == ("t5-small", "")
+  assert hub.hub_id("org/name") == ("org/name", "")
+  assert hub.hub_id("org/name/sub/file.pkl") == ("org/name", "sub/file.pkl")
   for path in ("/abs/dir", "./rel", "~/x", "gs://bucket/run", ""):
-    assert hf_weights.hub_id(path) is None
+    assert hub.hub_id(path) is None
 
 
 def test_official_checkpoints_map_to_their_recipes():

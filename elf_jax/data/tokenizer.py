@@ -11,7 +11,7 @@ import tokenizers
 from tokenizers import models, pre_tokenizers, processors
 import transformers
 
-from elf_jax import hf_weights
+from elf_jax import hub
 from elf_jax.config import ConfigError
 from elf_jax.data import synthetic
 
@@ -71,10 +71,10 @@ def load_tokenizer(name_or_path: str,
     if language is None:
       raise ValueError('config.data.tokenizer = "synthetic" needs the SyntheticLanguage: pass language=...')
     return build_word_tokenizer(language.vocabulary)
-  hub = None if os.path.isdir(name_or_path) else hf_weights.hub_id(name_or_path)
+  repo = None if os.path.isdir(name_or_path) else hub.hub_id(name_or_path)
   try:
-    if hub and hub[1]:  # org/name/sub: the tokenizer in a folder of a repository
-      return transformers.AutoTokenizer.from_pretrained(hub[0], subfolder=hub[1], trust_remote_code=False)
+    if repo and repo[1]:  # org/name/sub: the tokenizer in a folder of a repository
+      return transformers.AutoTokenizer.from_pretrained(repo[0], subfolder=repo[1], trust_remote_code=False)
     return transformers.AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False)  # never custom code
   except (OSError, ValueError) as e:
     if "trust_remote_code" in str(e):

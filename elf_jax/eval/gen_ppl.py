@@ -12,7 +12,7 @@ from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
-from elf_jax import hf_weights
+from elf_jax import hub
 from elf_jax.eval import gpt2
 from elf_jax.parallel.mesh import batch_axes, num_batch_shards
 
@@ -113,7 +113,7 @@ class GenPPLScorer:
     defaults to min(1024, the model's n_positions)."""
     import transformers  # pylint: disable=import-outside-toplevel
     # The scorer needs the tokenizer files (vocab.json, merges.txt, tokenizer*.json) beside config.json.
-    directory = hf_weights.resolve_dir(name_or_path, "GPT-2", ["*.json", "*.txt"], field="eval.gpt2")
+    directory = hub.resolve_dir(name_or_path, "GPT-2", ["*.json", "*.txt"], field="eval.gpt2")
     config, params = gpt2.load_hf_gpt2(str(directory))
     kwargs.setdefault("max_length", min(1024, config.n_positions))
     return cls(config, params, transformers.AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False),

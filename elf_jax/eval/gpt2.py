@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from elf_jax import hf_weights
+from elf_jax import hub
+from elf_jax.weights import hf
 
 # Hugging Face `activation_function` names -> Flax functions. gelu_new is the tanh approximation.
 _ACTIVATIONS = {
@@ -206,11 +207,11 @@ def convert_hf_state_dict(config: GPT2Config, state: dict[str, np.ndarray]) -> d
 
 def read_hf_state_dict(directory: pathlib.Path | str) -> dict[str, np.ndarray]:
   """Every weight of a Hugging Face GPT-2 directory (safetensors or pytorch .bin, single or sharded), float32."""
-  return hf_weights.read_state_dict(directory, what="GPT-2")
+  return hf.read_state_dict(directory, what="GPT-2")
 
 
 def load_hf_gpt2(name_or_path: str) -> tuple[GPT2Config, dict[str, Any]]:
   """Loads a Hugging Face GPT-2 checkpoint (local directory or hub id) as (config, Flax params tree)."""
-  directory = hf_weights.resolve_dir(name_or_path, "GPT-2", ["config.json"], field="eval.gpt2")
-  config = GPT2Config.from_hf_dict(hf_weights.read_config(directory))
+  directory = hub.resolve_dir(name_or_path, "GPT-2", ["config.json"], field="eval.gpt2")
+  config = GPT2Config.from_hf_dict(hf.read_config(directory))
   return config, convert_hf_state_dict(config, read_hf_state_dict(directory))

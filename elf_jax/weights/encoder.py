@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from elf_jax import hf_weights
+from elf_jax import hub
+from elf_jax.weights import hf
 from elf_jax import recipes
 from elf_jax.config import ConfigError
 from elf_jax.model.latents import LatentEncoder
@@ -48,9 +49,9 @@ def load_hf_t5_encoder(name_or_path: str) -> tuple[T5EncoderConfig, dict]:
   Raises:
     ValueError listing every missing, unexpected or mis-shaped encoder weight.
   """
-  directory = hf_weights.resolve_dir(name_or_path, "T5", ["config.json"], field="encoder.name_or_path")
-  config = T5EncoderConfig.from_hf_config(hf_weights.read_config(directory))
-  tensors = hf_weights.read_state_dict(directory, keep=lambda key: key.startswith(("shared.", "encoder.")))
+  directory = hub.resolve_dir(name_or_path, "T5", ["config.json"], field="encoder.name_or_path")
+  config = T5EncoderConfig.from_hf_config(hf.read_config(directory))
+  tensors = hf.read_state_dict(directory, keep=lambda key: key.startswith(("shared.", "encoder.")))
   tied = tensors.pop("encoder.embed_tokens.weight", None)  # tied to shared.weight; older files keep only this one
   if "shared.weight" not in tensors and tied is not None:
     tensors["shared.weight"] = tied
@@ -246,10 +247,10 @@ def build_encoder(config: ml_collections.ConfigDict, abstract: bool = False) -> 
     t5_config, load = KNOWN_ENCODERS[e.name_or_path], None
   elif e.name_or_path.endswith(".pkl"):
     t5_config, params = load_official_t5_encoder(
-        str(hf_weights.resolve(e.name_or_path, "encoder.name_or_path", "encoder pickle")))
+        str(hub.resolve(e.name_or_path, "encoder.name_or_path", "encoder pickle")))
     load = lambda: params
   elif abstract and os.path.isfile(os.path.join(e.name_or_path, "config.json")):
-    t5_config, load = T5EncoderConfig.from_hf_config(hf_weights.read_config(e.name_or_path)), None
+    t5_config, load = T5EncoderConfig.from_hf_config(hf.read_config(e.name_or_path)), None
   elif abstract:
     raise ConfigError(f"encoder.name_or_path={e.name_or_path!r}: its architecture is unknown offline; use one of "
                       f"{sorted(KNOWN_ENCODERS)}, 'random', an official .pkl or a local directory with a T5 "

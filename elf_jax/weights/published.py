@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from elf_jax import hf_weights
+from elf_jax import hub
 from elf_jax import report
 from elf_jax.config import ConfigError
 from elf_jax.model import elf
@@ -64,14 +64,14 @@ def not_a_checkpoint(field: str, source: str, found: str) -> ConfigError:
 
 
 def detect_format(source: str, field: str = "init_from") -> Detected:
-  """The format of the checkpoint at `source` (a local or gs:// path, or a hub id: see `hf_weights.resolve`), by
+  """The format of the checkpoint at `source` (a local or gs:// path, or a hub id: see `hub.resolve`), by
   content, not by name.
 
   Raises:
     ConfigError: a missing path or an id that cannot be fetched, or nothing of `FORMATS` (one line naming `field`,
       what was found and the formats tried).
   """
-  path = hf_weights.resolve(str(source), field, "ELF checkpoint")
+  path = hub.resolve(str(source), field, "ELF checkpoint")
   return _detect(path, str(source), field)
 
 
