@@ -88,7 +88,7 @@ class FinalLayer(nn.Module):
   @nn.compact
   def __call__(self, h):
     h = layers.RMSNorm(name="norm_final", axis_name="embed")(h)
-    return layers.Dense(self.latent_dim, ("embed", "latent"), kernel_init=layers.zeros, name="linear")(h)
+    return layers.dense(self.latent_dim, ("embed", "latent"), kernel_init=layers.zeros, name="linear")(h)
 
 
 class ELF(nn.Module):
@@ -109,7 +109,7 @@ class ELF(nn.Module):
     hsize = cfg.hidden_size
     token_init = layers.logical(nn.initializers.normal(0.02), None, None, "embed")
 
-    x = layers.Dense(cfg.latent_dim, ("latent2", "latent"), dtype=dtype, name="self_cond_proj")(x.astype(dtype))
+    x = layers.dense(cfg.latent_dim, ("latent2", "latent"), dtype=dtype, name="self_cond_proj")(x.astype(dtype))
     h = TextProj(cfg.bottleneck_dim, hsize, dtype, name="text_proj")(x)
 
     time_tokens = self.param("t_emb_tokens", token_init, (1, cfg.num_time_tokens, hsize), jnp.float32)
@@ -162,8 +162,8 @@ class TextProj(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    x = layers.Dense(self.bottleneck_dim, ("latent", "bottleneck"), use_bias=False, dtype=self.dtype, name="proj1")(x)
-    return layers.Dense(self.hidden_size, ("bottleneck", "embed"), dtype=self.dtype, name="proj2")(x)
+    x = layers.dense(self.bottleneck_dim, ("latent", "bottleneck"), use_bias=False, dtype=self.dtype, name="proj1")(x)
+    return layers.dense(self.hidden_size, ("bottleneck", "embed"), dtype=self.dtype, name="proj2")(x)
 
 
 def layer_dropout_rates(cfg: ModelConfig) -> jax.Array:

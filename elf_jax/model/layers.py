@@ -25,22 +25,12 @@ def logical(init: Callable, *names) -> Callable:
   return nn.with_logical_partitioning(init, names)
 
 
-class Dense(nn.Module):
-  """y = x W + b with float32 params, computed in `dtype`; `axes` names the kernel's (in, out) dimensions."""
-  features: int
-  axes: tuple[str | None, str | None]
-  use_bias: bool = True
-  dtype: Dtype = jnp.float32
-  kernel_init: Callable = xavier
-
-  @nn.compact
-  def __call__(self, x):
-    kernel = self.param("kernel", logical(self.kernel_init, *self.axes), (x.shape[-1], self.features), jnp.float32)
-    y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype), preferred_element_type=self.dtype)
-    if self.use_bias:
-      bias = self.param("bias", logical(zeros, self.axes[1]), (self.features,), jnp.float32)
-      y = y + bias.astype(self.dtype)
-    return y
+def dense(features: int, axes: tuple[str | None, str | None], *, use_bias: bool = True, dtype: Dtype = jnp.float32,
+          kernel_init: Callable = xavier, name: str | None = None) -> nn.Dense:
+  """`nn.Dense` with float32 params computed in `dtype`; `axes` names the kernel's (in, out) dimensions (the bias
+  takes the out one)."""
+  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+                  kernel_init=logical(kernel_init, *axes), bias_init=logical(zeros, axes[1]), name=name)
 
 
 class RMSNorm(nn.Module):
@@ -75,8 +65,8 @@ class TimestepEmbedder(nn.Module):
   def __call__(self, s):
     init = nn.initializers.normal(0.02)
     features = timestep_features(s, self.frequency_dim)
-    h = Dense(self.hidden_size, ("freq", "embed"), kernel_init=init, name="mlp_0")(features)
-    return Dense(self.hidden_size, ("mlp", "embed"), kernel_init=init, name="mlp_2")(nn.silu(h))
+    h = dense(self.hidden_size, ("freq", "embed"), kernel_init=init, name="mlp_0")(features)
+    return dense(self.hidden_size, ("mlp", "embed"), kernel_init=init, name="mlp_2")(nn.silu(h))
 
 
 def rope_tables(positions: np.ndarray, dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
@@ -117,7 +107,7 @@ class Attention(nn.Module):
   def __call__(self, x, key_mask):
     b, l, h = x.shape
     d = h // self.num_heads
-    qkv = Dense(3 * h, ("embed", "qkv"), dtype=self.dtype, name="qkv")(x)
+    qkv = dense(3 * h, ("embed", "qkv"), dtype=self.dtype, name="qkv")(x)
     # Output layout [q | k | v][head][dim].
     q, k, v = (qkv[..., i * h:(i + 1) * h].reshape(b, l, self.num_heads, d) for i in range(3))
     q = RMSNorm(name="q_norm", axis_name="head_dim")(q)
@@ -126,7 +116,7 @@ class Attention(nn.Module):
     positions = np.maximum(np.arange(l) - self.num_prefix, 0)
     q, k = apply_rope(q, positions, self.rope_theta), apply_rope(k, positions, self.rope_theta)
     out = attention(q, k, v, key_mask, impl=self.attention_impl)
-    return Dense(h, ("heads", "embed"), dtype=self.dtype, name="proj")(out.reshape(b, l, h))
+    return dense(h, ("heads", "embed"), dtype=self.dtype, name="proj")(out.reshape(b, l, h))
 
 
 class SwiGLU(nn.Module):
@@ -137,8 +127,8 @@ class SwiGLU(nn.Module):
   @nn.compact
   def __call__(self, x):
     h = x.shape[-1]
-    gate, value = jnp.split(Dense(2 * self.hidden, ("embed", "mlp"), dtype=self.dtype, name="w12")(x), 2, axis=-1)
-    return Dense(h, ("mlp", "embed"), dtype=self.dtype, name="w3")(nn.silu(gate) * value)
+    gate, value = jnp.split(dense(2 * self.hidden, ("embed", "mlp"), dtype=self.dtype, name="w12")(x), 2, axis=-1)
+    return dense(h, ("mlp", "embed"), dtype=self.dtype, name="w3")(nn.silu(gate) * value)
 
 
 class Block(nn.Module):
