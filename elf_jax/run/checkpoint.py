@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+import sys
 import threading
 import time
 
@@ -201,10 +202,38 @@ def _drop_orbax_traceback(record: logging.LogRecord) -> bool:
   return not from_orbax or logging.getLogger("absl").getEffectiveLevel() <= logging.DEBUG
 
 
+def _drop_unretrieved_save_error(record: logging.LogRecord) -> bool:
+  """False (unless logging at DEBUG) for asyncio's "exception was never retrieved" log of a failed write that the
+  save already reported in its one line: orbax gathers its array writes and drops the gather once one has failed."""
+  return ("exception was never retrieved" not in record.getMessage()
+          or logging.getLogger("absl").getEffectiveLevel() <= logging.DEBUG)
+
+
+def _is_closed_loop_error(error: BaseException | None) -> bool:
+  """`RuntimeError: Event loop is closed` (unless logging at DEBUG): tensorstore's completion callbacks of writes still
+  in flight when orbax's event loop closed after a failed save, which the save already reported in one line."""
+  return (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+          and logging.getLogger("absl").getEffectiveLevel() > logging.DEBUG)
+
+
+def _closed_loop_unraisablehook(previous):
+  """A sys.unraisablehook that drops `_is_closed_loop_error`s (tensorstore reports them as unraisable)."""
+  def hook(unraisable):
+    if not _is_closed_loop_error(unraisable.exc_value):
+      previous(unraisable)
+  hook.drops_closed_loop_errors = True
+  return hook
+
+
 def _quiet_orbax_tracebacks() -> None:
   absl_logger = logging.getLogger("absl")  # orbax logs through absl's logger
   if _drop_orbax_traceback not in absl_logger.filters:
     absl_logger.addFilter(_drop_orbax_traceback)
+  asyncio_logger = logging.getLogger("asyncio")
+  if _drop_unretrieved_save_error not in asyncio_logger.filters:
+    asyncio_logger.addFilter(_drop_unretrieved_save_error)
+  if not getattr(sys.unraisablehook, "drops_closed_loop_errors", False):
+    sys.unraisablehook = _closed_loop_unraisablehook(sys.unraisablehook)
 
 
 def short_cause(error: BaseException) -> str:
