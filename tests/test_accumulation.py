@@ -23,6 +23,8 @@ from elf_jax.parallel.mesh import make_mesh
 from elf_jax.run import aot
 from elf_jax.weights.encoder import build_encoder
 
+pytestmark = pytest.mark.slow  # end-to-end runs and equivalence checks: the full suite, not the fast loop
+
 B, SEQ, LR, EMA_DECAY = 16, 8, 1e-2, 0.5
 
 

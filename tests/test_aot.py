@@ -22,6 +22,8 @@ from elf_jax.run import aot  # noqa: E402
 from elf_jax.run import hbm  # noqa: E402
 from elf_jax.run import train_loop  # noqa: E402
 
+pytestmark = pytest.mark.slow  # end-to-end runs and equivalence checks: the full suite, not the fast loop
+
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # jax.monitoring: one per XLA compile
 KNOBS = ("--config.model.remat=full", "--config.mesh.fsdp=N", "--config.model.compute_dtype=bfloat16",
          "--config.optim.grad_accum_steps=N")

@@ -18,6 +18,8 @@ from elf_jax.parallel import sharding
 from elf_jax.parallel.mesh import make_mesh
 from elf_jax.weights.encoder import build_encoder
 
+pytestmark = pytest.mark.slow  # end-to-end runs and equivalence checks: the full suite, not the fast loop
+
 B, SEQ, GROUPS, HEADS = 8, 8, 4, 4
 LR = 1e3  # SGD step: new params = params - LR * grads, so the step's gradient is read back to ~1e-7 relative
 

@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # end-to-end runs and equivalence checks: the full suite, not the fast loop
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -457,6 +457,7 @@ def test_process_shards_are_disjoint(tmp_path):
     pipeline.make_dataset(c, tok, "train", process_index=0, process_count=3)
 
 
+@pytest.mark.slow
 def test_worker_processes_give_the_same_batches(language, tok):
   absl_flags = pytest.importorskip("absl.flags")
   if not absl_flags.FLAGS.is_parsed():

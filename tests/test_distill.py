@@ -173,6 +173,7 @@ def make_teacher_workdir(directory, config):
   (directory / experiment.LATENT_STATS_FILE).write_text(json.dumps({"mean": 0.01, "std": 0.9}))
 
 
+@pytest.mark.slow
 def test_mode_distill_end_to_end(tmp_path, capsys):
   """`--mode=distill` on configs/tiny_distill.py (shrunk): two rounds of two steps from a teacher workdir, each
   student sampled at its step count; a rerun finds both rounds done and trains nothing."""

@@ -254,6 +254,7 @@ def test_mbr_selects_the_consensus_candidate():
     text_metrics.mbr_select([consensus], "meteor")
 
 
+@pytest.mark.slow
 def test_gpt2_scores_carry_mauve_and_diversity(tiny_gpt2):
   """The GPT-2 path: Gen. PPL, diversity and length-matched MAUVE against held-out texts, each reference cut to the
   GPT-2 length of its sample; eval.mauve=False leaves MAUVE out."""

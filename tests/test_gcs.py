@@ -16,6 +16,8 @@ from elf_jax.run import cache_latents
 from cli_runs import TINY_CONFIG  # tests/ is on sys.path (pytest rootdir-relative import)
 from test_train_loop import SMALL, small_config
 
+pytestmark = pytest.mark.slow  # end-to-end runs and equivalence checks: the full suite, not the fast loop
+
 # A constant learning rate: the 3-step and the 6-step run compile the same train step (the compilation cache serves
 # the second run).
 OVERRIDES = [f"--config={TINY_CONFIG}", *(f"--config.{key}={value}" for key, value in SMALL.items()),

@@ -64,6 +64,7 @@ def test_stored_rows_and_latents_equal_pipeline_and_encoder(built):
   assert cached["latents"].dtype == np.float32 and cached["latents"].shape == (ROWS, c.data.max_length, c.encoder.dim)
 
 
+@pytest.mark.slow
 def test_same_loss_with_cached_latents_as_on_the_fly(built):
   c, out, _ = built
   c = _config(packing=c.data.packing)

@@ -80,6 +80,7 @@ def _batch(b=4, s=6, cond_len=0, seed=3):
     ("bernoulli", 0.5, [True, False, False, False]), ("bernoulli", 0.5, [False] * 4),
     ("bernoulli", 0.5, [True] * 4), ("fixed_count", 0.5, [False, True, False, True]),
     ("fixed_count", 0.0, [False] * 4), ("fixed_count", 1.0, [True] * 4)])
+@pytest.mark.slow
 def test_denoiser_loss_and_gradients_match_independent_computation(draw, prob, self_cond):
   """Loss value and gradient equal the reference's plain computation: separate full-batch passes for the
   self-conditioning input, v_uncond and v_cond (whose input restores the clean condition into x̂_uncond on every
@@ -155,6 +156,7 @@ def test_passes_per_branch_and_what_they_see(coins, draw):
         assert any(np.array_equal(row[:2, :C], c) and np.array_equal(row[:2, C:], c) for c in clean)
 
 
+@pytest.mark.slow
 def test_grouped_loss_metrics_and_group_coins():
   """The single-shard path of the train step's loss: draws → grouped_loss → summarize."""
   model, params = _model_and_params()

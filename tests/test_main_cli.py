@@ -15,6 +15,8 @@ from elf_jax.data import sources, synthetic
 from elf_jax.eval import text_metrics
 from test_train_loop import REPO, SMALL, small_config  # tests/ is on sys.path (pytest rootdir-relative import)
 
+pytestmark = pytest.mark.slow  # end-to-end runs and equivalence checks: the full suite, not the fast loop
+
 OVERRIDES = [f"--config.{key}={value}" for key, value in SMALL.items()]
 
 

@@ -120,6 +120,7 @@ def test_zero_init_final_layer_and_padding_invariance():
   assert np.abs(l1[0, 4:] - l2[0, 4:]).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_dropout_only_in_the_middle_half_of_the_blocks():
   """Per-layer rates: `dropout_rate` for blocks depth//4 .. depth - depth//4 - 1, 0 elsewhere. With the middle blocks'
   residual outputs zeroed the stochastic pass equals the deterministic one; with the outer ones zeroed it does not."""

@@ -30,6 +30,8 @@ from elf_jax.weights import published
 from cli_runs import TINY_CONFIG  # tests/ is on sys.path (pytest rootdir-relative import)
 from test_train_loop import SMALL, small_config
 
+pytestmark = pytest.mark.slow  # end-to-end runs and equivalence checks: the full suite, not the fast loop
+
 PROCESSES, DEVICES = 2, 4
 # All 8 devices on the fsdp axis: params, EMA and optimizer state are sharded across the two processes, and so is
 # the batch (data x fsdp). A sampling hook at step 3 too: the window in which job 1 is killed.

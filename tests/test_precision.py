@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import pytest
 
 from elf_jax.config import base_config
 from elf_jax.model.elf import ELF, ModelConfig, init_params
@@ -19,6 +20,8 @@ from elf_jax.objective import loss as L
 from elf_jax.objective import optim
 from elf_jax.objective import step as step_lib
 from elf_jax.weights.encoder import build_encoder
+
+pytestmark = pytest.mark.slow  # end-to-end runs and equivalence checks: the full suite, not the fast loop
 
 B, S, C, V = 16, 16, 16, 32
 

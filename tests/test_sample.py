@@ -281,6 +281,7 @@ def _mesh(n):
   return jax.sharding.Mesh(np.array(jax.devices()[:n]).reshape(n, 1, 1), ("data", "fsdp", "tensor"))
 
 
+@pytest.mark.slow
 def test_sharded_sampling_matches_single_device(ref):
   """SDE, logit-normal grid, CFG: the same seed gives the same samples on 1 and 8 devices."""
   model, params, cfg, r = ref

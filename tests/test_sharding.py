@@ -15,6 +15,8 @@ from elf_jax.parallel import sharding
 from elf_jax.parallel.mesh import make_mesh
 from elf_jax.weights.encoder import build_encoder
 
+pytestmark = pytest.mark.slow  # end-to-end runs and equivalence checks: the full suite, not the fast loop
+
 B, SEQ, GROUPS = 16, 8, 8
 
 

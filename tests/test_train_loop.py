@@ -27,6 +27,8 @@ from elf_jax.run import experiment
 from elf_jax.run import modes
 from elf_jax.run import train_loop
 
+pytestmark = pytest.mark.slow  # end-to-end runs and equivalence checks: the full suite, not the fast loop
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "tiny.py"
 

@@ -15,6 +15,7 @@ import re
 import sys
 import threading
 import time
+import warnings
 
 from etils import epath
 import grain
@@ -234,6 +235,8 @@ def _quiet_orbax_tracebacks() -> None:
     asyncio_logger.addFilter(_drop_unretrieved_save_error)
   if not getattr(sys.unraisablehook, "drops_closed_loop_errors", False):
     sys.unraisablehook = _closed_loop_unraisablehook(sys.unraisablehook)
+  if logging.getLogger("absl").getEffectiveLevel() > logging.DEBUG:  # orbax's writes dropped after a failed save
+    warnings.filterwarnings("ignore", message=r"coroutine .* was never awaited", category=RuntimeWarning)
 
 
 def short_cause(error: BaseException) -> str:
