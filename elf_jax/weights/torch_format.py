@@ -18,12 +18,6 @@ _COMPILED_PREFIX = "_orig_mod."  # torch.compile's prefix on state-dict names; t
 _BLOCK = re.compile(r"blocks_(\d+)")
 
 
-def is_torch_checkpoint(path) -> bool:
-  """Whether the file at `path` was written by `torch.save` (read from its first bytes, not its name)."""
-  with epath.Path(path).open("rb") as f:
-    return f.read(len(TORCH_ZIP_MAGIC)) == TORCH_ZIP_MAGIC
-
-
 def _import_torch():
   try:
     import torch  # pylint: disable=import-outside-toplevel
