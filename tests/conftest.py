@@ -155,5 +155,5 @@ def gcs(tmp_path_factory):
 @pytest.fixture(scope="session")
 def cli(tmp_path_factory, gcs):
   """Starts `python -m elf_jax.main` jobs (tests/cli_runs.py) that share one compilation cache and see `gcs`."""
-  from cli_runs import Runner  # tests/ is on sys.path (pytest rootdir-relative import)
+  from tests.cli_runs import Runner
   return Runner(tmp_path_factory.mktemp("cli_logs"), tmp_path_factory.mktemp("compile_cache"), env=gcs.env)

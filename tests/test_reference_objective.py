@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import fixture_config
+from tests.conftest import fixture_config
 from elf_jax.objective import flow
 from elf_jax.config import base_config
 from elf_jax.model.elf import ELF, ModelConfig, unstack_blocks
