@@ -86,6 +86,14 @@ def relative_error(ours, ref) -> float:
   return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
 
 
+def assert_trees_equal(a, b):
+  """The same tree structure and bit-equal leaves."""
+  import jax
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
 class FakeGCS:
   """A fake-gcs-server on localhost with one empty bucket; `env` points gcsfs, google-cloud-storage, tensorboardX
   and tensorstore (orbax's array data) at it."""

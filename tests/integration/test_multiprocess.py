@@ -178,8 +178,7 @@ def test_sample_and_eval_modes_on_two_processes(chain, gcs):
 
 def test_gpt2_scoring_on_two_processes_equals_one(cli, tmp_path):
   """Gen. PPL with the batch split over data x fsdp of a mesh spanning both processes, as --mode=eval scores OWT."""
-  from tests.eval.test_gen_ppl import MAX_LENGTH, TEXTS  # pylint: disable=import-outside-toplevel  (torch, only here)
-  from tests.eval.test_gpt2 import build_tiny_gpt2  # pylint: disable=import-outside-toplevel
+  from tests.eval.conftest import MAX_LENGTH, TEXTS, build_tiny_gpt2  # pylint: disable=import-outside-toplevel  (torch)
   directory = build_tiny_gpt2(tmp_path / "gpt2").directory
   want = gen_ppl.GenPPLScorer.from_pretrained(str(directory), batch_size=8, max_length=MAX_LENGTH).score(TEXTS)
   outputs = cli.run(str(directory), str(MAX_LENGTH), json.dumps(TEXTS), cwd=tmp_path, processes=PROCESSES,

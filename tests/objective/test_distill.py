@@ -1,35 +1,19 @@
 """Progressive distillation (issue 15): the objective against the authors' PyTorch code (`pd.npz` of
-reference_elf_train), the draws of a step, and `--mode=distill` end to end."""
-import json
-import os
-import re
-import subprocess
-import sys
-import types
+reference_elf_train), the draws of a step and the rounds' spec (`--mode=distill` end to end:
+tests/run/test_distill_loop.py)."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from tests.conftest import fixture_config
-from elf_jax import report
-from elf_jax.config import (SAMPLE_PRESET_FIELDS, ConfigError, base_config, few_step_settings, load_config_file,
-                            parse_distill_rounds, validate)
+from elf_jax.config import ConfigError, base_config, parse_distill_rounds, validate
 from elf_jax.model import elf
-from elf_jax.model.elf import ELF, ModelConfig, init_params
+from elf_jax.model.elf import ELF, ModelConfig
 from elf_jax.objective import distill
 from elf_jax.objective.flow import FlowConfig
-from elf_jax.run import checkpoint
-from elf_jax.run import distill_loop
-from elf_jax.run import experiment
-from elf_jax.run import generate
-from elf_jax.run import modes
-from elf_jax.sampling import sampler
-from elf_jax.sampling.files import Samples
 from elf_jax.weights import published
-from tests.run.test_train_loop import REPO, SMALL, small_config
 
 
 
@@ -160,81 +144,3 @@ def test_rounds_spec():
     config.distill.rounds = bad
     with pytest.raises(ConfigError, match="distill.rounds"):
       validate(config)
-
-
-def make_teacher_workdir(directory, config):
-  """A teacher's training workdir without training it: a checkpoint of fresh params (as params and EMA) and the
-  latent statistics that the students must reuse."""
-  model = ELF(ModelConfig.from_config(config))
-  params = nn.unbox(init_params(model, jax.random.key(0), config.data.max_length))
-  manager = checkpoint.CheckpointManager(checkpoint.checkpoint_dir(str(directory)), async_save=False)
-  manager.save(1, {"params": params, "ema_params": params})
-  manager.close()
-  (directory / experiment.LATENT_STATS_FILE).write_text(json.dumps({"mean": 0.01, "std": 0.9}))
-
-
-@pytest.mark.slow
-def test_mode_distill_end_to_end(tmp_path, capsys):
-  """`--mode=distill` on configs/tiny_distill.py (shrunk): two rounds of two steps from a teacher workdir, each
-  student sampled at its step count; a rerun finds both rounds done and trains nothing."""
-  teacher = tmp_path / "teacher"
-  make_teacher_workdir(teacher, small_config())
-  workdir = tmp_path / "distill"
-  overrides = {**SMALL, "distill.teacher": str(teacher), "distill.rounds": "2:2,1:3", "distill.steps_per_round": 2,
-               "distill.warmup_steps": 1}
-  xla_flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
-  result = subprocess.run(
-      [sys.executable, "-m", "elf_jax.main", "--config=configs/tiny_distill.py", f"--workdir={workdir}",
-       "--mode=distill", *(f"--config.{k}={v}" for k, v in overrides.items())],
-      cwd=REPO, capture_output=True, text=True, timeout=900,
-      env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags})
-  assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
-
-  rounds = [workdir / "round1_2step", workdir / "round2_1step"]
-  assert f"initialised params and EMA from {teacher}" in result.stdout
-  assert f"initialised params and EMA from {rounds[0]}" in result.stdout  # round 2 starts from round 1's EMA
-  for directory, steps in zip(rounds, (2, 1)):
-    assert sorted(p.name for p in (directory / "checkpoints").iterdir()) == ["2"]
-    done = json.loads((directory / distill_loop.ROUND_DONE_FILE).read_text())
-    assert done["student_steps"] == steps and done["optimizer_steps"] == 2
-    stats_file = experiment.LATENT_STATS_FILE
-    assert (directory / stats_file).read_text() == (teacher / stats_file).read_text()
-    sample = json.loads((directory / "config_train.json").read_text())["sample"]
-    assert sample["preset"] == "fewstep"  # the saved config shows the settings the round sampled with
-    assert {name: sample[name] for name in SAMPLE_PRESET_FIELDS} == few_step_settings(steps)
-    rows = [json.loads(line) for line in open(directory / "metrics.jsonl")]
-    train = [r for r in rows if r["kind"] == "train"]
-    assert [r["step"] for r in train] == [1, 2] and all(np.isfinite(r["loss"]) for r in train)
-    evals = [r for r in rows if r["kind"] == "eval"]
-    assert len(evals) == 1 and evals[0]["gen_ppl"] > 1 and (directory / "samples" / "step_2.jsonl").exists()
-  assert re.search(r"^ +2 +1 +[\d.]+", result.stdout, re.M), result.stdout[-2000:]  # the summary table
-
-  capsys.readouterr()
-  distill_loop.distill(load_config_file(REPO / "configs" / "tiny_distill.py", overrides), str(workdir))
-  assert capsys.readouterr().out.count("finished before") == 2
-  assert sorted(p.name for p in (rounds[1] / "checkpoints").iterdir()) == ["2"]
-
-
-def test_few_step_settings_and_the_steps_sweep(tmp_path, monkeypatch):
-  """The authors' few-step table by step count; `--mode=eval`'s sweep under the fewstep preset samples every step
-  count with its own settings and plots Gen. PPL and entropy against steps."""
-  config = load_config_file(REPO / "configs" / "tiny_distill.py", {})
-  for steps, gamma, w in [(1, 1.5, 2.5), (8, 1.5, 2.5), (16, 2.0, 2.0), (32, 2.0, 2.0)]:
-    s = sampler.SampleConfig.from_config(config, steps=steps, eos_id=1, pad_id=0)
-    assert (s.method, s.steps, s.grid, s.gamma, s.guidance_scale) == ("sde", steps, "logit_normal", gamma, w)
-
-  assert config.sample.preset == "fewstep" and config.eval.sweep == "steps=1,2,4,8,16,32"
-  used = []
-  monkeypatch.setattr(generate, "generate", lambda exp, params, num, seed, sample_config, conditions, candidates: (
-      used.append(sample_config) or generate.Generation(Samples(texts=[]))))
-  monkeypatch.setattr(generate, "score", lambda exp, samples: {
-      "gen_ppl": 10.0 / used[-1].steps, "entropy": 1.0, "true_gen_ppl": 3.0, "true_entropy": 1.5})
-  exp = types.SimpleNamespace(config=config, sample_config=lambda **overrides: sampler.SampleConfig.from_config(
-      config, eos_id=1, pad_id=0, **overrides))
-  rows = modes.frontier(exp, None, str(tmp_path), report.MetricsWriter(str(tmp_path), tensorboard=False))
-  assert [(c.steps, c.gamma, c.guidance_scale, c.method) for c in used] == [
-      (1, 1.5, 2.5, "sde"), (2, 1.5, 2.5, "sde"), (4, 1.5, 2.5, "sde"), (8, 1.5, 2.5, "sde"), (16, 2.0, 2.0, "sde"),
-      (32, 2.0, 2.0, "sde")]
-  assert [r["gamma"] for r in rows] == [1.5] * 4 + [2.0] * 2
-  png = (tmp_path / "steps.png").read_bytes()
-  assert png.startswith(b"\x89PNG") and len(png) > 1000

@@ -1,7 +1,7 @@
-"""Tests for elf_jax.objective.optim (and the steps-per-epoch rule of elf_jax.run.train_loop): parity of the
-learning-rate schedules and of three Muon / AdamW updates with the reference optimizer (fixture
-`reference_elf_train`, made by running the authors' `get_optimizer` and `create_learning_rate_fn`), then clipping,
-routing and EMA (gradient accumulation: tests/test_accumulation.py)."""
+"""Tests for elf_jax.objective.optim: parity of the learning-rate schedules and of three Muon / AdamW updates with
+the reference optimizer (fixture `reference_elf_train`, made by running the authors' `get_optimizer` and
+`create_learning_rate_fn`), then clipping, routing and EMA (gradient accumulation:
+tests/integration/test_accumulation.py)."""
 import inspect
 
 import jax
@@ -12,11 +12,8 @@ import pytest
 
 from tests.conftest import fixture_config
 from elf_jax import config as config_lib
-from elf_jax.config import ConfigError
-from elf_jax.data import sources
 from elf_jax.model import elf
 from elf_jax.objective import optim
-from elf_jax.run import experiment
 from elf_jax.weights import published
 
 NUM_UPDATES = 3  # the fixture's optim/grads_{0,1,2}
@@ -274,7 +271,7 @@ def test_muon_reduces_a_quadratic_loss():
 
 def test_ema_update():
   """ema ← decay·ema + (1 − decay)·params, in float32 whatever the params' dtype (accumulation:
-  tests/test_accumulation)."""
+  tests/integration/test_accumulation.py)."""
   params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), _tree(jax.random.PRNGKey(5)))
   ema = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), params)
   decay = 0.9
@@ -282,22 +279,3 @@ def test_ema_update():
   for e_new, e_old, p in zip(jax.tree.leaves(new_ema), jax.tree.leaves(ema), jax.tree.leaves(params)):
     assert e_new.dtype == jnp.float32
     np.testing.assert_allclose(e_new, decay * e_old + (1 - decay) * np.asarray(p, np.float32), rtol=1e-6)
-
-
-def test_steps_per_epoch_come_from_the_dataset(tmp_path):
-  """len(train split) // global_batch_size (partial batch dropped), read from a real source; too little data is an
-  error naming the field."""
-  config = config_lib.base_config()
-  config.optim.global_batch_size = 8
-  assert experiment.steps_per_epoch(config, 1000) == 125 and experiment.steps_per_epoch(config, 1007) == 125
-  config.optim.num_epochs = 2.5
-  assert experiment.total_steps(config, 125) == 312  # round(2.5 * 125)
-  config.optim.num_steps = 7
-  assert experiment.total_steps(config, 125) == 7
-
-  (tmp_path / "train.txt").write_text("".join(f"sentence {i}\n" for i in range(37)))
-  config.data.source, config.data.path = "text", str(tmp_path / "{split}.txt")
-  assert experiment.steps_per_epoch(config, len(sources.make_source(config.data, config.data.split))) == 37 // 8
-  config.optim.global_batch_size = 64
-  with pytest.raises(ConfigError, match="optim.global_batch_size=64"):
-    experiment.steps_per_epoch(config, len(sources.make_source(config.data, config.data.split)))

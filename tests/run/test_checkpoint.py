@@ -1,10 +1,9 @@
 """Tests for elf_jax.run.checkpoint: save/restore with a grain iterator, keep-N, sharded restore, corrupt steps,
-the SIGTERM flag and import of the reference tiny-ELF fixture."""
+the SIGTERM flag, and the EMA of a workdir's latest checkpoint as `init_from` reads it."""
 import logging
 import os
 import signal
 
-import flax.serialization
 import grain
 import jax
 import jax.numpy as jnp
@@ -12,10 +11,9 @@ import numpy as np
 import optax
 import pytest
 
-from tests.conftest import fixture_config
+from tests.conftest import assert_trees_equal
 from elf_jax.run import checkpoint
 
-from elf_jax.model import elf
 from elf_jax.objective.state import TrainState
 from elf_jax.run import train_loop
 from elf_jax.weights import published
@@ -37,12 +35,6 @@ def _iterator():
   return iter(grain.MapDataset.range(100).batch(4).to_iter_dataset())
 
 
-def _assert_same(a, b):
-  assert jax.tree.structure(a) == jax.tree.structure(b)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
 def test_round_trip_with_data_iterator(tmp_path):
   manager = checkpoint.CheckpointManager(tmp_path, max_to_keep=3, async_save=True)
   assert manager.latest_step() is None
@@ -58,7 +50,7 @@ def test_round_trip_with_data_iterator(tmp_path):
 
   fresh = _iterator()
   restored = checkpoint.CheckpointManager(tmp_path).restore(_abstract(_state(0)), data_iterator=fresh)
-  _assert_same(restored, state)
+  assert_trees_equal(restored, state)
   for want in expected_next:
     np.testing.assert_array_equal(next(fresh), want)
   manager.close()
@@ -72,7 +64,7 @@ def test_relative_directory_is_resolved(tmp_path, monkeypatch):
   assert manager.save(3, state)
   manager.wait()
   assert (tmp_path / "runs" / "tiny" / "checkpoints" / "3").is_dir()
-  _assert_same(checkpoint.CheckpointManager("runs/tiny/checkpoints").restore(_abstract(_state(0))), state)
+  assert_trees_equal(checkpoint.CheckpointManager("runs/tiny/checkpoints").restore(_abstract(_state(0))), state)
   manager.close()
 
 
@@ -96,7 +88,7 @@ def test_restore_onto_a_sharded_abstract_state(tmp_path):
   manager.save(3, state)
   abstract = _abstract(state, lambda x: rows if x.shape[:1] == (8,) else replicated)
   restored = manager.restore(abstract)
-  _assert_same(restored, state)
+  assert_trees_equal(restored, state)
   assert restored.params["kernel"].sharding == rows
   assert len(restored.params["kernel"].addressable_shards) == 8
   assert restored.params["kernel"].addressable_shards[0].data.shape == (1, 4)
@@ -128,7 +120,7 @@ def test_corrupt_latest_step_falls_back_to_the_previous_one(tmp_path, caplog, da
   fresh = _iterator()
   with caplog.at_level(logging.WARNING):
     restored = checkpoint.CheckpointManager(tmp_path).restore(_abstract(_state(0)), data_iterator=fresh)
-  _assert_same(restored, _state(1))
+  assert_trees_equal(restored, _state(1))
   np.testing.assert_array_equal(next(fresh), want_next)
   messages = [r.getMessage() for r in caplog.records if "unusable" in r.getMessage()]
   assert len(messages) == 1 and str(tmp_path / "2") in messages[0] and "step 1" in messages[0]
@@ -162,62 +154,6 @@ def test_preemption_flag_is_raised_by_sigterm():
     signal.signal(signal.SIGTERM, previous)
 
 
-def test_fixture_msgpack_and_orbax_agree(tiny_fixture_dir):
-  """Both published layouts load into the stacked blocks; unstacked, that is exactly the file's tree."""
-  cfg = fixture_config(tiny_fixture_dir)
-  width, depth = cfg["hidden_size"], cfg["depth"]
-  raw = flax.serialization.msgpack_restore((tiny_fixture_dir / "checkpoint_7").read_bytes())
-  for which, key in (("raw", "params"), ("ema", "ema_params1")):
-    from_msgpack = published.load_published_elf(tiny_fixture_dir / "checkpoint_7", which=which)
-    from_orbax = published.load_published_elf(tiny_fixture_dir / "orbax_checkpoint_7", which=which)
-    _assert_same(from_msgpack, from_orbax)
-    _assert_same(elf.unstack_blocks(from_msgpack), raw[key])
-    _assert_same(elf.stack_blocks(raw[key]), from_msgpack)
-    assert from_msgpack["mode_tokens"].shape == (1, cfg["num_model_mode_tokens"], width)
-    assert from_msgpack["blocks"]["attn"]["qkv"]["kernel"].shape == (depth, width, 3 * width)
-    assert not [k for k in from_msgpack if k.startswith("blocks_")]
-    np.testing.assert_array_equal(from_msgpack["blocks"]["mlp"]["w3"]["kernel"][depth - 1],
-                                  raw[key][f"blocks_{depth - 1}"]["mlp"]["w3"]["kernel"])
-  ema = published.load_published_elf(tiny_fixture_dir / "orbax_checkpoint_7", which="ema")
-  raw_params = published.load_published_elf(tiny_fixture_dir / "orbax_checkpoint_7", which="raw")
-  for e, r in zip(jax.tree.leaves(ema), jax.tree.leaves(raw_params)):
-    np.testing.assert_allclose(e, 0.9 * r, rtol=1e-6)
-
-
-def test_fixture_wrapped_params_level_is_stripped(tmp_path, tiny_fixture_dir):
-  raw = flax.serialization.msgpack_restore((tiny_fixture_dir / "checkpoint_7").read_bytes())
-  wrapped = tmp_path / "wrapped.msgpack"
-  wrapped.write_bytes(flax.serialization.msgpack_serialize({"params": {"params": raw["params"]}}))
-  _assert_same(published.load_published_elf(wrapped, which="raw"), elf.stack_blocks(raw["params"]))
-
-
-def test_fixture_expected_mismatch_names_every_bad_leaf(tiny_fixture_dir):
-  """`expected` in either layout (stacked, as the model's init; or published); problems are named per block."""
-  cfg = fixture_config(tiny_fixture_dir)
-  width, extra_block = cfg["hidden_size"], f"blocks_{cfg['depth']}"  # one block more than the checkpoint has
-  params = published.load_published_elf(tiny_fixture_dir / "checkpoint_7")
-  stacked = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-  _assert_same(published.load_published_elf(tiny_fixture_dir / "checkpoint_7", expected=stacked), params)
-  stacked["blocks"] = jax.tree.map(lambda x: jax.ShapeDtypeStruct((x.shape[0] + 1,) + x.shape[1:], x.dtype),
-                                   stacked["blocks"])
-  with pytest.raises(ValueError, match=f"missing: {extra_block}/norm1/weight"):
-    published.load_published_elf(tiny_fixture_dir / "checkpoint_7", expected=stacked)
-  expected = jax.eval_shape(elf.unstack_blocks, params)
-  params = elf.unstack_blocks(params)
-  w3 = params["blocks_0"]["mlp"]["w3"]["kernel"].shape
-  wrong_w3 = (w3[0] + 1,) + w3[1:]
-  expected["blocks_0"]["mlp"]["w3"]["kernel"] = jax.ShapeDtypeStruct(wrong_w3, jnp.float32)
-  del expected["unembed_bias"]
-  expected[extra_block] = {"norm1": {"weight": jax.ShapeDtypeStruct((width,), jnp.float32)}}
-  with pytest.raises(ValueError) as err:
-    published.load_published_elf(tiny_fixture_dir / "orbax_checkpoint_7", expected=expected)
-  message = str(err.value)
-  assert "3 problems" in message
-  assert f"missing: {extra_block}/norm1/weight" in message
-  assert "extra: unembed_bias" in message
-  assert f"mis-shaped: blocks_0/mlp/w3/kernel checkpoint {w3} vs expected {wrong_w3}" in message
-
-
 def test_load_params_from_a_workdir_takes_the_latest_ema(tmp_path):
   manager = checkpoint.CheckpointManager(checkpoint.checkpoint_dir(tmp_path), async_save=False)
   manager.save(1, _state(1, scale=1.0))
@@ -225,10 +161,5 @@ def test_load_params_from_a_workdir_takes_the_latest_ema(tmp_path):
   manager.close()
   expected = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), _state(0).params)
   loaded = published.load_params_from(tmp_path, expected)
-  _assert_same(loaded, jax.tree.map(np.asarray, _state(2, scale=4.0).ema_params))
+  assert_trees_equal(loaded, jax.tree.map(np.asarray, _state(2, scale=4.0).ema_params))
   assert isinstance(loaded["kernel"], np.ndarray)
-
-
-def test_load_params_from_a_published_checkpoint(tiny_fixture_dir):
-  _assert_same(published.load_params_from(tiny_fixture_dir / "checkpoint_7"),
-               published.load_published_elf(tiny_fixture_dir / "orbax_checkpoint_7", which="ema"))
