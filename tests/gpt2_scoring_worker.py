@@ -1,4 +1,4 @@
-"""One process of a multi-process GPT-2 scoring job (tests/test_multiprocess.py):
+"""One process of a multi-process GPT-2 scoring job (tests/integration/test_multiprocess.py):
 
   python -m tests.gpt2_scoring_worker GPT2_DIR MAX_LENGTH TEXTS_JSON
 

@@ -55,7 +55,7 @@ def tiny(tiny_fixture_dir):
 
 
 def _assert_reference_outputs(model, params, ref):
-  """x̂ and decoder logits of `params` equal the reference network's (1e-5, as tests/test_model.py)."""
+  """x̂ and decoder logits of `params` equal the reference network's (1e-5, as tests/model/test_elf.py)."""
   x, t, w, mask = ref["x"], ref["t"], ref["w"], ref["mask"]
   np.testing.assert_allclose(model.apply({"params": params}, x, t, w, mask), ref["out_den"], atol=1e-5, rtol=0)
   logits = model.apply({"params": params}, x, jnp.ones_like(t), w, mask, decode=True)

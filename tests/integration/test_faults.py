@@ -30,7 +30,7 @@ from tests.cli_runs import REPO, TINY_CONFIG
 from tests.run.test_train_loop import SMALL
 
 OVERRIDES = [f"--config={TINY_CONFIG}", *(f"--config.{key}={value}" for key, value in SMALL.items()),
-             "--config.optim.schedule=constant"]  # as tests/test_gcs.py: the same compiled step
+             "--config.optim.schedule=constant"]  # as tests/integration/test_gcs.py: the same compiled step
 
 
 def _state(seed: int) -> TrainState:

@@ -1,6 +1,7 @@
 """Imports flow one way, down the layer map of docs/architecture.md (base → data → model → weights → computation →
 orchestration). Every module of the package, `__init__` files included, is placed in one layer; a module may import
-its own layer or the ones below, and the import graph (function-level imports included) has no cycle."""
+its own layer or the ones below, and the import graph (function-level imports included) has no cycle. The tests
+mirror the package (docs/architecture.md#tests): tests/X/test_Y.py names the module elf_jax/X/Y.py."""
 import ast
 import pathlib
 import re
@@ -9,6 +10,7 @@ import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "elf_jax"
+TESTS = ROOT / "tests"
 LAYER_MAP = ROOT / "docs" / "architecture.md"
 
 
@@ -105,3 +107,25 @@ def test_the_input_pipeline_loads_without_the_network():
           "print(sorted(m for m in sys.modules if m.split('.')[0] == 'flax' or m.startswith('elf_jax.model')))")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
   assert out.stdout.strip() == "[]"
+
+
+def _unmirrored(tests: pathlib.Path, package: pathlib.Path) -> list[str]:
+  """The test files outside tests/integration/ that name no module: tests/X/test_Y.py must match elf_jax/X/Y.py."""
+  modules = {p.relative_to(package).with_suffix("") for p in package.rglob("*.py")}
+  return sorted(str(p.relative_to(tests)) for p in tests.rglob("test_*.py")
+                if p.relative_to(tests).parts[0] != "integration"
+                and p.relative_to(tests).with_name(p.stem.removeprefix("test_")) not in modules)
+
+
+def test_test_files_mirror_the_package():
+  assert _unmirrored(TESTS, PACKAGE) == []
+
+
+def test_the_mirror_check_sees_a_stray_file(tmp_path):
+  """A test file naming no module (another folder's, or one that is gone) is reported; integration/ is free."""
+  (tmp_path / "elf_jax" / "data").mkdir(parents=True)
+  (tmp_path / "elf_jax" / "data" / "pipeline.py").touch()
+  for name in ("data/test_pipeline.py", "data/test_loader.py", "test_pipeline.py", "integration/test_cli.py"):
+    (tmp_path / "tests" / name).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "tests" / name).touch()
+  assert _unmirrored(tmp_path / "tests", tmp_path / "elf_jax") == ["data/test_loader.py", "test_pipeline.py"]

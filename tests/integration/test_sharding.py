@@ -94,7 +94,7 @@ def _tree_rel(a, b):
 
 
 # Pure data parallelism over all 8 devices (8 coin groups), and every axis split at once (batch over data x fsdp,
-# parameters over fsdp x tensor); fsdp alone runs in test_multiprocess (1 x 8).
+# parameters over fsdp x tensor); fsdp alone runs in tests/integration/test_multiprocess.py (1 x 8).
 @pytest.mark.parametrize("shape", [(8, 1, 1), (2, 2, 2)])
 def test_sharded_equals_single_device(setup, shape):
   c, model, obj, optimizer, frozen, batch, single = setup

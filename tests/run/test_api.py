@@ -1,5 +1,5 @@
 """The Python API (`elf_jax.load` → Model) and `--mode=sample --config.sample.inputs=FILE`, on a tiny model trained
-here for a few steps (configs/tiny.py shrunk as in tests/test_train_loop.py)."""
+here for a few steps (configs/tiny.py shrunk as in tests/run/test_train_loop.py)."""
 import json
 import warnings
 
