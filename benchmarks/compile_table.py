@@ -21,8 +21,7 @@ import jax
 import ml_collections
 
 from elf_jax.config import load_config_file
-from elf_jax.run import aot
-from elf_jax.run import hbm
+from elf_jax.run import aot, hbm
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "configs")
 SIZES = (("ELF-B", "b"), ("ELF-M", "m"), ("ELF-L", "l"))

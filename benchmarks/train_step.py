@@ -43,6 +43,7 @@ forward/backward. Decoding steps run one forward/backward on both. MFU = formula
       --config.model.compute_dtype=bfloat16 --remat
 """
 import argparse
+from collections.abc import Callable
 import dataclasses
 import importlib
 import os
@@ -52,7 +53,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from typing import Any
 
 from absl import flags
@@ -64,9 +64,8 @@ import numpy as np
 
 from elf_jax.model import elf as elf_lib
 from elf_jax.model.elf import ELF, ModelConfig, count_params
-from elf_jax.objective import flow
+from elf_jax.objective import flow, optim
 from elf_jax.objective import loss as L
-from elf_jax.objective import optim
 from elf_jax.objective import step as step_lib
 from elf_jax.weights.encoder import build_encoder
 

@@ -9,8 +9,8 @@ import itertools
 from typing import Any
 
 import ml_collections
-from ml_collections.config_flags import config_flags
 from ml_collections import config_dict
+from ml_collections.config_flags import config_flags
 
 # Logical parameter axis → mesh axis (None = replicated). `embed` (H) is split over fsdp (ZeRO-3 style);
 # heads / MLP hidden / vocabulary over tensor. Unlisted logical axes are replicated.

@@ -4,7 +4,6 @@ offline and not cached, one ConfigError line naming the field. Reading what was 
 """
 import pathlib
 
-
 from elf_jax import fs
 from elf_jax.config import ConfigError
 

@@ -13,15 +13,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.conftest import fixture_config, tiny_fixture_model
 from elf_jax import config as elf_config
-from elf_jax import hub
-from elf_jax import recipes
+from elf_jax import hub, recipes
 from elf_jax.config import ConfigError
 from elf_jax.model.elf import ModelConfig, init_params
 from elf_jax.weights import encoder as encoder_weights
-from elf_jax.weights import published
-from elf_jax.weights import torch_format
+from elf_jax.weights import published, torch_format
+
+from tests.conftest import fixture_config, tiny_fixture_model
 
 REVISION = "0123456789abcdef0123456789abcdef01234567"
 

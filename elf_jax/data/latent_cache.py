@@ -3,8 +3,8 @@ r"""Latent cache for the frozen encoder (unconditional data): encoder outputs co
 Written by `python -m elf_jax.run.cache_latents`, read by the pipeline when config.data.latent_cache_dir is set.
 Commands, the shard file layout, row order and sizes: docs/data.md#latent-cache.
 """
-import json
 from collections.abc import Callable
+import json
 
 import ml_collections
 import ml_dtypes

@@ -12,9 +12,7 @@ import numpy as np
 import transformers
 
 from elf_jax.config import PAD_TOKENS, check_choice
-from elf_jax.data import latent_cache
-from elf_jax.data import sources
-from elf_jax.data import synthetic
+from elf_jax.data import latent_cache, sources, synthetic
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,8 +14,7 @@ import zlib
 import ml_collections
 import numpy as np
 
-from elf_jax import fs
-from elf_jax import report
+from elf_jax import fs, report
 from elf_jax.config import DATA_SOURCES, ConfigError, check_choice
 from elf_jax.data import synthetic
 

@@ -1,8 +1,7 @@
 """Figures of a run, written next to its metrics: DIR/loss_curve.png, DIR/frontier.png, DIR/steps.png."""
 from typing import Any
 
-from elf_jax import fs
-from elf_jax import report
+from elf_jax import fs, report
 
 
 def _pyplot():

@@ -8,8 +8,7 @@ import math
 import jax
 import ml_collections
 
-from elf_jax.eval import gen_ppl
-from elf_jax.eval import text_metrics
+from elf_jax.eval import gen_ppl, text_metrics
 
 
 def length_matched_mauve(scorer: gen_ppl.GenPPLScorer, texts: list[str], references: list[str]) -> float:

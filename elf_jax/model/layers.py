@@ -3,8 +3,8 @@
 Parameter names follow the published checkpoints (docs/method.md#checkpoint-names). Every parameter carries logical axis
 names (`embed`, `qkv`, `heads`, `mlp`, `latent`, `vocab`, ...) that `elf_jax.parallel.sharding` maps to mesh axes.
 """
-import math
 from collections.abc import Callable
+import math
 
 import flax.linen as nn
 import jax

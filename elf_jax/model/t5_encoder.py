@@ -5,16 +5,15 @@
 `make_encoder_mask` builds the (B, S, S) mask; `load_official_t5_encoder` reads the official encoder pickle.
 T5 specifics, dtypes and the parameter-name table: docs/model.md#t5-encoder.
 """
+from collections.abc import Mapping
 import dataclasses
 import math
-from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 
 _FEED_FORWARD_PROJ = ("relu", "gated-gelu")
 

@@ -12,7 +12,6 @@ from elf_jax.config import LR_SCHEDULES, OPTIMIZERS, ConfigError, check_choice
 from elf_jax.model import elf
 
 
-
 def learning_rate(optim_config: ml_collections.ConfigDict, global_batch_size: int) -> float:
   """Peak learning rate `base_lr * global_batch_size / 256` (linear scaling rule).
 

@@ -4,7 +4,8 @@ from typing import Any
 import flax.linen as nn
 import flax.struct
 import jax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from elf_jax.parallel import sharding
 

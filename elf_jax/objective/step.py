@@ -10,16 +10,16 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import ml_collections
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from elf_jax.config import ConfigError
 from elf_jax.model.elf import ELF, init_params
 from elf_jax.model.latents import LatentEncoder
-from elf_jax.objective import flow
+from elf_jax.objective import flow, optim
 from elf_jax.objective import loss as L
-from elf_jax.objective import optim
 from elf_jax.objective.state import TrainState
 from elf_jax.parallel import sharding
 from elf_jax.parallel.mesh import batch_axes, num_batch_shards, traced_under_mesh

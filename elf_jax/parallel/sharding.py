@@ -7,8 +7,9 @@ Batches are sharded along their first axis over the batch axes ("data", "fsdp").
 from typing import Any
 
 import jax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from elf_jax.config import ConfigError
 from elf_jax.parallel.mesh import batch_axes, num_batch_shards

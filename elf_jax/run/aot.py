@@ -5,23 +5,22 @@ r"""Ahead-of-time compilation of the sharded train step for a TPU slice, on any 
 
 What is compiled, the memory / FLOPs report and failures: docs/running.md#ahead-of-time-compilation.
 """
+from collections.abc import Sequence
 import dataclasses
 import functools
 import os
 import sys
-from collections.abc import Sequence
 
 import jax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import ml_collections
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from elf_jax import report
 from elf_jax.config import ConfigError
 from elf_jax.objective import step as step_lib
-from elf_jax.run import experiment
-from elf_jax.run import hbm
-from elf_jax.run import train_loop
+from elf_jax.run import experiment, hbm, train_loop
 
 # Slice name → jax topology name ("<generation>:<chip grid>"). v5p-N counts TensorCores (2 per chip, so N / 2
 # chips on a 3-D torus); v5litepod-N and v6e-N count chips (2-D). Chip grids are the slice shapes Cloud TPU offers.

@@ -12,8 +12,7 @@ import warnings
 import ml_collections
 import numpy as np
 
-from elf_jax import fs
-from elf_jax import recipes
+from elf_jax import fs, recipes
 from elf_jax.config import ConfigError, base_config
 from elf_jax.data import pipeline
 from elf_jax.model.elf import ModelConfig

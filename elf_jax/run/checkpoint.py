@@ -23,8 +23,7 @@ import jax
 from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
-from elf_jax import fs
-from elf_jax import report
+from elf_jax import fs, report
 from elf_jax.objective.state import TrainState
 from elf_jax.weights.published import CHECKPOINT_SUBDIR, COMMIT_MARKER, DATA_ITEM, STATE_ITEM
 

@@ -8,15 +8,13 @@ from etils import epath
 import jax
 import ml_collections
 
-from elf_jax import fs
-from elf_jax import report
+from elf_jax import fs, report
 from elf_jax.config import FEW_STEP_PRESET, ConfigError, parse_distill_rounds, resolve
 from elf_jax.objective import distill as distill_lib
 from elf_jax.objective import flow
 from elf_jax.objective import step as step_lib
 from elf_jax.objective.state import TrainState
-from elf_jax.run import experiment
-from elf_jax.run import train_loop
+from elf_jax.run import experiment, train_loop
 
 ROUND_DONE_FILE = "round_done.json"
 SUMMARY_KEYS = ("gen_ppl", "entropy", "gen_ppl_ratio", "entropy_ratio", "ungrammatical_fraction")

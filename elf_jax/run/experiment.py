@@ -3,34 +3,33 @@
 
 What is built, in which order, and which mode builds what: docs/running.md#experiment-builder.
 """
+from collections.abc import Sequence
 import dataclasses
 import json
-from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import ml_collections
 import numpy as np
 import optax
 
-from elf_jax.objective import flow
-from elf_jax.run import checkpoint
-
-from elf_jax import fs
-from elf_jax import report
+from elf_jax import fs, report
 from elf_jax.config import ConfigError, validate
-from elf_jax.data import sources, synthetic, tokenizer as tokenizers
+from elf_jax.data import sources, synthetic
+from elf_jax.data import tokenizer as tokenizers
 from elf_jax.model.elf import ELF, ModelConfig, init_params
 from elf_jax.model.latents import LatentEncoder
-from elf_jax.objective import optim
+from elf_jax.objective import flow, optim
 from elf_jax.objective import state as state_lib
 from elf_jax.objective import step as step_lib
 from elf_jax.objective.state import TrainState
 from elf_jax.parallel import mesh as mesh_lib
 from elf_jax.parallel import sharding
+from elf_jax.run import checkpoint
 from elf_jax.sampling import sampler
 from elf_jax.weights import published
 from elf_jax.weights.encoder import build_encoder

@@ -2,8 +2,7 @@
 workdir's newest step (or any checkpoint `init_from` reads) in the authors' PyTorch layout."""
 import sys
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
 from elf_jax.weights import published
 

@@ -9,20 +9,18 @@ import functools
 import math
 
 import jax
-import jax.numpy as jnp
 from jax.experimental import multihost_utils
+import jax.numpy as jnp
 import numpy as np
 import tqdm
 
 from elf_jax import fs
 from elf_jax.data import pipeline, sources
 from elf_jax.data import tokenizer as tokenizer_lib
-from elf_jax.eval import scoring
-from elf_jax.eval import text_metrics
+from elf_jax.eval import scoring, text_metrics
 from elf_jax.parallel.mesh import num_batch_shards
 from elf_jax.run import experiment
-from elf_jax.sampling import sampler
-from elf_jax.sampling import trajectory
+from elf_jax.sampling import sampler, trajectory
 from elf_jax.sampling.files import Samples
 
 

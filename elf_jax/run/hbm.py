@@ -3,9 +3,9 @@
 
 Where the budget comes from and who checks: docs/running.md#memory-check.
 """
+from collections.abc import Mapping, Sequence
 import dataclasses
 import re
-from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax

@@ -11,8 +11,7 @@ import tempfile
 
 import jax
 
-from elf_jax import fs
-from elf_jax import report
+from elf_jax import fs, report
 from elf_jax.weights import published
 
 _RESULT_FILES = ("metrics.jsonl", "latent_stats.json")

@@ -10,12 +10,10 @@ import jax
 import ml_collections
 import numpy as np
 
-from elf_jax import fs
-from elf_jax import report
+from elf_jax import fs, report
 from elf_jax.config import SAMPLE_PRESET_FIELDS, parse_sweep
 from elf_jax.eval import plots
-from elf_jax.run import api
-from elf_jax.run import experiment
+from elf_jax.run import api, experiment
 from elf_jax.run import generate as gen
 from elf_jax.sampling import sampler
 from elf_jax.sampling.files import read_samples, write_samples

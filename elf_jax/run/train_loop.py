@@ -22,8 +22,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from elf_jax import fs
-from elf_jax import report
+from elf_jax import fs, report
 from elf_jax.config import ConfigError
 from elf_jax.data import pipeline
 from elf_jax.eval import plots
@@ -31,10 +30,7 @@ from elf_jax.model import latents
 from elf_jax.objective import step as step_lib
 from elf_jax.objective.state import TrainState
 from elf_jax.parallel import mesh as mesh_lib
-from elf_jax.run import checkpoint
-from elf_jax.run import experiment
-from elf_jax.run import hbm
-from elf_jax.run import hub_upload
+from elf_jax.run import checkpoint, experiment, hbm, hub_upload
 
 
 def _finite_mean(values) -> float:

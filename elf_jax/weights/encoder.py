@@ -3,10 +3,10 @@ seeded random weights, and `build_encoder`, which turns `config.encoder` into a 
 
 Parameter names on each side are listed in `elf_jax/model/t5_encoder.py`'s docstring.
 """
+from collections.abc import Callable, Mapping
 import os
 import pickle
 import re
-from collections.abc import Callable, Mapping
 from typing import Any
 
 from etils import epath
@@ -15,12 +15,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from elf_jax import hub
-from elf_jax.weights import hf
-from elf_jax import recipes
+from elf_jax import hub, recipes
 from elf_jax.config import ConfigError
 from elf_jax.model.latents import LatentEncoder
 from elf_jax.model.t5_encoder import T5Encoder, T5EncoderConfig, random_t5_encoder_params
+from elf_jax.weights import hf
+
 
 def _hf_name(path: tuple[str, ...]) -> str:
   """Hugging Face state-dict key of a Flax param path (see the module docstring)."""

@@ -18,12 +18,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from elf_jax import hub
-from elf_jax import report
+from elf_jax import hub, report
 from elf_jax.config import ConfigError
 from elf_jax.model import elf
-from elf_jax.weights import lightning
-from elf_jax.weights import torch_format
+from elf_jax.weights import lightning, torch_format
 
 # The layout of a training workdir (written by elf_jax.run.checkpoint.CheckpointManager).
 CHECKPOINT_SUBDIR = "checkpoints"

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from elf_jax.config import load_config_file
-from elf_jax.data import latent_cache, pipeline, sources, tokenizer as tokenizers_
+from elf_jax.data import latent_cache, pipeline, sources
+from elf_jax.data import tokenizer as tokenizers_
 from elf_jax.model.elf import ELF, ModelConfig, init_params
 from elf_jax.model.t5_encoder import make_encoder_mask
 from elf_jax.objective import flow

@@ -5,12 +5,11 @@ import json
 import numpy as np
 import pytest
 
-from tests.conftest import fixture_config
-from elf_jax.data import pipeline
-from elf_jax.data import sources
-from elf_jax.data import synthetic
+from elf_jax.data import pipeline, sources, synthetic
 from elf_jax.data import tokenizer as tokenizer_lib
 from elf_jax.model.t5_encoder import make_encoder_mask
+
+from tests.conftest import fixture_config
 from tests.data.conftest import S, data_config, encode, save_hf_dataset
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from elf_jax.config import ConfigError
 from elf_jax.data import sources
+
 from tests.data.conftest import data_config, save_hf_dataset
 
 

@@ -8,6 +8,7 @@ import transformers
 
 from elf_jax.config import ConfigError
 from elf_jax.data import tokenizer as tokenizer_lib
+
 from tests.data.conftest import encode
 
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from elf_jax.eval import gen_ppl
-from elf_jax.eval import gpt2
+from elf_jax.eval import gen_ppl, gpt2
+
 from tests.eval.conftest import MAX_LENGTH, TEXTS
 
 

@@ -13,7 +13,6 @@ from elf_jax.config import ConfigError
 from elf_jax.eval import gpt2
 
 
-
 @pytest.fixture(scope="module")
 def loaded(tiny_gpt2):
   return gpt2.load_hf_gpt2(str(tiny_gpt2.directory))

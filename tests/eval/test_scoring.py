@@ -2,9 +2,8 @@
 import pytest
 
 from elf_jax.config import base_config
-from elf_jax.eval import gen_ppl
-from elf_jax.eval import scoring
-from elf_jax.eval import text_metrics
+from elf_jax.eval import gen_ppl, scoring, text_metrics
+
 from tests.eval.conftest import TEXTS
 
 

@@ -11,7 +11,6 @@ import sacrebleu
 
 from elf_jax.eval import text_metrics
 
-
 HYPS = ["The cat sat on the mat.", "Running dogs were barking loudly", "A completely unrelated sentence here"]
 
 

@@ -14,8 +14,7 @@ import pytest
 
 from elf_jax.config import base_config
 from elf_jax.model.elf import ELF, ModelConfig
-from elf_jax.objective import flow
-from elf_jax.objective import optim
+from elf_jax.objective import flow, optim
 from elf_jax.objective import state as state_lib
 from elf_jax.objective import step as S
 from elf_jax.parallel import sharding

@@ -19,13 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from elf_jax import fs
-from elf_jax import report
+from elf_jax import fs, report
 from elf_jax.config import ConfigError
 from elf_jax.objective.state import TrainState
 from elf_jax.run import checkpoint
 from elf_jax.run import train_loop as loop
 from elf_jax.weights import published
+
 from tests.cli_runs import REPO, TINY_CONFIG
 from tests.run.test_train_loop import SMALL
 

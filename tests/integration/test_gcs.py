@@ -13,6 +13,7 @@ import pytest
 from elf_jax import fs
 from elf_jax.data import latent_cache, sources
 from elf_jax.run import cache_latents
+
 from tests.cli_runs import TINY_CONFIG
 from tests.run.test_train_loop import SMALL, small_config
 

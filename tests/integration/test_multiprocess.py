@@ -19,14 +19,13 @@ import jax
 import numpy as np
 import pytest
 
-from elf_jax.run import checkpoint
-
 from elf_jax import fs
-from elf_jax.data import pipeline, sources, tokenizer as tokenizers_
+from elf_jax.data import pipeline, sources
+from elf_jax.data import tokenizer as tokenizers_
 from elf_jax.eval import gen_ppl
-from elf_jax.run import modes
-from elf_jax.run import train_loop
+from elf_jax.run import checkpoint, modes, train_loop
 from elf_jax.weights import published
+
 from tests.cli_runs import TINY_CONFIG
 from tests.run.test_train_loop import SMALL, small_config
 

@@ -15,9 +15,8 @@ import pytest
 
 from elf_jax.config import base_config
 from elf_jax.model.elf import ELF, ModelConfig, init_params
-from elf_jax.objective import flow
+from elf_jax.objective import flow, optim
 from elf_jax.objective import loss as L
-from elf_jax.objective import optim
 from elf_jax.objective import step as step_lib
 from elf_jax.weights.encoder import build_encoder
 

@@ -1,14 +1,13 @@
 """Sharded training equals the single-device run on every mesh; parameters really are split; bad meshes fail clearly."""
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec as P
 
 from elf_jax.config import base_config
 from elf_jax.model.elf import ELF, ModelConfig
-from elf_jax.objective import flow
-from elf_jax.objective import optim
+from elf_jax.objective import flow, optim
 from elf_jax.objective import state as state_lib
 from elf_jax.objective import step as S
 from elf_jax.parallel import sharding

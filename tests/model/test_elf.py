@@ -7,11 +7,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.conftest import tiny_fixture_model
 from elf_jax.config import base_config
+from elf_jax.model.elf import (
+  ELF,
+  ModelConfig,
+  count_params,
+  init_params,
+  layer_dropout_rates,
+  stack_blocks,
+  unstack_blocks,
+)
 from elf_jax.weights import published
-from elf_jax.model.elf import (ELF, ModelConfig, count_params, init_params, layer_dropout_rates, stack_blocks,
-                               unstack_blocks)
+
+from tests.conftest import tiny_fixture_model
 
 
 @pytest.mark.parametrize("layout", ["checkpoint_7", "orbax_checkpoint_7"])

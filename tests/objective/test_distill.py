@@ -7,7 +7,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.conftest import fixture_config
 from elf_jax.config import ConfigError, base_config, parse_distill_rounds, validate
 from elf_jax.model import elf
 from elf_jax.model.elf import ELF, ModelConfig
@@ -15,6 +14,7 @@ from elf_jax.objective import distill
 from elf_jax.objective.flow import FlowConfig
 from elf_jax.weights import published
 
+from tests.conftest import fixture_config
 
 
 def rel_err(ours, ref) -> float:

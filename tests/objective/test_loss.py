@@ -7,12 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.conftest import fixture_config
 from elf_jax.config import base_config
 from elf_jax.model.elf import ELF, ModelConfig, init_params, unstack_blocks
 from elf_jax.objective import flow
 from elf_jax.objective import loss as L
 from elf_jax.weights import published
+
+from tests.conftest import fixture_config
 
 C = 8
 

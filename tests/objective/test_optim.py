@@ -10,11 +10,12 @@ import numpy as np
 import optax
 import pytest
 
-from tests.conftest import fixture_config
 from elf_jax import config as config_lib
 from elf_jax.model import elf
 from elf_jax.objective import optim
 from elf_jax.weights import published
+
+from tests.conftest import fixture_config
 
 NUM_UPDATES = 3  # the fixture's optim/grads_{0,1,2}
 

@@ -5,9 +5,10 @@ import jax
 import numpy as np
 import pytest
 
-from tests.conftest import CONFIGS, config_from_command_line
 from elf_jax import config as config_lib
 from elf_jax.parallel import mesh as mesh_lib
+
+from tests.conftest import CONFIGS, config_from_command_line
 
 
 def _cfg(data, fsdp, tensor):

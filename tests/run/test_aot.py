@@ -8,19 +8,18 @@ import re
 # libtpu takes a host-wide lock when it loads; compiling touches no TPU, so share it with other processes.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+import numpy as np
+import pytest
 
-from elf_jax import recipes  # noqa: E402
-from elf_jax.config import ConfigError  # noqa: E402
-from elf_jax.parallel import mesh as mesh_lib  # noqa: E402
-from elf_jax.parallel.mesh import make_mesh  # noqa: E402
-from elf_jax.run import aot  # noqa: E402
-from elf_jax.run import hbm  # noqa: E402
-from elf_jax.run import train_loop  # noqa: E402
+from elf_jax import recipes
+from elf_jax.config import ConfigError
+from elf_jax.parallel import mesh as mesh_lib
+from elf_jax.parallel.mesh import make_mesh
+from elf_jax.run import aot, hbm, train_loop
 
 pytestmark = pytest.mark.slow  # end-to-end runs and equivalence checks: the full suite, not the fast loop
 
@@ -186,9 +185,10 @@ def test_fit_check_compiles_the_step_that_the_first_call_runs():
 def test_pallas_sampler_compiles_for_a_v5p_slice():
   """The sampler (SDE, CFG: the batch doubles inside) with the Pallas attention compiles for v5p-8 on a data=2 x
   tensor=2 mesh: traced under the mesh, every kernel call runs per shard (Mosaic refuses a whole-array call)."""
-  from elf_jax.sampling import sampler  # pylint: disable=import-outside-toplevel
-  from elf_jax.model.elf import ELF, ModelConfig, init_params  # pylint: disable=import-outside-toplevel
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
+
+  from elf_jax.model.elf import ELF, ModelConfig, init_params  # pylint: disable=import-outside-toplevel
+  from elf_jax.sampling import sampler  # pylint: disable=import-outside-toplevel
   c = _tiny_config()
   c.model.attention_impl = "pallas"
   mesh = make_mesh(dict(data=2, fsdp=1, tensor=2), aot.topology_devices("v5p-8"))

@@ -9,11 +9,10 @@ import pytest
 
 import elf_jax
 from elf_jax.config import ConfigError
-from elf_jax.run import api
+from elf_jax.run import api, modes, train_loop
 from elf_jax.run import generate as gen
-from elf_jax.run import modes
-from elf_jax.run import train_loop
 from elf_jax.weights import published
+
 from tests.run.test_train_loop import small_config
 
 pytestmark = pytest.mark.slow  # a short training run (about 1.5 min on 2 cores) feeds every test here

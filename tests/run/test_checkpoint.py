@@ -11,12 +11,11 @@ import numpy as np
 import optax
 import pytest
 
-from tests.conftest import assert_trees_equal
-from elf_jax.run import checkpoint
-
 from elf_jax.objective.state import TrainState
-from elf_jax.run import train_loop
+from elf_jax.run import checkpoint, train_loop
 from elf_jax.weights import published
+
+from tests.conftest import assert_trees_equal
 
 
 def _state(step, scale=1.0):

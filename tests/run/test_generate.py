@@ -3,9 +3,9 @@ the single-sample score."""
 import json
 import types
 
+from flax import linen as nn
 import jax
 import numpy as np
-from flax import linen as nn
 import pytest
 import tokenizers
 import transformers
@@ -16,8 +16,7 @@ from elf_jax.data import sources
 from elf_jax.data import tokenizer as tokenizer_lib
 from elf_jax.eval import text_metrics
 from elf_jax.model.elf import init_params
-from elf_jax.run import experiment
-from elf_jax.run import generate
+from elf_jax.run import experiment, generate
 from elf_jax.sampling.files import Samples
 
 

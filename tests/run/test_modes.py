@@ -1,15 +1,13 @@
 """The modes of the command line: the few-step preset and `--mode=eval`'s steps sweep."""
 import types
 
-
 from elf_jax import report
 from elf_jax.config import load_config_file
-from elf_jax.run import generate
-from elf_jax.run import modes
+from elf_jax.run import generate, modes
 from elf_jax.sampling import sampler
 from elf_jax.sampling.files import Samples
-from tests.run.test_train_loop import REPO
 
+from tests.run.test_train_loop import REPO
 
 
 def test_few_step_settings_and_the_steps_sweep(tmp_path, monkeypatch):

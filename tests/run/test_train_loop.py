@@ -22,10 +22,7 @@ from tensorboardX.proto import event_pb2
 from elf_jax.config import load_config_file
 from elf_jax.data import pipeline, sources
 from elf_jax.objective import optim
-from elf_jax.run import checkpoint
-from elf_jax.run import experiment
-from elf_jax.run import modes
-from elf_jax.run import train_loop
+from elf_jax.run import checkpoint, experiment, modes, train_loop
 
 pytestmark = pytest.mark.slow  # end-to-end runs and equivalence checks: the full suite, not the fast loop
 

@@ -12,14 +12,22 @@ import pytest
 import tokenizers
 import transformers
 
-from tests.conftest import CONFIGS, config_from_command_line, fixture_config, relative_error, tiny_fixture_model
-from elf_jax.config import (SAMPLE_PRESETS, ConfigError, base_config, few_step_settings, resolve, sample_settings,
-                            validate)
+from elf_jax.config import (
+  SAMPLE_PRESETS,
+  ConfigError,
+  base_config,
+  few_step_settings,
+  resolve,
+  sample_settings,
+  validate,
+)
 from elf_jax.model.elf import ELF, ModelConfig, init_params
 from elf_jax.objective import flow
 from elf_jax.sampling import sampler as S
 from elf_jax.sampling import trajectory
 from elf_jax.weights import published
+
+from tests.conftest import CONFIGS, config_from_command_line, fixture_config, relative_error, tiny_fixture_model
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,11 @@ import jax
 import numpy as np
 import pytest
 
-from tests.conftest import fixture_config, relative_error
 from elf_jax import config as elf_config
 from elf_jax.model import t5_encoder
 from elf_jax.weights import encoder as encoder_weights
+
+from tests.conftest import fixture_config, relative_error
 
 CASES = ("uncond_pad", "cond_eos")
 

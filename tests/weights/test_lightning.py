@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import tiny_fixture_model
 from elf_jax.config import ConfigError
 from elf_jax.model.elf import init_params
-from elf_jax.weights import published
-from elf_jax.weights import torch_format
+from elf_jax.weights import published, torch_format
+
+from tests.conftest import tiny_fixture_model
 
 pl = pytest.importorskip("pytorch_lightning")
 

@@ -6,9 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.conftest import assert_trees_equal, fixture_config
 from elf_jax.model import elf
 from elf_jax.weights import published
+
+from tests.conftest import assert_trees_equal, fixture_config
 
 
 def test_fixture_msgpack_and_orbax_agree(tiny_fixture_dir):

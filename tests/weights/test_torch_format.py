@@ -13,13 +13,13 @@ import pytest
 import safetensors.numpy
 import torch
 
-from tests.conftest import fixture_config
 from elf_jax.config import base_config
 from elf_jax.model.elf import ELF, ModelConfig, init_params
 from elf_jax.objective.state import TrainState
 from elf_jax.run import checkpoint
-from elf_jax.weights import published
-from elf_jax.weights import torch_format
+from elf_jax.weights import published, torch_format
+
+from tests.conftest import fixture_config
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ import math
 
 import jax
 from jax import lax
-import jax.numpy as jnp
 from jax.experimental import pallas as pl
+import jax.numpy as jnp
 
 # Finite stand-in for -inf on masked scores: a fully masked row then degrades to a uniform average, not NaN.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
