@@ -1,5 +1,5 @@
-"""House style: `ruff check` passes under ruff.toml (CI runs the lint through this test), and pointers into
-docs/method.md resolve."""
+"""House style: `ruff check` passes under ruff.toml (CI runs the lint through this test), pointers into
+docs/method.md resolve, and the Markdown pages' prose lines fit in 120 columns."""
 import pathlib
 import re
 import subprocess
@@ -54,3 +54,43 @@ def test_method_references_resolve():
     spec += [f"{path.relative_to(REPO)}: {m}" for m in re.findall(r"spec §\S*", text)]
   assert not bad, f"pointers to missing sections of docs/method.md (anchors: {sorted(anchors)}):\n" + "\n".join(bad)
   assert not spec, "references to the old spec; point into docs/method.md instead:\n" + "\n".join(spec)
+
+
+def _long_prose_lines(text: str, limit: int = 120) -> list[int]:
+  """Line numbers (from 1) of the prose lines longer than `limit` columns. Exempt: fenced code blocks, indented code
+  (4 spaces after a blank line or more code), table rows, and a line that is one word (a URL) or one code span."""
+  long, fence, code, previous = [], None, False, ""
+  for n, line in enumerate(text.splitlines(), 1):
+    marker = re.match(r"\s*(```+|~~~+)", line)
+    if fence:  # inside a fenced block until a fence of the same kind closes it
+      fence = None if marker and marker.group(1).startswith(fence) else fence
+    elif marker:
+      fence = marker.group(1)
+    else:
+      code = line.startswith(("    ", "\t")) and (code or not previous.strip())
+      stripped = line.strip()
+      if (len(line) > limit and not code and not stripped.startswith("|") and re.search(r"\s", stripped)
+          and not re.fullmatch(r"`[^`]+`", stripped)):
+        long.append(n)
+    previous = line
+  return long
+
+
+def test_markdown_prose_fits_in_120_columns():
+  pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "benchmarks" / "README.md",
+           REPO / "launch" / "README.md"]
+  long = [f"{page.relative_to(REPO)}:{n}" for page in pages for n in _long_prose_lines(page.read_text())]
+  assert long == [], "prose lines over 120 columns (rewrap them; tables and code are exempt):\n" + "\n".join(long)
+
+
+def test_the_markdown_check_exempts_only_code_tables_and_single_words():
+  text = "\n".join([
+      "x " * 61,  # 1: 122 columns of prose
+      "```", "y " * 70, "```",  # 2-4: a fenced code block
+      "| " + "z " * 70 + "|",  # 5: a table row
+      "", "    " + "w " * 70,  # 6-7: indented code
+      "https://" + "u" * 120,  # 8: one long URL
+      "`" + "c " * 60 + "`",  # 9: one code span (a command)
+      "  - " + "v " * 60,  # 10: a list item's prose
+  ])
+  assert _long_prose_lines(text) == [1, 10]
