@@ -138,6 +138,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.flow.decoder_m_std = 0.8
   c.flow.label_drop_prob = 0.1  # conditional tasks: drop the condition (CFG training)
   c.flow.pad_token = "pad"  # PAD_TOKENS. pad: loss on valid tokens only; eos: padding is EOS and is learned
+  # pad_token "eos" only, opt-in (configs/tiny.py): the frozen encoder attends to the EOS padding too, and its latents
+  # count in measured latent statistics (valid = every position); the reference leaves padding out of the encoder.
+  c.flow.encode_padding = False
 
   # Data.
   c.data = ml_collections.ConfigDict()
@@ -424,6 +427,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   need(0.0 <= f.guidance_min <= f.guidance_max, f"flow.guidance_min/max={f.guidance_min}/{f.guidance_max}: need "
        "0 <= min <= max")
   need(f.denoiser_noise_scale > 0 and f.decoder_noise_scale > 0, "flow.*_noise_scale must be > 0")
+  need(not f.encode_padding or f.pad_token == "eos", "flow.encode_padding=True needs EOS padding to encode: set "
+       "--config.flow.pad_token=eos (or flow.encode_padding=False)")
   need(m.hidden_size % m.num_heads == 0, f"model.hidden_size={m.hidden_size} must be divisible by model.num_heads="
        f"{m.num_heads}")
   need((m.hidden_size // max(m.num_heads, 1)) % 2 == 0, "model.hidden_size / model.num_heads (the head dim) must be "

@@ -21,7 +21,8 @@ def fingerprint(config: ml_collections.ConfigDict, split: str) -> dict:
   """What the cached rows depend on; a cache is only read under a config with the same values."""
   d, e = config.data, config.encoder
   return {"split": split, "source": d.source, "path": d.path, "tokenizer": d.tokenizer, "max_length": d.max_length,
-          "packing": d.packing, "pad_token": config.flow.pad_token, "encoder": e.name_or_path, "latent_dim": e.dim,
+          "packing": d.packing, "pad_token": config.flow.pad_token,
+          "encode_padding": config.flow.encode_padding, "encoder": e.name_or_path, "latent_dim": e.dim,
           "encoder_random_seed": e.random_seed if e.name_or_path == "random" else None}
 
 

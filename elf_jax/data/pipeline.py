@@ -25,12 +25,14 @@ class Layout:
     pad_id: id of the padding token ("pad" mode).
     eos_id: id of EOS (the padding token in "eos" mode).
     pad_with_eos: config.flow.pad_token == "eos".
+    encode_padding: config.flow.encode_padding (with pad_with_eos): every position is valid, the EOS padding too.
   """
   max_length: int
   max_condition_length: int
   pad_id: int
   eos_id: int
   pad_with_eos: bool
+  encode_padding: bool = False
 
   def encode(self, value: str | np.ndarray, tokenizer: transformers.PreTrainedTokenizerBase) -> np.ndarray:
     """Text -> its token ids without special tokens; pre-tokenized ids -> unchanged. Returns (n,) int32."""
@@ -45,7 +47,7 @@ class Layout:
     ids = np.full(self.max_length, self.eos_id if self.pad_with_eos else self.pad_id, np.int32)
     ids[:len(tokens)] = tokens
     positions = np.arange(self.max_length)
-    valid = positions < len(tokens)
+    valid = positions < (self.max_length if self.encode_padding else len(tokens))
     cond_mask = positions < len(condition)
     learned = np.ones_like(valid) if self.pad_with_eos else valid
     return {"ids": ids, "valid": valid, "cond_mask": cond_mask, "loss_mask": learned & ~cond_mask}
@@ -65,7 +67,7 @@ def make_layout(config: ml_collections.ConfigDict, tokenizer: transformers.PreTr
   if d.conditional and d.packing:
     raise ValueError("config.data.packing is for unconditional data; set it False for conditional tasks")
   return Layout(d.max_length, d.max_condition_length, tokenizer.pad_token_id, tokenizer.eos_token_id,
-                config.flow.pad_token == "eos")
+                config.flow.pad_token == "eos", config.flow.encode_padding)
 
 
 def make_dataset(config: ml_collections.ConfigDict, tokenizer: transformers.PreTrainedTokenizerBase, split: str, *,
