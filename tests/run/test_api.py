@@ -290,3 +290,17 @@ def test_an_exported_model_loads_with_its_config(cond_workdir, cond_model, tmp_p
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   sources = _sources(cond_model, 2)
   assert loaded.condition(sources, seed=0).texts == cond_model.condition(sources, seed=0).texts
+
+
+def test_the_shipped_conditional_demo_loads():
+  """examples/tiny_cond (the quickstart's translation model, sampled by tests/integration/test_notebook.py): read
+  through its folder with its config, latent statistics and the recipe's sampling settings."""
+  folder = REPO / "examples" / "tiny_cond"
+  assert (folder / "ema.safetensors").stat().st_size < 5 * 2**20
+  model = elf_jax.load(str(folder))
+  assert model.conditional and model.config.data.max_condition_length == 12
+  assert model.experiment.encoder.latent_std == pytest.approx(0.9994434991063942)  # its latent_stats.json
+  assert model.sample_config().cfg_scale == 2.0 and model.sample_config().steps == 32  # cond_ode64 at 32 steps
+  ema = published.load_params_from(str(folder / "ema.safetensors"), model.experiment.param_shapes)
+  for a, b in zip(jax.tree.leaves(model.params), jax.tree.leaves(ema)):
+    np.testing.assert_array_equal(np.asarray(a), b)
