@@ -115,8 +115,8 @@ def _detect(path: epath.Path, source: str, field: str) -> Detected:
     return Detected("safetensors", path, source)
   if head and head[0] in _MSGPACK_MAP_HEADERS:
     return Detected("msgpack", path, source)
-  raise not_a_checkpoint(field, source, f"a {path.stat().length}-byte file that is neither a torch.save zip nor a "
-                                        "flax msgpack dict" if head else "an empty file")
+  raise not_a_checkpoint(field, source, f"a {path.stat().length}-byte file that is neither a torch.save zip, a "
+                                        "safetensors file nor a flax msgpack dict" if head else "an empty file")
 
 
 def load_published_elf(path: str, which: str = "ema", expected: Any = None, field: str = "init_from"
