@@ -144,8 +144,8 @@ def _foreign_zip(path):
 
 
 @pytest.mark.parametrize("make, found", [
-    (_random_bytes, "4096-byte file that is neither a torch.save zip nor a flax msgpack dict"),
-    (_text_file, "file that is neither a torch.save zip nor a flax msgpack dict"),
+    (_random_bytes, "4096-byte file that is neither a torch.save zip, a safetensors file nor a flax msgpack dict"),
+    (_text_file, "file that is neither a torch.save zip, a safetensors file nor a flax msgpack dict"),
     (_empty_folder, "an empty folder"),
     (_foreign_zip, "looks like a torch checkpoint but cannot be read"),
     (None, "no such file or folder"),

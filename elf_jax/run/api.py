@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 
 from elf_jax import fs, recipes
-from elf_jax.config import ConfigError, base_config
+from elf_jax.config import SAMPLE_PRESET_FIELDS, ConfigError, base_config
 from elf_jax.data import pipeline
 from elf_jax.model.elf import ModelConfig
 from elf_jax.run import experiment
@@ -52,7 +52,7 @@ class Texts:
 class Scores:
   """metrics: the scores of --mode=eval (Gen. PPL, entropy; BLEU / ROUGE with references; the synthetic language's
   ratios); per_sample: one list per metric with a value per text (`entropy`: unigram entropy of its tokens in nats;
-  synthetic language: `log_prob`, -inf for an ungrammatical sentence)."""
+  the synthetic language, unconditional: `log_prob`, -inf for an ungrammatical sentence)."""
   metrics: dict[str, float]
   per_sample: dict[str, list[float]]
 
@@ -193,10 +193,16 @@ class Model:
             f"max_length {self.config.data.max_length})")
 
   def sample_config(self, preset: str | None = None, **fields) -> sampler.SampleConfig:
-    """The sampler settings: `config.sample`, then `preset` (if given), then the given fields (None = unset)."""
+    """The sampler settings: `config.sample`, then `preset` (if given: its values replace the config's, which a
+    saved config_train.json holds resolved), then the given fields (None = unset), each one of
+    SAMPLE_PRESET_FIELDS (anything else is one ConfigError)."""
+    unknown = sorted(set(fields) - set(SAMPLE_PRESET_FIELDS))
+    if unknown:
+      raise ConfigError(f"unknown sampling setting(s) {', '.join(unknown)}; the settings are preset and "
+                        f"{', '.join(SAMPLE_PRESET_FIELDS)} (as the sample.* fields of elf_jax/config.py)")
     config = self.config
     if preset is not None:
-      config = apply_overrides(config, {"sample.preset": preset})
+      config = apply_overrides(config, {"sample": {"preset": preset, **dict.fromkeys(SAMPLE_PRESET_FIELDS)}})
     ids = dict(eos_id=self.experiment.tokenizer.eos_token_id, pad_id=self.experiment.tokenizer.pad_token_id)
     return sampler.SampleConfig.from_config(config, **ids, **{k: v for k, v in fields.items() if v is not None})
 
@@ -214,8 +220,7 @@ class Model:
   def complete(self, prefixes: Sequence[str], *, seed: int | None = None, **settings) -> Texts:
     """Continues each prefix (unconditional models): its clean latents are held at their positions at every step,
     as a condition's are, and the rest is sampled (an approximation: the model was not trained to continue text).
-    `settings`: as `generate`'s (preset, steps, gamma, guidance_scale). Outputs: the continuations (`full_texts`:
-    prefix + continuation)."""
+    `settings`: as `condition`'s. Outputs: the continuations (`full_texts`: prefix + continuation)."""
     if self.conditional:
       raise ConfigError("complete() continues text with an unconditional model, but this model is conditional "
                         "(data.conditional=True): use condition(inputs)")
@@ -223,17 +228,21 @@ class Model:
 
   def condition(self, inputs: Sequence[str], *, seed: int | None = None, **settings) -> Texts:
     """Summarises / translates each input with a conditional model, with its own sampling settings (the recipe's
-    preset: classifier-free guidance) unless `settings` (preset, steps, gamma, guidance_scale, cfg_scale) say
-    otherwise."""
+    preset: classifier-free guidance) unless `settings` say otherwise: `preset` and the sample.* fields method,
+    steps, grid, grid_p_mean, grid_p_std, gamma, guidance_scale, cfg_scale (`sample_config`)."""
     if not self.conditional:
       raise ConfigError("condition() needs a conditional model (summarisation, translation), but this model is "
                         "unconditional (data.conditional=False): use complete(prefixes) to continue text")
     return self._from_inputs(inputs, "inputs", seed, settings)
 
   def score(self, texts: Sequence[str], references: Sequence[str] | None = None) -> Scores:
-    """The scores of `texts` by the scorers of --mode=eval (with `references`: BLEU and ROUGE as well)."""
+    """The scores of `texts` by the scorers of --mode=eval (with `references`: BLEU and ROUGE as well; a conditional
+    model's outputs are scored against references only)."""
     texts = list(texts)
     exp = self.experiment
+    if references is None and self.conditional:
+      raise ConfigError("score() of a conditional model's outputs needs references=[...], one target text per text "
+                        "(BLEU / ROUGE)")
     if references is not None and len(references) != len(texts):
       raise ConfigError(f"score(): {len(texts)} texts but {len(references)} references; give one reference per text")
     metrics = dict(gen.score(exp, Samples(texts=texts)) if references is None or not self.conditional else
@@ -244,7 +253,7 @@ class Model:
     from elf_jax.eval import gen_ppl  # pylint: disable=import-outside-toplevel
     tokenize = lambda t: exp.tokenizer(t, add_special_tokens=False)["input_ids"]
     per_sample = {"entropy": [gen_ppl.unigram_entropy(tokenize(t)) if t else float("nan") for t in texts]}
-    if exp.language is not None:
+    if exp.language is not None and not self.conditional:  # the synthetic source language, not the outputs'
       per_sample["log_prob"] = [exp.language.log_prob(t) for t in texts]
     return Scores(metrics, per_sample)
 

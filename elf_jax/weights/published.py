@@ -5,7 +5,8 @@
 Published ELF checkpoints (docs/method.md, checkpoint names) are a Flax msgpack file or an orbax PyTree directory,
 each holding the raw parameters under `params` and their EMA under `ema_params1`, with the published parameter names
 (blocks `blocks_{i}`, read into the model's stacked `blocks` layout). The authors' PyTorch checkpoint files
-(`torch.save` payloads, renamed and transposed by `elf_jax.weights.torch_format`) load the same way.
+(`torch.save` payloads, renamed and transposed by `elf_jax.weights.torch_format`) load the same way, and so do the
+EMA weights that `python -m elf_jax.run.export --safetensors` writes (the same PyTorch names, no torch needed).
 """
 from collections.abc import Mapping
 import dataclasses
@@ -33,6 +34,7 @@ _PARAM_KEYS = {"ema": ("ema_params1", "ema_params"), "raw": ("params",)}  # publ
 _STEP_ENTRY = re.compile(r"checkpoint_(\d+)")  # the official code's checkpoint_<step> files (or folders)
 _ORBAX_FILES = ("_CHECKPOINT_METADATA", "_METADATA", "manifest.ocdbt")
 _MSGPACK_MAP_HEADERS = {*range(0x80, 0x90), 0xDE, 0xDF}  # a msgpack file holding a dict starts with one of these
+_SAFETENSORS_SUFFIX = ".safetensors"
 
 # What `detect_format` recognises, in the order it looks (named in the error when nothing matches).
 FORMATS = (
@@ -43,14 +45,16 @@ FORMATS = (
     "an orbax PyTree folder",
     "a torch.save file (the authors' payload with params / ema_params1, a PyTorch Lightning checkpoint or a state "
     "dict)",
+    "a safetensors file of EMA weights in the PyTorch names (what `elf_jax.run.export --safetensors` writes), or a "
+    "folder holding one",
     "a flax msgpack file (params / ema_params1)",
 )
 
 
 @dataclasses.dataclass(frozen=True)
 class Detected:
-  """What a checkpoint is: `kind` "orbax" (folder), "torch" or "msgpack" (files), read at `path` (the newest step
-  or the item folder inside what was named); `source` is what was named."""
+  """What a checkpoint is: `kind` "orbax" (folder), "torch", "safetensors" or "msgpack" (files), read at `path` (the
+  newest step, the item folder or the one weights file inside what was named); `source` is what was named."""
   kind: str
   path: epath.Path
   source: str
@@ -95,17 +99,24 @@ def _detect(path: epath.Path, source: str, field: str) -> Detected:
       return Detected("orbax", path, source)
     if set(entries) == {"checkpoint"}:  # the old flax layout: one msgpack file in a checkpoint_<step> folder
       return _detect(entries["checkpoint"], source, field)
+    tensors = [n for n in entries if n.endswith(_SAFETENSORS_SUFFIX)]
+    if len(tensors) == 1:  # an exported model: its EMA weights beside config_train.json and latent_stats.json
+      return _detect(entries[tensors[0]], source, field)
     names = sorted(entries)
     listed = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
     raise not_a_checkpoint(field, source, f"a folder holding {listed}" if names else "an empty folder")
   with path.open("rb") as f:
-    head = f.read(len(torch_format.TORCH_ZIP_MAGIC))
-  if head == torch_format.TORCH_ZIP_MAGIC:
+    head = f.read(9)
+  if head.startswith(torch_format.TORCH_ZIP_MAGIC):
     return Detected("torch", path, source)
+  # safetensors: a little-endian u64 header length, then the JSON header (checked before msgpack, whose map headers
+  # the length's first byte may look like).
+  if len(head) == 9 and head[8:] == b"{" and 8 + int.from_bytes(head[:8], "little") <= path.stat().length:
+    return Detected("safetensors", path, source)
   if head and head[0] in _MSGPACK_MAP_HEADERS:
     return Detected("msgpack", path, source)
-  raise not_a_checkpoint(field, source, f"a {path.stat().length}-byte file that is neither a torch.save zip nor a "
-                                        "flax msgpack dict" if head else "an empty file")
+  raise not_a_checkpoint(field, source, f"a {path.stat().length}-byte file that is neither a torch.save zip, a "
+                                        "safetensors file nor a flax msgpack dict" if head else "an empty file")
 
 
 def load_published_elf(path: str, which: str = "ema", expected: Any = None, field: str = "init_from"
@@ -116,8 +127,8 @@ def load_published_elf(path: str, which: str = "ema", expected: Any = None, fiel
     path: anything `detect_format` recognises (a path or a hub id): a Flax msgpack file or an orbax PyTree directory
       holding `params` and `ema_params1` (our own `state` items, holding `params` and `ema_params`, work too), the
       authors' PyTorch checkpoint file or a PyTorch Lightning checkpoint (`torch.save` payloads, recognised by their
-      content; need torch), a folder of them or one of our workdirs.
-    which: "ema" (the EMA copy, used for sampling) or "raw" (the trained parameters).
+      content; need torch), an exported safetensors file of EMA weights, a folder of them or one of our workdirs.
+    which: "ema" (the EMA copy, used for sampling) or "raw" (the trained parameters; not in a safetensors export).
     expected: optional tree of `jax.ShapeDtypeStruct`s or arrays, e.g. `jax.eval_shape` of the model's init.
       Every leaf path and shape must match (per block, in the published names); the leaves are then cast to its
       dtypes.
@@ -135,7 +146,8 @@ def load_published_elf(path: str, which: str = "ema", expected: Any = None, fiel
   if which not in _PARAM_KEYS:
     raise ValueError(f"which={which!r}; use 'ema' or 'raw'.")
   found = detect_format(path, field)
-  read = {"torch": _read_torch, "msgpack": _read_msgpack, "orbax": _read_orbax}[found.kind]
+  read = {"torch": _read_torch, "safetensors": _read_safetensors, "msgpack": _read_msgpack,
+          "orbax": _read_orbax}[found.kind]
   try:
     tree = read(found.path, _PARAM_KEYS[which])
   except ConfigError as e:  # the Lightning reader's: what it found and how to proceed
@@ -167,7 +179,7 @@ def load_params_from(path: str, expected: Any = None, which: str = "ema", field:
   Args:
     path: a path or hub id: a msgpack file, a PyTorch (or Lightning) checkpoint file, an orbax PyTree directory, a
       training workdir, a `CheckpointManager` directory or one of its step directories (then the newest step with a
-      commit marker), a folder of official checkpoint_<step> files.
+      commit marker), a folder of official checkpoint_<step> files, an exported safetensors file (or its folder).
     expected: as in `load_published_elf`.
     which: as in `load_published_elf`; "raw" reads the trained parameters instead of their EMA.
   """
@@ -196,6 +208,19 @@ def _read_torch(path: epath.Path, keys) -> Any:
   chosen = next((c for c in copies if c.is_ema == want_ema), copies[0])
   report.say(f"{path}: {lightning.describe(chosen, copies)}")
   return torch_format.from_torch_state(chosen.state)
+
+
+def _read_safetensors(path: epath.Path, keys) -> Any:
+  """The EMA weights of an exported safetensors file (PyTorch names and layout); it holds no raw parameters."""
+  from safetensors.numpy import load  # pylint: disable=import-outside-toplevel
+  if "params" in keys:
+    raise ConfigError(f"{path} holds only EMA weights (an `elf_jax.run.export --safetensors` file), not the raw "
+                      "parameters; export from the training workdir or its PyTorch checkpoint instead")
+  state = load(path.read_bytes())
+  if lightning.MARKER not in state:
+    raise ConfigError(f"{path} holds {len(state)} tensors but no ELF network (none is named {lightning.MARKER}); "
+                      "pass the EMA weights `python -m elf_jax.run.export --safetensors` writes")
+  return torch_format.from_torch_state(state)
 
 
 def _read_orbax(path: epath.Path, keys) -> Any:
@@ -234,20 +259,26 @@ def _match_expected(tree, expected, path: epath.Path):
   return jax.tree_util.tree_map_with_path(lambda k, v: np.asarray(v, dtype=want[_path_str(k)].dtype), tree)
 
 
-def export_torch_checkpoint(source: str, out: str, safetensors_out: str | None = None) -> None:
-  """Writes the parameters of `source` as the authors' PyTorch checkpoint file, and optionally the EMA weights
-  as safetensors.
+def export_torch_checkpoint(source: str, out: str | None, safetensors_out: str | None = None) -> None:
+  """Writes the parameters of `source` as the authors' PyTorch checkpoint file, the EMA weights as safetensors, or
+  both.
 
   Args:
     source: anything `load_params_from` reads: a training workdir (its newest step), a published msgpack, orbax
       or PyTorch checkpoint.
-    out: the `torch.save` file to write, holding `params` and `ema_params1` (what the authors' PyTorch code reads
-      for a teacher or a warm start) and no optimizer state, so their resume path cannot continue from it.
-    safetensors_out: if given, the EMA weights are written there too (PyTorch names and layout; needs no torch).
+    out: the `torch.save` file to write (None: none), holding `params` and `ema_params1` (what the authors' PyTorch
+      code reads for a teacher or a warm start) and no optimizer state, so their resume path cannot continue from it.
+    safetensors_out: the file to write the EMA weights to (None: none), with PyTorch names and layout; needs no
+      torch, and `elf_jax.load` / `init_from` read it back.
+
+  Raises:
+    ValueError: neither file is named.
   """
+  if not out and not safetensors_out:
+    raise ValueError("nothing to write: name the PyTorch checkpoint (--out=FILE: params and EMA) and / or the EMA "
+                     "weights' safetensors file (--safetensors=FILE)")
   ema = load_params_from(source)
-  torch_format.export_torch(out, load_params_from(source, which="raw"), ema)
+  if out:
+    torch_format.export_torch(out, load_params_from(source, which="raw"), ema)
   if safetensors_out:
     torch_format.export_safetensors(safetensors_out, ema)
-
-

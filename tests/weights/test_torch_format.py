@@ -1,5 +1,6 @@
 """The authors' PyTorch checkpoint files: import of reference_elf_train's torch_checkpoint_0 (the network of its
-checkpoint.msgpack), export in the same payload layout, safetensors export, and the error without torch."""
+checkpoint.msgpack), export in the same payload layout, safetensors export (and its read-back), and the error without
+torch."""
 import os
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import pytest
 import safetensors.numpy
 import torch
 
-from elf_jax.config import base_config
+from elf_jax.config import ConfigError, base_config
 from elf_jax.model.elf import ELF, ModelConfig, init_params
 from elf_jax.objective.state import TrainState
 from elf_jax.run import checkpoint
@@ -127,6 +128,35 @@ def test_cli_export_of_a_workdir_with_safetensors(model_and_shapes, tmp_path, to
     assert torch.equal(ours["params"][name], tensor), name
     assert torch.equal(ours["ema_params1"][name], tensor * 0.5), name
     np.testing.assert_array_equal(tensors[name], tensor.numpy() * 0.5)
+
+
+def test_a_safetensors_export_is_a_checkpoint_of_its_own(model_and_shapes, tmp_path, msgpack_file):
+  """The EMA weights alone (`export --safetensors` without --out: no torch) read back by file or by the folder
+  holding them (beside a run's config, as examples/tiny_cond ships them); they hold no raw parameters."""
+  _, shapes, _ = model_and_shapes
+  folder = tmp_path / "exported"
+  folder.mkdir()
+  file = folder / "ema.safetensors"
+  published.export_torch_checkpoint(str(msgpack_file), None, str(file))
+  (folder / "config_train.json").write_text("{}")
+  ema = published.load_published_elf(msgpack_file, "ema", expected=shapes)
+  for source in (file, folder):
+    assert published.detect_format(str(source)).kind == "safetensors"
+    _assert_same_tree(published.load_params_from(str(source), shapes), ema)
+  with pytest.raises(ConfigError, match=r"holds only EMA weights") as err:
+    published.load_published_elf(file, "raw")
+  assert "\n" not in str(err.value)
+  other = tmp_path / "other.safetensors"
+  safetensors.numpy.save_file({"encoder.weight": np.zeros((2, 2), np.float32)}, other)
+  with pytest.raises(ConfigError, match=r"no ELF network \(none is named t_emb_tokens\)"):
+    published.load_published_elf(other)
+  # The header length's first byte may look like a msgpack map header (0x80-0x8f): still safetensors.
+  data = next(d for n in range(1, 300) if (d := safetensors.numpy.save({"x" * n: np.zeros(1, np.float32)}))[0] in
+              range(0x80, 0x90))
+  other.write_bytes(data)
+  assert published.detect_format(str(other)).kind == "safetensors"
+  with pytest.raises(ValueError, match="nothing to write"):
+    published.export_torch_checkpoint(str(msgpack_file), None, None)
 
 
 def test_compiled_model_names_are_accepted(torch_file):
