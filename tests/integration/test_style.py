@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-CHECKED = ("elf_jax", "tests", "benchmarks", "configs")
+CHECKED = ("elf_jax", "tests", "benchmarks", "configs", "examples")
 
 
 def _ruff_check(*paths) -> subprocess.CompletedProcess:
