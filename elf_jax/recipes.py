@@ -80,7 +80,8 @@ def wmt_de_en() -> ml_collections.ConfigDict:
 
 def tiny() -> ml_collections.ConfigDict:
   """The offline embedded default: a 0.9M-parameter ELF on the synthetic language with one word per class, a random
-  T5-architecture encoder and AdamW for 2600 steps (configs/tiny.py describes it)."""
+  T5-architecture encoder and AdamW for 2200 steps, with two opt-in objective variants that pay at this scale
+  (configs/tiny.py describes it; README: the ablation)."""
   c = base_config()
   # Network: 4 blocks of width 128 (about 0.9M parameters), one time / guidance / mode token each (the reference's
   # four each would make the 16-token rows 75% longer and every step that much slower).
@@ -106,6 +107,11 @@ def tiny() -> ml_collections.ConfigDict:
   # Sentences are short (mean 6 words in 16 positions): pad with EOS and learn it, as the conditional tasks do, so that
   # the model knows what follows a sentence (with "pad", padded positions are never seen and sampling fills them).
   c.flow.pad_token = "eos"
+  # Opt-in variants (not the reference's objective; README "The embedded default" measures each): the encoder attends
+  # to the EOS padding, so every latent knows where the sentence ends (11.6% -> 4.8% ungrammatical samples), and an
+  # exact half of each batch is self-conditioned, so the x_sc = 0 pass runs on that half only (15% faster steps).
+  c.flow.encode_padding = True
+  c.flow.self_cond_draw = "fixed_count"
   # Data: the synthetic language with one word per class, 16 tokens per row (every sentence + EOS fits).
   c.data.tokenizer = "synthetic"
   c.data.synthetic_words_per_class = 1
@@ -116,8 +122,8 @@ def tiny() -> ml_collections.ConfigDict:
   c.optim.global_batch_size = 128
   c.optim.warmup_steps = 100
   c.optim.schedule = "cosine"
-  c.optim.num_steps = 2600
-  c.optim.ema_decay = 0.998  # a ~500-step average: 0.999 lags a 2600-step run (entropy ratio 0.88 instead of 0.91)
+  c.optim.num_steps = 2200  # ten minutes end to end on 2 cores
+  c.optim.ema_decay = 0.998  # a ~500-step average: 0.999 lags a run this short (entropy ratio 0.88 instead of 0.91)
   # Sampling + evaluation at the end: the paper's headline OpenWebText setting (base_config's owt_sde32 preset).
   c.sample.num_samples = 500
   c.sample.batch_size = 250
@@ -150,6 +156,10 @@ def tiny_cond() -> ml_collections.ConfigDict:
   classifier-free guidance, scored by BLEU (configs/tiny_cond.py describes it)."""
   c = tiny()
   c.model.vocab_size = 113  # the word tokenizer of the task: 55 source + 55 target words + pad, EOS, unk
+  # The reference's objective, not tiny()'s opt-in variants: the README's BLEU table and examples/tiny_cond were
+  # measured so.
+  c.flow.encode_padding = False
+  c.flow.self_cond_draw = "bernoulli"
   # Data: [source ; target] rows of 24 tokens, the source cut to 12 words (99.9% of sentences are no longer).
   c.data.conditional = True
   c.data.max_length = 24

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from elf_jax.config import ConfigError, validate
 from elf_jax.data import pipeline, sources, synthetic
 from elf_jax.data import tokenizer as tokenizer_lib
 from elf_jax.model.t5_encoder import make_encoder_mask
@@ -76,6 +77,22 @@ def test_unconditional_eos_mode_and_truncation(language, tok):
     assert b["ids"][row].tolist() == expected + [1] * (5 - len(expected))
     assert b["valid"][row].tolist() == [True] * len(expected) + [False] * (5 - len(expected))
   assert min(lengths) < 5 and max(lengths) == 5 and b["ids"][lengths.index(5), -1] != 1  # both cases are covered
+
+
+def test_encode_padding_makes_the_eos_padding_valid(language, tok):
+  """flow.encode_padding (opt-in): the same ids and loss mask as the EOS mode, every position valid (the encoder
+  attends to the padding); without EOS padding it is one config error."""
+  c = data_config()
+  c.flow.pad_token = "eos"
+  official = next(iter(pipeline.make_dataset(c, tok, "train", language=language)))
+  c.flow.encode_padding = True
+  b = next(iter(pipeline.make_dataset(c, tok, "train", language=language)))
+  assert not official["valid"].all() and b["valid"].all()
+  for key in ("ids", "loss_mask", "cond_mask"):
+    np.testing.assert_array_equal(b[key], official[key], err_msg=key)
+  c.flow.pad_token = "pad"
+  with pytest.raises(ConfigError, match="flow.encode_padding=True needs EOS padding"):
+    validate(c)
 
 
 def test_packing_concatenates_documents(language, tok):

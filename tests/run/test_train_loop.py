@@ -35,6 +35,7 @@ SMALL = {
     "encoder.dim": 16, "encoder.random_num_layers": 1, "encoder.random_num_heads": 2, "encoder.random_d_kv": 8,
     "encoder.random_d_ff": 32,
     "flow.decoder_groups": -1,  # one coin group per batch shard (tiny's 4 groups do not fit 8 shards)
+    "flow.self_cond_draw": "bernoulli",  # tiny's fixed_count never self-conditions the 8 shards' groups of one
     "data.synthetic_num_sentences": 1000,
     "optim.global_batch_size": 8, "optim.num_steps": 6, "optim.warmup_steps": 2,
     "checkpoint.every_steps": 3, "checkpoint.async_save": False,
