@@ -24,8 +24,8 @@ def figures(language: HiddenMarkovLanguage, texts: list[str]) -> str:
   kept = gen_ppl.nonempty(texts)
   f = language.gen_ppl_and_entropy(kept)
   words = sum(len(t.split()) for t in kept) / max(len(kept), 1)
-  return (f"{100 * f['ungrammatical_fraction']:6.1f}%  {f['gen_ppl']:8.3f}  {f['entropy']:7.3f}  {words:5.2f}  "
-          f"{len(texts) - len(kept)}")
+  return (f"{100 * f['ungrammatical_fraction']:12.1f}%  {f['gen_ppl']:8.3f}  {f['entropy']:7.3f}  {words:5.2f}  "
+          f"{len(texts) - len(kept):5d}")
 
 
 def main(argv):
@@ -37,16 +37,18 @@ def main(argv):
                          "grammaticality needs the true language")
   num = _NUM.value
   held_out = generate.held_out_texts(model.experiment, 20 * num)
-  print("                               ungrammatical  Gen. PPL  entropy  words  empty")
-  print(f"true sentences              {figures(language, held_out[:num])}")
-  print(f"free samples                {figures(language, model.generate(num).texts)}")
+  rows = {"true sentences": figures(language, held_out[:num]),
+          "free samples": figures(language, model.generate(num).texts)}
   for k in map(int, _PREFIX_WORDS.value):
     sentences = [s for s in held_out if len(s.split()) > k][:num]
     prefixes = [" ".join(s.split()[:k]) for s in sentences]
     completed = model.complete(prefixes).full_texts
-    print(f"completions of {k}-word prefixes {figures(language, completed)}")
-    for prefix, text in list(zip(prefixes, completed))[:3]:
-      print(f"    [{prefix}] {text[len(prefix):].strip()}")
+    rows[f"completions of {k}-word prefixes"] = figures(language, completed)
+    examples = [f"    [{prefix}] {text[len(prefix):].strip()}" for prefix, text in zip(prefixes, completed)]
+    rows[f"completions of {k}-word prefixes"] += "\n" + "\n".join(examples[:3])
+  print(f"{'':34}ungrammatical  Gen. PPL  entropy  words  empty")
+  for label, row in rows.items():
+    print(f"{label:<34}{row}")
 
 
 if __name__ == "__main__":
