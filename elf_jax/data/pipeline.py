@@ -32,7 +32,7 @@ class Layout:
   pad_id: int
   eos_id: int
   pad_with_eos: bool
-  encode_padding: bool = False
+  encode_padding: bool
 
   def encode(self, value: str | np.ndarray, tokenizer: transformers.PreTrainedTokenizerBase) -> np.ndarray:
     """Text -> its token ids without special tokens; pre-tokenized ids -> unchanged. Returns (n,) int32."""

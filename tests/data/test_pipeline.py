@@ -31,7 +31,8 @@ def test_rows_equal_the_reference_collate(reference_train, case):
   cfg, ref = reference_train
   recipe = cfg["cases"][case]
   layout = pipeline.Layout(max_length=cfg["dims"]["S"], max_condition_length=recipe["max_input_length"] or 0,
-                           pad_id=cfg["pad_id"], eos_id=cfg["eos_id"], pad_with_eos=recipe["pad_token"] == "eos")
+                           pad_id=cfg["pad_id"], eos_id=cfg["eos_id"], pad_with_eos=recipe["pad_token"] == "eos",
+                           encode_padding=False)
   targets = ref[f"{case}/target_lists"]
   conditions = ref[f"{case}/condition_lists"] if recipe["max_input_length"] else [None] * len(targets)
   strip = lambda ids: None if ids is None else ids[ids >= 0]  # -1 = no token
