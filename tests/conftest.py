@@ -20,7 +20,30 @@ import urllib.request  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
+from elf_jax.config import load_config_file  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+TINY_CONFIG = CONFIGS / "tiny.py"
+
+# configs/tiny.py with a 1-block width-32 model, a 1-layer width-16 encoder, batch 8 and 6 steps.
+SMALL = {
+    "model.hidden_size": 32, "model.depth": 1, "model.num_heads": 2, "model.bottleneck_dim": 16,
+    "encoder.dim": 16, "encoder.random_num_layers": 1, "encoder.random_num_heads": 2, "encoder.random_d_kv": 8,
+    "encoder.random_d_ff": 32,
+    "flow.decoder_groups": -1,  # one coin group per batch shard (tiny's 4 groups do not fit 8 shards)
+    "flow.self_cond_draw": "bernoulli",  # tiny's fixed_count never self-conditions the 8 shards' groups of one
+    "data.synthetic_num_sentences": 1000,
+    "optim.global_batch_size": 8, "optim.num_steps": 6, "optim.warmup_steps": 2,
+    "checkpoint.every_steps": 3, "checkpoint.async_save": False,
+    "logging.log_every_steps": 1,
+    "sample.num_samples": 8, "sample.batch_size": 8, "sample.steps": 4,
+}
+
+
+def small_config(**overrides):
+  """configs/tiny.py (loaded by path, as --config does) with SMALL and then `overrides` ("group.field": value)."""
+  return load_config_file(TINY_CONFIG, {**SMALL, **overrides})
 
 
 def config_from_command_line(path, *overrides: str):

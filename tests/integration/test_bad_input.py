@@ -15,7 +15,7 @@ from elf_jax.config import ConfigError, base_config, validate
 from elf_jax.data import tokenizer as tokenizers
 from elf_jax.run import train_loop
 
-from tests.run.test_train_loop import REPO, small_config
+from tests.conftest import REPO, small_config
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ from elf_jax.run import train_loop as loop
 from elf_jax.weights import published
 
 from tests.cli_runs import REPO, TINY_CONFIG
-from tests.run.test_train_loop import SMALL
+from tests.conftest import SMALL
 
 OVERRIDES = [f"--config={TINY_CONFIG}", *(f"--config.{key}={value}" for key, value in SMALL.items()),
              "--config.optim.schedule=constant"]  # as tests/integration/test_gcs.py: the same compiled step

@@ -15,7 +15,7 @@ from elf_jax.data import latent_cache, sources
 from elf_jax.run import cache_latents
 
 from tests.cli_runs import TINY_CONFIG
-from tests.run.test_train_loop import SMALL, small_config
+from tests.conftest import SMALL, small_config
 
 pytestmark = pytest.mark.slow  # end-to-end runs and equivalence checks: the full suite, not the fast loop
 

@@ -14,7 +14,7 @@ from elf_jax import recipes
 from elf_jax.data import sources, synthetic
 from elf_jax.eval import text_metrics
 
-from tests.run.test_train_loop import REPO, SMALL, small_config
+from tests.conftest import REPO, SMALL, small_config
 
 pytestmark = pytest.mark.slow  # end-to-end runs and equivalence checks: the full suite, not the fast loop
 

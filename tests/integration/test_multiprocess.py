@@ -27,7 +27,7 @@ from elf_jax.run import checkpoint, modes, train_loop
 from elf_jax.weights import published
 
 from tests.cli_runs import TINY_CONFIG
-from tests.run.test_train_loop import SMALL, small_config
+from tests.conftest import SMALL, small_config
 
 pytestmark = pytest.mark.slow  # end-to-end runs and equivalence checks: the full suite, not the fast loop
 

@@ -19,7 +19,7 @@ from elf_jax.run import api, modes, train_loop
 from elf_jax.run import generate as gen
 from elf_jax.weights import published
 
-from tests.run.test_train_loop import REPO, SMALL, small_config
+from tests.conftest import REPO, SMALL, small_config
 
 pytestmark = pytest.mark.slow  # two short training runs (about 1.5 min each on 2 cores) feed every test here
 

@@ -14,7 +14,7 @@ from elf_jax.config import SAMPLE_PRESET_FIELDS, few_step_settings, load_config_
 from elf_jax.model.elf import ELF, ModelConfig, init_params
 from elf_jax.run import checkpoint, distill_loop, experiment
 
-from tests.run.test_train_loop import REPO, SMALL, small_config
+from tests.conftest import REPO, SMALL, small_config
 
 
 def make_teacher_workdir(directory, config):

@@ -7,7 +7,7 @@ from elf_jax.run import generate, modes
 from elf_jax.sampling import sampler
 from elf_jax.sampling.files import Samples
 
-from tests.run.test_train_loop import REPO
+from tests.conftest import REPO
 
 
 def test_few_step_settings_and_the_steps_sweep(tmp_path, monkeypatch):

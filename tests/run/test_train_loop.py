@@ -19,35 +19,13 @@ import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2
 
-from elf_jax.config import load_config_file
 from elf_jax.data import pipeline, sources
 from elf_jax.objective import optim
 from elf_jax.run import checkpoint, experiment, modes, train_loop
 
+from tests.conftest import small_config
+
 pytestmark = pytest.mark.slow  # end-to-end runs and equivalence checks: the full suite, not the fast loop
-
-REPO = pathlib.Path(__file__).resolve().parents[2]
-TINY_CONFIG = REPO / "configs" / "tiny.py"
-
-# configs/tiny.py with a 1-block width-32 model, a 1-layer width-16 encoder, batch 8 and 6 steps.
-SMALL = {
-    "model.hidden_size": 32, "model.depth": 1, "model.num_heads": 2, "model.bottleneck_dim": 16,
-    "encoder.dim": 16, "encoder.random_num_layers": 1, "encoder.random_num_heads": 2, "encoder.random_d_kv": 8,
-    "encoder.random_d_ff": 32,
-    "flow.decoder_groups": -1,  # one coin group per batch shard (tiny's 4 groups do not fit 8 shards)
-    "flow.self_cond_draw": "bernoulli",  # tiny's fixed_count never self-conditions the 8 shards' groups of one
-    "data.synthetic_num_sentences": 1000,
-    "optim.global_batch_size": 8, "optim.num_steps": 6, "optim.warmup_steps": 2,
-    "checkpoint.every_steps": 3, "checkpoint.async_save": False,
-    "logging.log_every_steps": 1,
-    "sample.num_samples": 8, "sample.batch_size": 8, "sample.steps": 4,
-}
-
-
-def small_config(**overrides):
-  """configs/tiny.py (loaded by path, as --config does) with SMALL and then `overrides` ("group.field": value)."""
-  return load_config_file(TINY_CONFIG, {**SMALL, **overrides})
-
 
 def train_rows(workdir) -> list[dict]:
   """The `kind == "train"` rows of DIR/metrics.jsonl, in file order."""
@@ -121,7 +99,6 @@ def test_straight_run_writes_what_a_person_reads(straight):
   assert (workdir / "samples" / "step_6.txt").read_text().splitlines() == texts
   vocabulary = set(sources.make_language(small_config().data).vocabulary)
   assert all(set(t.split()) <= vocabulary for t in texts)  # decoded words of the language, specials removed
-
 
 
 def test_sample_mode_opens_no_training_data(straight, tmp_path, monkeypatch):
