@@ -313,9 +313,9 @@ def input_rows(exp: experiment.Experiment, texts: Sequence[str], where: str,
     rows.append(layout.row(np.zeros(0, np.int32), ids))
   if not rows:
     raise ConfigError(f"{where}: no texts given")
+  known = np.stack([r["cond_mask"] for r in rows])
   # The encoder sees the given text only (not the padding after it, even under flow.encode_padding).
-  return {"ids": np.stack([r["ids"] for r in rows]), "valid": np.stack([r["cond_mask"] for r in rows]),
-          "cond_mask": np.stack([r["cond_mask"] for r in rows])}
+  return {"ids": np.stack([r["ids"] for r in rows]), "valid": known, "cond_mask": known}
 
 
 def read_inputs(path: str) -> list[str]:
