@@ -61,6 +61,7 @@ import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_flags
 import numpy as np
+import step_profile  # benchmarks/step_profile.py (the script's folder is on sys.path)
 
 from elf_jax.model import elf as elf_lib
 from elf_jax.model.elf import ELF, ModelConfig, count_params
@@ -97,6 +98,10 @@ def _parse_args():
                       "else ours,cached)")
   p.add_argument("--remat", action="store_true", help="also time ours with model.remat=full and dots_saveable")
   p.add_argument("--peak_tflops", type=float, default=0.0, help="peak of the device for MFU (0 = do not print MFU)")
+  p.add_argument("--profile", default=None, metavar="DIR",
+                 help="after timing, trace one denoising and one decoding step of each variant into DIR and print "
+                      "where the time goes (CPU backend; with libtpu installed set JAX_PLATFORMS=cpu)")
+  p.add_argument("--profile_top", type=int, default=12, help="with --profile: the costliest instructions listed")
   args = p.parse_args(rest[1:])
   args.config = config_flags.get_config_filename(flags.FLAGS["config"])
   args.overrides = config_flags.get_override_values(flags.FLAGS["config"])
@@ -346,8 +351,34 @@ def expected_step(times, round_index: int, num_rounds: int, p: float) -> float:
   return (1 - p) * den + p * dec
 
 
+def profile(variants: dict[str, "Variant"], logdir: str, index: int, top: int):
+  """Traces one denoising and one decoding step of each variant; prints milliseconds by instruction kind and by
+  source (benchmarks/step_profile.py) and each step's costliest instructions."""
+  by_kind, by_source = {}, {}
+  for name, v in variants.items():
+    hlo = step_profile.parse_hlo(v.step.as_text())
+    for decode in (False, True):
+      column = f"{name} {'decode' if decode else 'denoise'}"
+      trace_dir = os.path.join(logdir, column.replace(" ", "_"))
+      with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        seconds = _run(v, index, decode)
+      times = step_profile.op_times(step_profile.latest_trace(trace_dir), hlo)
+      parts = step_profile.breakdown(times, hlo)
+      by_kind[column], by_source[column] = parts["kind"], parts["source"]
+      print(f"\n{column}: {seconds * 1e3:.0f} ms wall (traced), {sum(times.values()):.0f} ms in "
+            f"{len(times)} instructions; costliest:")
+      for op, ms in sorted(times.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"  {ms:8.1f} ms  {op:32} {step_profile.kind(hlo[op]):26} {hlo[op]['op_name'][-90:]}")
+  print()
+  step_profile.print_table("by kind (summed op ms)", by_kind)
+  print()
+  step_profile.print_table("by source (summed op ms)", by_source)
+
+
 def main():
   args = _parse_args()
+  if args.profile:
+    step_profile.enable_tracing()
   mods = import_official(args.reference_src) if "official" in args.variants else None
   config = _CONFIG.value
   if config.encoder.name_or_path == "t5-small":  # offline: random weights, T5-small's shapes (same encoder cost)
@@ -482,6 +513,8 @@ def main():
     print(f"ours vs official train_step: {statistics.median(ratios):.2f}x throughput (median of per-round "
           f"expected-step ratios: {', '.join(f'{x:.2f}' for x in ratios)}); denoising steps "
           f"{np.nanmedian(den_ratios):.2f}x ({', '.join(f'{x:.2f}' for x in den_ratios)})")
+  if args.profile:
+    profile(variants, args.profile, args.warmup + args.rounds * args.steps, args.profile_top)
   stats = jax.devices()[0].memory_stats()
   if stats and "peak_bytes_in_use" in stats:
     print(f"device memory high-water mark over the run: {stats['peak_bytes_in_use'] / 2**20:.1f} MiB")

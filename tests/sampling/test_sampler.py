@@ -177,7 +177,8 @@ def test_injected_churn_noise_equals_the_drawn_one(sde_ref):
   run = S.make_sampler(model, config)
   drawn = run(params, S.SampleInputs(r["z0"], r["grid"], rng=rng))
   injected = run(params, S.SampleInputs(r["z0"], r["grid"], churn_noise=noise))
-  np.testing.assert_allclose(drawn.latents, injected.latents, rtol=0, atol=1e-6)
+  # Equal up to float rounding (the noise is scaled inside the program in one run, outside in the other).
+  np.testing.assert_allclose(drawn.latents, injected.latents, rtol=0, atol=1e-5)
   assert np.abs(drawn.latents - r["z_final"]).max() > 1e-2  # another noise, another sample
   with pytest.raises(ValueError, match="steps − 1"):
     run(params, S.SampleInputs(r["z0"], r["grid"], churn_noise=r["churn_noise"][1:]))
