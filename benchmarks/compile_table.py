@@ -6,8 +6,8 @@ r"""Per-chip memory and FLOPs of the compiled ELF-B / M / L train step on a TPU 
 Needs libtpu (`pip install -e .[compile]`). Each size is its OpenWebText config as shipped (configs/owt_{b,m,l}.py,
 loaded by path as --config does: global batch 512 x 1024 tokens, the config's remat, precision and attention) with
 the config's mesh (pure data parallelism over the slice's chips) unless --mesh_preset (`elf_jax.config.MESH_PRESETS`)
-is given; --remat / --attention_impl / --compute_dtype override the configs' choices for every size. A size that
-fails to compile (e.g. out of HBM) is recorded with its error. --append adds rows to an existing table.
+is given; --remat / --block_loop / --attention_impl / --compute_dtype override the configs' choices for every size.
+A size that fails to compile (e.g. out of HBM) is recorded with its error. --append adds rows to an existing table.
 """
 import argparse
 import importlib.metadata
@@ -25,7 +25,7 @@ from elf_jax.run import aot, hbm
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "configs")
 SIZES = (("ELF-B", "b"), ("ELF-M", "m"), ("ELF-L", "l"))
-OVERRIDES = ("remat", "attention_impl", "compute_dtype")  # model.* fields a flag may set for every size
+OVERRIDES = ("remat", "block_loop", "attention_impl", "compute_dtype")  # model.* fields a flag may set for every size
 TARGET_HEADROOM = 30.0  # % of HBM the shipped configs leave free (issue: configs that fit)
 
 
@@ -60,7 +60,7 @@ def _status(headroom: float | None) -> str:
 def _row(name: str, config: ml_collections.ConfigDict, report: aot.CompileReport | None, seconds: float,
          error: str = "") -> str:
   m = config.model
-  head = f"| {name} | {m.remat} | {m.attention_impl} | {m.compute_dtype} |"
+  head = f"| {name} | {m.remat} | {m.block_loop} | {m.attention_impl} | {m.compute_dtype} |"
   if report is None:
     return head + " — |" * 10 + f" {seconds:.0f} | failed: `{error}` |"
   gib = lambda b: f"{b / hbm.GIB:.2f}"
@@ -72,9 +72,9 @@ def _row(name: str, config: ml_collections.ConfigDict, report: aot.CompileReport
           f"{model_tflops_per_chip(config, report):.1f} | {seconds:.0f} | {_status(headroom)} |")
 
 
-_TABLE_HEAD = ("| model | remat | attention | precision | params | mesh | arguments | outputs | temporaries | code "
-               "| total | HBM headroom | TFLOPs/chip (XLA) | ≈ model TFLOPs/chip | compile s | status |\n" +
-               "|---" * 16 + "|")
+_TABLE_HEAD = ("| model | remat | blocks | attention | precision | params | mesh | arguments | outputs | temporaries "
+               "| code | total | HBM headroom | TFLOPs/chip (XLA) | ≈ model TFLOPs/chip | compile s | status |\n" +
+               "|---" * 17 + "|")
 
 
 def _start(path: str, topology: str, command: str, append: bool) -> None:
@@ -94,7 +94,7 @@ def _start(path: str, topology: str, command: str, append: bool) -> None:
       "```",
       "",
       "The whole optimizer step of `elf_jax.objective.step.make_train_step` (declared in/out shardings, donated state;",
-      "its micro-batches in one `lax.scan`, the blocks in one `nn.scan`) for each config as shipped",
+      "its micro-batches in one `lax.scan`, the blocks as `model.block_loop` says) for each config as shipped",
       "(configs/owt_{b,m,l}.py: global batch 512 × 1024 tokens, Muon, the config's remat, attention and precision)",
       f"on the mesh of the {topology} preset. Memory is per chip in GiB from XLA's `memory_analysis()`; total =",
       "arguments + outputs − outputs aliased to the donated state + temporaries + generated code; HBM headroom =",
@@ -103,8 +103,9 @@ def _start(path: str, topology: str, command: str, append: bool) -> None:
       "body of a scan / while loop once (one block of the `nn.scan`, one micro-batch): a lower bound, not",
       "comparable across depths. ≈ model TFLOPs = 8 · N · T (self-conditioning pass +",
       "forward and backward of the flow network's N parameters over the T tokens per chip). Mesh = data × fsdp ×",
-      "tensor; remat = `model.remat` (activation checkpointing per block); attention `auto` = the Pallas flash",
-      "kernel on TPU. Compile seconds are wall time on this host (shared, so they vary with its load).",
+      "tensor; remat = `model.remat` (activation checkpointing per block); blocks = `model.block_loop` (`scan`: one",
+      "compiled block body; `unrolled`: every block compiled in line); attention `auto` = the Pallas flash kernel on",
+      "TPU. Compile seconds are wall time on this host (shared, so they vary with its load).",
       "",
       _TABLE_HEAD,
   ]
@@ -123,6 +124,8 @@ def main():
   parser.add_argument("--mesh_preset", default="", help="elf_jax.config.MESH_PRESETS name; default: the config's")
   parser.add_argument("--sizes", default="b,m,l", help="comma-separated subset of b,m,l, compiled in this order")
   parser.add_argument("--remat", default="", help="model.remat for every size (none | full | dots_saveable); "
+                      "default: each config's")
+  parser.add_argument("--block_loop", default="", help="model.block_loop for every size (scan | unrolled); "
                       "default: each config's")
   parser.add_argument("--attention_impl", default="", help="model.attention_impl for every size (xla | pallas | "
                       "auto); default: each config's")

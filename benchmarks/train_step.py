@@ -13,6 +13,7 @@ each variant in turn, the order flipping every round, so that load on a shared m
               module's random init, pickled in the official encoder format and read by `elf_jax.weights.encoder` for
               our side).
   cached      `ours` fed raw encoder outputs (`batch["latents"]`, as from `data.latent_cache_dir`): no encoder.
+  scan, unrolled  `ours` with that `model.block_loop` (whatever the config sets).
   remat=...   `ours` with `model.remat` = full / dots_saveable (--remat), for the memory effect.
 
 Each step is a denoising or a decoding step (one decoder coin per coin group; the official step draws one per
@@ -74,7 +75,7 @@ T5_SMALL = dict(random_num_layers=6, random_num_heads=8, random_d_kv=64, random_
 OFFICIAL_FILES = ("train_step.py", "modules/model.py", "modules/t5_encoder.py", "utils/train_utils.py",
                   "utils/encoder_utils.py", "configs/config.py")
 SCHEDULE_STEPS = 10**6  # total optimizer updates given to both lr schedules (only the warm-up matters here)
-VARIANTS = ("ours", "official", "cached")
+VARIANTS = ("ours", "official", "cached", "scan", "unrolled")
 
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py",
@@ -94,8 +95,8 @@ def _parse_args():
   p.add_argument("--warmup", type=int, default=2,
                  help="untimed steps per variant after compilation (alternately denoising and decoding)")
   p.add_argument("--variants", default=None,
-                 help="comma-separated from ours,official,cached (default: ours,official with --reference_src, "
-                      "else ours,cached)")
+                 help="comma-separated from ours,official,cached,scan,unrolled (default: ours,official with "
+                      "--reference_src, else ours,cached); scan / unrolled: ours with that model.block_loop")
   p.add_argument("--remat", action="store_true", help="also time ours with model.remat=full and dots_saveable")
   p.add_argument("--peak_tflops", type=float, default=0.0, help="peak of the device for MFU (0 = do not print MFU)")
   p.add_argument("--profile", default=None, metavar="DIR",
@@ -444,6 +445,8 @@ def main():
       add_ours(name, mc, batch)
     elif name == "cached":
       add_ours(name, mc, dict(batch, latents=jax.jit(encoder.encode_raw)(enc_params, batch["ids"], valid)))
+    elif name in ("scan", "unrolled"):
+      add_ours(name, dataclasses.replace(mc, block_loop=name), batch)
     else:
       fn, state, frozen, obatch = build_official(mods, config, mc, jax.device_get(state0.params), official_t5,
                                                  config.encoder.name_or_path, batch, peak_lr, warmup_updates)
@@ -506,13 +509,15 @@ def main():
     print(f"{name:16} {den * 1e3:10.1f} {dec * 1e3:10.1f} {sec * 1e3:11.1f} {batch_size * seq_len / sec:9.0f} "
           f"{ratio:9.2f}x {v.xla_flops / 1e9:10.3f} {formula / 1e9:13.3f} {mfu * 100:6.1f} {temp:9.1f} {io:12.1f}",
           flush=True)
-  if "official" in variants and "ours" in variants:
-    ratios = [o / u for o, u in zip(expected["official"], expected["ours"])]
-    den_ratios = [branch_medians(variants["official"].times, range(r, r + 1))[0]
-                  / branch_medians(variants["ours"].times, range(r, r + 1))[0] for r in range(args.rounds)]
-    print(f"ours vs official train_step: {statistics.median(ratios):.2f}x throughput (median of per-round "
+  for name in (n for n in variants if n != "official" and "official" in variants):
+    ratios = [o / u for o, u in zip(expected["official"], expected[name])]
+    per_round = lambda b: [branch_medians(variants["official"].times, range(r, r + 1))[b]
+                           / branch_medians(variants[name].times, range(r, r + 1))[b] for r in range(args.rounds)]
+    den_ratios, dec_ratios = per_round(0), per_round(1)
+    print(f"{name} vs official train_step: {statistics.median(ratios):.2f}x throughput (median of per-round "
           f"expected-step ratios: {', '.join(f'{x:.2f}' for x in ratios)}); denoising steps "
-          f"{np.nanmedian(den_ratios):.2f}x ({', '.join(f'{x:.2f}' for x in den_ratios)})")
+          f"{np.nanmedian(den_ratios):.2f}x ({', '.join(f'{x:.2f}' for x in den_ratios)}); decoding steps "
+          f"{np.nanmedian(dec_ratios):.2f}x ({', '.join(f'{x:.2f}' for x in dec_ratios)})")
   if args.profile:
     profile(variants, args.profile, args.warmup + args.rounds * args.steps, args.profile_top)
   stats = jax.devices()[0].memory_stats()

@@ -28,6 +28,7 @@ SHARDING_RULES = (
 COMPUTE_DTYPES = ("float32", "bfloat16")  # model.compute_dtype, encoder.compute_dtype
 ATTENTION_IMPLS = ("xla", "pallas", "auto")  # model.attention_impl: elf_jax/ops/attention.py
 REMAT_POLICIES = ("none", "full", "dots_saveable")  # model.remat: elf_jax/model/elf.py
+BLOCK_LOOPS = ("scan", "unrolled")  # model.block_loop: elf_jax/model/elf.py
 # flow.time_schedule, distill.student_schedule / teacher_schedule: elf_jax/objective/flow.py sample_time
 TIME_SCHEDULES = ("logit_normal", "uniform")
 SELF_COND_DRAWS = ("bernoulli", "fixed_count")  # flow.self_cond_draw: elf_jax/objective/flow.py sample_self_cond
@@ -101,6 +102,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.compute_dtype = "float32"  # COMPUTE_DTYPES; params, softmax, norms, losses stay float32
   c.model.attention_impl = "xla"  # ATTENTION_IMPLS (elf_jax/ops/attention.py)
   c.model.remat = "none"  # REMAT_POLICIES (per block)
+  # BLOCK_LOOPS: "scan" compiles one block body (short compiles at any depth, for TPU / GPU pods); "unrolled" runs
+  # the same stacked parameters block by block, without the loop's copies (faster CPU steps; docs/model.md#block-loop)
+  c.model.block_loop = "scan"
 
   # Frozen T5 encoder (docs/method.md#latents). `name_or_path`: a local Hugging Face directory, a hub id (online), an
   # official ELF encoder `.pkl` (the published t5_small_encoder_jax.pkl format; dims read from its shapes), or "random"
@@ -305,7 +309,8 @@ class ConfigError(ValueError):
 # Enum knob -> its allowed values, as `validate` checks them.
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.compute_dtype": COMPUTE_DTYPES, "encoder.compute_dtype": COMPUTE_DTYPES,
-    "model.attention_impl": ATTENTION_IMPLS, "model.remat": REMAT_POLICIES, "flow.time_schedule": TIME_SCHEDULES,
+    "model.attention_impl": ATTENTION_IMPLS, "model.remat": REMAT_POLICIES, "model.block_loop": BLOCK_LOOPS,
+    "flow.time_schedule": TIME_SCHEDULES,
     "flow.self_cond_draw": SELF_COND_DRAWS, "flow.pad_token": PAD_TOKENS, "data.source": DATA_SOURCES,
     "optim.optimizer": OPTIMIZERS, "optim.schedule": LR_SCHEDULES, "distill.student_schedule": TIME_SCHEDULES,
     "distill.teacher_schedule": TIME_SCHEDULES, "eval.mbr_metric": MBR_METRICS,

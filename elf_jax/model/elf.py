@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from elf_jax.config import REMAT_POLICIES, base_config, check_choice
+from elf_jax.config import BLOCK_LOOPS, REMAT_POLICIES, base_config, check_choice
 from elf_jax.model import layers
 
 BLOCKS = "blocks"  # the scanned blocks: every leaf has a leading layer axis (logical axis "layers")
@@ -46,6 +46,7 @@ class ModelConfig:
   compute_dtype: str  # float32 | bfloat16
   attention_impl: str  # xla | pallas | auto
   remat: str  # one of config.REMAT_POLICIES
+  block_loop: str  # one of config.BLOCK_LOOPS
 
   @property
   def num_prefix(self) -> int:
@@ -77,7 +78,8 @@ class ModelConfig:
                   bottleneck_dim=m.bottleneck_dim, vocab_size=m.vocab_size, mlp_ratio=m.mlp_ratio,
                   num_time_tokens=m.num_time_tokens, num_guidance_tokens=m.num_guidance_tokens,
                   num_mode_tokens=m.num_mode_tokens, rope_theta=m.rope_theta, dropout_rate=m.dropout_rate,
-                  compute_dtype=m.compute_dtype, attention_impl=m.attention_impl, remat=m.remat)
+                  compute_dtype=m.compute_dtype, attention_impl=m.attention_impl, remat=m.remat,
+                  block_loop=m.block_loop)
     return cls(**{**fields, **overrides})
 
 
@@ -126,13 +128,7 @@ class ELF(nn.Module):
     data_mask = jnp.ones((b, s), bool) if mask is None else mask.astype(bool)
     key_mask = jnp.concatenate([jnp.ones((b, cfg.num_prefix), bool), data_mask], axis=1)
 
-    check_choice("model.remat", cfg.remat, REMAT_POLICIES)
-    policy = _CHECKPOINT_POLICIES[cfg.remat]
-    block_cls = layers.Block if policy is None else nn.remat(layers.Block, policy=policy)
-    blocks = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                     in_axes=(0, nn.broadcast), length=cfg.depth, metadata_params={nn.PARTITION_NAME: "layers"})
-    h, _ = blocks(cfg.num_heads, cfg.num_prefix, cfg.swiglu_hidden, cfg.rope_theta, cfg.dropout_rate, dtype,
-                  cfg.attention_impl, deterministic, name=BLOCKS)(h, layer_dropout_rates(cfg), key_mask)
+    h = self._blocks(h, key_mask, dtype, deterministic)
     h = h[:, cfg.num_prefix:].astype(jnp.float32)  # data positions (B, S, H)
 
     want_latent = gated or not decode or self.is_initializing()
@@ -142,6 +138,35 @@ class ELF(nn.Module):
     if gated:
       return x_hat, logits
     return logits if decode else x_hat
+
+  def _blocks(self, h, key_mask, dtype, deterministic):
+    """The `depth` blocks on h (B, P + S, H); their parameters are always one stacked `blocks` tree (made by an
+    `nn.scan` at init). `block_loop` "scan" runs them in that scan; "unrolled" applies the same block module to each
+    layer's slice of the stacked parameters in turn (docs/model.md#block-loop)."""
+    cfg = self.config
+    check_choice("model.remat", cfg.remat, REMAT_POLICIES)
+    check_choice("model.block_loop", cfg.block_loop, BLOCK_LOOPS)
+    policy = _CHECKPOINT_POLICIES[cfg.remat]
+    block_cls = layers.Block if policy is None else nn.remat(layers.Block, policy=policy)
+    block_args = (cfg.num_heads, cfg.num_prefix, cfg.swiglu_hidden, cfg.rope_theta, cfg.dropout_rate, dtype,
+                  cfg.attention_impl, deterministic)
+    rates = layer_dropout_rates(cfg)
+    if cfg.block_loop == "scan" or self.is_initializing():
+      blocks = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                       in_axes=(0, nn.broadcast), length=cfg.depth, metadata_params={nn.PARTITION_NAME: "layers"})
+      return blocks(*block_args, name=BLOCKS)(h, rates, key_mask)[0]
+    # lax.split cuts each stacked leaf along the layer axis in one op; its transpose concatenates the per-layer
+    # gradients once (no stacked residual buffers, no per-layer dynamic slices).
+    leaves, tree = jax.tree.flatten(nn.unbox(self.variables["params"][BLOCKS]))
+    per_layer = [jax.lax.split(leaf, (1,) * cfg.depth) for leaf in leaves]
+    block = block_cls(*block_args, parent=None)  # a free module, applied to one layer's parameters at a time
+    dropout = not deterministic and cfg.dropout_rate > 0
+    dropout_rng = self.make_rng("dropout") if dropout else None
+    for i in range(cfg.depth):
+      params = tree.unflatten([parts[i][0] for parts in per_layer])
+      rngs = {"dropout": jax.random.fold_in(dropout_rng, i)} if dropout else None
+      h, _ = block.apply({"params": params}, h, rates[i], key_mask, rngs=rngs)
+    return h
 
   def _readout(self, h):
     """Factored unembedding: gelu(h W1 + b1) W2 + b2, (B, S, H) → (B, S, V)."""

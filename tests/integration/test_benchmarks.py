@@ -23,7 +23,19 @@ def _rows(out: str) -> dict[str, list[float]]:
   """The train-step benchmark's table: variant → its numeric columns (denoise ms ... args+out MiB)."""
   table = re.split(r"^-{20,}$", out, flags=re.M)[1].split("\nours vs official")[0].split("\nhost peak")[0]
   return {m[0]: [float(x) for x in m[1].replace("x", "").split()]
-          for m in re.findall(r"^(ours|official|cached)\s+(.+)$", table, re.M)}
+          for m in re.findall(r"^(ours|official|cached|scan|unrolled)\s+(.+)$", table, re.M)}
+
+
+def _profile_table(out: str, title: str) -> dict[str, dict[str, float]]:
+  """A `--profile` table (by kind / by source): column (variant and branch) → row → summed ms ("total" included)."""
+  block = out.split(title)[1].split("\n\n")[0].splitlines()
+  columns = re.findall(r"\S+ (?:denoise|decode)", block[0])
+  table = {column: {} for column in columns}
+  for line in block[1:]:
+    name, values = re.match(r"^(.+?)\s+((?:[\d.]+ms\s*)+)$", line).groups()
+    for column, value in zip(columns, re.findall(r"([\d.]+)ms", values)):
+      table[column][name] = float(value)
+  return table
 
 
 @pytest.mark.slow
@@ -37,6 +49,25 @@ def test_train_step_benchmark_times_ours_in_alternating_rounds():
   assert denoise > 0 and decode > 0 and tokens_per_s > 0 and ratio == 1.0  # both branches ran in every round
   assert rows["cached"][5] < xla  # no encoder in the cached step
   assert rows["cached"][6] == formula  # the same flow-transformer work
+
+
+def test_train_step_benchmark_profiles_both_block_loops(tmp_path):
+  """`--profile` traces a denoising and a decoding step of each variant and sums the traced instructions' time by
+  kind and by source; the scanned blocks' stacking copies (dynamic slices / updates) are what unrolling removes."""
+  out = _run("train_step.py", "--config", "configs/tiny.py", "--batch", "8", "--rounds", "1", "--steps", "2",
+             "--variants", "scan,unrolled", "--profile", str(tmp_path))
+  rows = _rows(out)
+  assert rows["scan"][6] == rows["unrolled"][6]  # the same flow-transformer work
+  kinds, sources = _profile_table(out, "by kind (summed op ms)"), _profile_table(out, "by source (summed op ms)")
+  assert set(kinds) == {"scan denoise", "scan decode", "unrolled denoise", "unrolled decode"}
+  for column, by_kind in kinds.items():
+    assert by_kind["matmul"] > 0 and by_kind["total"] == pytest.approx(sources[column]["total"], abs=0.2)
+    assert by_kind["total"] == pytest.approx(sum(v for k, v in by_kind.items() if k != "total"), abs=0.5)
+    assert sources[column]["attention"] > 0 and sources[column]["mlp"] > 0
+  slices = lambda column: kinds[column].get("dynamic-slice", 0) + kinds[column].get("dynamic-update-slice", 0)
+  assert slices("scan denoise") > slices("unrolled denoise")
+  assert sources["scan decode"]["readout"] > 0 and "readout" not in sources["scan denoise"]
+  assert len(list(tmp_path.glob("*/plugins/profile/*/*.trace.json.gz"))) == 4  # one trace per column
 
 
 def test_train_step_benchmark_names_a_path_without_the_official_code(tmp_path):

@@ -128,11 +128,39 @@ def test_zero_init_final_layer_and_padding_invariance():
   assert np.abs(l1[0, 4:] - l2[0, 4:]).max() > 1e-3
 
 
+@pytest.mark.parametrize("remat", ["none", "full", "dots_saveable"])
+def test_unrolled_blocks_equal_the_scan(remat):
+  """`model.block_loop="unrolled"` runs the same stacked parameters as the scan: the same parameter tree at init, the
+  same x̂ and logits, the same gradients (per leaf, relative Frobenius ≤ 1e-5), under every remat policy."""
+  scan_config = _small_model_config(depth=3, remat=remat)
+  models = [ELF(dataclasses.replace(scan_config, block_loop=loop)) for loop in ("scan", "unrolled")]
+  inits = [nn.unbox(init_params(m, jax.random.key(0))) for m in models]
+  jax.tree.map(np.testing.assert_array_equal, *inits)
+  noise = jax.tree.map(lambda p: 0.05 * jax.random.normal(jax.random.key(3), p.shape), inits[0])
+  params = jax.tree.map(jnp.add, inits[0], noise)  # a non-zero final layer: x̂ depends on every block
+  x = jax.random.normal(jax.random.key(1), (2, 6, 32))
+  t, w = jnp.array([0.3, 0.7]), jnp.array([1.0, 2.0])
+
+  def loss(model, p):
+    x_hat, logits = model.apply({"params": p}, x, t, w, decode=jnp.array([0.0, 1.0]))
+    return jnp.sum(x_hat ** 2) + jnp.sum(jax.nn.log_softmax(logits)[..., 3]), (x_hat, logits)
+
+  ((_, scan_out), scan), ((_, unrolled_out), unrolled) = [
+      jax.jit(jax.value_and_grad(lambda p, m=m: loss(m, p), has_aux=True))(params) for m in models]
+  for a, b in zip(unrolled_out, scan_out):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  for (path, g_scan), g_unrolled in zip(jax.tree_util.tree_leaves_with_path(scan), jax.tree.leaves(unrolled)):
+    error = np.linalg.norm(g_unrolled - g_scan) / max(np.linalg.norm(g_scan), 1e-30)
+    assert error <= 1e-5, (jax.tree_util.keystr(path), error)
+  assert np.linalg.norm(scan["blocks"]["attn"]["qkv"]["kernel"][0]) > 0  # the first block gets a gradient
+
+
 @pytest.mark.slow
-def test_dropout_only_in_the_middle_half_of_the_blocks():
+@pytest.mark.parametrize("block_loop", ["scan", "unrolled"])
+def test_dropout_only_in_the_middle_half_of_the_blocks(block_loop):
   """Per-layer rates: `dropout_rate` for blocks depth//4 .. depth - depth//4 - 1, 0 elsewhere. With the middle blocks'
   residual outputs zeroed the stochastic pass equals the deterministic one; with the outer ones zeroed it does not."""
-  mc = _small_model_config(depth=4, dropout_rate=0.5)
+  mc = _small_model_config(depth=4, dropout_rate=0.5, block_loop=block_loop)
   np.testing.assert_array_equal(layer_dropout_rates(mc), [0.0, 0.5, 0.5, 0.0])
   np.testing.assert_array_equal(layer_dropout_rates(dataclasses.replace(mc, depth=8)), [0, 0, .5, .5, .5, .5, 0, 0])
   model = ELF(mc)
