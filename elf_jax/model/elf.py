@@ -1,6 +1,6 @@
 """The ELF flow transformer (docs/method.md#network): one network for denoising (x̂) and decoding (token logits).
 
-`ELF` maps (x, t, w) to x̂ or logits (`decode`); `stack_blocks` / `unstack_blocks` convert the scanned blocks
+`ELF` maps (x, t, w) to x̂ or logits (`decode`); `stack_blocks` / `unstack_blocks` convert the stacked blocks
 from / to the published `blocks_{i}/...` names. Data flow, the `decode` flag and parameter names:
 docs/model.md#flow-transformer.
 """
@@ -16,7 +16,7 @@ import numpy as np
 from elf_jax.config import BLOCK_LOOPS, REMAT_POLICIES, base_config, check_choice
 from elf_jax.model import layers
 
-BLOCKS = "blocks"  # the scanned blocks: every leaf has a leading layer axis (logical axis "layers")
+BLOCKS = "blocks"  # the stacked blocks: every leaf has a leading layer axis (logical axis "layers")
 BLOCK_PREFIX = "blocks_"  # published checkpoints name block i `blocks_{i}` (docs/method.md#checkpoint-names)
 # jax.checkpoint policy of each of config.REMAT_POLICIES (none: no rematerialisation).
 _CHECKPOINT_POLICIES = dict(zip(REMAT_POLICIES, (None, jax.checkpoint_policies.nothing_saveable,
