@@ -61,11 +61,20 @@ def compiled_encoder(encoder):
   return jax.jit(encoder.encode)
 
 
+def sampling_batch(num_samples: int, batch_size: int, shards: int) -> int:
+  """Rows per sampler call: `batch_size` (cut to a multiple of the mesh's batch `shards`), or for fewer samples the
+  smallest power-of-two multiple of `shards` that holds them, so that a few inputs do not pay for a whole batch and
+  at most log2(batch_size) shapes are ever compiled. A row's draw does not depend on the batch (jax's partitionable
+  threefry keys each noise element by its index)."""
+  full = max(shards, batch_size // shards * shards)
+  return min(full, shards * 2 ** math.ceil(math.log2(math.ceil(num_samples / shards))))
+
+
 def generate(exp: experiment.Experiment, params, num_samples: int, seed: int,
              sample_config: sampler.SampleConfig | None = None,
              conditions: dict[str, np.ndarray] | None = None, candidates: int = 1, *, eval_references: bool = True,
              progress: bool = False) -> Generation:
-  """Draws `num_samples` samples (rounded up to whole batches of `sample.batch_size`, then cut) and decodes them.
+  """Draws `num_samples` samples (in batches of `sampling_batch` rows, the last one cut) and decodes them.
 
   conditions: the batch-major `ids`, `valid`, `cond_mask` (N, S) of N rows whose condition positions (`cond_mask`)
   are encoded and kept clean (their other positions are ignored); at most N samples are drawn, one per row. For
@@ -85,7 +94,7 @@ def generate(exp: experiment.Experiment, params, num_samples: int, seed: int,
   sc = sample_config or exp.sample_config()
   sample_fn = compiled_sampler(exp.model, sc, mesh)
   shards = num_batch_shards(mesh)
-  batch = max(shards, config.sample.batch_size // shards * shards)
+  batch = sampling_batch(num_samples, config.sample.batch_size, shards)
   encode = compiled_encoder(exp.encoder)
   texts, ids_out, first = [[] for _ in roots], [[] for _ in roots], None
   for b in tqdm.trange(math.ceil(num_samples / batch), desc="sampling", unit="batch", disable=not progress):

@@ -64,6 +64,15 @@ def test_generate_is_reproducible_and_compiles_once(model):
   assert cli.texts == first.texts
 
 
+def test_few_samples_run_a_smaller_batch_with_the_same_rows(model):
+  """Fewer samples than sample.batch_size (8) run the smallest power-of-two batch that holds them, and row i is the
+  same draw at every batch size."""
+  assert [gen.sampling_batch(n, 8, 1) for n in (1, 2, 3, 5, 8, 20)] == [1, 2, 4, 8, 8, 8]
+  assert [gen.sampling_batch(n, 250, 8) for n in (1, 9, 40, 500)] == [8, 16, 64, 248]
+  three, eight = model.generate(3, seed=5), model.generate(8, seed=5)
+  np.testing.assert_array_equal(three.ids, eight.ids[:3])
+
+
 def test_complete_keeps_the_prefix_and_continues_it(model):
   sentences = _sentences(model, 3)
   prefixes = [" ".join(s.split()[:2]) for s in sentences]
