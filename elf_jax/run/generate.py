@@ -67,7 +67,7 @@ def sampling_batch(num_samples: int, batch_size: int, shards: int) -> int:
   at most log2(batch_size) shapes are ever compiled. A row's draw does not depend on the batch (jax's partitionable
   threefry keys each noise element by its index)."""
   full = max(shards, batch_size // shards * shards)
-  return min(full, shards * 2 ** math.ceil(math.log2(math.ceil(num_samples / shards))))
+  return min(full, shards << (math.ceil(num_samples / shards) - 1).bit_length())
 
 
 def generate(exp: experiment.Experiment, params, num_samples: int, seed: int,
