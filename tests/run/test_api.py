@@ -45,7 +45,9 @@ def _sentences(model, n):
 
 def test_load_takes_the_task_from_the_workdir_and_the_ema_params(workdir, model):
   assert elf_jax.load is api.load
-  assert model.config.model.hidden_size == 32 and model.config.data.max_length == 16  # config_train.json
+  trained = small_config()
+  assert model.config.model.hidden_size == 32  # config_train.json
+  assert model.config.data.max_length == trained.data.max_length
   assert model.config.sample.steps == 2 and model.config.sample.batch_size == 8  # the overrides
   ema = published.load_params_from(str(workdir), model.experiment.param_shapes)
   for a, b in zip(jax.tree.leaves(model.params), jax.tree.leaves(ema)):
@@ -57,9 +59,10 @@ def test_generate_is_reproducible_and_compiles_once(model):
   hits = gen.compiled_sampler.cache_info().hits
   again = model.generate(4, seed=3)
   assert gen.compiled_sampler.cache_info().hits == hits + 1  # the same compiled sampler
-  assert first.texts == again.texts and len(first.texts) == 4 and first.ids.shape == (4, 16)
+  length = model.config.data.max_length
+  assert first.texts == again.texts and len(first.texts) == 4 and first.ids.shape == (4, length)
   other = model.generate(4, seed=3, steps=3, gamma=0.5, guidance_scale=1.0)
-  assert other.ids.shape == (4, 16)
+  assert other.ids.shape == (4, length)
   cli = gen.generate(model.experiment, model.params, 4, 3, model.sample_config()).samples  # what the CLI draws
   assert cli.texts == first.texts
 
@@ -79,7 +82,7 @@ def test_complete_keeps_the_prefix_and_continues_it(model):
   out = model.complete(prefixes, seed=0)
   assert out.inputs == prefixes  # the prefix as the model saw it (the word tokenizer round-trips)
   assert [f.startswith(p) for f, p in zip(out.full_texts, prefixes)] == [True] * 3
-  assert out.ids.shape == (3, 16)
+  assert out.ids.shape == (3, model.config.data.max_length)
   # The prefix's positions are held: the continuation is not drawn as free samples are.
   free = model.generate(3, seed=0)
   assert out.texts != free.texts
@@ -88,7 +91,8 @@ def test_complete_keeps_the_prefix_and_continues_it(model):
 def test_bad_inputs_are_one_line(model):
   sentences = _sentences(model, 1)
   long = " ".join([sentences[0]] * 10)
-  with pytest.warns(UserWarning, match=r"prefixes\[0\] has \d+ tokens; cut to the model's limit of 15 "
+  limit = model.config.data.max_length - 1
+  with pytest.warns(UserWarning, match=rf"prefixes\[0\] has \d+ tokens; cut to the model's limit of {limit} "
                                        r"\(data.max_length - 1"):
     model.complete([long])
   for call, match in ((lambda: model.complete([sentences[0], "  "]), r"prefixes\[1\] is empty"),

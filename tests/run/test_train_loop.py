@@ -95,7 +95,7 @@ def test_straight_run_writes_what_a_person_reads(straight):
 
   records = [json.loads(line) for line in open(workdir / "samples" / "step_6.jsonl")]
   texts = [r["text"] for r in records]
-  assert len(records) == 8 and all(len(r["ids"]) == 16 for r in records)
+  assert len(records) == 8 and all(len(r["ids"]) == small_config().data.max_length for r in records)
   assert (workdir / "samples" / "step_6.txt").read_text().splitlines() == texts
   vocabulary = set(sources.make_language(small_config().data).vocabulary)
   assert all(set(t.split()) <= vocabulary for t in texts)  # decoded words of the language, specials removed
