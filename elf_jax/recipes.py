@@ -84,7 +84,7 @@ def tiny() -> ml_collections.ConfigDict:
   (configs/tiny.py describes it; README: the ablation)."""
   c = base_config()
   # Network: 4 blocks of width 128 (about 0.9M parameters), one time / guidance / mode token each (the reference's
-  # four each would make the 13-token rows 90% longer and every step that much slower).
+  # four each would make the sequences 25 tokens long instead of 16, and every step that much slower).
   c.model.hidden_size = 128
   c.model.depth = 4
   c.model.num_heads = 4
