@@ -1,4 +1,6 @@
-"""grain input pipeline: shard per process, shuffle, tokenize (a batch of records at a time), pad / pack, masks, batch.
+"""grain input pipeline: shard per process, shuffle, tokenize, pad / pack, condition masks, batch.
+
+Unpacked records are batched first and a batch's texts tokenized in one call; packed documents one by one.
 
 Batches are dicts of numpy arrays (`ids`, `valid`, `cond_mask`, `loss_mask`, and `latents` from a latent cache) for
 this process's share of the global batch. Batch shapes, the padding / packing / sharding rules and the iterator

@@ -45,9 +45,8 @@ def _sentences(model, n):
 
 def test_load_takes_the_task_from_the_workdir_and_the_ema_params(workdir, model):
   assert elf_jax.load is api.load
-  trained = small_config()
   assert model.config.model.hidden_size == 32  # config_train.json
-  assert model.config.data.max_length == trained.data.max_length
+  assert model.config.data.max_length == small_config().data.max_length
   assert model.config.sample.steps == 2 and model.config.sample.batch_size == 8  # the overrides
   ema = published.load_params_from(str(workdir), model.experiment.param_shapes)
   for a, b in zip(jax.tree.leaves(model.params), jax.tree.leaves(ema)):

@@ -72,12 +72,13 @@ def test_straight_run_writes_what_a_person_reads(straight):
   assert int(state.step) == 6
   assert steps_on_disk(workdir) == ["3", "6"]
 
+  config = small_config()  # the config the run trained with
   rows = train_rows(workdir)
   assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]  # log_every_steps = 1
   for r in rows:
     assert np.isfinite(r["loss"]) and r["loss"] > 0 and r["step_time_s"] > 0
   # The lr logged at step N is the one update N used: the schedule after N − 1 updates (0 for the first).
-  schedule = optim.make_schedule(small_config().optim, steps_per_epoch=1, total_steps=6)  # warmup_steps given
+  schedule = optim.make_schedule(config.optim, steps_per_epoch=1, total_steps=6)  # warmup_steps given
   np.testing.assert_allclose([r["lr"] for r in rows], [float(schedule(n - 1)) for n in range(1, 7)], rtol=1e-6)
   assert rows[0]["lr"] == 0 and rows[-1]["lr"] > 0
   evals = [json.loads(line) for line in open(workdir / "metrics.jsonl") if '"eval"' in line]
@@ -95,9 +96,9 @@ def test_straight_run_writes_what_a_person_reads(straight):
 
   records = [json.loads(line) for line in open(workdir / "samples" / "step_6.jsonl")]
   texts = [r["text"] for r in records]
-  assert len(records) == 8 and all(len(r["ids"]) == small_config().data.max_length for r in records)
+  assert len(records) == 8 and all(len(r["ids"]) == config.data.max_length for r in records)
   assert (workdir / "samples" / "step_6.txt").read_text().splitlines() == texts
-  vocabulary = set(sources.make_language(small_config().data).vocabulary)
+  vocabulary = set(sources.make_language(config.data).vocabulary)
   assert all(set(t.split()) <= vocabulary for t in texts)  # decoded words of the language, specials removed
 
 
