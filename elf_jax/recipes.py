@@ -94,7 +94,8 @@ def tiny() -> ml_collections.ConfigDict:
   c.model.num_mode_tokens = 1
   c.model.vocab_size = 58  # the word tokenizer: 55 words + pad, EOS, unk
   c.model.block_loop = "unrolled"  # a CPU default: no stacking copies, faster steps (docs/model.md#block-loop)
-  # Frozen encoder: a random 1-layer T5 of width 32 (C = 32), latents normalised by measured statistics.
+  # Frozen encoder: a random 1-layer T5 of width 32 (C = 32), latents normalised by measured statistics. C = 64 lifts
+  # the entropy ratio to 0.93 at 4-4.6% ungrammatical samples (README: the embedded default, third table).
   c.encoder.name_or_path = "random"
   c.encoder.dim = 32
   c.encoder.random_num_layers = 1
