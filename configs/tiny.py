@@ -12,11 +12,11 @@ T5-architecture encoder with fixed seeded weights (no pretrained T5 can be had o
 measured from the data at start-up. Two opt-in variants of the objective are on, because they pay at this scale (README:
 the ablation): flow.encode_padding (the encoder attends to the EOS padding) and flow.self_cond_draw = fixed_count (an
 exact half of each batch self-conditioned); the reference's objective is --config.flow.encode_padding=False
---config.flow.self_cond_draw=bernoulli. --config.encoder.dim=64 (64-channel latents) trades some grammar for entropy
-(README). Evaluation prints the exact Gen. PPL and entropy of the samples under the true language next to the same
-figures for held-out true sentences. The full 399-word language is one override away:
---config.data.synthetic_words_per_class=0 --config.model.vocab_size=402 (a harder task for ten CPU minutes: most samples
-are then still ungrammatical, see README).
+--config.flow.self_cond_draw=bernoulli. The encoder's latents have 64 channels, with the noise scale
+flow.denoiser_noise_scale = 1.41 = √(64/32) to match (README: the third table). Evaluation prints the exact Gen. PPL and
+entropy of the samples under the true language next to the same figures for held-out true sentences. The full 399-word
+language is one override away: --config.data.synthetic_words_per_class=0 --config.model.vocab_size=402 (a harder task
+for ten CPU minutes: most samples are then still ungrammatical, see README).
 """
 from elf_jax import recipes
 
